@@ -1,0 +1,185 @@
+//! Framing and compression.
+
+use crate::codec::{put_varint, Decode, Encode, Reader};
+use crate::{Batch, Error, Limits, Result};
+
+pub const MAGIC: [u8; 4] = *b"SOND";
+pub const VERSION: u8 = 1;
+pub const FRAME_HEADER_LEN: usize = 12;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameKind {
+    /// Sensor → aggregator: a zstd-compressed batch.
+    Batch = 1,
+    /// Aggregator → sensor: the batch with this sequence number is durably stored.
+    Ack = 2,
+    /// Aggregator → sensor: the batch was not stored; the text says why.
+    Error = 3,
+}
+
+impl FrameKind {
+    fn from_u8(v: u8) -> Result<Self> {
+        match v {
+            1 => Ok(FrameKind::Batch),
+            2 => Ok(FrameKind::Ack),
+            3 => Ok(FrameKind::Error),
+            k => Err(Error::UnknownKind(k)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub kind: FrameKind,
+    pub flags: u8,
+    pub len: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame<'a> {
+    pub header: FrameHeader,
+    pub payload: &'a [u8],
+}
+
+/// Parses the fixed 12-byte header and checks the payload length against
+/// `limits.max_frame` so a reader knows how much to read before reading it.
+pub fn decode_frame_header(buf: &[u8], limits: &Limits) -> Result<FrameHeader> {
+    if buf.len() < FRAME_HEADER_LEN {
+        return Err(Error::Truncated {
+            offset: buf.len(),
+            needed: FRAME_HEADER_LEN - buf.len(),
+        });
+    }
+    let magic = [buf[0], buf[1], buf[2], buf[3]];
+    if magic != MAGIC {
+        return Err(Error::BadMagic(magic));
+    }
+    if buf[4] != VERSION {
+        return Err(Error::UnsupportedVersion(buf[4]));
+    }
+    let kind = FrameKind::from_u8(buf[5])?;
+    let flags = buf[6];
+    let len = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]) as usize;
+    if len > limits.max_frame {
+        return Err(Error::FrameTooLarge {
+            len,
+            max: limits.max_frame,
+        });
+    }
+    Ok(FrameHeader { kind, flags, len })
+}
+
+/// Parses one complete frame occupying all of `buf`.
+pub fn decode_frame<'a>(buf: &'a [u8], limits: &Limits) -> Result<Frame<'a>> {
+    let header = decode_frame_header(buf, limits)?;
+    let body = &buf[FRAME_HEADER_LEN..];
+    if body.len() < header.len {
+        return Err(Error::Truncated {
+            offset: buf.len(),
+            needed: header.len - body.len(),
+        });
+    }
+    if body.len() > header.len {
+        return Err(Error::TrailingFrameBytes(body.len() - header.len));
+    }
+    Ok(Frame {
+        header,
+        payload: body,
+    })
+}
+
+pub fn encode_frame(kind: FrameKind, payload: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&MAGIC);
+    out.push(VERSION);
+    out.push(kind as u8);
+    out.push(0);
+    out.push(0);
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// Encodes and compresses a batch into a complete frame.
+/// `scratch` is reused between calls to avoid allocation.
+pub fn encode_batch(batch: &Batch, level: i32, scratch: &mut Vec<u8>) -> Vec<u8> {
+    scratch.clear();
+    batch.encode(scratch);
+    let compressed =
+        zstd::bulk::compress(scratch, level).expect("zstd compression of an in-memory buffer");
+    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + compressed.len());
+    encode_frame(FrameKind::Batch, &compressed, &mut out);
+    out
+}
+
+/// Decodes a complete batch frame: header, bounded zstd, records.
+pub fn decode_batch(buf: &[u8], limits: &Limits) -> Result<Batch> {
+    let frame = decode_frame(buf, limits)?;
+    if frame.header.kind != FrameKind::Batch {
+        return Err(Error::UnexpectedKind {
+            expected: FrameKind::Batch,
+            got: frame.header.kind,
+        });
+    }
+    let raw = decompress_bounded(frame.payload, limits.max_decompressed)?;
+    let mut r = Reader::new(&raw, *limits);
+    let batch = Batch::decode(&mut r)?;
+    if r.remaining() != 0 {
+        return Err(Error::TrailingBytes(r.remaining()));
+    }
+    Ok(batch)
+}
+
+/// Streams zstd output and stops as soon as it would exceed `max`: the
+/// frame's declared content size is never trusted for allocation.
+pub fn decompress_bounded(input: &[u8], max: usize) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut dec =
+        zstd::stream::read::Decoder::with_buffer(input).map_err(|e| Error::Zstd(e.to_string()))?;
+    let mut out = Vec::with_capacity(input.len().saturating_mul(4).min(max));
+    let mut limited = (&mut dec).take(max as u64 + 1);
+    limited
+        .read_to_end(&mut out)
+        .map_err(|e| Error::Zstd(e.to_string()))?;
+    if out.len() > max {
+        return Err(Error::DecompressedTooLarge { max });
+    }
+    Ok(out)
+}
+
+pub fn encode_ack(seq: u64) -> Vec<u8> {
+    let mut p = Vec::with_capacity(10);
+    put_varint(&mut p, seq);
+    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + p.len());
+    encode_frame(FrameKind::Ack, &p, &mut out);
+    out
+}
+
+pub fn encode_error(seq: u64, msg: &str) -> Vec<u8> {
+    let mut p = Vec::new();
+    put_varint(&mut p, seq);
+    let msg = &msg[..msg.len().min(1024)];
+    crate::codec::put_str(&mut p, msg);
+    let mut out = Vec::new();
+    encode_frame(FrameKind::Error, &p, &mut out);
+    out
+}
+
+/// Decodes the aggregator's reply to a batch: `Ok(seq)` for an ack,
+/// `Err((seq, message))` for an error frame.
+pub fn decode_ack(buf: &[u8]) -> Result<std::result::Result<u64, (u64, String)>> {
+    let limits = Limits {
+        max_frame: 4096,
+        ..Limits::default()
+    };
+    let frame = decode_frame(buf, &limits)?;
+    let mut r = Reader::new(frame.payload, limits);
+    let seq = r.varint()?;
+    match frame.header.kind {
+        FrameKind::Ack => Ok(Ok(seq)),
+        FrameKind::Error => Ok(Err((seq, r.string("error.message")?))),
+        got => Err(Error::UnexpectedKind {
+            expected: FrameKind::Ack,
+            got,
+        }),
+    }
+}

@@ -1,0 +1,365 @@
+use proptest::prelude::*;
+use protocol::*;
+
+fn sample_batch(seq: u64, snaps: usize) -> Batch {
+    let snap = |i: usize| Snapshot {
+        ts_ms: 1_700_000_000_000 + i as u64 * 1000,
+        interval_ms: 1000,
+        cpu: (0..3)
+            .map(|c| CpuRec {
+                cpu: if c == 0 { CPU_TOTAL } else { c - 1 },
+                user: 12.5,
+                idle: 80.0,
+                system: 7.5,
+                ..Default::default()
+            })
+            .collect(),
+        system: SystemRec {
+            load1: 0.5,
+            procs_running: 2,
+            ..Default::default()
+        },
+        memory: MemoryRec {
+            total: 24 << 30,
+            available: 20 << 30,
+            ..Default::default()
+        },
+        pressure: vec![PressureRec {
+            resource: 1,
+            some_avg10: 0.1,
+            ..Default::default()
+        }],
+        disks: vec![DiskRec {
+            device: "vda".into(),
+            reads_per_s: 3.0,
+            in_flight: 1,
+            ..Default::default()
+        }],
+        filesystems: vec![FsRec {
+            mount: "/".into(),
+            device: "/dev/vda".into(),
+            fstype: "ext4".into(),
+            size_bytes: 1 << 40,
+            ..Default::default()
+        }],
+        nets: vec![NetRec {
+            interface: "eth0".into(),
+            rx_bytes_per_s: 1234.0,
+            ..Default::default()
+        }],
+        tcp: TcpRec {
+            curr_estab: 5,
+            retrans_segs_per_s: 0.2,
+            ..Default::default()
+        },
+    };
+    Batch {
+        host: "web-1".into(),
+        boot_id: "b7a3".into(),
+        seq,
+        info: Some(HostInfo {
+            hostname: "web-1".into(),
+            cpus: 2,
+            ..Default::default()
+        }),
+        snapshots: (0..snaps).map(snap).collect(),
+    }
+}
+
+#[test]
+fn round_trip() {
+    let b = sample_batch(7, 5);
+    let frame = encode_batch(&b, 3, &mut Vec::new());
+    assert_eq!(decode_batch(&frame, &Limits::default()).unwrap(), b);
+}
+
+#[test]
+fn every_truncation_is_a_typed_error() {
+    let frame = encode_batch(&sample_batch(1, 3), 3, &mut Vec::new());
+    for n in 0..frame.len() {
+        let err = decode_batch(&frame[..n], &Limits::default()).unwrap_err();
+        assert!(
+            matches!(err, Error::Truncated { .. } | Error::Zstd(_)),
+            "prefix {n}: {err:?}"
+        );
+    }
+}
+
+#[test]
+fn truncated_records_inside_valid_zstd() {
+    let b = sample_batch(1, 2);
+    let mut raw = Vec::new();
+    b.encode(&mut raw);
+    for n in 0..raw.len() {
+        let z = zstd::bulk::compress(&raw[..n], 1).unwrap();
+        let mut f = Vec::new();
+        encode_frame(FrameKind::Batch, &z, &mut f);
+        assert!(
+            decode_batch(&f, &Limits::default()).is_err(),
+            "prefix {n} decoded"
+        );
+    }
+}
+
+#[test]
+fn header_errors() {
+    let mut f = encode_batch(&sample_batch(1, 1), 3, &mut Vec::new());
+    let l = Limits::default();
+    let mut bad = f.clone();
+    bad[0] = b'X';
+    assert!(matches!(decode_batch(&bad, &l), Err(Error::BadMagic(_))));
+    let mut bad = f.clone();
+    bad[4] = 9;
+    assert_eq!(decode_batch(&bad, &l), Err(Error::UnsupportedVersion(9)));
+    let mut bad = f.clone();
+    bad[5] = 77;
+    assert_eq!(decode_batch(&bad, &l), Err(Error::UnknownKind(77)));
+    f.push(0);
+    assert_eq!(decode_batch(&f, &l), Err(Error::TrailingFrameBytes(1)));
+    let ack = encode_ack(5);
+    assert!(matches!(
+        decode_batch(&ack, &l),
+        Err(Error::UnexpectedKind { .. })
+    ));
+}
+
+#[test]
+fn frame_size_limit_just_over() {
+    let f = encode_batch(&sample_batch(1, 4), 3, &mut Vec::new());
+    let payload = f.len() - FRAME_HEADER_LEN;
+    let at = Limits {
+        max_frame: payload,
+        ..Limits::default()
+    };
+    assert!(decode_batch(&f, &at).is_ok());
+    let under = Limits {
+        max_frame: payload - 1,
+        ..Limits::default()
+    };
+    assert_eq!(
+        decode_batch(&f, &under),
+        Err(Error::FrameTooLarge {
+            len: payload,
+            max: payload - 1
+        })
+    );
+}
+
+#[test]
+fn decompressed_limit_just_over_and_zip_bomb() {
+    let b = sample_batch(1, 4);
+    let mut raw = Vec::new();
+    b.encode(&mut raw);
+    let f = encode_batch(&b, 3, &mut Vec::new());
+    let at = Limits {
+        max_decompressed: raw.len(),
+        ..Limits::default()
+    };
+    assert!(decode_batch(&f, &at).is_ok());
+    let under = Limits {
+        max_decompressed: raw.len() - 1,
+        ..Limits::default()
+    };
+    assert_eq!(
+        decode_batch(&f, &under),
+        Err(Error::DecompressedTooLarge { max: raw.len() - 1 })
+    );
+
+    // 1 GiB of zeros compresses to ~40 KB; it must be refused without inflating it.
+    let bomb = zstd::bulk::compress(&vec![0u8; 256 << 20], 19).unwrap();
+    let mut fb = Vec::new();
+    encode_frame(FrameKind::Batch, &bomb, &mut fb);
+    assert!(matches!(
+        decode_batch(&fb, &Limits::default()),
+        Err(Error::DecompressedTooLarge { .. })
+    ));
+}
+
+fn frame_of(raw: &[u8]) -> Vec<u8> {
+    let z = zstd::bulk::compress(raw, 1).unwrap();
+    let mut f = Vec::new();
+    encode_frame(FrameKind::Batch, &z, &mut f);
+    f
+}
+
+#[test]
+fn snapshot_count_limit_just_over() {
+    let b = sample_batch(1, 3);
+    let f = encode_batch(&b, 1, &mut Vec::new());
+    let at = Limits {
+        max_snapshots: 3,
+        ..Limits::default()
+    };
+    assert!(decode_batch(&f, &at).is_ok());
+    let under = Limits {
+        max_snapshots: 2,
+        ..Limits::default()
+    };
+    assert_eq!(
+        decode_batch(&f, &under),
+        Err(Error::CountTooLarge {
+            what: "batch.snapshots",
+            count: 3,
+            max: 2
+        })
+    );
+}
+
+#[test]
+fn item_count_limit_just_over() {
+    let b = sample_batch(1, 1); // 3 cpu entries
+    let f = encode_batch(&b, 1, &mut Vec::new());
+    assert!(decode_batch(
+        &f,
+        &Limits {
+            max_items: 3,
+            ..Limits::default()
+        }
+    )
+    .is_ok());
+    assert!(matches!(
+        decode_batch(
+            &f,
+            &Limits {
+                max_items: 2,
+                ..Limits::default()
+            }
+        ),
+        Err(Error::CountTooLarge {
+            count: 3,
+            max: 2,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn huge_declared_count_is_refused_before_allocation() {
+    // host "", boot "", seq 1, no info, then a count of 2^40 snapshots.
+    let mut raw = vec![0u8, 0, 1, 0];
+    protocol_put_varint(&mut raw, 1 << 40);
+    let f = frame_of(&raw);
+    assert!(matches!(
+        decode_batch(&f, &Limits::default()),
+        Err(Error::CountTooLarge { .. })
+    ));
+    // Under the count limit but more than the bytes present: Truncated, not an allocation.
+    let mut raw = vec![0u8, 0, 1, 0];
+    protocol_put_varint(&mut raw, 4000);
+    let f = frame_of(&raw);
+    assert!(matches!(
+        decode_batch(&f, &Limits::default()),
+        Err(Error::Truncated { .. })
+    ));
+}
+
+fn protocol_put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+#[test]
+fn string_limit_just_over() {
+    let mut b = sample_batch(1, 1);
+    b.host = "h".repeat(100);
+    let f = encode_batch(&b, 1, &mut Vec::new());
+    assert!(decode_batch(
+        &f,
+        &Limits {
+            max_string: 100,
+            ..Limits::default()
+        }
+    )
+    .is_ok());
+    assert_eq!(
+        decode_batch(
+            &f,
+            &Limits {
+                max_string: 99,
+                ..Limits::default()
+            }
+        ),
+        Err(Error::StringTooLong {
+            what: "batch.host",
+            len: 100,
+            max: 99
+        })
+    );
+}
+
+#[test]
+fn bad_utf8_and_zero_seq_and_trailing() {
+    let raw = vec![1u8, 0xff, 0, 1, 0, 0];
+    assert!(matches!(
+        decode_batch(&frame_of(&raw), &Limits::default()),
+        Err(Error::BadUtf8 { .. })
+    ));
+    let raw = vec![0u8, 0, 0, 0, 0];
+    assert!(matches!(
+        decode_batch(&frame_of(&raw), &Limits::default()),
+        Err(Error::InvalidValue {
+            what: "batch.seq",
+            ..
+        })
+    ));
+    let raw = vec![0u8, 0, 1, 0, 0, 42];
+    assert_eq!(
+        decode_batch(&frame_of(&raw), &Limits::default()),
+        Err(Error::TrailingBytes(1))
+    );
+    let raw = vec![
+        0u8, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f,
+    ];
+    assert!(matches!(
+        decode_batch(&frame_of(&raw), &Limits::default()),
+        Err(Error::VarintOverflow(_))
+    ));
+}
+
+#[test]
+fn ack_and_error_frames() {
+    assert_eq!(decode_ack(&encode_ack(42)).unwrap(), Ok(42));
+    assert_eq!(
+        decode_ack(&encode_error(9, "clickhouse down")).unwrap(),
+        Err((9, "clickhouse down".to_string()))
+    );
+    assert!(decode_ack(b"SOND").is_err());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
+
+    #[test]
+    fn prop_round_trip(seq in 1u64.., n in 0usize..6, host in "[a-z0-9.-]{0,40}", v in any::<f32>().prop_filter("not nan", |f| !f.is_nan()), big in any::<u64>()) {
+        let mut b = sample_batch(seq, n);
+        b.host = host;
+        for s in &mut b.snapshots { s.memory.total = big; s.cpu[0].user = v; }
+        let f = encode_batch(&b, 1, &mut Vec::new());
+        prop_assert_eq!(decode_batch(&f, &Limits::default()).unwrap(), b);
+    }
+
+    #[test]
+    fn prop_corruption_never_panics(flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
+        let mut f = encode_batch(&sample_batch(3, 2), 1, &mut Vec::new());
+        for (i, x) in flips { let n = f.len(); f[i % n] ^= x | 1; }
+        let _ = decode_batch(&f, &Limits::default());
+    }
+
+    #[test]
+    fn prop_corrupt_records_never_panic(flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
+        let mut raw = Vec::new();
+        sample_batch(3, 2).encode(&mut raw);
+        for (i, x) in flips { let n = raw.len(); raw[i % n] ^= x | 1; }
+        let _ = decode_batch(&frame_of(&raw), &Limits::default());
+    }
+
+    #[test]
+    fn prop_random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = decode_batch(&bytes, &Limits::default());
+        let _ = decode_batch(&frame_of(&bytes), &Limits::default());
+        let _ = decode_ack(&bytes);
+    }
+}
