@@ -1,7 +1,7 @@
 //! Framing and compression.
 
 use crate::codec::{put_varint, Decode, Encode, Reader};
-use crate::{Batch, Error, Limits, Result};
+use crate::{Batch, Error, HostInfo, Limits, Result};
 
 pub const MAGIC: [u8; 4] = *b"SOND";
 pub const VERSION: u8 = 1;
@@ -102,8 +102,50 @@ pub fn encode_frame(kind: FrameKind, payload: &[u8], out: &mut Vec<u8>) {
 /// Encodes and compresses a batch into a complete frame.
 /// `scratch` is reused between calls to avoid allocation.
 pub fn encode_batch(batch: &Batch, level: i32, scratch: &mut Vec<u8>) -> Vec<u8> {
+    let mut snaps = Vec::new();
+    for s in &batch.snapshots {
+        s.encode(&mut snaps);
+    }
+    let parts = BatchParts {
+        host: &batch.host,
+        boot_id: &batch.boot_id,
+        seq: batch.seq,
+        info: batch.info.as_ref(),
+    };
+    encode_batch_parts(&parts, batch.snapshots.len() as u64, &snaps, level, scratch)
+}
+
+/// The batch header fields, for [`encode_batch_parts`].
+pub struct BatchParts<'a> {
+    pub host: &'a str,
+    pub boot_id: &'a str,
+    pub seq: u64,
+    pub info: Option<&'a HostInfo>,
+}
+
+/// Builds a batch frame from snapshots that were already encoded one by one
+/// into `snapshots` (how the sensor batches without keeping typed copies).
+/// Produces exactly the bytes of [`encode_batch`] for the same batch.
+pub fn encode_batch_parts(
+    parts: &BatchParts<'_>,
+    count: u64,
+    snapshots: &[u8],
+    level: i32,
+    scratch: &mut Vec<u8>,
+) -> Vec<u8> {
     scratch.clear();
-    batch.encode(scratch);
+    crate::codec::put_str(scratch, parts.host);
+    crate::codec::put_str(scratch, parts.boot_id);
+    put_varint(scratch, parts.seq);
+    match parts.info {
+        None => scratch.push(0),
+        Some(i) => {
+            scratch.push(1);
+            i.encode(scratch);
+        }
+    }
+    put_varint(scratch, count);
+    scratch.extend_from_slice(snapshots);
     let compressed =
         zstd::bulk::compress(scratch, level).expect("zstd compression of an in-memory buffer");
     let mut out = Vec::with_capacity(FRAME_HEADER_LEN + compressed.len());

@@ -1,1 +1,291 @@
-fn main() {}
+//! sonde sensor: collects host metrics from /proc (and eBPF) and ships them
+//! to the aggregator over QUIC with mutual TLS.
+
+mod collect;
+mod config;
+mod filter;
+mod procfile;
+mod ship;
+mod tls;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use config::Config;
+use protocol::{Snapshot, CPU_TOTAL, PRESSURE_RESOURCES};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// sonde host sensor.
+///
+/// Reads /proc every interval (CPU, load, memory, pressure, disks,
+/// filesystems, network interfaces, TCP/UDP), turns counters into per-second
+/// rates, batches snapshots, compresses them with zstd and ships them to the
+/// sonde aggregator over QUIC with mutual TLS. Unacknowledged batches are
+/// kept and resent after reconnects.
+///
+/// Settings come from the TOML file given by --config, then SONDE_*
+/// environment variables, then flags (flags win). See README.md,
+/// "Configuration", for every key.
+#[derive(Parser)]
+#[command(name = "sensor", version, about, long_about, max_term_width = 100)]
+struct Cli {
+    /// TOML configuration file.
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "SONDE_SENSOR_CONFIG",
+        value_name = "FILE"
+    )]
+    config: Option<PathBuf>,
+    /// Log format: text or json. Log level comes from RUST_LOG (default info).
+    #[arg(long, global = true, env = "SONDE_LOG_FORMAT", value_name = "FORMAT")]
+    log_format: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Collect and ship continuously until SIGTERM or Ctrl-C.
+    Run(RunArgs),
+    /// Take one snapshot of this host (two reads one interval apart, so rates
+    /// are real) and print it.
+    Once {
+        /// Print JSON instead of a readable summary.
+        #[arg(long)]
+        json: bool,
+        /// Time between the two reads.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+        interval: Duration,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Aggregator address host:port; repeat (or comma-separate) for failover.
+    #[arg(
+        long,
+        env = "SONDE_AGGREGATOR",
+        value_delimiter = ',',
+        value_name = "ADDR"
+    )]
+    aggregator: Vec<String>,
+    /// Name the aggregator's certificate must carry.
+    #[arg(long, env = "SONDE_SERVER_NAME", value_name = "NAME")]
+    server_name: Option<String>,
+    /// Deployment CA certificate (PEM).
+    #[arg(long, env = "SONDE_CA", value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// This host's certificate (PEM); its common name is the host name stored.
+    #[arg(long, env = "SONDE_CERT", value_name = "FILE")]
+    cert: Option<PathBuf>,
+    /// This host's private key (PEM).
+    #[arg(long, env = "SONDE_KEY", value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// Collection interval, e.g. 1s, 500ms.
+    #[arg(long, env = "SONDE_INTERVAL", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    interval: Option<Duration>,
+    /// Close and ship a batch after this long, e.g. 5s.
+    #[arg(long, env = "SONDE_BATCH_INTERVAL", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    batch_interval: Option<Duration>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = real_main(cli) {
+        eprintln!("sensor: error: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    let mut cfg = Config::load(cli.config.as_deref())?;
+    if let Some(f) = cli.log_format {
+        cfg.log_format = f;
+    }
+    match cli.cmd {
+        Cmd::Once { json, interval } => {
+            cfg.validate()?;
+            once(&cfg, json, interval)
+        }
+        Cmd::Run(a) => {
+            if !a.aggregator.is_empty() {
+                cfg.aggregator = a.aggregator;
+            }
+            cfg.server_name = a.server_name.unwrap_or(cfg.server_name);
+            cfg.ca = a.ca.unwrap_or(cfg.ca);
+            cfg.cert = a.cert.unwrap_or(cfg.cert);
+            cfg.key = a.key.unwrap_or(cfg.key);
+            cfg.interval = a.interval.unwrap_or(cfg.interval);
+            cfg.batch_interval = a.batch_interval.unwrap_or(cfg.batch_interval);
+            cfg.validate()?;
+            init_logs(&cfg.log_format);
+            // Check certificates before anything runs.
+            tls::client_config(&cfg.ca, &cfg.cert, &cfg.key)?;
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(run(Arc::new(cfg)))
+        }
+    }
+}
+
+fn init_logs(format: &str) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+async fn run(cfg: Arc<Config>) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let info = collect::host::host_info(&cfg.proc_root);
+    let boot_id = uuid::Uuid::new_v4().to_string();
+    tracing::info!(host = %info.hostname, boot_id = %boot_id, interval = ?cfg.interval, aggregator = ?cfg.aggregator, "sensor starting");
+    let outbox = Arc::new(ship::Outbox::new(cfg.max_unacked_bytes));
+    let shipper = tokio::spawn(ship::run(cfg.clone(), outbox.clone()));
+    let mut collector = collect::Collector::new(&cfg.proc_root, &cfg.sys_root, &cfg.filters);
+    let mut batcher = ship::Batcher::new(&cfg, info, boot_id);
+    let mut snap = Snapshot::default();
+    let mut tick = tokio::time::interval(cfg.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if collector.collect(&mut snap) {
+                    batcher.push(&snap);
+                }
+                if batcher.due(Instant::now(), cfg.interval / 2) {
+                    if let Some(c) = batcher.close() {
+                        tracing::debug!(seq = c.seq, bytes = c.frame.len(), samples = c.samples, "batch closed");
+                        outbox.push(c.seq, c.frame);
+                    }
+                }
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+        if shipper.is_finished() {
+            return match shipper.await {
+                Ok(Err(e)) => Err(e),
+                _ => Err(anyhow::anyhow!("shipper stopped")),
+            };
+        }
+    }
+    if let Some(c) = batcher.close() {
+        outbox.push(c.seq, c.frame);
+    }
+    let pending = outbox.len();
+    tracing::info!(pending, grace = ?cfg.shutdown_grace, "stopping: delivering unacknowledged batches");
+    let deadline = tokio::time::Instant::now() + cfg.shutdown_grace;
+    while !outbox.is_empty() && tokio::time::Instant::now() < deadline {
+        let _ = tokio::time::timeout_at(
+            deadline.min(tokio::time::Instant::now() + Duration::from_millis(200)),
+            outbox.drained.notified(),
+        )
+        .await;
+    }
+    let left = outbox.len();
+    if left > 0 {
+        tracing::warn!(
+            batches = left,
+            "exiting with unacknowledged batches (they are lost: the spool is in-memory)"
+        );
+    } else {
+        tracing::info!("all batches delivered; bye");
+    }
+    Ok(())
+}
+
+fn once(cfg: &Config, json: bool, interval: Duration) -> Result<()> {
+    let mut c = collect::Collector::new(&cfg.proc_root, &cfg.sys_root, &cfg.filters);
+    let mut snap = Snapshot::default();
+    c.collect(&mut snap);
+    std::thread::sleep(interval);
+    c.collect(&mut snap);
+    let info = collect::host::host_info(&cfg.proc_root);
+    if json {
+        let mut v = serde_json::json!({ "host": info, "snapshot": snap });
+        // Friendlier names than wire codes.
+        for cpu in v["snapshot"]["cpu"].as_array_mut().unwrap() {
+            if cpu["cpu"] == CPU_TOTAL {
+                cpu["cpu"] = "total".into();
+            }
+        }
+        for p in v["snapshot"]["pressure"].as_array_mut().unwrap() {
+            let i = p["resource"].as_u64().unwrap_or(0) as usize;
+            p["resource"] = PRESSURE_RESOURCES.get(i).copied().unwrap_or("?").into();
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{} ({}, kernel {}, {} CPUs, {:.1} GiB)",
+        info.hostname,
+        info.os,
+        info.kernel,
+        info.cpus,
+        info.memory_bytes as f64 / (1u64 << 30) as f64
+    );
+    if let Some(t) = snap.cpu.iter().find(|c| c.cpu == CPU_TOTAL) {
+        println!(
+            "cpu      user {:.1}%  system {:.1}%  iowait {:.1}%  idle {:.1}%",
+            t.user, t.system, t.iowait, t.idle
+        );
+    }
+    let s = &snap.system;
+    println!(
+        "load     {:.2} {:.2} {:.2}  ctxt/s {:.0}  forks/s {:.1}  running {}  blocked {}",
+        s.load1, s.load5, s.load15, s.ctxt_per_s, s.forks_per_s, s.procs_running, s.procs_blocked
+    );
+    let m = &snap.memory;
+    println!(
+        "memory   total {} MiB  available {} MiB  swap used {} MiB",
+        m.total >> 20,
+        m.available >> 20,
+        (m.swap_total - m.swap_free.min(m.swap_total)) >> 20
+    );
+    for p in &snap.pressure {
+        println!(
+            "psi      {:<6} some {:.2}%  full {:.2}%",
+            PRESSURE_RESOURCES[p.resource as usize % 3],
+            p.some_stall_pct,
+            p.full_stall_pct
+        );
+    }
+    for d in &snap.disks {
+        println!(
+            "disk     {:<10} r/s {:.1}  w/s {:.1}  util {:.1}%",
+            d.device, d.reads_per_s, d.writes_per_s, d.util_pct
+        );
+    }
+    for f in &snap.filesystems {
+        println!(
+            "fs       {:<20} {} used {:.1}%",
+            f.mount,
+            f.fstype,
+            f.used_bytes as f64 * 100.0 / f.size_bytes.max(1) as f64
+        );
+    }
+    for n in &snap.nets {
+        println!(
+            "net      {:<10} rx {:.0} B/s  tx {:.0} B/s",
+            n.interface, n.rx_bytes_per_s, n.tx_bytes_per_s
+        );
+    }
+    println!(
+        "tcp      estab {}  retrans/s {:.2}  resets/s {:.2}",
+        snap.tcp.curr_estab, snap.tcp.retrans_segs_per_s, snap.tcp.out_rsts_per_s
+    );
+    Ok(())
+}

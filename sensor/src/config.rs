@@ -1,0 +1,158 @@
+//! Sensor configuration: TOML file, then `SONDE_*` environment variables and
+//! command-line flags on top (flags win). Unknown keys are errors.
+
+use crate::filter::Filter;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Collection interval.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// A batch is closed and shipped after this long...
+    #[serde(with = "humantime_serde")]
+    pub batch_interval: Duration,
+    /// ...or once its encoded snapshots reach this many bytes.
+    pub batch_max_bytes: usize,
+    /// Aggregator addresses (host:port), tried in order.
+    pub aggregator: Vec<String>,
+    /// The name in the aggregator's certificate.
+    pub server_name: String,
+    /// Deployment CA certificate (PEM).
+    pub ca: PathBuf,
+    /// This host's certificate (PEM), issued by the CA. Its common name is the host identity.
+    pub cert: PathBuf,
+    /// This host's private key (PEM).
+    pub key: PathBuf,
+    /// Unacknowledged batches kept in memory, at most this many bytes (oldest dropped first).
+    pub max_unacked_bytes: usize,
+    /// Batches in flight on one connection.
+    pub max_in_flight: usize,
+    /// zstd level for batches (1..19).
+    pub zstd_level: i32,
+    /// On SIGTERM, wait this long for unacknowledged batches to be delivered.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Root of procfs and sysfs (for containers that mount the host's elsewhere).
+    pub proc_root: String,
+    pub sys_root: String,
+    pub filters: Filters,
+    /// Log format: "text" or "json".
+    pub log_format: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Filters {
+    pub disks: Filter,
+    /// Report partitions (sda1) as well as whole disks.
+    pub disk_partitions: bool,
+    pub interfaces: Filter,
+    pub mounts: Filter,
+}
+
+impl Default for Filters {
+    fn default() -> Self {
+        Filters {
+            disks: Filter::new(&[], &["ram*", "zram*", "fd*", "sr*"]),
+            disk_partitions: false,
+            interfaces: Filter::default(),
+            mounts: Filter::new(
+                &[],
+                &[
+                    "/run/*",
+                    "/snap/*",
+                    "/var/lib/docker/*",
+                    "/var/lib/kubelet/*",
+                ],
+            ),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            interval: Duration::from_secs(1),
+            batch_interval: Duration::from_secs(5),
+            batch_max_bytes: 256 * 1024,
+            aggregator: vec!["127.0.0.1:4433".into()],
+            server_name: "sonde-aggregator".into(),
+            ca: "/etc/sonde/ca.pem".into(),
+            cert: "/etc/sonde/sensor.pem".into(),
+            key: "/etc/sonde/sensor-key.pem".into(),
+            max_unacked_bytes: 64 << 20,
+            max_in_flight: 8,
+            zstd_level: 3,
+            shutdown_grace: Duration::from_secs(5),
+            proc_root: "/proc".into(),
+            sys_root: "/sys".into(),
+            filters: Filters::default(),
+            log_format: "text".into(),
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: Option<&Path>) -> Result<Config> {
+        let Some(path) = path else {
+            return Ok(Config::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let cfg: Config =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e))?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.interval < Duration::from_millis(100) {
+            bail!("interval: {:?} is too short (minimum 100ms)", self.interval);
+        }
+        if self.batch_interval < self.interval {
+            bail!(
+                "batch_interval ({:?}) must be at least interval ({:?})",
+                self.batch_interval,
+                self.interval
+            );
+        }
+        if self.aggregator.is_empty() {
+            bail!("aggregator: at least one address is required");
+        }
+        if !(1..=19).contains(&self.zstd_level) {
+            bail!("zstd_level: {} is outside 1..19", self.zstd_level);
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            bail!(
+                "log_format: {:?} is neither \"text\" nor \"json\"",
+                self.log_format
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_rejects_unknown_keys() {
+        let c: Config = toml::from_str("interval = \"2s\"\naggregator = [\"a:1\", \"b:2\"]\n[filters.disks]\nexclude = [\"loop*\"]\n").unwrap();
+        assert_eq!(c.interval, Duration::from_secs(2));
+        assert_eq!(c.aggregator.len(), 2);
+        assert!(!c.filters.disks.allows("loop3"));
+        let e = toml::from_str::<Config>("intervall = \"2s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("intervall"), "{e}");
+        let e = toml::from_str::<Config>("interval = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("interval"), "{e}");
+    }
+}

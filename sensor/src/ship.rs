@@ -1,0 +1,296 @@
+//! Batching and delivery: snapshots are encoded into a growing buffer,
+//! closed into compressed batch frames, held in a bounded outbox until the
+//! aggregator acknowledges them, and (re)sent over QUIC with reconnects.
+
+use crate::config::Config;
+use protocol::{encode_batch_parts, BatchParts, HostInfo, Snapshot};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+pub struct Batcher {
+    snaps: Vec<u8>,
+    scratch: Vec<u8>,
+    count: u64,
+    samples: u64,
+    opened: Option<Instant>,
+    next_seq: u64,
+    boot_id: String,
+    info: HostInfo,
+    level: i32,
+    max_age: Duration,
+    max_bytes: usize,
+}
+
+pub struct Closed {
+    pub seq: u64,
+    pub frame: Vec<u8>,
+    pub samples: u64,
+}
+
+impl Batcher {
+    pub fn new(cfg: &Config, info: HostInfo, boot_id: String) -> Self {
+        Batcher {
+            snaps: Vec::with_capacity(cfg.batch_max_bytes + 4096),
+            scratch: Vec::with_capacity(cfg.batch_max_bytes + 8192),
+            count: 0,
+            samples: 0,
+            opened: None,
+            next_seq: 1,
+            boot_id,
+            info,
+            level: cfg.zstd_level,
+            max_age: cfg.batch_interval,
+            max_bytes: cfg.batch_max_bytes,
+        }
+    }
+
+    pub fn push(&mut self, s: &Snapshot) {
+        use protocol::Encode;
+        s.encode(&mut self.snaps);
+        self.count += 1;
+        self.samples += s.sample_count();
+        self.opened.get_or_insert_with(Instant::now);
+    }
+
+    /// True once the open batch is old or big enough. The age check allows
+    /// half a collection interval of slack so a 5 s batch holds 5 snapshots.
+    pub fn due(&self, now: Instant, slack: Duration) -> bool {
+        self.snaps.len() >= self.max_bytes
+            || self.opened.is_some_and(|o| now + slack >= o + self.max_age)
+    }
+
+    pub fn close(&mut self) -> Option<Closed> {
+        if self.count == 0 {
+            return None;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let parts = BatchParts {
+            host: &self.info.hostname,
+            boot_id: &self.boot_id,
+            seq,
+            info: Some(&self.info),
+        };
+        let frame = encode_batch_parts(
+            &parts,
+            self.count,
+            &self.snaps,
+            self.level,
+            &mut self.scratch,
+        );
+        let samples = self.samples;
+        self.snaps.clear();
+        self.count = 0;
+        self.samples = 0;
+        self.opened = None;
+        Some(Closed {
+            seq,
+            frame,
+            samples,
+        })
+    }
+}
+
+struct Item {
+    seq: u64,
+    frame: Arc<Vec<u8>>,
+    in_flight: bool,
+    retry_at: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Inner {
+    items: VecDeque<Item>,
+    bytes: usize,
+    dropped: u64,
+}
+
+/// Unacknowledged batches, oldest first, bounded in bytes.
+pub struct Outbox {
+    inner: Mutex<Inner>,
+    max_bytes: usize,
+    pub notify: Notify,
+    pub drained: Notify,
+}
+
+impl Outbox {
+    pub fn new(max_bytes: usize) -> Self {
+        Outbox {
+            inner: Mutex::default(),
+            max_bytes,
+            notify: Notify::new(),
+            drained: Notify::new(),
+        }
+    }
+
+    pub fn push(&self, seq: u64, frame: Vec<u8>) {
+        let mut g = self.inner.lock().unwrap();
+        g.bytes += frame.len();
+        g.items.push_back(Item {
+            seq,
+            frame: Arc::new(frame),
+            in_flight: false,
+            retry_at: None,
+        });
+        while g.bytes > self.max_bytes && g.items.len() > 1 {
+            let old = g.items.pop_front().unwrap();
+            g.bytes -= old.frame.len();
+            g.dropped += 1;
+            tracing::warn!(
+                seq = old.seq,
+                max_unacked_bytes = self.max_bytes,
+                "outbox full: dropped the oldest unacknowledged batch"
+            );
+        }
+        drop(g);
+        self.notify.notify_one();
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.lock().unwrap().items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn next_to_send(&self) -> Option<(u64, Arc<Vec<u8>>)> {
+        let now = Instant::now();
+        let mut g = self.inner.lock().unwrap();
+        let it = g
+            .items
+            .iter_mut()
+            .find(|i| !i.in_flight && i.retry_at.is_none_or(|t| t <= now))?;
+        it.in_flight = true;
+        it.retry_at = None;
+        Some((it.seq, it.frame.clone()))
+    }
+
+    fn acked(&self, seq: u64) {
+        let mut g = self.inner.lock().unwrap();
+        if let Some(pos) = g.items.iter().position(|i| i.seq == seq) {
+            let it = g.items.remove(pos).unwrap();
+            g.bytes -= it.frame.len();
+        }
+        if g.items.is_empty() {
+            self.drained.notify_waiters();
+        }
+    }
+
+    fn retry_later(&self, seq: u64, after: Duration) {
+        let mut g = self.inner.lock().unwrap();
+        if let Some(it) = g.items.iter_mut().find(|i| i.seq == seq) {
+            it.in_flight = false;
+            it.retry_at = Some(Instant::now() + after);
+        }
+    }
+
+    fn unmark_all(&self) {
+        for it in self.inner.lock().unwrap().items.iter_mut() {
+            it.in_flight = false;
+        }
+    }
+}
+
+enum SendError {
+    Rejected(String),
+    Connection(String),
+}
+
+async fn send_one(conn: quinn::Connection, frame: Arc<Vec<u8>>) -> Result<(), SendError> {
+    let c = |e: &dyn std::fmt::Display| SendError::Connection(e.to_string());
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| c(&e))?;
+    send.write_all(&frame).await.map_err(|e| c(&e))?;
+    send.finish().map_err(|e| c(&e))?;
+    let reply = recv.read_to_end(4096).await.map_err(|e| c(&e))?;
+    match protocol::decode_ack(&reply) {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((_, msg))) => Err(SendError::Rejected(msg)),
+        Err(e) => Err(SendError::Connection(format!(
+            "unreadable reply from aggregator: {e}"
+        ))),
+    }
+}
+
+/// Keeps a connection to one of the aggregators and drains the outbox into it.
+pub async fn run(cfg: Arc<Config>, outbox: Arc<Outbox>) -> anyhow::Result<()> {
+    let client_cfg = crate::tls::client_config(&cfg.ca, &cfg.cert, &cfg.key)?;
+    let mut endpoint = quinn::Endpoint::client("[::]:0".parse().unwrap())
+        .or_else(|_| quinn::Endpoint::client("0.0.0.0:0".parse().unwrap()))?;
+    endpoint.set_default_client_config(client_cfg);
+    let mut backoff = Duration::from_millis(100);
+    let mut idx = 0usize;
+    loop {
+        let addr_s = &cfg.aggregator[idx % cfg.aggregator.len()];
+        match connect(&endpoint, addr_s, &cfg.server_name).await {
+            Ok(conn) => {
+                tracing::info!(aggregator = %addr_s, pending = outbox.len(), "connected");
+                backoff = Duration::from_millis(100);
+                let reason = serve(&conn, &outbox, cfg.max_in_flight).await;
+                tracing::warn!(aggregator = %addr_s, %reason, pending = outbox.len(), "disconnected; will reconnect");
+            }
+            Err(e) => {
+                tracing::warn!(aggregator = %addr_s, error = %e, retry_in = ?backoff, "cannot connect");
+                idx += 1;
+            }
+        }
+        let jitter = rand::random::<f64>() * 0.5 + 0.75;
+        tokio::time::sleep(backoff.mul_f64(jitter)).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+async fn connect(
+    ep: &quinn::Endpoint,
+    addr: &str,
+    server_name: &str,
+) -> anyhow::Result<quinn::Connection> {
+    let sa = tokio::net::lookup_host(addr)
+        .await?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("{addr}: no address"))?;
+    let conn = tokio::time::timeout(Duration::from_secs(10), ep.connect(sa, server_name)?)
+        .await
+        .map_err(|_| anyhow::anyhow!("handshake timed out"))??;
+    Ok(conn)
+}
+
+async fn serve(conn: &quinn::Connection, outbox: &Outbox, max_in_flight: usize) -> String {
+    outbox.unmark_all();
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        while tasks.len() < max_in_flight {
+            let Some((seq, frame)) = outbox.next_to_send() else {
+                break;
+            };
+            let conn = conn.clone();
+            tasks.spawn(async move { (seq, send_one(conn, frame).await) });
+        }
+        tokio::select! {
+            Some(res) = tasks.join_next(), if !tasks.is_empty() => {
+                let Ok((seq, res)) = res else { continue };
+                match res {
+                    Ok(()) => outbox.acked(seq),
+                    Err(SendError::Rejected(msg)) => {
+                        tracing::warn!(seq, reason = %msg, "aggregator did not store the batch; retrying in 2s");
+                        outbox.retry_later(seq, Duration::from_secs(2));
+                    }
+                    Err(SendError::Connection(e)) => {
+                        tasks.abort_all();
+                        outbox.unmark_all();
+                        return e;
+                    }
+                }
+            }
+            _ = outbox.notify.notified() => {}
+            e = conn.closed() => {
+                tasks.abort_all();
+                outbox.unmark_all();
+                return e.to_string();
+            }
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
