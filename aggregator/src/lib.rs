@@ -1,1 +1,8 @@
+//! sonde aggregator: one module per stage a batch passes through.
+//! ingest (QUIC, auth, decode) → store (ClickHouse) → api (HTTP).
 
+pub mod api;
+pub mod config;
+pub mod ingest;
+pub mod metrics;
+pub mod store;

@@ -1,1 +1,270 @@
-fn main() {}
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use sonde_aggregator::config::Config;
+use sonde_aggregator::store::{managed::Managed, schema, writer, Store};
+use sonde_aggregator::{api, ingest, metrics::Metrics};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// sonde aggregator.
+///
+/// Accepts batches from sonde sensors over QUIC with mutual TLS (only
+/// certificates issued by the deployment CA get in; the host name stored is
+/// the certificate's), stores them in ClickHouse, and acknowledges each batch
+/// only once its rows are committed. Without a ClickHouse URL it runs a
+/// managed clickhouse-server under --data-dir.
+///
+/// Settings come from the TOML file given by --config, then SONDE_*
+/// environment variables, then flags (flags win). See README.md,
+/// "Configuration", for every key.
+#[derive(Parser)]
+#[command(name = "aggregator", version, about, long_about, max_term_width = 100)]
+struct Cli {
+    /// TOML configuration file.
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "SONDE_AGGREGATOR_CONFIG",
+        value_name = "FILE"
+    )]
+    config: Option<PathBuf>,
+    /// Log format: text or json. Log level comes from RUST_LOG (default info).
+    #[arg(long, global = true, env = "SONDE_LOG_FORMAT", value_name = "FORMAT")]
+    log_format: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the aggregator until SIGTERM or Ctrl-C.
+    Run(RunArgs),
+    /// Print the DDL this build would create, for a given server version.
+    Schema {
+        /// ClickHouse version to generate for (e.g. 18.16.1 or 26.9).
+        #[arg(long, default_value = "18.16.1")]
+        server_version: String,
+        /// Database name.
+        #[arg(long, default_value = "sonde")]
+        database: String,
+        /// Retention in days (TTL on current servers).
+        #[arg(long, default_value_t = 30)]
+        retention_days: u32,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// QUIC listen address for sensors.
+    #[arg(long, env = "SONDE_LISTEN", value_name = "ADDR")]
+    listen: Option<String>,
+    /// HTTP listen address for health, metrics and the API.
+    #[arg(long, env = "SONDE_HTTP_LISTEN", value_name = "ADDR")]
+    http_listen: Option<String>,
+    /// Deployment CA certificate (PEM).
+    #[arg(long, env = "SONDE_CA", value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// The aggregator's certificate (PEM).
+    #[arg(long, env = "SONDE_CERT", value_name = "FILE")]
+    cert: Option<PathBuf>,
+    /// The aggregator's private key (PEM).
+    #[arg(long, env = "SONDE_KEY", value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// State directory; the managed ClickHouse keeps its data here.
+    #[arg(long, env = "SONDE_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// ClickHouse HTTP URL; empty runs a managed server.
+    #[arg(long, env = "SONDE_CLICKHOUSE_URL", value_name = "URL")]
+    clickhouse_url: Option<String>,
+    /// ClickHouse user.
+    #[arg(long, env = "SONDE_CLICKHOUSE_USER", value_name = "USER")]
+    clickhouse_user: Option<String>,
+    /// ClickHouse password.
+    #[arg(
+        long,
+        env = "SONDE_CLICKHOUSE_PASSWORD",
+        value_name = "PASSWORD",
+        hide_env_values = true
+    )]
+    clickhouse_password: Option<String>,
+    /// ClickHouse database (created if missing).
+    #[arg(long, env = "SONDE_CLICKHOUSE_DATABASE", value_name = "NAME")]
+    clickhouse_database: Option<String>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = real_main(cli) {
+        eprintln!("aggregator: error: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    let mut cfg = Config::load(cli.config.as_deref())?;
+    if let Some(f) = cli.log_format {
+        cfg.log_format = f;
+    }
+    match cli.cmd {
+        Cmd::Schema {
+            server_version,
+            database,
+            retention_days,
+        } => {
+            let ddl = schema::Ddl {
+                db: &database,
+                modern: schema::is_modern(&server_version),
+                retention_days,
+            };
+            println!(
+                "CREATE DATABASE IF NOT EXISTS {database};\n{};",
+                ddl.migrations_table()
+            );
+            for (_, _, stmts) in ddl.migrations() {
+                for s in stmts {
+                    println!("{s};");
+                }
+            }
+            Ok(())
+        }
+        Cmd::Run(a) => {
+            cfg.listen = a.listen.unwrap_or(cfg.listen);
+            cfg.http_listen = a.http_listen.unwrap_or(cfg.http_listen);
+            cfg.ca = a.ca.unwrap_or(cfg.ca);
+            cfg.cert = a.cert.unwrap_or(cfg.cert);
+            cfg.key = a.key.unwrap_or(cfg.key);
+            cfg.data_dir = a.data_dir.unwrap_or(cfg.data_dir);
+            cfg.clickhouse.url = a.clickhouse_url.unwrap_or(cfg.clickhouse.url);
+            cfg.clickhouse.user = a.clickhouse_user.unwrap_or(cfg.clickhouse.user);
+            cfg.clickhouse.password = a.clickhouse_password.unwrap_or(cfg.clickhouse.password);
+            cfg.clickhouse.database = a.clickhouse_database.unwrap_or(cfg.clickhouse.database);
+            cfg.validate()?;
+            init_logs(&cfg.log_format);
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(run(cfg))
+        }
+    }
+}
+
+fn init_logs(format: &str) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+async fn run(cfg: Config) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Everything that can be wrong with the configuration fails here, before anything runs.
+    let server_cfg = ingest::server_config(
+        &cfg.ca,
+        &cfg.cert,
+        &cfg.key,
+        cfg.limits.max_streams_per_connection,
+    )?;
+    let listen: std::net::SocketAddr = cfg
+        .listen
+        .parse()
+        .with_context(|| format!("listen: {:?} is not an address:port", cfg.listen))?;
+    let http = tokio::net::TcpListener::bind(&cfg.http_listen)
+        .await
+        .with_context(|| format!("http_listen: cannot bind {}", cfg.http_listen))?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("data_dir: cannot create {}", cfg.data_dir.display()))?;
+
+    let mut managed = None;
+    let url = if cfg.clickhouse.url.is_empty() {
+        let m = Managed::start(
+            &cfg.data_dir,
+            &cfg.clickhouse.server_binary,
+            &cfg.clickhouse.server_config,
+        )
+        .await?;
+        let url = m.url();
+        managed = Some(m);
+        url
+    } else {
+        cfg.clickhouse.url.clone()
+    };
+    let store = Store::open(&url, &cfg.clickhouse).await?;
+    let metrics = Arc::new(Metrics::default());
+
+    let (tx, rx) = tokio::sync::mpsc::channel(cfg.clickhouse.queue_batches);
+    let wcfg = writer::WriterConfig {
+        max_rows: cfg.clickhouse.insert_max_rows,
+        flush_interval: cfg.clickhouse.flush_interval,
+    };
+    let writer = tokio::spawn(writer::run(store.clone(), rx, metrics.clone(), wcfg));
+
+    let endpoint = quinn::Endpoint::server(server_cfg, listen)
+        .with_context(|| format!("listen: cannot bind UDP {listen}"))?;
+    let ingest_state = Arc::new(ingest::Ingest {
+        tx,
+        metrics: metrics.clone(),
+        limits: cfg.limits.protocol(),
+        in_flight: Default::default(),
+    });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let ingest_task = tokio::spawn(ingest::serve(endpoint, ingest_state, stop_rx.clone()));
+
+    let router = api::router(api::Api {
+        store: store.clone(),
+        metrics: metrics.clone(),
+    });
+    let mut http_stop = stop_rx.clone();
+    let http_task = tokio::spawn(async move {
+        let _ = axum::serve(http, router)
+            .with_graceful_shutdown(async move {
+                let _ = http_stop.changed().await;
+            })
+            .await;
+    });
+
+    let retention_store = store.clone();
+    let retention = tokio::spawn(async move {
+        loop {
+            if let Err(e) = retention_store.drop_old_partitions().await {
+                tracing::warn!(error = %e, "retention pass failed");
+            }
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+    });
+
+    tracing::info!(quic = %listen, http = %cfg.http_listen, clickhouse = %url, database = %store.db, "aggregator ready");
+    if let Some(m) = &managed {
+        tracing::info!(
+            "query with: clickhouse-client --port {} --database {}",
+            m.tcp_port,
+            store.db
+        );
+    }
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("stopping: no new connections; finishing in-flight batches");
+    let _ = stop_tx.send(true);
+    let _ = ingest_task.await; // waits for in-flight batches to be stored and acked
+    let _ = tokio::time::timeout(Duration::from_secs(30), writer).await;
+    retention.abort();
+    let _ = http_task.await;
+    if let Some(mut m) = managed {
+        m.stop();
+    }
+    tracing::info!("aggregator stopped");
+    Ok(())
+}

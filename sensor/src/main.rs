@@ -137,7 +137,8 @@ fn init_logs(format: &str) {
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if format == "json" {
         b.json().init();
     } else {
@@ -165,7 +166,7 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
                 if collector.collect(&mut snap) {
                     batcher.push(&snap);
                 }
-                if batcher.due(Instant::now(), cfg.interval / 2) {
+                if batcher.due(Instant::now()) {
                     if let Some(c) = batcher.close() {
                         tracing::debug!(seq = c.seq, bytes = c.frame.len(), samples = c.samples, "batch closed");
                         outbox.push(c.seq, c.frame);

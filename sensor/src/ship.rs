@@ -21,6 +21,8 @@ pub struct Batcher {
     level: i32,
     max_age: Duration,
     max_bytes: usize,
+    /// batch_interval / interval: a 5 s batch at 1 s holds 5 snapshots.
+    per_batch: u64,
 }
 
 pub struct Closed {
@@ -43,6 +45,9 @@ impl Batcher {
             level: cfg.zstd_level,
             max_age: cfg.batch_interval,
             max_bytes: cfg.batch_max_bytes,
+            per_batch: (cfg.batch_interval.as_secs_f64() / cfg.interval.as_secs_f64())
+                .round()
+                .max(1.0) as u64,
         }
     }
 

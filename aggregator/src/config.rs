@@ -1,0 +1,166 @@
+//! Aggregator configuration: TOML file, then SONDE_* environment variables
+//! and flags on top. Unknown keys are errors that name the file and key.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// QUIC address sensors connect to.
+    pub listen: String,
+    /// HTTP address for /healthz, /readyz, /metrics and /api/*.
+    pub http_listen: String,
+    /// Deployment CA (PEM): only sensors with certificates it signed get in.
+    pub ca: PathBuf,
+    /// The aggregator's certificate and key (PEM).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// State directory (managed ClickHouse data lives under it).
+    pub data_dir: PathBuf,
+    /// "text" or "json".
+    pub log_format: String,
+    pub clickhouse: ClickHouseConfig,
+    pub limits: LimitsConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClickHouseConfig {
+    /// HTTP URL of an existing server. Empty: run a managed server under data_dir.
+    pub url: String,
+    pub user: String,
+    pub password: String,
+    pub database: String,
+    /// Days of data kept (TTL on current servers, partition drops on old ones). 0 keeps everything.
+    pub retention_days: u32,
+    /// For the managed server: the binary and its base configuration.
+    pub server_binary: String,
+    pub server_config: PathBuf,
+    /// Most rows in one insert round.
+    pub insert_max_rows: usize,
+    /// How long the writer waits to gather batches into one insert.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// Decoded batches waiting for the writer; when full, sensors are slowed down.
+    pub queue_batches: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest compressed frame accepted.
+    pub max_frame_bytes: usize,
+    /// Largest decompressed batch accepted.
+    pub max_decompressed_bytes: usize,
+    /// Batches one sensor may have in flight at once (QUIC streams).
+    pub max_streams_per_connection: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "0.0.0.0:4433".into(),
+            http_listen: "127.0.0.1:9464".into(),
+            ca: "/etc/sonde/ca.pem".into(),
+            cert: "/etc/sonde/aggregator.pem".into(),
+            key: "/etc/sonde/aggregator-key.pem".into(),
+            data_dir: "/var/lib/sonde".into(),
+            log_format: "text".into(),
+            clickhouse: ClickHouseConfig::default(),
+            limits: LimitsConfig::default(),
+        }
+    }
+}
+
+impl Default for ClickHouseConfig {
+    fn default() -> Self {
+        ClickHouseConfig {
+            url: String::new(),
+            user: String::new(),
+            password: String::new(),
+            database: "sonde".into(),
+            retention_days: 30,
+            server_binary: "clickhouse-server".into(),
+            server_config: "/etc/clickhouse-server/config.xml".into(),
+            insert_max_rows: 500_000,
+            flush_interval: Duration::from_millis(200),
+            queue_batches: 1024,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let l = protocol::Limits::default();
+        LimitsConfig {
+            max_frame_bytes: l.max_frame,
+            max_decompressed_bytes: l.max_decompressed,
+            max_streams_per_connection: 16,
+        }
+    }
+}
+
+impl LimitsConfig {
+    pub fn protocol(&self) -> protocol::Limits {
+        protocol::Limits {
+            max_frame: self.max_frame_bytes,
+            max_decompressed: self.max_decompressed_bytes,
+            ..Default::default()
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: Option<&Path>) -> Result<Config> {
+        let Some(path) = path else {
+            return Ok(Config::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e))
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let db = &self.clickhouse.database;
+        if db.is_empty() || !db.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            bail!("clickhouse.database: {db:?} must be letters, digits and underscores");
+        }
+        if !self.clickhouse.url.is_empty() && !self.clickhouse.url.starts_with("http") {
+            bail!(
+                "clickhouse.url: {:?} must be an http:// or https:// URL",
+                self.clickhouse.url
+            );
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            bail!(
+                "log_format: {:?} is neither \"text\" nor \"json\"",
+                self.log_format
+            );
+        }
+        if self.limits.max_frame_bytes > u32::MAX as usize {
+            bail!("limits.max_frame_bytes: at most {}", u32::MAX);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_and_errors() {
+        let c: Config = toml::from_str("listen = \"127.0.0.1:1\"\n[clickhouse]\nurl = \"http://x:8123\"\nflush_interval = \"50ms\"\n").unwrap();
+        assert_eq!(c.clickhouse.flush_interval, Duration::from_millis(50));
+        let e = toml::from_str::<Config>("[clickhouse]\nurll = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("urll"), "{e}");
+        let mut c = Config::default();
+        c.clickhouse.database = "a;drop".into();
+        assert!(c.validate().is_err());
+    }
+}

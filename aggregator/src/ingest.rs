@@ -1,0 +1,268 @@
+//! Ingest stage: QUIC with mutual TLS 1.3, sensor identity from its client
+//! certificate, bounded reads and decoding, hand-off to the writer, acks.
+
+use crate::metrics::Metrics;
+use crate::store::writer::Job;
+use anyhow::{bail, Context, Result};
+use protocol::{decode_batch, encode_ack, encode_error, Limits, FRAME_HEADER_LEN};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub const ALPN: &[u8] = b"sonde/1";
+
+/// QUIC application error codes the aggregator closes connections with.
+pub const CLOSE_SHUTDOWN: u32 = 0;
+pub const CLOSE_MALFORMED: u32 = 1;
+pub const CLOSE_TOO_LARGE: u32 = 2;
+pub const CLOSE_NO_IDENTITY: u32 = 3;
+
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let data = std::fs::read(path)
+        .with_context(|| format!("cannot read certificate file {}", path.display()))?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut &data[..])
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("{}: not PEM", path.display()))?;
+    if certs.is_empty() {
+        bail!("{}: contains no PEM certificate", path.display());
+    }
+    Ok(certs)
+}
+
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
+    let data =
+        std::fs::read(path).with_context(|| format!("cannot read key file {}", path.display()))?;
+    rustls_pemfile::private_key(&mut &data[..])
+        .with_context(|| format!("{}: not PEM", path.display()))?
+        .with_context(|| format!("{}: contains no PEM private key", path.display()))
+}
+
+pub fn server_config(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    max_streams: u32,
+) -> Result<quinn::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in load_certs(ca)? {
+        roots
+            .add(c)
+            .with_context(|| format!("{}: not a usable CA certificate", ca.display()))?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .with_context(|| format!("{}: cannot verify clients with this CA", ca.display()))?;
+    let certs = load_certs(cert)?;
+    // Refuse to start with a certificate the configured CA did not sign.
+    check_signed_by(&certs[0], &load_certs(ca)?[0]).with_context(|| {
+        format!(
+            "{} was not issued by the CA in {}",
+            cert.display(),
+            ca.display()
+        )
+    })?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, load_key(key)?)
+        .with_context(|| {
+            format!(
+                "{} and {} do not form a usable certificate/key pair",
+                cert.display(),
+                key.display()
+            )
+        })?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(max_streams.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.max_idle_timeout(Some(Duration::from_secs(30).try_into()?));
+    cfg.transport_config(Arc::new(t));
+    Ok(cfg)
+}
+
+fn check_signed_by(cert: &CertificateDer<'_>, ca: &CertificateDer<'_>) -> Result<()> {
+    let (_, c) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| anyhow::anyhow!("unparsable certificate: {e}"))?;
+    let (_, a) = x509_parser::parse_x509_certificate(ca)
+        .map_err(|e| anyhow::anyhow!("unparsable CA certificate: {e}"))?;
+    c.verify_signature(Some(a.public_key()))
+        .map_err(|e| anyhow::anyhow!("signature check failed: {e}"))
+}
+
+/// The host name a connection proved: the common name of its client
+/// certificate (or its first DNS name).
+pub fn peer_host(conn: &quinn::Connection) -> Option<String> {
+    let ident = conn.peer_identity()?;
+    let certs = ident.downcast_ref::<Vec<CertificateDer<'static>>>()?;
+    let (_, c) = x509_parser::parse_x509_certificate(certs.first()?).ok()?;
+    let cn = c
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_string);
+    let name = cn.or_else(|| {
+        c.subject_alternative_name().ok().flatten().and_then(|san| {
+            san.value.general_names.iter().find_map(|g| match g {
+                x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+                _ => None,
+            })
+        })
+    })?;
+    (!name.is_empty() && name.len() <= 253 && !name.chars().any(char::is_control)).then_some(name)
+}
+
+pub struct Ingest {
+    pub tx: mpsc::Sender<Job>,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    pub in_flight: AtomicUsize,
+}
+
+/// Accepts connections until `stop` turns true; then waits for in-flight
+/// batches to be stored and acknowledged, and closes every connection.
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    ingest: Arc<Ingest>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            inc = endpoint.accept() => {
+                let Some(inc) = inc else { break };
+                conns.spawn(connection(inc, ingest.clone(), stop.clone()));
+            }
+            _ = stop.changed() => break,
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while ingest.in_flight.load(Relaxed) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    endpoint.close(CLOSE_SHUTDOWN.into(), b"aggregator shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    conns.abort_all();
+}
+
+async fn connection(inc: quinn::Incoming, ingest: Arc<Ingest>, mut stop: watch::Receiver<bool>) {
+    let remote = inc.remote_address();
+    let conn = match inc.await {
+        Ok(c) => c,
+        Err(e) => {
+            ingest.metrics.connections_rejected.fetch_add(1, Relaxed);
+            tracing::warn!(%remote, error = %e, "connection refused in the handshake");
+            return;
+        }
+    };
+    let Some(host) = peer_host(&conn) else {
+        ingest.metrics.connections_rejected.fetch_add(1, Relaxed);
+        tracing::warn!(%remote, "client certificate carries no usable host name");
+        conn.close(
+            CLOSE_NO_IDENTITY.into(),
+            b"client certificate has no usable common name",
+        );
+        return;
+    };
+    let host: Arc<str> = host.into();
+    ingest.metrics.connections_accepted.fetch_add(1, Relaxed);
+    ingest.metrics.sensors_connected.fetch_add(1, Relaxed);
+    tracing::info!(%remote, %host, "sensor connected");
+    let reason = loop {
+        tokio::select! {
+            s = conn.accept_bi() => match s {
+                Ok((send, recv)) => {
+                    ingest.in_flight.fetch_add(1, Relaxed);
+                    let (ingest, conn, host) = (ingest.clone(), conn.clone(), host.clone());
+                    tokio::spawn(async move {
+                        stream(&ingest, &conn, host, send, recv).await;
+                        ingest.in_flight.fetch_sub(1, Relaxed);
+                    });
+                }
+                Err(e) => break e.to_string(),
+            },
+            _ = stop.changed() => break "aggregator shutting down".to_string(),
+        }
+    };
+    ingest.metrics.sensors_connected.fetch_sub(1, Relaxed);
+    tracing::info!(%remote, %host, %reason, "sensor disconnected");
+}
+
+async fn stream(
+    ingest: &Ingest,
+    conn: &quinn::Connection,
+    host: Arc<str>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let max = ingest.limits.max_frame + FRAME_HEADER_LEN;
+    let buf = match recv.read_to_end(max).await {
+        Ok(b) => b,
+        Err(quinn::ReadToEndError::TooLong) => {
+            ingest.metrics.decode_errors.fetch_add(1, Relaxed);
+            tracing::warn!(%host, max, "frame larger than the limit; closing the connection");
+            conn.close(
+                CLOSE_TOO_LARGE.into(),
+                format!("frame exceeds {max} bytes").as_bytes(),
+            );
+            return;
+        }
+        Err(e) => {
+            tracing::debug!(%host, error = %e, "stream ended before the frame did");
+            return;
+        }
+    };
+    let batch = match decode_batch(&buf, &ingest.limits) {
+        Ok(b) => b,
+        Err(e) => {
+            ingest.metrics.decode_errors.fetch_add(1, Relaxed);
+            tracing::warn!(%host, error = %e, bytes = buf.len(), "malformed frame; closing the connection");
+            conn.close(
+                CLOSE_MALFORMED.into(),
+                format!("malformed frame: {e}").as_bytes(),
+            );
+            return;
+        }
+    };
+    ingest.metrics.batches_received.fetch_add(1, Relaxed);
+    ingest
+        .metrics
+        .bytes_received
+        .fetch_add(buf.len() as u64, Relaxed);
+    let seq = batch.seq;
+    let (tx, rx) = oneshot::channel();
+    let job = Job {
+        host: host.clone(),
+        batch,
+        bytes: buf.len() as u32,
+        reply: tx,
+    };
+    if ingest.tx.send(job).await.is_err() {
+        let _ = send
+            .write_all(&encode_error(seq, "aggregator is shutting down"))
+            .await;
+        let _ = send.finish();
+        return;
+    }
+    ingest.metrics.queue_depth.store(
+        (ingest.tx.max_capacity() - ingest.tx.capacity()) as u64,
+        Relaxed,
+    );
+    let reply = match rx.await {
+        Ok(Ok(())) => encode_ack(seq),
+        Ok(Err(msg)) => encode_error(seq, &msg),
+        Err(_) => encode_error(seq, "aggregator is shutting down"),
+    };
+    let _ = send.write_all(&reply).await;
+    let _ = send.finish();
+    // Let the reply leave before the stream is dropped.
+    let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
+}

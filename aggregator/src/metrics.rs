@@ -1,0 +1,162 @@
+//! Counters exported at /metrics in Prometheus text format.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+
+const BUCKETS: [f64; 11] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+#[derive(Default)]
+pub struct Metrics {
+    pub batches_received: AtomicU64,
+    pub batches_stored: AtomicU64,
+    pub batches_duplicate: AtomicU64,
+    pub batches_failed: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub samples_stored: AtomicU64,
+    pub rows_inserted: AtomicU64,
+    pub insert_errors: AtomicU64,
+    pub decode_errors: AtomicU64,
+    pub connections_accepted: AtomicU64,
+    pub connections_rejected: AtomicU64,
+    pub sensors_connected: AtomicU64,
+    pub queue_depth: AtomicU64,
+    insert_buckets: [AtomicU64; 11],
+    insert_count: AtomicU64,
+    insert_sum_us: AtomicU64,
+    /// Last time (Unix seconds) each host's batch was stored.
+    pub last_seen: Mutex<HashMap<String, u32>>,
+}
+
+impl Metrics {
+    pub fn observe_insert(&self, secs: f64) {
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if secs <= *b {
+                self.insert_buckets[i].fetch_add(1, Relaxed);
+            }
+        }
+        self.insert_count.fetch_add(1, Relaxed);
+        self.insert_sum_us.fetch_add((secs * 1e6) as u64, Relaxed);
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let c = |s: &mut String, name: &str, help: &str, kind: &str, v: u64| {
+            let _ = writeln!(
+                s,
+                "# HELP sonde_{name} {help}\n# TYPE sonde_{name} {kind}\nsonde_{name} {v}"
+            );
+        };
+        c(
+            &mut s,
+            "batches_received_total",
+            "Batches decoded from sensors.",
+            "counter",
+            self.batches_received.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "batches_stored_total",
+            "Batches committed to ClickHouse and acknowledged.",
+            "counter",
+            self.batches_stored.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "batches_duplicate_total",
+            "Batches already stored (acknowledged, not stored again).",
+            "counter",
+            self.batches_duplicate.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "batches_failed_total",
+            "Batches not stored (the sensor retries).",
+            "counter",
+            self.batches_failed.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "bytes_received_total",
+            "Compressed batch bytes received.",
+            "counter",
+            self.bytes_received.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "samples_stored_total",
+            "Samples (one value of one series at one time) stored.",
+            "counter",
+            self.samples_stored.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "rows_inserted_total",
+            "Rows inserted into ClickHouse.",
+            "counter",
+            self.rows_inserted.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "insert_errors_total",
+            "Failed ClickHouse insert rounds.",
+            "counter",
+            self.insert_errors.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "decode_errors_total",
+            "Malformed frames (the connection is closed).",
+            "counter",
+            self.decode_errors.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "connections_accepted_total",
+            "Sensor connections authenticated.",
+            "counter",
+            self.connections_accepted.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "connections_rejected_total",
+            "Connections refused in the handshake (bad or missing certificate).",
+            "counter",
+            self.connections_rejected.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "sensors_connected",
+            "Sensors connected now.",
+            "gauge",
+            self.sensors_connected.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "queue_depth",
+            "Decoded batches waiting for the writer.",
+            "gauge",
+            self.queue_depth.load(Relaxed),
+        );
+        let _ = writeln!(s, "# HELP sonde_insert_duration_seconds Time of one insert round into ClickHouse.\n# TYPE sonde_insert_duration_seconds histogram");
+        for (i, b) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "sonde_insert_duration_seconds_bucket{{le=\"{b}\"}} {}",
+                self.insert_buckets[i].load(Relaxed)
+            );
+        }
+        let n = self.insert_count.load(Relaxed);
+        let _ = writeln!(s, "sonde_insert_duration_seconds_bucket{{le=\"+Inf\"}} {n}");
+        let _ = writeln!(
+            s,
+            "sonde_insert_duration_seconds_sum {}",
+            self.insert_sum_us.load(Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(s, "sonde_insert_duration_seconds_count {n}");
+        s
+    }
+}

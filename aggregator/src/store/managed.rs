@@ -1,0 +1,154 @@
+//! The managed ClickHouse server: with no URL configured, the aggregator
+//! runs `clickhouse-server` itself with its data under the aggregator's data
+//! directory, on 127.0.0.1 and free ports, and stops it on exit.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Managed {
+    child: Child,
+    pub dir: PathBuf,
+    pub http_port: u16,
+    pub tcp_port: u16,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl Managed {
+    pub async fn start(data_dir: &Path, binary: &str, config_file: &Path) -> Result<Managed> {
+        let dir = data_dir.join("clickhouse");
+        for sub in ["tmp", "user_files", "format_schemas", "log"] {
+            std::fs::create_dir_all(dir.join(sub))
+                .with_context(|| format!("cannot create {}", dir.join(sub).display()))?;
+        }
+        if !config_file.exists() {
+            bail!(
+                "managed ClickHouse: {} does not exist. Install ClickHouse (Debian: apt-get install clickhouse-server; \
+                 or run `cargo xtask up`, which installs it), or set [clickhouse] url to use an existing server",
+                config_file.display()
+            );
+        }
+        let (http_port, tcp_port, inter_port) = (free_port()?, free_port()?, free_port()?);
+        let d = dir.display();
+        let mut cmd = Command::new(binary);
+        cmd.arg(format!("--config-file={}", config_file.display()))
+            .arg("--")
+            .arg(format!("--path={d}/"))
+            .arg(format!("--tmp_path={d}/tmp/"))
+            .arg(format!("--user_files_path={d}/user_files/"))
+            .arg(format!("--format_schema_path={d}/format_schemas/"))
+            .arg(format!("--logger.log={d}/log/clickhouse-server.log"))
+            .arg(format!(
+                "--logger.errorlog={d}/log/clickhouse-server.err.log"
+            ))
+            .arg(format!("--http_port={http_port}"))
+            .arg(format!("--tcp_port={tcp_port}"))
+            .arg(format!("--interserver_http_port={inter_port}"))
+            .arg("--listen_host=127.0.0.1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(
+                dir.join("log/stderr.log"),
+            )?));
+        // Die with the aggregator even on SIGKILL.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().with_context(|| {
+            format!("cannot run {binary:?}: is ClickHouse installed? (Debian: apt-get install clickhouse-server, or `cargo xtask up`)")
+        })?;
+        let mut m = Managed {
+            child,
+            dir: dir.clone(),
+            http_port,
+            tcp_port,
+        };
+        tracing::info!(dir = %d, http_port, tcp_port, "starting managed ClickHouse");
+        let url = m.url();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = m.child.try_wait()? {
+                let log = std::fs::read_to_string(dir.join("log/clickhouse-server.err.log"))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                bail!(
+                    "managed ClickHouse exited during start ({status}); last errors:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            if ping(&url).await {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("managed ClickHouse did not answer on {url} within 60 s; see {d}/log/");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        std::fs::write(
+            dir.join("ports"),
+            format!("http_port={http_port}\ntcp_port={tcp_port}\n"),
+        )?;
+        tracing::info!(%url, "managed ClickHouse is up");
+        Ok(m)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    pub fn stop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    tracing::info!("managed ClickHouse stopped");
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Drop for Managed {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// True when `GET /ping` answers "Ok.".
+pub async fn ping(url: &str) -> bool {
+    let Some(hostport) = url.strip_prefix("http://") else {
+        return false;
+    };
+    let hostport = hostport.trim_end_matches('/');
+    let Ok(Ok(mut s)) = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect(hostport),
+    )
+    .await
+    else {
+        return false;
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let req = format!("GET /ping HTTP/1.0\r\nHost: {hostport}\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf)).await;
+    String::from_utf8_lossy(&buf).contains("Ok.")
+}

@@ -1,0 +1,318 @@
+//! Store stage: the ClickHouse schema (created and migrated on start),
+//! batched inserts, duplicate suppression and retention.
+
+pub mod managed;
+pub mod rows;
+pub mod schema;
+pub mod writer;
+
+use crate::config::ClickHouseConfig;
+use anyhow::{Context, Result};
+use clickhouse::{Client, Row, RowWrite};
+use protocol::Batch;
+use rows::{BatchRow, HostRow, Rows};
+use schema::{Ddl, SCHEMA_VERSION};
+use serde::Deserialize;
+use std::collections::{BTreeSet, HashMap};
+
+#[derive(Clone)]
+pub struct Store {
+    pub client: Client,
+    pub db: String,
+    pub version: String,
+    pub modern: bool,
+    pub retention_days: u32,
+}
+
+pub fn client(url: &str, cfg: &ClickHouseConfig) -> Client {
+    let mut c = Client::default().with_url(url).with_validation(false);
+    if !cfg.user.is_empty() {
+        c = c.with_user(&cfg.user);
+    }
+    if !cfg.password.is_empty() {
+        c = c.with_password(&cfg.password);
+    }
+    c
+}
+
+impl Store {
+    /// Connects, creates the database and applies pending migrations.
+    pub async fn open(url: &str, cfg: &ClickHouseConfig) -> Result<Store> {
+        let c = client(url, cfg);
+        let version: String = c
+            .query("SELECT version()")
+            .fetch_one()
+            .await
+            .with_context(|| format!("cannot reach ClickHouse at {url}"))?;
+        let modern = schema::is_modern(&version);
+        let store = Store {
+            client: c.clone(),
+            db: cfg.database.clone(),
+            version: version.clone(),
+            modern,
+            retention_days: cfg.retention_days,
+        };
+        c.query(&format!("CREATE DATABASE IF NOT EXISTS {}", cfg.database))
+            .execute()
+            .await
+            .context("CREATE DATABASE")?;
+        let ddl = store.ddl();
+        c.query(&ddl.migrations_table())
+            .execute()
+            .await
+            .context("creating schema_migrations")?;
+        let applied: Vec<u32> = c
+            .query(&format!(
+                "SELECT version FROM {}.schema_migrations",
+                cfg.database
+            ))
+            .fetch_all()
+            .await
+            .context("reading schema_migrations")?;
+        for (v, name, stmts) in ddl.migrations() {
+            if applied.contains(&v) {
+                continue;
+            }
+            tracing::info!(version = v, name, "applying schema migration");
+            for s in stmts {
+                c.query(&s)
+                    .execute()
+                    .await
+                    .with_context(|| format!("migration {v} ({name}) failed on:\n{s}"))?;
+            }
+            c.query(&format!("INSERT INTO {}.schema_migrations (version, name, applied) VALUES ({v}, '{name}', now())", cfg.database))
+                .execute()
+                .await?;
+        }
+        tracing::info!(%version, modern, database = %cfg.database, schema = SCHEMA_VERSION, "ClickHouse schema current");
+        // Inserts name tables without the database.
+        Ok(Store {
+            client: c.with_database(&cfg.database),
+            ..store
+        })
+    }
+
+    pub fn ddl(&self) -> Ddl<'_> {
+        Ddl {
+            db: &self.db,
+            modern: self.modern,
+            retention_days: self.retention_days,
+        }
+    }
+
+    /// True when ClickHouse answers and the schema is at this build's version.
+    pub async fn ready(&self) -> bool {
+        let q = format!("SELECT max(version) FROM {}.schema_migrations", self.db);
+        matches!(self.client.query(&q).fetch_one::<u32>().await, Ok(v) if v >= SCHEMA_VERSION)
+    }
+
+    async fn insert<T: RowWrite>(&self, table: &str, rows: &[T::Value<'_>]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut ins = self.client.insert::<T>(table).await?;
+        for r in rows {
+            ins.write(r).await?;
+        }
+        ins.end()
+            .await
+            .with_context(|| format!("INSERT INTO {}.{table}", self.db))?;
+        Ok(())
+    }
+
+    /// Inserts all rows of the given batches (already deduplicated), then
+    /// records the batches themselves. Returns the number of rows written.
+    pub async fn write(
+        &self,
+        batches: &[(&str, &Batch, u32)],
+        hosts: &[HostRow<'_>],
+        now: u32,
+    ) -> Result<usize> {
+        let mut rows = Rows::default();
+        for (host, b, _) in batches {
+            rows.add(host, b);
+        }
+        self.insert::<rows::CpuRow>("cpu", &rows.cpu).await?;
+        self.insert::<rows::SystemRow>("system", &rows.system)
+            .await?;
+        self.insert::<rows::MemoryRow>("memory", &rows.memory)
+            .await?;
+        self.insert::<rows::PressureRow>("pressure", &rows.pressure)
+            .await?;
+        self.insert::<rows::DiskRow>("disk", &rows.disk).await?;
+        self.insert::<rows::FilesystemRow>("filesystem", &rows.filesystem)
+            .await?;
+        self.insert::<rows::NetRow>("net", &rows.net).await?;
+        self.insert::<rows::TcpRow>("tcp", &rows.tcp).await?;
+        self.insert::<HostRow>("hosts", hosts).await?;
+        let br: Vec<BatchRow> = batches
+            .iter()
+            .map(|(host, b, bytes)| BatchRow {
+                host,
+                sensor_boot_id: &b.boot_id,
+                seq: b.seq,
+                received: now,
+                snapshots: b.snapshots.len() as u32,
+                samples: b.sample_count() as u32,
+                bytes: *bytes,
+            })
+            .collect();
+        self.insert::<BatchRow>("batches", &br).await?;
+        Ok(rows.len())
+    }
+
+    /// Sequence numbers stored in the last day, to refuse duplicates after a restart.
+    pub async fn recent_batches(&self) -> Result<Vec<(String, String, u64)>> {
+        #[derive(Row, Deserialize)]
+        struct R {
+            host: String,
+            sensor_boot_id: String,
+            seq: u64,
+        }
+        let q = format!(
+            "SELECT host, sensor_boot_id, seq FROM {}.batches WHERE received > now() - 86400",
+            self.db
+        );
+        let rows: Vec<R> = self.client.query(&q).fetch_all().await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.host, r.sensor_boot_id, r.seq))
+            .collect())
+    }
+
+    /// First-seen time per host.
+    pub async fn first_seen(&self) -> Result<HashMap<String, u32>> {
+        #[derive(Row, Deserialize)]
+        struct R {
+            host: String,
+            first: u32,
+        }
+        let q = format!(
+            "SELECT host, toUInt32(min(first_seen)) AS first FROM {}.hosts GROUP BY host",
+            self.db
+        );
+        let rows: Vec<R> = self.client.query(&q).fetch_all().await?;
+        Ok(rows.into_iter().map(|r| (r.host, r.first)).collect())
+    }
+
+    /// Retention on servers without TTL: drop day partitions older than the limit.
+    pub async fn drop_old_partitions(&self) -> Result<usize> {
+        if self.modern || self.retention_days == 0 {
+            return Ok(0);
+        }
+        #[derive(Row, Deserialize)]
+        struct P {
+            table: String,
+            partition: String,
+        }
+        let q = format!(
+            "SELECT DISTINCT table, partition FROM system.parts WHERE database = '{}' AND active \
+             AND table IN ('cpu','system','memory','pressure','disk','filesystem','net','tcp','batches') \
+             AND toDate(partition) < today() - {}",
+            self.db, self.retention_days
+        );
+        let parts: Vec<P> = self.client.query(&q).fetch_all().await?;
+        for p in &parts {
+            tracing::info!(table = %p.table, partition = %p.partition, "retention: dropping partition");
+            self.client
+                .query(&format!(
+                    "ALTER TABLE {}.{} DROP PARTITION '{}'",
+                    self.db, p.table, p.partition
+                ))
+                .execute()
+                .await?;
+        }
+        Ok(parts.len())
+    }
+}
+
+/// Which (host, sensor boot, sequence) have been stored: everything at or
+/// below `floor`, plus the set above it. Sequences arrive nearly in order,
+/// so the set stays small.
+#[derive(Default)]
+pub struct SeqWindow {
+    floor: u64,
+    above: BTreeSet<u64>,
+}
+
+const MAX_ABOVE: usize = 100_000;
+
+impl SeqWindow {
+    pub fn contains(&self, seq: u64) -> bool {
+        seq <= self.floor || self.above.contains(&seq)
+    }
+
+    pub fn insert(&mut self, seq: u64) {
+        if seq <= self.floor {
+            return;
+        }
+        self.above.insert(seq);
+        while self.above.remove(&(self.floor + 1)) {
+            self.floor += 1;
+        }
+        // A sensor that lost batches for good leaves a hole; past a bound,
+        // give up on the hole rather than grow without limit.
+        while self.above.len() > MAX_ABOVE {
+            let first = self.above.pop_first().unwrap();
+            self.floor = first;
+            while self.above.remove(&(self.floor + 1)) {
+                self.floor += 1;
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Dedup {
+    /// host -> sensor boot id -> stored sequence numbers.
+    map: HashMap<String, HashMap<String, SeqWindow>>,
+}
+
+impl Dedup {
+    pub fn seen(&self, host: &str, boot: &str, seq: u64) -> bool {
+        self.map
+            .get(host)
+            .and_then(|b| b.get(boot))
+            .is_some_and(|w| w.contains(seq))
+    }
+
+    pub fn insert(&mut self, host: &str, boot: &str, seq: u64) {
+        let boots = match self.map.get_mut(host) {
+            Some(b) => b,
+            None => self.map.entry(host.to_string()).or_default(),
+        };
+        match boots.get_mut(boot) {
+            Some(w) => w.insert(seq),
+            None => boots.entry(boot.to_string()).or_default().insert(seq),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seq_window() {
+        let mut w = SeqWindow::default();
+        assert!(!w.contains(1));
+        w.insert(2);
+        assert!(w.contains(2) && !w.contains(1) && !w.contains(3));
+        w.insert(1);
+        assert_eq!(w.floor, 2);
+        assert!(w.above.is_empty());
+        w.insert(5);
+        assert!(w.contains(5) && !w.contains(4));
+        w.insert(1);
+        assert!(w.contains(1));
+    }
+
+    #[test]
+    fn dedup_keys_are_per_boot() {
+        let mut d = Dedup::default();
+        d.insert("h", "boot1", 1);
+        assert!(d.seen("h", "boot1", 1));
+        assert!(!d.seen("h", "boot2", 1));
+        assert!(!d.seen("g", "boot1", 1));
+    }
+}

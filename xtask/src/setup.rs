@@ -1,0 +1,127 @@
+//! Installing what the project needs, idempotently, with progress lines.
+
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+use std::process::Command;
+
+pub fn step(msg: &str) {
+    eprintln!("==> {msg}");
+}
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+pub fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {cmd} >/dev/null 2>&1"))
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let st = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed with {st}");
+    }
+    Ok(())
+}
+
+fn apt_install(pkgs: &[&str]) -> Result<()> {
+    if !have("apt-get") {
+        bail!(
+            "{} missing and this machine has no apt-get: install {} with your package manager",
+            pkgs.join(", "),
+            pkgs.join(" ")
+        );
+    }
+    let root = unsafe { libc::geteuid() } == 0;
+    let sudo = |c: &str| {
+        let mut cmd = if root {
+            Command::new(c)
+        } else {
+            let mut s = Command::new("sudo");
+            s.arg(c);
+            s
+        };
+        cmd.env("DEBIAN_FRONTEND", "noninteractive");
+        cmd
+    };
+    step(&format!(
+        "installing {} from Debian's packages",
+        pkgs.join(" ")
+    ));
+    // Try without refreshing the lists first (fast when they are current).
+    if run(sudo("apt-get").args(["install", "-y", "-q"]).args(pkgs)).is_err() {
+        step("refreshing package lists (apt-get update)");
+        run(sudo("apt-get").args(["update", "-q"]))?;
+        run(sudo("apt-get").args(["install", "-y", "-q"]).args(pkgs))?;
+    }
+    Ok(())
+}
+
+/// ClickHouse server and client (Debian's clickhouse-server 18.16 where apt exists).
+pub fn ensure_clickhouse() -> Result<()> {
+    if have("clickhouse-server")
+        && have("clickhouse-client")
+        && std::path::Path::new("/etc/clickhouse-server/config.xml").exists()
+    {
+        step("ClickHouse: installed");
+        return Ok(());
+    }
+    apt_install(&["clickhouse-server", "clickhouse-client"])
+}
+
+/// chdb-core (a current ClickHouse engine in-process) for the modern-DDL and README query checks.
+pub fn ensure_chdb() -> Result<()> {
+    let ok = Command::new("python3")
+        .args(["-c", "import chdb"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if ok {
+        step("chdb-core: installed");
+        return Ok(());
+    }
+    if !have("python3") {
+        apt_install(&["python3", "python3-pip"])?;
+    }
+    step("installing chdb-core from PyPI (a current ClickHouse engine, ~180 MB, about 30 s)");
+    let r = run(Command::new("python3").args(["-m", "pip", "install", "-q", "chdb-core"]));
+    if r.is_err() {
+        // Debian's system Python refuses pip installs without this flag.
+        run(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--break-system-packages",
+            "chdb-core",
+        ]))?;
+    }
+    Ok(())
+}
+
+pub fn test(args: &[String]) -> Result<()> {
+    let root = root();
+    ensure_clickhouse()?;
+    ensure_chdb()?;
+    step("building all binaries (debug)");
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .args(["build", "--workspace", "--bins"]))?;
+    step("running the test suite");
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .args(["test", "--workspace"])
+        .args(args))?;
+    step("all tests passed");
+    Ok(())
+}
