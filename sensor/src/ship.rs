@@ -59,11 +59,12 @@ impl Batcher {
         self.opened.get_or_insert_with(Instant::now);
     }
 
-    /// True once the open batch is old or big enough. The age check allows
-    /// half a collection interval of slack so a 5 s batch holds 5 snapshots.
-    pub fn due(&self, now: Instant, slack: Duration) -> bool {
-        self.snaps.len() >= self.max_bytes
-            || self.opened.is_some_and(|o| now + slack >= o + self.max_age)
+    /// True once the open batch holds a batch interval's worth of snapshots,
+    /// is big enough, or is older than the batch interval (collections were skipped).
+    pub fn due(&self, now: Instant) -> bool {
+        self.count >= self.per_batch
+            || self.snaps.len() >= self.max_bytes
+            || self.opened.is_some_and(|o| now >= o + self.max_age)
     }
 
     pub fn close(&mut self) -> Option<Closed> {
