@@ -156,7 +156,16 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
     let mut collector = collect::Collector::new(&cfg.proc_root, &cfg.sys_root, &cfg.filters);
     let mut batcher = ship::Batcher::new(&cfg, info, boot_id);
     let mut snap = Snapshot::default();
-    let mut tick = tokio::time::interval(cfg.interval);
+    // Ticks fall 20 ms after a multiple of the interval on the wall clock, so
+    // every host samples at the same instants and a sample's whole-second
+    // timestamp never collides with its neighbour's.
+    let iv_ms = cfg.interval.as_millis().max(1);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    let wait = Duration::from_millis(((iv_ms - now_ms % iv_ms + 20) % iv_ms) as u64);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + wait, cfg.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

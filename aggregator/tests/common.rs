@@ -1,0 +1,278 @@
+//! Test harness: real processes (xtask certs, aggregator with its managed
+//! ClickHouse 18.16, sensor) in a temporary directory, all on loopback.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_BIN_EXE_aggregator")).with_file_name(name);
+    assert!(
+        p.exists(),
+        "{} is not built: run `cargo xtask test` (or `cargo build --workspace --bins` first)",
+        p.display()
+    );
+    p
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Dir(pub PathBuf);
+
+impl Dir {
+    pub fn new(name: &str) -> Dir {
+        let p = std::env::temp_dir().join(format!("sonde-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Dir(p)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        } else {
+            eprintln!("test directory kept for inspection: {}", self.0.display());
+        }
+    }
+}
+
+/// `xtask certs` into dir/certs for the given hosts.
+pub fn certs(dir: &Path, hosts: &[&str]) {
+    let mut c = Command::new(bin("xtask"));
+    c.arg("certs").arg("--dir").arg(dir);
+    for h in hosts {
+        c.args(["--host", h]);
+    }
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "xtask certs failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+    name: String,
+}
+
+impl Proc {
+    pub fn signal(&self, sig: i32) {
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(45);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not stop within 45 s after SIGTERM; log {}",
+                self.name,
+                self.log.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.signal(libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub struct Aggregator {
+    pub proc: Proc,
+    pub quic: String,
+    pub http: String,
+    pub data: PathBuf,
+}
+
+pub fn start_aggregator(dir: &Path, quic_port: u16, tag: &str) -> Aggregator {
+    let http = format!("127.0.0.1:{}", free_port());
+    let quic = format!("127.0.0.1:{quic_port}");
+    let c = dir.join("certs");
+    let log = dir.join(format!("aggregator-{tag}.log"));
+    let child = Command::new(bin("aggregator"))
+        .arg("run")
+        .args(["--listen", &quic, "--http-listen", &http])
+        .arg("--data-dir")
+        .arg(dir.join("agg"))
+        .arg("--ca")
+        .arg(c.join("ca.pem"))
+        .arg("--cert")
+        .arg(c.join("aggregator.pem"))
+        .arg("--key")
+        .arg(c.join("aggregator-key.pem"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut a = Aggregator {
+        proc: Proc {
+            child,
+            log,
+            name: "aggregator".into(),
+        },
+        quic,
+        http,
+        data: dir.join("agg"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Some(st) = a.proc.child.try_wait().unwrap() {
+            panic!(
+                "aggregator exited during start ({st}):\n{}",
+                a.proc.log_text()
+            );
+        }
+        if matches!(http_get(&a.http, "/readyz"), Some((200, _))) {
+            return a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "aggregator not ready in 90 s:\n{}",
+            a.proc.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn start_sensor(dir: &Path, quic: &str, host: &str, extra: &[&str]) -> Proc {
+    let c = dir.join("certs");
+    let log = dir.join(format!("sensor-{host}.log"));
+    let child = Command::new(bin("sensor"))
+        .arg("run")
+        .args(["--aggregator", quic])
+        .arg("--ca")
+        .arg(c.join("ca.pem"))
+        .arg("--cert")
+        .arg(c.join(format!("hosts/{host}.pem")))
+        .arg("--key")
+        .arg(c.join(format!("hosts/{host}-key.pem")))
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    Proc {
+        child,
+        log,
+        name: format!("sensor {host}"),
+    }
+}
+
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let code = out.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, out.split("\r\n\r\n").nth(1).unwrap_or("").to_string()))
+}
+
+/// Runs a query against the managed ClickHouse of `agg` over its HTTP port
+/// and returns TSV text.
+pub fn query(agg: &Aggregator, sql: &str) -> String {
+    let ports = std::fs::read_to_string(agg.data.join("clickhouse/ports")).unwrap();
+    let port = ports
+        .lines()
+        .find_map(|l| l.strip_prefix("http_port="))
+        .unwrap();
+    ch_query(&format!("127.0.0.1:{port}"), sql)
+        .unwrap_or_else(|e| panic!("query failed: {e}\n{sql}"))
+}
+
+pub fn ch_query(addr: &str, sql: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "POST /?database=sonde HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n{sql}",
+        sql.len()
+    )
+    .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+    let code: u16 = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    if code == 200 {
+        Ok(body)
+    } else {
+        Err(body)
+    }
+}
+
+pub fn count(agg: &Aggregator, sql: &str) -> u64 {
+    query(agg, sql)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("not a number from {sql}"))
+}
+
+pub fn metric(agg: &Aggregator, name: &str) -> u64 {
+    let (_, body) = http_get(&agg.http, "/metrics").expect("metrics");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}

@@ -1,0 +1,434 @@
+//! End to end over real components: xtask certs, the aggregator with its
+//! managed ClickHouse 18.16 server, sensors over loopback QUIC with mutual TLS.
+
+mod common;
+
+use common::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const TABLES: [&str; 8] = [
+    "cpu",
+    "system",
+    "memory",
+    "pressure",
+    "disk",
+    "filesystem",
+    "net",
+    "tcp",
+];
+
+fn proc_stat_total() -> (u64, u64) {
+    let s = std::fs::read_to_string("/proc/stat").unwrap();
+    let f: Vec<u64> = s
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest is inside user)
+    (f[..8].iter().sum(), f[3])
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Sleeps until `ms` milliseconds past a whole second.
+fn align(ms: f64) -> u64 {
+    let now = unix_now();
+    let target = now.floor() + ms / 1000.0;
+    let target = if target <= now { target + 1.0 } else { target };
+    std::thread::sleep(Duration::from_secs_f64(target - now));
+    target.floor() as u64
+}
+
+#[test]
+fn pipeline_all_tables_cpu_matches_proc_stat_and_readme_queries_run() {
+    let d = Dir::new("pipeline");
+    certs(&d.0.join("certs"), &["alpha"]);
+    let agg = start_aggregator(&d.0, free_udp_port(), "1");
+    let started = Instant::now();
+    let _sensor = start_sensor(&d.0, &agg.quic, "alpha", &[]);
+
+    wait_until(
+        "rows for host alpha in every subsystem table",
+        Duration::from_secs(15),
+        || {
+            TABLES.iter().all(|t| {
+                count(
+                    &agg,
+                    &format!("SELECT count() FROM sonde.{t} WHERE host = 'alpha'"),
+                ) > 0
+            })
+        },
+    );
+    eprintln!(
+        "every table had rows {:.1} s after the sensor started",
+        started.elapsed().as_secs_f64()
+    );
+
+    // CPU: load one core about half the time, and compare the sensor's idle
+    // share with /proc/stat over exactly the same whole seconds.
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = stop.clone();
+    let spinner = std::thread::spawn(move || {
+        while !s2.load(Ordering::Relaxed) {
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_millis(30) {
+                std::hint::black_box(0u64.wrapping_add(1));
+            }
+            std::thread::sleep(Duration::from_millis(30));
+        }
+    });
+    // Sensor ticks are 20 ms past the second; read /proc/stat at the same instants.
+    let k0 = align(20.0);
+    let a = proc_stat_total();
+    std::thread::sleep(Duration::from_secs(10));
+    let k1 = align(20.0);
+    let b = proc_stat_total();
+    stop.store(true, Ordering::Relaxed);
+    spinner.join().unwrap();
+    let proc_idle = (b.1 - a.1) as f64 * 100.0 / (b.0 - a.0) as f64;
+    wait_until(
+        "cpu rows up to the end of the window",
+        Duration::from_secs(15),
+        || {
+            count(&agg, &format!("SELECT count() FROM sonde.cpu WHERE host = 'alpha' AND cpu = 'total' AND ts = toDateTime({k1})")) == 1
+        },
+    );
+    let q = format!(
+        "SELECT avg(idle), count() FROM sonde.cpu WHERE host = 'alpha' AND cpu = 'total' AND ts > toDateTime({k0}) AND ts <= toDateTime({k1})"
+    );
+    let r = query(&agg, &q);
+    let mut it = r.split_whitespace();
+    let sensor_idle: f64 = it.next().unwrap().parse().unwrap();
+    let n: u64 = it.next().unwrap().parse().unwrap();
+    eprintln!("idle over {n} s: sensor {sensor_idle:.2}%, /proc/stat {proc_idle:.2}%");
+    assert_eq!(n, k1 - k0, "one total-CPU row per second of the window");
+    assert!(
+        (sensor_idle - proc_idle).abs() <= 2.0,
+        "sensor idle {sensor_idle:.2}% vs /proc/stat {proc_idle:.2}%"
+    );
+    assert!(
+        proc_idle < 95.0,
+        "the load generator did not load the CPU ({proc_idle:.1}% idle)"
+    );
+
+    // Per-CPU rows exist for every CPU.
+    let ncpu = std::thread::available_parallelism().unwrap().get() as u64;
+    assert_eq!(
+        count(
+            &agg,
+            "SELECT uniqExact(cpu) FROM sonde.cpu WHERE host = 'alpha' AND cpu != 'total'"
+        ),
+        ncpu
+    );
+
+    // Memory total equals MemTotal.
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let kb: u64 = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        count(
+            &agg,
+            "SELECT any(total) FROM sonde.memory WHERE host = 'alpha'"
+        ),
+        kb * 1024
+    );
+
+    // A real disk (one with I/O, not a partition, not a loop or ram device) appears.
+    let disk = std::fs::read_to_string("/proc/diskstats")
+        .unwrap()
+        .lines()
+        .map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+        .find(|f| {
+            let n = &f[2];
+            !n.starts_with("loop")
+                && !n.starts_with("ram")
+                && !std::path::Path::new(&format!("/sys/class/block/{n}/partition")).exists()
+                && f[3] != "0"
+        })
+        .map(|f| f[2].clone())
+        .expect("a disk with I/O on this machine");
+    assert!(
+        count(
+            &agg,
+            &format!("SELECT count() FROM sonde.disk WHERE host = 'alpha' AND device = '{disk}'")
+        ) > 0,
+        "disk {disk} missing"
+    );
+
+    // Every interface in /proc/net/dev appears.
+    for line in std::fs::read_to_string("/proc/net/dev")
+        .unwrap()
+        .lines()
+        .skip(2)
+    {
+        let iface = line.split(':').next().unwrap().trim();
+        assert!(
+            count(
+                &agg,
+                &format!(
+                    "SELECT count() FROM sonde.net WHERE host = 'alpha' AND interface = '{iface}'"
+                )
+            ) > 0,
+            "interface {iface} missing"
+        );
+    }
+    assert!(
+        count(
+            &agg,
+            "SELECT count() FROM sonde.filesystem WHERE host = 'alpha' AND mount = '/'"
+        ) > 0,
+        "root filesystem missing"
+    );
+    if std::path::Path::new("/proc/pressure/memory").exists() {
+        assert!(
+            count(
+                &agg,
+                "SELECT count() FROM sonde.pressure WHERE host = 'alpha' AND resource = 'memory'"
+            ) > 0
+        );
+    }
+
+    // The host is known, with facts from the sensor.
+    let (code, body) = http_get(&agg.http, "/api/hosts").unwrap();
+    assert_eq!(code, 200);
+    let hosts: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let h = hosts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host"] == "alpha")
+        .expect("alpha in /api/hosts");
+    assert_eq!(h["cpus"].as_u64().unwrap(), ncpu);
+    assert_eq!(h["memory_bytes"].as_u64().unwrap(), kb * 1024);
+
+    // Metrics reflect the traffic.
+    assert!(metric(&agg, "sonde_batches_stored_total") >= 2);
+    assert!(metric(&agg, "sonde_rows_inserted_total") > 0);
+    assert_eq!(metric(&agg, "sonde_sensors_connected"), 1);
+
+    // Every query in the README runs on this 18.16 server (and returns rows).
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let queries: Vec<&str> = readme
+        .split("```sql\n")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .collect();
+    assert!(
+        queries.len() >= 3,
+        "README has fewer than 3 example queries"
+    );
+    for q in queries {
+        let out = query(&agg, q.trim().trim_end_matches(';'));
+        assert!(
+            !out.trim().is_empty(),
+            "README query returned nothing on 18.16:\n{q}"
+        );
+    }
+}
+
+fn quic_client(
+    ca: &std::path::Path,
+    cert: Option<(&std::path::Path, &std::path::Path)>,
+) -> quinn::Endpoint {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in sonde_aggregator::ingest::load_certs(ca).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let b = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut tls = match cert {
+        Some((c, k)) => b
+            .with_client_auth_cert(
+                sonde_aggregator::ingest::load_certs(c).unwrap(),
+                sonde_aggregator::ingest::load_key(k).unwrap(),
+            )
+            .unwrap(),
+        None => b.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![b"sonde/1".to_vec()];
+    let q = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(q)));
+    ep
+}
+
+fn one_batch(host: &str) -> Vec<u8> {
+    let b = protocol::Batch {
+        host: host.into(),
+        boot_id: "test".into(),
+        seq: 1,
+        info: None,
+        snapshots: vec![protocol::Snapshot {
+            ts_ms: 1_000_000_000_000,
+            interval_ms: 1000,
+            ..Default::default()
+        }],
+    };
+    protocol::encode_batch(&b, 3, &mut Vec::new())
+}
+
+/// Connects and sends one frame; Ok(reply bytes) or Err(description).
+async fn send_frame(ep: &quinn::Endpoint, addr: &str, frame: &[u8]) -> Result<Vec<u8>, String> {
+    let conn = ep
+        .connect(addr.parse().unwrap(), "sonde-aggregator")
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut s, mut r) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    s.write_all(frame).await.map_err(|e| e.to_string())?;
+    s.finish().map_err(|e| e.to_string())?;
+    let reply = tokio::time::timeout(Duration::from_secs(10), r.read_to_end(4096))
+        .await
+        .map_err(|_| "timeout".to_string())?;
+    reply.map_err(|e| e.to_string())
+}
+
+#[test]
+fn foreign_ca_and_missing_certificate_refused_malformed_frame_closes_only_that_connection() {
+    let d = Dir::new("auth");
+    certs(&d.0.join("certs"), &["alpha", "mallory"]);
+    certs(&d.0.join("other"), &["intruder"]);
+    let agg = start_aggregator(&d.0, free_udp_port(), "1");
+    let _sensor = start_sensor(&d.0, &agg.quic, "alpha", &[]);
+    wait_until("alpha's first batch", Duration::from_secs(15), || {
+        metric(&agg, "sonde_batches_stored_total") >= 1
+    });
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ca = d.0.join("certs/ca.pem");
+    rt.block_on(async {
+        // A certificate from another CA.
+        let o = d.0.join("other/hosts");
+        let ep = quic_client(
+            &ca,
+            Some((&o.join("intruder.pem"), &o.join("intruder-key.pem"))),
+        );
+        let r = send_frame(&ep, &agg.quic, &one_batch("intruder")).await;
+        assert!(r.is_err(), "a foreign-CA client got a reply: {r:?}");
+        eprintln!("foreign CA: {}", r.unwrap_err());
+
+        // No certificate at all.
+        let ep = quic_client(&ca, None);
+        let r = send_frame(&ep, &agg.quic, &one_batch("anonymous")).await;
+        assert!(
+            r.is_err(),
+            "a client without certificate got a reply: {r:?}"
+        );
+        eprintln!("no certificate: {}", r.unwrap_err());
+
+        // A valid identity sending garbage: its connection is closed with the malformed code.
+        let m = d.0.join("certs/hosts");
+        let ep = quic_client(
+            &ca,
+            Some((&m.join("mallory.pem"), &m.join("mallory-key.pem"))),
+        );
+        let conn = ep
+            .connect(agg.quic.parse().unwrap(), "sonde-aggregator")
+            .unwrap()
+            .await
+            .unwrap();
+        let (mut s, _r) = conn.open_bi().await.unwrap();
+        let mut garbage = one_batch("mallory");
+        let n = garbage.len();
+        garbage[n - 3] ^= 0xff; // corrupt the compressed payload
+        garbage[20] ^= 0x55;
+        s.write_all(&garbage).await.unwrap();
+        s.finish().unwrap();
+        let reason = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+            .await
+            .expect("connection not closed");
+        match &reason {
+            quinn::ConnectionError::ApplicationClosed(c) => {
+                assert_eq!(
+                    c.error_code,
+                    quinn::VarInt::from_u32(sonde_aggregator::ingest::CLOSE_MALFORMED)
+                );
+                eprintln!(
+                    "malformed frame: closed with {:?}",
+                    String::from_utf8_lossy(&c.reason)
+                );
+            }
+            other => panic!("expected an application close, got {other}"),
+        }
+    });
+    assert!(metric(&agg, "sonde_connections_rejected_total") >= 2);
+    assert!(metric(&agg, "sonde_decode_errors_total") >= 1);
+
+    // The honest sensor keeps flowing after all that.
+    let before = metric(&agg, "sonde_batches_stored_total");
+    wait_until(
+        "alpha's batches after the attacks",
+        Duration::from_secs(20),
+        || metric(&agg, "sonde_batches_stored_total") >= before + 2,
+    );
+    // Nothing of the refused or malformed clients was stored.
+    for t in ["cpu", "memory", "hosts", "batches"] {
+        assert_eq!(count(&agg, &format!("SELECT count() FROM sonde.{t} WHERE host IN ('intruder', 'anonymous', 'mallory')")), 0, "{t}");
+    }
+    assert!(
+        count(
+            &agg,
+            "SELECT count() FROM sonde.batches WHERE host = 'alpha'"
+        ) >= 3
+    );
+}
+
+#[test]
+fn aggregator_restart_mid_stream_loses_no_batch() {
+    let d = Dir::new("restart");
+    certs(&d.0.join("certs"), &["alpha"]);
+    let port = free_udp_port();
+    let mut agg = start_aggregator(&d.0, port, "1");
+    let mut sensor = start_sensor(&d.0, &agg.quic, "alpha", &[]);
+    wait_until("two batches stored", Duration::from_secs(20), || {
+        metric(&agg, "sonde_batches_stored_total") >= 2
+    });
+    let st = agg.proc.stop();
+    assert!(st.success(), "aggregator exit status {st}");
+    // The sensor keeps collecting while the aggregator is away.
+    std::thread::sleep(Duration::from_secs(7));
+    let agg2 = start_aggregator(&d.0, port, "2");
+    wait_until("batches after the restart", Duration::from_secs(30), || {
+        metric(&agg2, "sonde_batches_stored_total") >= 3
+    });
+    let st = sensor.stop();
+    assert!(st.success(), "sensor exit status {st}");
+    std::thread::sleep(Duration::from_millis(500));
+
+    let r = query(&agg2, "SELECT count(), uniqExact(ts), toUInt32(max(ts)) - toUInt32(min(ts)) + 1 FROM sonde.cpu WHERE host = 'alpha' AND cpu = 'total'");
+    let v: Vec<u64> = r.split_whitespace().map(|x| x.parse().unwrap()).collect();
+    eprintln!("rows {}, distinct seconds {}, span {} s", v[0], v[1], v[2]);
+    assert!(v[0] >= 15, "too few rows: {r}");
+    assert_eq!(v[0], v[1], "duplicated samples");
+    assert_eq!(
+        v[0], v[2],
+        "missing samples (a gap in the per-second series)"
+    );
+    let dups = count(&agg2, "SELECT count() FROM (SELECT seq FROM sonde.batches WHERE host = 'alpha' GROUP BY sensor_boot_id, seq HAVING count() > 1)");
+    assert_eq!(dups, 0, "a batch stored twice");
+    drop(agg);
+}
