@@ -23,6 +23,8 @@ pub struct Batcher {
     max_bytes: usize,
     /// batch_interval / interval: a 5 s batch at 1 s holds 5 snapshots.
     per_batch: u64,
+    /// Every this many batches carry the host facts.
+    info_every: u64,
 }
 
 pub struct Closed {
@@ -48,6 +50,7 @@ impl Batcher {
             per_batch: (cfg.batch_interval.as_secs_f64() / cfg.interval.as_secs_f64())
                 .round()
                 .max(1.0) as u64,
+            info_every: (60.0 / cfg.batch_interval.as_secs_f64()).round().max(1.0) as u64,
         }
     }
 
@@ -73,11 +76,13 @@ impl Batcher {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
+        // Host facts change rarely: the first batch, then about one a minute, carry them.
+        let info = (self.info_every == 1 || seq % self.info_every == 1).then_some(&self.info);
         let parts = BatchParts {
             host: &self.info.hostname,
             boot_id: &self.boot_id,
             seq,
-            info: Some(&self.info),
+            info,
         };
         let frame = encode_batch_parts(
             &parts,
@@ -298,5 +303,61 @@ async fn serve(conn: &quinn::Connection, outbox: &Outbox, max_in_flight: usize) 
             }
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_hold_an_interval_of_snapshots_and_carry_host_facts_once_a_minute() {
+        let cfg = Config::default(); // 1 s interval, 5 s batches
+        let info = HostInfo {
+            hostname: "h".into(),
+            ..Default::default()
+        };
+        let mut b = Batcher::new(&cfg, info, "boot".into());
+        let snap = Snapshot {
+            ts_ms: 1,
+            cpu: vec![Default::default()],
+            ..Default::default()
+        };
+        let mut infos = Vec::new();
+        for _ in 0..13 {
+            for i in 0..5 {
+                assert!(!b.due(Instant::now()), "due after {i} snapshots");
+                b.push(&snap);
+            }
+            assert!(b.due(Instant::now()));
+            let c = b.close().unwrap();
+            let batch = protocol::decode_batch(&c.frame, &protocol::Limits::default()).unwrap();
+            assert_eq!(batch.seq, c.seq);
+            assert_eq!(batch.snapshots.len(), 5);
+            assert_eq!(c.samples, batch.sample_count());
+            infos.push(batch.info.is_some());
+        }
+        assert!(b.close().is_none(), "an empty batch is never sent");
+        let with: Vec<usize> = infos
+            .iter()
+            .enumerate()
+            .filter(|(_, x)| **x)
+            .map(|(i, _)| i + 1)
+            .collect();
+        assert_eq!(with, vec![1, 13]);
+    }
+
+    #[test]
+    fn outbox_drops_oldest_beyond_its_bound() {
+        let o = Outbox::new(100);
+        for seq in 1..=5 {
+            o.push(seq, vec![0u8; 40]);
+        }
+        assert_eq!(o.len(), 2);
+        assert_eq!(o.inner.lock().unwrap().dropped, 3);
+        let (seq, _) = o.next_to_send().unwrap();
+        assert_eq!(seq, 4, "oldest kept first");
+        o.acked(4);
+        assert_eq!(o.len(), 1);
     }
 }
