@@ -57,6 +57,7 @@ struct HostDbRow {
     arch: String,
     cpus: u32,
     memory_bytes: u64,
+    probes: String,
 }
 
 #[derive(Serialize)]
@@ -71,6 +72,8 @@ struct HostJson {
     arch: String,
     cpus: u32,
     memory_bytes: u64,
+    /// Active eBPF probes, comma-separated.
+    probes: String,
 }
 
 fn rfc3339(t: u32) -> String {
@@ -85,7 +88,7 @@ async fn hosts(State(api): State<Api>) -> Response {
         "SELECT host, toUInt32(min(first_seen)) AS first_ts, toUInt32(max(last_seen)) AS last_ts, \
          argMax(sensor_version, last_seen) AS v, argMax(kernel, last_seen) AS k, \
          argMax(os, last_seen) AS o, argMax(arch, last_seen) AS a, argMax(cpus, last_seen) AS c, \
-         argMax(memory_bytes, last_seen) AS m FROM {}.hosts GROUP BY host ORDER BY host",
+         argMax(memory_bytes, last_seen) AS m, argMax(probes, last_seen) AS p FROM {}.hosts GROUP BY host ORDER BY host",
         api.store.db
     );
     let rows: Vec<HostDbRow> = match api.store.client.query(&q).fetch_all().await {
@@ -114,6 +117,7 @@ async fn hosts(State(api): State<Api>) -> Response {
                 arch: r.arch,
                 cpus: r.cpus,
                 memory_bytes: r.memory_bytes,
+                probes: r.probes,
             }
         })
         .collect();

@@ -18,6 +18,9 @@ wire_struct! {
         /// The kernel's boot id (`/proc/sys/kernel/random/boot_id`).
         pub kernel_boot_id: String,
         pub sensor_version: String,
+        /// The eBPF probes attached on this host, comma-separated in a fixed
+        /// order (e.g. "runqueue,block,tcp,oom,process"); empty when none.
+        pub probes: String,
     }
 }
 
@@ -160,6 +163,68 @@ wire_struct! {
 }
 
 wire_struct! {
+    /// One non-empty bucket of a log2 histogram: `index` i counts values v
+    /// with 2^(i-1) <= v < 2^i (index 0 counts v = 0).
+    pub struct BucketRec {
+        pub index: u32,
+        pub count: u64,
+    }
+}
+
+wire_struct! {
+    /// A histogram over one interval from an eBPF probe (only non-empty
+    /// buckets are sent). `source`: "runqueue", "disk:sda:read",
+    /// "disk:sda:write", "disk:sda:read_bytes", "disk:sda:write_bytes".
+    pub struct LatencyRec {
+        pub source: String,
+        /// "us" or "bytes".
+        pub unit: String,
+        pub count: u64,
+        /// Sum of the values, in `unit`.
+        pub sum: u64,
+        pub buckets: Vec<BucketRec>,
+    }
+}
+
+wire_struct! {
+    /// Per-host counters from eBPF probes, per second over the interval.
+    pub struct ProbeRec {
+        pub execs_per_s: f32,
+        pub exits_per_s: f32,
+        /// Processes that exited less than a second after they were forked.
+        pub short_lived_per_s: f32,
+        pub retransmits_per_s: f32,
+        pub resets_sent_per_s: f32,
+        pub resets_received_per_s: f32,
+        /// OOM kills in the interval (a count, not a rate).
+        pub oom_kills: u32,
+    }
+}
+
+wire_struct! {
+    /// TCP retransmitted segments to one remote port over the interval.
+    pub struct PortRec {
+        pub port: u32,
+        pub retransmits: u32,
+    }
+}
+
+wire_struct! {
+    /// A discrete kernel event. `kind`: "oom_kill".
+    pub struct EventRec {
+        pub kind: String,
+        /// When it happened, Unix milliseconds.
+        pub ts_ms: u64,
+        pub pid: u32,
+        pub comm: String,
+        /// The victim's cgroup (memory controller path on v1), "" when unknown.
+        pub cgroup: String,
+        /// Free-form details, `key=value` pairs separated by spaces.
+        pub detail: String,
+    }
+}
+
+wire_struct! {
     /// Everything collected at one instant.
     pub struct Snapshot {
         /// Unix time, milliseconds.
@@ -174,6 +239,11 @@ wire_struct! {
         pub filesystems: Vec<FsRec>,
         pub nets: Vec<NetRec>,
         pub tcp: TcpRec,
+        /// eBPF probe counters; None when no probe is attached.
+        pub probes: Option<ProbeRec>,
+        pub latency: Vec<LatencyRec>,
+        pub tcp_ports: Vec<PortRec>,
+        pub events: Vec<EventRec>,
     }
 }
 
@@ -207,7 +277,15 @@ impl Snapshot {
             + self.disks.len() * 8
             + self.filesystems.len() * 5
             + self.nets.len() * 8
-            + 15) as u64
+            + 15
+            + self.probes.as_ref().map_or(0, |_| 7)
+            + self
+                .latency
+                .iter()
+                .map(|l| l.buckets.len() + 2)
+                .sum::<usize>()
+            + self.tcp_ports.len()
+            + self.events.len()) as u64
     }
 }
 

@@ -41,6 +41,8 @@ pub struct Config {
     pub proc_root: String,
     pub sys_root: String,
     pub filters: Filters,
+    /// eBPF probes.
+    pub probes: crate::collect::ebpf::ProbeConfig,
     /// Log format: "text" or "json".
     pub log_format: String,
 }
@@ -92,6 +94,7 @@ impl Default for Config {
             proc_root: "/proc".into(),
             sys_root: "/sys".into(),
             filters: Filters::default(),
+            probes: Default::default(),
             log_format: "text".into(),
         }
     }

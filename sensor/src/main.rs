@@ -50,6 +50,16 @@ struct Cli {
 enum Cmd {
     /// Collect and ship continuously until SIGTERM or Ctrl-C.
     Run(RunArgs),
+    /// List each eBPF probe, whether this kernel accepts it, and why not when it does not.
+    ///
+    /// Loads and attaches every configured probe exactly as `run` would, prints the result,
+    /// then detaches everything. Needs root (or CAP_BPF + CAP_PERFMON). Exit status 0 when
+    /// every configured probe is active, 1 when some were refused.
+    Probes {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Take one snapshot of this host (two reads one interval apart, so rates
     /// are real) and print it.
     Once {
@@ -110,6 +120,7 @@ fn real_main(cli: Cli) -> Result<()> {
             cfg.validate()?;
             once(&cfg, json, interval)
         }
+        Cmd::Probes { json } => probes_cmd(&cfg, json),
         Cmd::Run(a) => {
             if !a.aggregator.is_empty() {
                 cfg.aggregator = a.aggregator;
@@ -148,12 +159,31 @@ fn init_logs(format: &str) {
 
 async fn run(cfg: Arc<Config>) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let info = collect::host::host_info(&cfg.proc_root);
+    let mut info = collect::host::host_info(&cfg.proc_root);
     let boot_id = uuid::Uuid::new_v4().to_string();
+    let (probes, status) =
+        collect::ebpf::load(&cfg.probes, &cfg.proc_root, cfg.filters.disks.clone());
+    for s in &status {
+        match s.state {
+            "active" => tracing::info!(probe = s.name, "eBPF probe attached"),
+            "refused" => tracing::warn!(probe = s.name, reason = %s.reason, "eBPF probe not attached; continuing without it"),
+            _ => tracing::debug!(probe = s.name, reason = %s.reason, "eBPF probe disabled"),
+        }
+    }
+    info.probes = collect::ebpf::active_list(&status);
     tracing::info!(host = %info.hostname, boot_id = %boot_id, interval = ?cfg.interval, aggregator = ?cfg.aggregator, "sensor starting");
     let outbox = Arc::new(ship::Outbox::new(cfg.max_unacked_bytes));
     let shipper = tokio::spawn(ship::run(cfg.clone(), outbox.clone()));
     let mut collector = collect::Collector::new(&cfg.proc_root, &cfg.sys_root, &cfg.filters);
+    let events_fd = probes
+        .as_ref()
+        .and_then(|p| p.events_fd())
+        .and_then(|fd| {
+            // SAFETY: the ring buffer's fd lives in `collector.probes`, which outlives this
+            // registration (declared before it, so dropped after it).
+            unsafe { tokio::io::unix::AsyncFd::register(fd) }.ok()
+        });
+    collector.probes = probes;
     let mut batcher = ship::Batcher::new(&cfg, info, boot_id);
     let mut snap = Snapshot::default();
     // Ticks fall 20 ms after a multiple of the interval on the wall clock, so
@@ -180,6 +210,16 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
                         tracing::debug!(seq = c.seq, bytes = c.frame.len(), samples = c.samples, "batch closed");
                         outbox.push(c.seq, c.frame);
                     }
+                }
+            }
+            // Kernel events (OOM kills) are picked up at once, while the victim's /proc
+            // entry still names its cgroup.
+            r = async { events_fd.as_ref().unwrap().readable().await }, if events_fd.is_some() => {
+                if let Ok(mut g) = r {
+                    if let Some(p) = collector.probes.as_mut() {
+                        p.drain_events();
+                    }
+                    g.clear_ready();
                 }
             }
             _ = term.recv() => break,
@@ -217,13 +257,36 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
     Ok(())
 }
 
+fn probes_cmd(cfg: &Config, json: bool) -> Result<()> {
+    let (probes, status) =
+        collect::ebpf::load(&cfg.probes, &cfg.proc_root, cfg.filters.disks.clone());
+    drop(probes); // detaches everything
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        println!("{:<10} {:<9} REASON", "PROBE", "STATE");
+        for s in &status {
+            println!("{:<10} {:<9} {}", s.name, s.state, s.reason);
+        }
+    }
+    if status.iter().any(|s| s.state == "refused") {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
 fn once(cfg: &Config, json: bool, interval: Duration) -> Result<()> {
     let mut c = collect::Collector::new(&cfg.proc_root, &cfg.sys_root, &cfg.filters);
+    // Probes too when this process may load them (root); silently /proc only otherwise.
+    let (probes, status) =
+        collect::ebpf::load(&cfg.probes, &cfg.proc_root, cfg.filters.disks.clone());
+    c.probes = probes;
     let mut snap = Snapshot::default();
     c.collect(&mut snap);
     std::thread::sleep(interval);
     c.collect(&mut snap);
-    let info = collect::host::host_info(&cfg.proc_root);
+    let mut info = collect::host::host_info(&cfg.proc_root);
+    info.probes = collect::ebpf::active_list(&status);
     if json {
         let mut v = serde_json::json!({ "host": info, "snapshot": snap });
         // Friendlier names than wire codes.
@@ -297,5 +360,38 @@ fn once(cfg: &Config, json: bool, interval: Duration) -> Result<()> {
         "tcp      estab {}  retrans/s {:.2}  resets/s {:.2}",
         snap.tcp.curr_estab, snap.tcp.retrans_segs_per_s, snap.tcp.out_rsts_per_s
     );
+    if info.probes.is_empty() {
+        println!("ebpf     no probes attached (see `sensor probes`)");
+    } else {
+        println!("ebpf     probes: {}", info.probes);
+    }
+    if let Some(p) = &snap.probes {
+        println!(
+            "procs    execs/s {:.1}  exits/s {:.1}  short-lived/s {:.1}  tcp retrans/s {:.1}  oom kills {}",
+            p.execs_per_s, p.exits_per_s, p.short_lived_per_s, p.retransmits_per_s, p.oom_kills
+        );
+    }
+    for l in &snap.latency {
+        let pct = |q: f64| -> u64 {
+            let target = (l.count as f64 * q).ceil() as u64;
+            let mut acc = 0;
+            for b in &l.buckets {
+                acc += b.count;
+                if acc >= target {
+                    return 1u64 << b.index;
+                }
+            }
+            0
+        };
+        println!(
+            "latency  {:<24} n {:<7} mean {:.1} {}  p50 < {}  p99 < {}",
+            l.source,
+            l.count,
+            l.sum as f64 / l.count.max(1) as f64,
+            l.unit,
+            pct(0.5),
+            pct(0.99)
+        );
+    }
     Ok(())
 }

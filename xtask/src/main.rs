@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask <task>`.
 
 mod certs;
+mod ebpf;
 mod setup;
 mod up;
 
@@ -36,6 +37,10 @@ enum Cmd {
         #[arg(long)]
         debug: bool,
     },
+    /// Install the eBPF toolchain when missing (nightly's rust-src, bpf-linker 0.10.1) and
+    /// build the sensor's eBPF programs with BTF into target/ebpf/. The sensor embeds the
+    /// object at its next build.
+    BuildEbpf,
     /// Install what the tests need (ClickHouse, chdb-core), build, and run the whole test suite.
     Test {
         /// Extra arguments passed to `cargo test` (after --).
@@ -69,6 +74,7 @@ fn main() {
             debug,
         } => up::run(&data_dir, &listen, &http_listen, !debug),
         Cmd::Test { args } => setup::test(&args),
+        Cmd::BuildEbpf => ebpf::build().map(|_| ()),
         Cmd::Certs {
             dir,
             mut hosts,

@@ -109,10 +109,33 @@ pub fn ensure_chdb() -> Result<()> {
     Ok(())
 }
 
+/// Tools the eBPF and fault tests drive: load (stress-ng), packet drops (iptables),
+/// offload settings (ethtool).
+pub fn ensure_test_tools() -> Result<()> {
+    let missing: Vec<&str> = [
+        ("stress-ng", "stress-ng"),
+        ("iptables", "iptables"),
+        ("ethtool", "ethtool"),
+        ("ip", "iproute2"),
+        ("losetup", "mount"),
+    ]
+    .iter()
+    .filter(|(cmd, _)| !have(cmd) && !std::path::Path::new(&format!("/usr/sbin/{cmd}")).exists())
+    .map(|(_, pkg)| *pkg)
+    .collect();
+    if missing.is_empty() {
+        step("test tools (stress-ng, iptables, ethtool, iproute2): installed");
+        return Ok(());
+    }
+    apt_install(&missing)
+}
+
 pub fn test(args: &[String]) -> Result<()> {
     let root = root();
     ensure_clickhouse()?;
     ensure_chdb()?;
+    ensure_test_tools()?;
+    crate::ebpf::build()?;
     step("building all binaries (debug)");
     run(Command::new("cargo")
         .current_dir(&root)

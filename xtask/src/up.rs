@@ -63,6 +63,11 @@ pub fn run(data_dir: &Path, listen: &str, http_listen: &str, release: bool) -> R
         root.join(data_dir)
     };
     ensure_clickhouse()?;
+    if let Err(e) = crate::ebpf::build() {
+        step(&format!(
+            "eBPF build failed ({e:#}); the sensor will run on /proc only"
+        ));
+    }
     step(&format!(
         "building sensor and aggregator ({})",
         if release { "release" } else { "debug" }

@@ -144,6 +144,14 @@ impl Store {
             .await?;
         self.insert::<rows::NetRow>("net", &rows.net).await?;
         self.insert::<rows::TcpRow>("tcp", &rows.tcp).await?;
+        self.insert::<rows::LatencyRow>("latency", &rows.latency)
+            .await?;
+        self.insert::<rows::EventRow>("events", &rows.events)
+            .await?;
+        self.insert::<rows::ProbeRow>("probes", &rows.probes)
+            .await?;
+        self.insert::<rows::TcpPortRow>("tcp_ports", &rows.tcp_ports)
+            .await?;
         self.insert::<HostRow>("hosts", hosts).await?;
         let br: Vec<BatchRow> = batches
             .iter()
@@ -205,11 +213,15 @@ impl Store {
             table: String,
             partition: String,
         }
+        let tables: Vec<String> = schema::partitioned_tables()
+            .map(|t| format!("'{t}'"))
+            .collect();
         let q = format!(
             "SELECT DISTINCT table, partition FROM system.parts WHERE database = '{}' AND active \
-             AND table IN ('cpu','system','memory','pressure','disk','filesystem','net','tcp','batches') \
-             AND toDate(partition) < today() - {}",
-            self.db, self.retention_days
+             AND table IN ({}) AND toDate(partition) < today() - {}",
+            self.db,
+            tables.join(","),
+            self.retention_days
         );
         let parts: Vec<P> = self.client.query(&q).fetch_all().await?;
         for p in &parts {

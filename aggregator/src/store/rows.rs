@@ -137,6 +137,50 @@ pub struct TcpRow<'a> {
 }
 
 #[derive(Row, Serialize)]
+pub struct LatencyRow<'a> {
+    pub ts: u32,
+    pub host: &'a str,
+    pub source: &'a str,
+    pub unit: &'a str,
+    pub count: u64,
+    pub sum: u64,
+    pub bucket_upper: Vec<u64>,
+    pub bucket_count: Vec<u64>,
+}
+
+#[derive(Row, Serialize)]
+pub struct EventRow<'a> {
+    pub ts: u32,
+    pub host: &'a str,
+    pub kind: &'a str,
+    pub pid: u32,
+    pub comm: &'a str,
+    pub cgroup: &'a str,
+    pub detail: &'a str,
+}
+
+#[derive(Row, Serialize)]
+pub struct ProbeRow<'a> {
+    pub ts: u32,
+    pub host: &'a str,
+    pub execs_per_s: f32,
+    pub exits_per_s: f32,
+    pub short_lived_per_s: f32,
+    pub retransmits_per_s: f32,
+    pub resets_sent_per_s: f32,
+    pub resets_received_per_s: f32,
+    pub oom_kills: u32,
+}
+
+#[derive(Row, Serialize)]
+pub struct TcpPortRow<'a> {
+    pub ts: u32,
+    pub host: &'a str,
+    pub port: u32,
+    pub retransmits: u32,
+}
+
+#[derive(Row, Serialize)]
 pub struct HostRow<'a> {
     pub host: &'a str,
     pub first_seen: u32,
@@ -149,6 +193,7 @@ pub struct HostRow<'a> {
     pub memory_bytes: u64,
     pub kernel_boot_id: &'a str,
     pub sensor_boot_id: &'a str,
+    pub probes: &'a str,
 }
 
 #[derive(Row, Serialize)]
@@ -185,6 +230,10 @@ pub struct Rows<'a> {
     pub filesystem: Vec<FilesystemRow<'a>>,
     pub net: Vec<NetRow<'a>>,
     pub tcp: Vec<TcpRow<'a>>,
+    pub latency: Vec<LatencyRow<'a>>,
+    pub events: Vec<EventRow<'a>>,
+    pub probes: Vec<ProbeRow<'a>>,
+    pub tcp_ports: Vec<TcpPortRow<'a>>,
 }
 
 impl<'a> Rows<'a> {
@@ -197,6 +246,10 @@ impl<'a> Rows<'a> {
             + self.filesystem.len()
             + self.net.len()
             + self.tcp.len()
+            + self.latency.len()
+            + self.events.len()
+            + self.probes.len()
+            + self.tcp_ports.len()
     }
 
     /// Adds every row of `b`, labelled with `host` (the certificate's name).
@@ -332,6 +385,54 @@ impl<'a> Rows<'a> {
                 udp_rcvbuf_errors_per_s: t.udp_rcvbuf_errors_per_s,
                 udp_no_ports_per_s: t.udp_no_ports_per_s,
             });
+            for l in &s.latency {
+                self.latency.push(LatencyRow {
+                    ts,
+                    host,
+                    source: &l.source,
+                    unit: &l.unit,
+                    count: l.count,
+                    sum: l.sum,
+                    bucket_upper: l
+                        .buckets
+                        .iter()
+                        .map(|b| 1u64.checked_shl(b.index).unwrap_or(u64::MAX))
+                        .collect(),
+                    bucket_count: l.buckets.iter().map(|b| b.count).collect(),
+                });
+            }
+            for e in &s.events {
+                self.events.push(EventRow {
+                    ts: (e.ts_ms / 1000) as u32,
+                    host,
+                    kind: &e.kind,
+                    pid: e.pid,
+                    comm: &e.comm,
+                    cgroup: &e.cgroup,
+                    detail: &e.detail,
+                });
+            }
+            if let Some(p) = &s.probes {
+                self.probes.push(ProbeRow {
+                    ts,
+                    host,
+                    execs_per_s: p.execs_per_s,
+                    exits_per_s: p.exits_per_s,
+                    short_lived_per_s: p.short_lived_per_s,
+                    retransmits_per_s: p.retransmits_per_s,
+                    resets_sent_per_s: p.resets_sent_per_s,
+                    resets_received_per_s: p.resets_received_per_s,
+                    oom_kills: p.oom_kills,
+                });
+            }
+            for p in &s.tcp_ports {
+                self.tcp_ports.push(TcpPortRow {
+                    ts,
+                    host,
+                    port: p.port,
+                    retransmits: p.retransmits,
+                });
+            }
         }
     }
 }
@@ -339,11 +440,12 @@ impl<'a> Rows<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::schema::METRIC_TABLES;
+    use crate::store::schema::{EBPF_TABLES, METRIC_TABLES};
 
     fn names(t: &str) -> Vec<&'static str> {
         METRIC_TABLES
             .iter()
+            .chain(EBPF_TABLES)
             .find(|x| x.name == t)
             .unwrap()
             .columns
@@ -362,7 +464,11 @@ mod tests {
         assert_eq!(FilesystemRow::COLUMN_NAMES, names("filesystem"));
         assert_eq!(NetRow::COLUMN_NAMES, names("net"));
         assert_eq!(TcpRow::COLUMN_NAMES, names("tcp"));
-        assert_eq!(METRIC_TABLES.len(), 8);
+        assert_eq!(LatencyRow::COLUMN_NAMES, names("latency"));
+        assert_eq!(EventRow::COLUMN_NAMES, names("events"));
+        assert_eq!(ProbeRow::COLUMN_NAMES, names("probes"));
+        assert_eq!(TcpPortRow::COLUMN_NAMES, names("tcp_ports"));
+        assert_eq!(METRIC_TABLES.len() + EBPF_TABLES.len(), 12);
     }
 
     #[test]

@@ -14,6 +14,8 @@ pub enum Kind {
     F32,
     U32,
     U64,
+    /// Array(UInt64), for histogram buckets.
+    ArrU64,
 }
 
 pub struct Table {
@@ -173,6 +175,71 @@ pub const METRIC_TABLES: &[Table] = &[
     },
 ];
 
+/// Tables filled by the eBPF probes (migration 2).
+pub const EBPF_TABLES: &[Table] = &[
+    Table {
+        name: "latency",
+        columns: &[
+            ("ts", Ts),
+            ("host", Label),
+            ("source", Label),
+            ("unit", Label),
+            ("count", U64),
+            ("sum", U64),
+            ("bucket_upper", ArrU64),
+            ("bucket_count", ArrU64),
+        ],
+        key: &["source"],
+    },
+    Table {
+        name: "events",
+        columns: &[
+            ("ts", Ts),
+            ("host", Label),
+            ("kind", Label),
+            ("pid", U32),
+            ("comm", Label),
+            ("cgroup", Text),
+            ("detail", Text),
+        ],
+        key: &["kind"],
+    },
+    Table {
+        name: "probes",
+        columns: &[
+            ("ts", Ts),
+            ("host", Label),
+            ("execs_per_s", F32),
+            ("exits_per_s", F32),
+            ("short_lived_per_s", F32),
+            ("retransmits_per_s", F32),
+            ("resets_sent_per_s", F32),
+            ("resets_received_per_s", F32),
+            ("oom_kills", U32),
+        ],
+        key: &[],
+    },
+    Table {
+        name: "tcp_ports",
+        columns: &[
+            ("ts", Ts),
+            ("host", Label),
+            ("port", U32),
+            ("retransmits", U32),
+        ],
+        key: &["port"],
+    },
+];
+
+/// Every table with day partitions (retention drops these on old servers).
+pub fn partitioned_tables() -> impl Iterator<Item = &'static str> {
+    METRIC_TABLES
+        .iter()
+        .chain(EBPF_TABLES)
+        .map(|t| t.name)
+        .chain(["batches", "alerts"])
+}
+
 /// Whether a server supports codecs, TTL and LowCardinality without
 /// experimental settings (20.3 LTS and later).
 pub fn is_modern(version: &str) -> bool {
@@ -193,6 +260,8 @@ fn col_type(kind: Kind, modern: bool) -> &'static str {
         (U32, true) => "UInt32 CODEC(T64, ZSTD(1))",
         (U64, false) => "UInt64",
         (U64, true) => "UInt64 CODEC(T64, ZSTD(1))",
+        (ArrU64, false) => "Array(UInt64)",
+        (ArrU64, true) => "Array(UInt64) CODEC(ZSTD(1))",
     }
 }
 
@@ -256,7 +325,15 @@ impl Ddl<'_> {
         let mut v1: Vec<String> = METRIC_TABLES.iter().map(|t| self.metric_table(t)).collect();
         v1.push(self.hosts());
         v1.push(self.batches());
-        vec![(1, "metric tables, hosts, batches", v1)]
+        let mut v2: Vec<String> = EBPF_TABLES.iter().map(|t| self.metric_table(t)).collect();
+        v2.push(format!(
+            "ALTER TABLE {}.hosts ADD COLUMN probes String",
+            self.db
+        ));
+        vec![
+            (1, "metric tables, hosts, batches", v1),
+            (2, "eBPF tables (latency, events, probes, tcp_ports), hosts.probes", v2),
+        ]
     }
 
     pub fn migrations_table(&self) -> String {
@@ -268,7 +345,7 @@ impl Ddl<'_> {
     }
 }
 
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 #[cfg(test)]
 mod tests {

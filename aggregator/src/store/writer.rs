@@ -122,6 +122,7 @@ pub async fn run(
                 memory_bytes: info.memory_bytes,
                 kernel_boot_id: &info.kernel_boot_id,
                 sensor_boot_id: &j.batch.boot_id,
+                probes: &info.probes,
             });
         }
 

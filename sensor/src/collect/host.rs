@@ -30,6 +30,7 @@ pub fn host_info(proc: &str) -> HostInfo {
         .map(|m| m.mem_total)
         .unwrap_or(0);
     HostInfo {
+        probes: String::new(),
         hostname: cstr(&u.nodename),
         kernel: cstr(&u.release),
         os,

@@ -3,6 +3,7 @@
 
 pub mod cpu;
 pub mod disk;
+pub mod ebpf;
 pub mod filesystem;
 pub mod host;
 pub mod memory;
@@ -22,6 +23,7 @@ pub struct Collector {
     fs: filesystem::Filesystem,
     net: net::Net,
     tcp: tcp::Tcp,
+    pub probes: Option<ebpf::Probes>,
     last: Option<Instant>,
     errors_logged: u32,
 }
@@ -36,6 +38,7 @@ impl Collector {
             fs: filesystem::Filesystem::new(proc, f.mounts.clone()),
             net: net::Net::new(proc, f.interfaces.clone()),
             tcp: tcp::Tcp::new(proc),
+            probes: None,
             last: None,
             errors_logged: 0,
         }
@@ -73,6 +76,16 @@ impl Collector {
         }
         self.psi.collect(secs, &mut snap.pressure);
         self.fs.collect(&mut snap.filesystems);
+        match self.probes.as_mut() {
+            Some(p) => p.collect(
+                secs,
+                &mut snap.probes,
+                &mut snap.latency,
+                &mut snap.tcp_ports,
+                &mut snap.events,
+            ),
+            None => snap.probes = None,
+        }
         secs.is_some()
     }
 }

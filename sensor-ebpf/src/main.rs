@@ -1,0 +1,289 @@
+//! sonde's eBPF programs. Tracepoints only (this project's target kernels lack fentry and
+//! kprobe events). Field offsets are the stable tracepoint layouts; the sensor checks each
+//! one against tracefs's `format` file before attaching and refuses a probe whose layout
+//! differs, so a wrong offset can never produce wrong numbers.
+//!
+//! Hot-path rules: per-CPU maps for every counter and histogram (no atomics, no locks);
+//! the run-queue wakeup table is a plain array indexed by pid with a single 8-byte store
+//! per event; nothing here loops.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes},
+    macros::{map, tracepoint},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::TracePointContext,
+    EbpfContext,
+};
+use sensor_common::{
+    block_kind, counter, event_kind, Counters, log2_bucket, BlockHistKey, BlockReqKey, BlockReqStart,
+    Event, Hist, RUNQ_TABLE, RUNQ_TABLE_BITS, RUNQ_TS_BITS, RUNQ_TS_MASK,
+};
+
+#[map]
+static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static RUNQ_HIST: PerCpuArray<Hist> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static RUNQ_WAKE: Array<u64> = Array::with_max_entries(RUNQ_TABLE, 0);
+#[map]
+static BLOCK_START: HashMap<BlockReqKey, BlockReqStart> = HashMap::with_max_entries(16384, 0);
+#[map]
+static BLOCK_HIST: PerCpuHashMap<BlockHistKey, Hist> = PerCpuHashMap::with_max_entries(1024, 0);
+#[map]
+static TCP_RETRANS_PORT: PerCpuHashMap<u32, u64> = PerCpuHashMap::with_max_entries(1024, 0);
+#[map]
+static PROC_START: LruHashMap<u32, u64> = LruHashMap::with_max_entries(32768, 0);
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
+
+/// Zeroed histogram to seed new per-device entries (lives in .rodata, not on the stack).
+static ZERO_HIST: Hist = Hist::ZERO;
+
+/// Reads a field of the tracepoint record at a constant offset.
+#[inline(always)]
+fn field<T: Copy>(ctx: &TracePointContext, off: usize) -> T {
+    unsafe { core::ptr::read_unaligned(ctx.as_ptr().add(off) as *const T) }
+}
+
+#[inline(always)]
+fn bump(idx: u32, by: u64) {
+    if let Some(p) = COUNTERS.get_ptr_mut(0) {
+        unsafe { (*p).v[(idx & (counter::COUNT - 1)) as usize] += by };
+    }
+}
+
+#[inline(always)]
+fn hist_add(h: *mut Hist, v: u64) {
+    let b = (log2_bucket(v) & 31) as usize;
+    unsafe {
+        (*h).buckets[b] += 1;
+        (*h).sum += v;
+        (*h).count += 1;
+    }
+}
+
+// ---- run-queue latency: wakeup (or preemption) -> switched in -----------------------------
+
+#[inline(always)]
+fn record_wake(pid: u32, now_us: u64) {
+    if pid == 0 {
+        return;
+    }
+    let v = (((pid >> RUNQ_TABLE_BITS) as u64) << RUNQ_TS_BITS) | (now_us & RUNQ_TS_MASK);
+    if let Some(p) = RUNQ_WAKE.get_ptr_mut(pid & (RUNQ_TABLE - 1)) {
+        unsafe { core::ptr::write_volatile(p, v) };
+    }
+}
+
+#[tracepoint(category = "sched", name = "sched_wakeup")]
+pub fn sched_wakeup(ctx: TracePointContext) -> u32 {
+    // pid: offset 24
+    record_wake(field::<u32>(&ctx, 24), unsafe { bpf_ktime_get_ns() } / 1000);
+    0
+}
+
+#[tracepoint(category = "sched", name = "sched_wakeup_new")]
+pub fn sched_wakeup_new(ctx: TracePointContext) -> u32 {
+    record_wake(field::<u32>(&ctx, 24), unsafe { bpf_ktime_get_ns() } / 1000);
+    0
+}
+
+#[tracepoint(category = "sched", name = "sched_switch")]
+pub fn sched_switch(ctx: TracePointContext) -> u32 {
+    // prev_pid 24, prev_state 32, next_pid 56
+    let now_us = unsafe { bpf_ktime_get_ns() } / 1000;
+    let prev_state: u64 = field(&ctx, 32);
+    if prev_state & 0xff == 0 {
+        // Preempted while runnable: it waits in the run queue from now.
+        record_wake(field::<u32>(&ctx, 24), now_us);
+    }
+    let next: u32 = field(&ctx, 56);
+    if next == 0 {
+        return 0;
+    }
+    let Some(slot) = RUNQ_WAKE.get_ptr_mut(next & (RUNQ_TABLE - 1)) else {
+        return 0;
+    };
+    let v = unsafe { core::ptr::read_volatile(slot) };
+    if v == 0 || (v >> RUNQ_TS_BITS) != (next >> RUNQ_TABLE_BITS) as u64 {
+        return 0;
+    }
+    unsafe { core::ptr::write_volatile(slot, 0) };
+    let delta = now_us.wrapping_sub(v) & RUNQ_TS_MASK;
+    if let Some(h) = RUNQ_HIST.get_ptr_mut(0) {
+        hist_add(h, delta);
+    }
+    0
+}
+
+// ---- block I/O: issue -> complete, per device, read/write ----------------------------------
+
+#[inline(always)]
+fn block_op(rwbs: [u8; 4]) -> Option<u32> {
+    // rwbs: optional 'F' (preflush), then R/W/D/N, then flags. Discards and pure flushes are
+    // not counted (diskstats counts them separately too).
+    let c = if rwbs[0] == b'F' { rwbs[1] } else { rwbs[0] };
+    match c {
+        b'R' => Some(0),
+        b'W' => Some(1),
+        _ => None,
+    }
+}
+
+#[tracepoint(category = "block", name = "block_rq_issue")]
+pub fn block_rq_issue(ctx: TracePointContext) -> u32 {
+    // dev 8, sector 16, bytes 28, rwbs 34
+    let Some(op) = block_op(field(&ctx, 34)) else {
+        return 0;
+    };
+    let key = BlockReqKey { dev: field(&ctx, 8), _pad: 0, sector: field(&ctx, 16) };
+    let start = BlockReqStart { ts_ns: unsafe { bpf_ktime_get_ns() }, bytes: field(&ctx, 28), op };
+    let _ = BLOCK_START.insert(&key, &start, 0);
+    0
+}
+
+#[inline(always)]
+fn block_hist(dev: u32, kind: u32) -> Option<*mut Hist> {
+    let key = BlockHistKey { dev, kind };
+    if let Some(h) = BLOCK_HIST.get_ptr_mut(&key) {
+        return Some(h);
+    }
+    // BPF_NOEXIST: another CPU may have created it meanwhile; either way it exists after.
+    let _ = BLOCK_HIST.insert(&key, &ZERO_HIST, 1);
+    BLOCK_HIST.get_ptr_mut(&key)
+}
+
+#[tracepoint(category = "block", name = "block_rq_complete")]
+pub fn block_rq_complete(ctx: TracePointContext) -> u32 {
+    // dev 8, sector 16
+    let key = BlockReqKey { dev: field(&ctx, 8), _pad: 0, sector: field(&ctx, 16) };
+    let Some(start) = (unsafe { BLOCK_START.get(&key) }).copied() else {
+        bump(counter::BLOCK_UNMATCHED, 1);
+        return 0;
+    };
+    let _ = BLOCK_START.remove(&key);
+    let lat_us = (unsafe { bpf_ktime_get_ns() }.wrapping_sub(start.ts_ns)) / 1000;
+    let (lat_kind, size_kind) = if start.op == 0 {
+        (block_kind::READ_LATENCY, block_kind::READ_SIZE)
+    } else {
+        (block_kind::WRITE_LATENCY, block_kind::WRITE_SIZE)
+    };
+    if let Some(h) = block_hist(key.dev, lat_kind) {
+        hist_add(h, lat_us);
+    }
+    if let Some(h) = block_hist(key.dev, size_kind) {
+        hist_add(h, start.bytes as u64);
+    }
+    0
+}
+
+// ---- TCP ----------------------------------------------------------------------------------
+
+#[tracepoint(category = "tcp", name = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
+    // dport 30 (host order), err 76
+    let err: i32 = field(&ctx, 76);
+    if err != 0 {
+        bump(counter::TCP_RETRANS_FAILED, 1);
+        return 0;
+    }
+    bump(counter::TCP_RETRANS, 1);
+    let port = field::<u16>(&ctx, 30) as u32;
+    match TCP_RETRANS_PORT.get_ptr_mut(&port) {
+        Some(p) => unsafe { *p += 1 },
+        None => {
+            let _ = TCP_RETRANS_PORT.insert(&port, &1u64, 0);
+        }
+    }
+    0
+}
+
+#[tracepoint(category = "tcp", name = "tcp_send_reset")]
+pub fn tcp_send_reset(_ctx: TracePointContext) -> u32 {
+    bump(counter::TCP_RST_SENT, 1);
+    0
+}
+
+#[tracepoint(category = "tcp", name = "tcp_receive_reset")]
+pub fn tcp_receive_reset(_ctx: TracePointContext) -> u32 {
+    bump(counter::TCP_RST_RECV, 1);
+    0
+}
+
+// ---- OOM kills ------------------------------------------------------------------------------
+
+#[tracepoint(category = "oom", name = "mark_victim")]
+pub fn mark_victim(ctx: TracePointContext) -> u32 {
+    // pid 8, comm __data_loc 12, total_vm 16, anon_rss 24, file_rss 32, shmem_rss 40, uid 48
+    bump(counter::OOM_KILLS, 1);
+    let Some(mut e) = EVENTS.reserve::<Event>(0) else {
+        bump(counter::EVENTS_DROPPED, 1);
+        return 0;
+    };
+    let ev = e.as_mut_ptr();
+    unsafe {
+        (*ev).kind = event_kind::OOM_KILL;
+        (*ev).pid = field(&ctx, 8);
+        (*ev).ts_ns = bpf_ktime_get_ns();
+        (*ev).args = [field(&ctx, 16), field(&ctx, 24), field(&ctx, 32), field(&ctx, 40)];
+        (*ev).uid = field(&ctx, 48);
+        (*ev)._pad = 0;
+        (*ev).comm = [0; 16];
+        let loc: u32 = field(&ctx, 12);
+        let off = (loc & 0xffff) as usize;
+        let src = ctx.as_ptr().add(off) as *const u8;
+        let _ = bpf_probe_read_kernel_str_bytes(src, &mut (*ev).comm);
+    }
+    e.submit(0);
+    0
+}
+
+// ---- process churn ---------------------------------------------------------------------------
+
+#[tracepoint(category = "sched", name = "sched_process_fork")]
+pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
+    // child_pid 20
+    bump(counter::FORKS, 1);
+    let child: u32 = field(&ctx, 20);
+    let now = unsafe { bpf_ktime_get_ns() };
+    let _ = PROC_START.insert(&child, &now, 0);
+    0
+}
+
+#[tracepoint(category = "sched", name = "sched_process_exec")]
+pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
+    bump(counter::EXECS, 1);
+    0
+}
+
+#[tracepoint(category = "sched", name = "sched_process_exit")]
+pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    // pid 24, group_dead 32
+    let pid: u32 = field(&ctx, 24);
+    let group_dead: u8 = field(&ctx, 32);
+    let start = unsafe { PROC_START.get(&pid) }.copied();
+    if start.is_some() {
+        let _ = PROC_START.remove(&pid);
+    }
+    if group_dead != 0 {
+        bump(counter::EXITS, 1);
+        if let Some(s) = start {
+            if unsafe { bpf_ktime_get_ns() }.wrapping_sub(s) < 1_000_000_000 {
+                bump(counter::SHORT_LIVED, 1);
+            }
+        }
+    }
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
