@@ -9,9 +9,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=SONDE_EBPF_OBJECT");
     let src = std::env::var_os("SONDE_EBPF_OBJECT")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            manifest.join("../target/ebpf/bpfel-unknown-none/release/sensor-ebpf")
-        });
+        .unwrap_or_else(|| manifest.join("../target/ebpf/bpfel-unknown-none/release/sensor-ebpf"));
     println!("cargo:rerun-if-changed={}", src.display());
     match std::fs::read(&src) {
         Ok(bytes) => std::fs::write(&out, bytes).unwrap(),

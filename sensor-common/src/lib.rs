@@ -56,7 +56,11 @@ pub struct Hist {
 }
 
 impl Hist {
-    pub const ZERO: Hist = Hist { buckets: [0; HIST_BUCKETS], sum: 0, count: 0 };
+    pub const ZERO: Hist = Hist {
+        buckets: [0; HIST_BUCKETS],
+        sum: 0,
+        count: 0,
+    };
 }
 
 /// Key of the in-flight block request table.
@@ -180,7 +184,10 @@ mod tests {
         assert_eq!(log2_bucket(u64::MAX), HIST_BUCKETS as u32 - 1);
         for v in [1u64, 5, 77, 1000, 65535, 1 << 20] {
             let b = log2_bucket(v) as usize;
-            assert!(v < bucket_upper(b) && (b == 0 || v >= bucket_upper(b - 1)), "{v} in {b}");
+            assert!(
+                v < bucket_upper(b) && (b == 0 || v >= bucket_upper(b - 1)),
+                "{v} in {b}"
+            );
         }
     }
 

@@ -10,15 +10,15 @@
 #![no_main]
 
 use aya_ebpf::{
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes},
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes},
     macros::{map, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::TracePointContext,
     EbpfContext,
 };
 use sensor_common::{
-    block_kind, counter, event_kind, Counters, log2_bucket, BlockHistKey, BlockReqKey, BlockReqStart,
-    Event, Hist, RUNQ_TABLE, RUNQ_TABLE_BITS, RUNQ_TS_BITS, RUNQ_TS_MASK,
+    block_kind, counter, event_kind, log2_bucket, BlockHistKey, BlockReqKey, BlockReqStart,
+    Counters, Event, Hist, RUNQ_TABLE, RUNQ_TABLE_BITS, RUNQ_TS_BITS, RUNQ_TS_MASK,
 };
 
 #[map]
@@ -37,6 +37,11 @@ static TCP_RETRANS_PORT: PerCpuHashMap<u32, u64> = PerCpuHashMap::with_max_entri
 static PROC_START: LruHashMap<u32, u64> = LruHashMap::with_max_entries(32768, 0);
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
+
+/// Offset of the GSO segment count (`TCP_SKB_CB(skb)->tcp_gso_segs`) inside `struct sk_buff`,
+/// found in the kernel's BTF by the sensor and set at load time; 0 = unknown (count skbs).
+#[unsafe(no_mangle)]
+static SKB_GSO_SEGS_OFF: u32 = 0;
 
 /// Zeroed histogram to seed new per-device entries (lives in .rodata, not on the stack).
 static ZERO_HIST: Hist = Hist::ZERO;
@@ -138,8 +143,16 @@ pub fn block_rq_issue(ctx: TracePointContext) -> u32 {
     let Some(op) = block_op(field(&ctx, 34)) else {
         return 0;
     };
-    let key = BlockReqKey { dev: field(&ctx, 8), _pad: 0, sector: field(&ctx, 16) };
-    let start = BlockReqStart { ts_ns: unsafe { bpf_ktime_get_ns() }, bytes: field(&ctx, 28), op };
+    let key = BlockReqKey {
+        dev: field(&ctx, 8),
+        _pad: 0,
+        sector: field(&ctx, 16),
+    };
+    let start = BlockReqStart {
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        bytes: field(&ctx, 28),
+        op,
+    };
     let _ = BLOCK_START.insert(&key, &start, 0);
     0
 }
@@ -158,7 +171,11 @@ fn block_hist(dev: u32, kind: u32) -> Option<*mut Hist> {
 #[tracepoint(category = "block", name = "block_rq_complete")]
 pub fn block_rq_complete(ctx: TracePointContext) -> u32 {
     // dev 8, sector 16
-    let key = BlockReqKey { dev: field(&ctx, 8), _pad: 0, sector: field(&ctx, 16) };
+    let key = BlockReqKey {
+        dev: field(&ctx, 8),
+        _pad: 0,
+        sector: field(&ctx, 16),
+    };
     let Some(start) = (unsafe { BLOCK_START.get(&key) }).copied() else {
         bump(counter::BLOCK_UNMATCHED, 1);
         return 0;
@@ -183,18 +200,31 @@ pub fn block_rq_complete(ctx: TracePointContext) -> u32 {
 
 #[tracepoint(category = "tcp", name = "tcp_retransmit_skb")]
 pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
-    // dport 30 (host order), err 76
+    // skbaddr 8, dport 30 (host order), err 76
     let err: i32 = field(&ctx, 76);
     if err != 0 {
         bump(counter::TCP_RETRANS_FAILED, 1);
         return 0;
     }
-    bump(counter::TCP_RETRANS, 1);
+    // One skb may carry several segments (GSO); count segments, as RetransSegs does.
+    let off = unsafe { core::ptr::read_volatile(&SKB_GSO_SEGS_OFF) } as usize;
+    let segs = if off == 0 {
+        1
+    } else {
+        let skb: usize = field(&ctx, 8);
+        let s: u16 = unsafe { bpf_probe_read_kernel((skb + off) as *const u16) }.unwrap_or(1);
+        if s == 0 {
+            1
+        } else {
+            s as u64
+        }
+    };
+    bump(counter::TCP_RETRANS, segs);
     let port = field::<u16>(&ctx, 30) as u32;
     match TCP_RETRANS_PORT.get_ptr_mut(&port) {
-        Some(p) => unsafe { *p += 1 },
+        Some(p) => unsafe { *p += segs },
         None => {
-            let _ = TCP_RETRANS_PORT.insert(&port, &1u64, 0);
+            let _ = TCP_RETRANS_PORT.insert(&port, &segs, 0);
         }
     }
     0
@@ -227,7 +257,12 @@ pub fn mark_victim(ctx: TracePointContext) -> u32 {
         (*ev).kind = event_kind::OOM_KILL;
         (*ev).pid = field(&ctx, 8);
         (*ev).ts_ns = bpf_ktime_get_ns();
-        (*ev).args = [field(&ctx, 16), field(&ctx, 24), field(&ctx, 32), field(&ctx, 40)];
+        (*ev).args = [
+            field(&ctx, 16),
+            field(&ctx, 24),
+            field(&ctx, 32),
+            field(&ctx, 40),
+        ];
         (*ev).uid = field(&ctx, 48);
         (*ev)._pad = 0;
         (*ev).comm = [0; 16];

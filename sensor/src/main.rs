@@ -166,7 +166,9 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
     for s in &status {
         match s.state {
             "active" => tracing::info!(probe = s.name, "eBPF probe attached"),
-            "refused" => tracing::warn!(probe = s.name, reason = %s.reason, "eBPF probe not attached; continuing without it"),
+            "refused" => {
+                tracing::warn!(probe = s.name, reason = %s.reason, "eBPF probe not attached; continuing without it")
+            }
             _ => tracing::debug!(probe = s.name, reason = %s.reason, "eBPF probe disabled"),
         }
     }
@@ -175,14 +177,11 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
     let outbox = Arc::new(ship::Outbox::new(cfg.max_unacked_bytes));
     let shipper = tokio::spawn(ship::run(cfg.clone(), outbox.clone()));
     let mut collector = collect::Collector::new(&cfg.proc_root, &cfg.sys_root, &cfg.filters);
-    let events_fd = probes
-        .as_ref()
-        .and_then(|p| p.events_fd())
-        .and_then(|fd| {
-            // SAFETY: the ring buffer's fd lives in `collector.probes`, which outlives this
-            // registration (declared before it, so dropped after it).
-            unsafe { tokio::io::unix::AsyncFd::register(fd) }.ok()
-        });
+    let events_fd = probes.as_ref().and_then(|p| p.events_fd()).and_then(|fd| {
+        // SAFETY: the ring buffer's fd lives in `collector.probes`, which outlives this
+        // registration (declared before it, so dropped after it).
+        unsafe { tokio::io::unix::AsyncFd::register(fd) }.ok()
+    });
     collector.probes = probes;
     let mut batcher = ship::Batcher::new(&cfg, info, boot_id);
     let mut snap = Snapshot::default();

@@ -46,13 +46,7 @@ pub fn ensure_toolchain() -> Result<()> {
     let toolchains = output(clean("rustup").args(["toolchain", "list"]));
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
         step("installing the nightly toolchain (eBPF programs need -Z build-std)");
-        run(clean("rustup").args([
-            "toolchain",
-            "install",
-            "nightly",
-            "--profile",
-            "minimal",
-        ]))?;
+        run(clean("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
     }
     let comps = output(clean("rustup").args([
         "component",
@@ -74,11 +68,7 @@ pub fn ensure_toolchain() -> Result<()> {
         step(&format!(
             "installing bpf-linker {BPF_LINKER} with cargo (about 2 minutes, once; it links BPF objects with rustc's LLVM)"
         ));
-        run(clean("cargo").args([
-            "install",
-            &format!("bpf-linker@{BPF_LINKER}"),
-            "--locked",
-        ]))?;
+        run(clean("cargo").args(["install", &format!("bpf-linker@{BPF_LINKER}"), "--locked"]))?;
     }
     Ok(())
 }

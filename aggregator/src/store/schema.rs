@@ -332,7 +332,11 @@ impl Ddl<'_> {
         ));
         vec![
             (1, "metric tables, hosts, batches", v1),
-            (2, "eBPF tables (latency, events, probes, tcp_ports), hosts.probes", v2),
+            (
+                2,
+                "eBPF tables (latency, events, probes, tcp_ports), hosts.probes",
+                v2,
+            ),
         ]
     }
 

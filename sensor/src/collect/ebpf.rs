@@ -58,12 +58,21 @@ const fn spec(
 fn probe_programs(probe: &str) -> &'static [ProgSpec] {
     const RUNQ: &[ProgSpec] = &[
         spec("sched_wakeup", "sched", "sched_wakeup", &[("pid", 24, 4)]),
-        spec("sched_wakeup_new", "sched", "sched_wakeup_new", &[("pid", 24, 4)]),
+        spec(
+            "sched_wakeup_new",
+            "sched",
+            "sched_wakeup_new",
+            &[("pid", 24, 4)],
+        ),
         spec(
             "sched_switch",
             "sched",
             "sched_switch",
-            &[("prev_pid", 24, 4), ("prev_state", 32, 8), ("next_pid", 56, 4)],
+            &[
+                ("prev_pid", 24, 4),
+                ("prev_state", 32, 8),
+                ("next_pid", 56, 4),
+            ],
         ),
     ];
     const BLOCK: &[ProgSpec] = &[
@@ -71,7 +80,12 @@ fn probe_programs(probe: &str) -> &'static [ProgSpec] {
             "block_rq_issue",
             "block",
             "block_rq_issue",
-            &[("dev", 8, 4), ("sector", 16, 8), ("bytes", 28, 4), ("rwbs", 34, 0)],
+            &[
+                ("dev", 8, 4),
+                ("sector", 16, 8),
+                ("bytes", 28, 4),
+                ("rwbs", 34, 0),
+            ],
         ),
         spec(
             "block_rq_complete",
@@ -85,7 +99,7 @@ fn probe_programs(probe: &str) -> &'static [ProgSpec] {
             "tcp_retransmit_skb",
             "tcp",
             "tcp_retransmit_skb",
-            &[("dport", 30, 2), ("err", 76, 4)],
+            &[("skbaddr", 8, 8), ("dport", 30, 2), ("err", 76, 4)],
         ),
         spec("tcp_send_reset", "tcp", "tcp_send_reset", &[]),
         spec("tcp_receive_reset", "tcp", "tcp_receive_reset", &[]),
@@ -249,7 +263,10 @@ fn check_layout(tracefs: &str, s: &ProgSpec) -> Result<(), String> {
     let path = format!("{tracefs}/events/{}/{}/format", s.category, s.event);
     let text = std::fs::read_to_string(&path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            format!("tracepoint {}:{} does not exist on this kernel", s.category, s.event)
+            format!(
+                "tracepoint {}:{} does not exist on this kernel",
+                s.category, s.event
+            )
         } else {
             format!("cannot read {path}: {e}")
         }
@@ -378,10 +395,7 @@ impl PerCpu {
 fn hist_words(h: &mut Hist) -> &mut [u64] {
     // Hist is repr(C) and all u64: view it as words.
     unsafe {
-        std::slice::from_raw_parts_mut(
-            h as *mut Hist as *mut u64,
-            std::mem::size_of::<Hist>() / 8,
-        )
+        std::slice::from_raw_parts_mut(h as *mut Hist as *mut u64, std::mem::size_of::<Hist>() / 8)
     }
 }
 
@@ -517,12 +531,31 @@ pub fn load(
         rlim_max: libc::RLIM_INFINITY,
     };
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rl) };
-    let mut ebpf = match EbpfLoader::new().load(bytes) {
+    // Where the GSO segment count sits behind an skb pointer on this kernel (from BTF), so
+    // retransmits are counted in segments like /proc/net/snmp's RetransSegs.
+    let gso_off: u32 = super::btf::Btf::from_sys()
+        .and_then(|b| {
+            Some(
+                b.member_offset("sk_buff", "cb")?
+                    + b.member_offset("tcp_skb_cb", "tcp_gso_segs")?,
+            )
+        })
+        .map(|o| o as u32)
+        .unwrap_or(0);
+    if gso_off == 0 && cfg.wants("tcp") {
+        tracing::info!("no kernel BTF for sk_buff/tcp_skb_cb: TCP retransmits are counted per skb, not per segment");
+    }
+    let mut ebpf = match EbpfLoader::new()
+        .override_global("SKB_GSO_SEGS_OFF", &gso_off, true)
+        .load(bytes)
+    {
         Ok(e) => e,
         Err(e) => {
             let mut why = format!("loading the eBPF object failed: {e}");
-            if matches!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EPERM))
-                || why.contains("Operation not permitted")
+            if matches!(
+                std::io::Error::last_os_error().raw_os_error(),
+                Some(libc::EPERM)
+            ) || why.contains("Operation not permitted")
             {
                 why.push_str(" (needs CAP_BPF and CAP_PERFMON, or root)");
             }
@@ -657,6 +690,12 @@ fn wall_ms() -> u64 {
 }
 
 impl Probes {
+    /// A cumulative counter as of the last collection (for tests and diagnostics).
+    #[cfg(test)]
+    pub fn counter(&self, idx: u32) -> u64 {
+        self.cur_counters[idx as usize]
+    }
+
     /// The ring buffer's fd, readable when events are waiting.
     pub fn events_fd(&self) -> Option<RawFd> {
         self.events.as_ref().map(|r| r.as_raw_fd())
@@ -679,10 +718,18 @@ impl Probes {
             }
             let comm_len = e.comm.iter().position(|b| *b == 0).unwrap_or(16);
             let comm = String::from_utf8_lossy(&e.comm[..comm_len]).into_owned();
-            let cgroup = std::fs::read_to_string(format!("{}/{}/cgroup", self.proc_root, e.pid))
-                .ok()
-                .map(|t| memory_cgroup(&t))
-                .unwrap_or_default();
+            // The kernel log names the victim's memory cgroup and the OOM's constraint; by
+            // the time we look, /proc/PID/cgroup of a dying task may already say "/".
+            let (cgroup, constraint) = match oom_from_kmsg(e.pid) {
+                Some((cg, c)) => (cg, c),
+                None => (
+                    std::fs::read_to_string(format!("{}/{}/cgroup", self.proc_root, e.pid))
+                        .ok()
+                        .map(|t| memory_cgroup(&t))
+                        .unwrap_or_default(),
+                    String::new(),
+                ),
+            };
             let age_ms = mono.saturating_sub(e.ts_ns) / 1_000_000;
             self.pending_events.push(EventRec {
                 kind: "oom_kill".into(),
@@ -691,12 +738,18 @@ impl Probes {
                 comm,
                 cgroup,
                 detail: format!(
-                    "total_vm_kb={} anon_rss_kb={} file_rss_kb={} shmem_rss_kb={} uid={}",
+                    "total_vm_kb={} anon_rss_kb={} file_rss_kb={} shmem_rss_kb={} uid={}{}{}",
                     e.args[0] * 4,
                     e.args[1] * 4,
                     e.args[2] * 4,
                     e.args[3] * 4,
-                    e.uid
+                    e.uid,
+                    if constraint.is_empty() {
+                        ""
+                    } else {
+                        " constraint="
+                    },
+                    constraint
                 ),
             });
         }
@@ -773,7 +826,10 @@ impl Probes {
         // Run-queue histogram.
         if let Some(m) = self.runq.as_mut() {
             let key = 0u32;
-            match m.sum_into(&key as *const u32 as *const u8, hist_words(&mut self.runq_cur)) {
+            match m.sum_into(
+                &key as *const u32 as *const u8,
+                hist_words(&mut self.runq_cur),
+            ) {
                 Ok(_) => {
                     if self.primed && secs.is_some() {
                         let rec = slot_lat(latency, nlat);
@@ -844,7 +900,10 @@ impl Probes {
                     &key as *const BlockHistKey as *const u8,
                     hist_words(&mut dev.cur),
                 ) {
-                    if dev.allowed && secs.is_some() && self.primed && dev.cur.count != dev.prev.count
+                    if dev.allowed
+                        && secs.is_some()
+                        && self.primed
+                        && dev.cur.count != dev.prev.count
                     {
                         let rec = slot_lat(latency, nlat);
                         nlat += 1;
@@ -918,6 +977,49 @@ fn slot_lat(v: &mut Vec<LatencyRec>, i: usize) -> &mut LatencyRec {
     &mut v[i]
 }
 
+/// Finds the kernel's `oom-kill:` summary line for `pid` in /dev/kmsg and returns
+/// (task_memcg, constraint). Needs CAP_SYSLOG (or dmesg_restrict = 0); None otherwise.
+fn oom_from_kmsg(pid: u32) -> Option<(String, String)> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/kmsg")
+        .ok()?;
+    let needle = format!(",pid={pid},");
+    let mut found = None;
+    let mut buf = vec![0u8; 8192];
+    // Each read returns one record; EAGAIN at the end, EPIPE when a record was overwritten.
+    for _ in 0..100_000 {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                let rec = String::from_utf8_lossy(&buf[..n]);
+                if let Some(line) = rec.split(';').nth(1) {
+                    if line.starts_with("oom-kill:") && line.contains(&needle) {
+                        found = Some(line.trim().to_string());
+                    }
+                }
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue,
+            Err(_) => break,
+        }
+    }
+    let line = found?;
+    let field = |k: &str| {
+        line.split(',')
+            .find_map(|kv| kv.strip_prefix(k))
+            .map(str::to_string)
+    };
+    let constraint = line
+        .strip_prefix("oom-kill:constraint=")
+        .and_then(|r| r.split(',').next())
+        .unwrap_or("")
+        .to_string();
+    Some((field("task_memcg=")?, constraint))
+}
+
 /// The memory controller's path from /proc/PID/cgroup (v1), or the unified path (v2).
 fn memory_cgroup(text: &str) -> String {
     let mut unified = None;
@@ -988,7 +1090,10 @@ mod tests {
     fn memory_cgroup_v1_and_v2() {
         let v1 = "12:pids:/user.slice\n5:memory:/sonde-test/oom\n0::/user.slice\n";
         assert_eq!(memory_cgroup(v1), "/sonde-test/oom");
-        assert_eq!(memory_cgroup("0::/system.slice/x.service\n"), "/system.slice/x.service");
+        assert_eq!(
+            memory_cgroup("0::/system.slice/x.service\n"),
+            "/system.slice/x.service"
+        );
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! The collectors, one per source, driven by one scheduler: every interval
 //! `Collector::collect` fills a reused `Snapshot` in place.
 
+pub mod btf;
 pub mod cpu;
 pub mod disk;
 pub mod ebpf;
+#[cfg(test)]
+mod ebpf_tests;
 pub mod filesystem;
 pub mod host;
 pub mod memory;

@@ -1,0 +1,557 @@
+//! The probes against this real kernel: real tracepoints, real block I/O on a loop device,
+//! real packet loss between network namespaces, a real OOM kill. Root only; a test that
+//! cannot run says so and why.
+//!
+//! The tests share one lock: each attaches its own programs, and scheduler load from one
+//! would disturb another's measurement.
+
+use super::ebpf::{load, ProbeConfig, Probes};
+use crate::filter::Filter;
+use protocol::{EventRec, LatencyRec, PortRec, ProbeRec};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn only(probe: &str) -> ProbeConfig {
+    ProbeConfig {
+        enabled: true,
+        runqueue: probe == "runqueue",
+        block: probe == "block",
+        tcp: probe == "tcp",
+        oom: probe == "oom",
+        process: probe == "process",
+        object: None,
+    }
+}
+
+/// Loads one probe, or explains why the test cannot run.
+fn probes(probe: &str) -> Option<Probes> {
+    if !is_root() {
+        eprintln!("SKIP: eBPF tests need root (CAP_BPF + CAP_PERFMON)");
+        return None;
+    }
+    let (p, status) = load(&only(probe), "/proc", Filter::default());
+    let s = status.iter().find(|s| s.name == probe).unwrap();
+    if s.state != "active" {
+        // The embedded object missing is a build problem, not a kernel refusal: fail.
+        assert!(
+            !s.reason.contains("built without"),
+            "sensor built without its eBPF object: {}",
+            s.reason
+        );
+        eprintln!("SKIP: the kernel refused probe {probe}: {}", s.reason);
+        return None;
+    }
+    p
+}
+
+#[derive(Default)]
+struct Out {
+    probes: Option<ProbeRec>,
+    latency: Vec<LatencyRec>,
+    ports: Vec<PortRec>,
+    events: Vec<EventRec>,
+}
+
+fn collect(p: &mut Probes, secs: Option<f64>) -> Out {
+    let mut o = Out::default();
+    p.collect(
+        secs,
+        &mut o.probes,
+        &mut o.latency,
+        &mut o.ports,
+        &mut o.events,
+    );
+    o
+}
+
+fn sh(cmd: &str) -> String {
+    let o = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(
+        o.status.success(),
+        "`{cmd}` failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+/// Upper bound of the bucket holding quantile `q`.
+fn quantile(l: &LatencyRec, q: f64) -> u64 {
+    let target = ((l.count as f64) * q).ceil().max(1.0) as u64;
+    let mut acc = 0;
+    for b in &l.buckets {
+        acc += b.count;
+        if acc >= target {
+            return 1u64 << b.index;
+        }
+    }
+    0
+}
+
+// ---- block ------------------------------------------------------------------------------------
+
+fn diskstats(dev: &str) -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/diskstats").unwrap();
+    for l in text.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() > 7 && f[2] == dev {
+            return (f[3].parse().unwrap(), f[7].parse().unwrap());
+        }
+    }
+    panic!("{dev} not in /proc/diskstats");
+}
+
+struct Loop {
+    dev: String,
+    file: String,
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
+
+#[test]
+fn block_histogram_counts_match_diskstats_on_a_loop_device() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !is_root() {
+        eprintln!("SKIP: needs root");
+        return;
+    }
+    let file = format!("/var/tmp/sonde-loop-{}.img", std::process::id());
+    sh(&format!("truncate -s 64M {file}"));
+    let dev = sh(&format!("losetup -f --show {file}"));
+    let lp = Loop {
+        dev: dev.clone(),
+        file,
+    };
+    let name = dev.trim_start_matches("/dev/").to_string();
+    // Let any scan the new device triggers finish before counting.
+    std::thread::sleep(Duration::from_millis(300));
+    let Some(mut p) = probes("block") else {
+        return;
+    };
+    collect(&mut p, None); // prime
+    let t0 = Instant::now();
+    let before = diskstats(&name);
+    sh(&format!(
+        "dd if=/dev/zero of={dev} bs=4k count=3000 oflag=direct status=none && \
+         dd if={dev} of=/dev/null bs=4k count=3000 iflag=direct status=none && \
+         dd if={dev} of=/dev/null bs=64k count=300 skip=7 iflag=direct status=none"
+    ));
+    std::thread::sleep(Duration::from_millis(200));
+    let after = diskstats(&name);
+    let o = collect(&mut p, Some(t0.elapsed().as_secs_f64()));
+    let count = |suffix: &str| {
+        o.latency
+            .iter()
+            .find(|l| l.source == format!("disk:{name}:{suffix}"))
+            .map(|l| l.count)
+            .unwrap_or(0)
+    };
+    let (reads, writes) = (after.0 - before.0, after.1 - before.1);
+    let (h_reads, h_writes) = (count("read"), count("write"));
+    eprintln!(
+        "diskstats: {reads} reads, {writes} writes; histograms: {h_reads} reads, {h_writes} writes"
+    );
+    assert!(reads >= 3000 && writes >= 3000, "the I/O did not happen");
+    let total = (reads + writes) as f64;
+    let diff = (h_reads + h_writes) as f64 - total;
+    assert!(
+        diff.abs() <= total * 0.02,
+        "histogram total {} vs diskstats {} (more than 2% apart)",
+        h_reads + h_writes,
+        total
+    );
+    assert!((h_reads as f64 - reads as f64).abs() <= reads as f64 * 0.02);
+    // Request sizes: 3000 x 4 KiB + 300 x 64 KiB reads.
+    let sizes = o
+        .latency
+        .iter()
+        .find(|l| l.source == format!("disk:{name}:read_bytes"))
+        .expect("read size histogram");
+    assert_eq!(sizes.unit, "bytes");
+    let mean = sizes.sum as f64 / sizes.count as f64;
+    let expect = (3000.0 * 4096.0 + 300.0 * 65536.0) / 3300.0;
+    assert!(
+        (mean - expect).abs() < expect * 0.05,
+        "mean read size {mean} vs {expect}"
+    );
+    let lat = o
+        .latency
+        .iter()
+        .find(|l| l.source == format!("disk:{name}:read"))
+        .unwrap();
+    assert_eq!(lat.unit, "us");
+    assert!(lat.sum > 0 && quantile(lat, 0.99) >= quantile(lat, 0.5));
+    drop(lp);
+}
+
+// ---- run queue --------------------------------------------------------------------------------
+
+/// Sum of run_delay (ns, time spent runnable but waiting for a CPU) over every task on the
+/// system, from /proc/PID/task/TID/schedstat. The kernel keeps it only with schedstats or
+/// delay accounting on; the test turns delay accounting on for its duration.
+fn schedstat_run_delay_ns() -> u64 {
+    let mut sum = 0;
+    for p in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(tasks) = std::fs::read_dir(p.path().join("task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) {
+                sum += s
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    sum
+}
+
+/// Turns kernel.task_delayacct on while alive, restoring the old value after.
+struct DelayAcct(Option<String>);
+
+impl DelayAcct {
+    fn on() -> DelayAcct {
+        let path = "/proc/sys/kernel/task_delayacct";
+        let old = std::fs::read_to_string(path).ok();
+        if old.is_some() {
+            let _ = std::fs::write(path, "1");
+        }
+        DelayAcct(old)
+    }
+}
+
+impl Drop for DelayAcct {
+    fn drop(&mut self) {
+        if let Some(v) = &self.0 {
+            let _ = std::fs::write("/proc/sys/kernel/task_delayacct", v.trim());
+        }
+    }
+}
+
+#[test]
+fn runqueue_latency_rises_under_cpu_overload_and_agrees_with_schedstat() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut p) = probes("runqueue") else {
+        return;
+    };
+    collect(&mut p, None);
+    // Idle-ish: a few sleepers waking up keep the histogram non-empty.
+    let t0 = Instant::now();
+    for _ in 0..200 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let idle = collect(&mut p, Some(t0.elapsed().as_secs_f64()));
+    let idle = idle
+        .latency
+        .into_iter()
+        .find(|l| l.source == "runqueue")
+        .expect("runqueue histogram while idle");
+    // Overload: three spinners per CPU for 3 s.
+    let _acct = DelayAcct::on();
+    let ncpu = std::thread::available_parallelism().unwrap().get();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rd0 = schedstat_run_delay_ns();
+    let t1 = Instant::now();
+    let spinners: Vec<_> = (0..ncpu * 3)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    std::hint::black_box(x);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    // Read the spinners' accounting while they still exist.
+    let rd = schedstat_run_delay_ns().saturating_sub(rd0);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for s in spinners {
+        s.join().unwrap();
+    }
+    let busy = collect(&mut p, Some(t1.elapsed().as_secs_f64()));
+    let busy = busy
+        .latency
+        .into_iter()
+        .find(|l| l.source == "runqueue")
+        .expect("runqueue histogram under load");
+    let (p99_idle, p99_busy) = (quantile(&idle, 0.99), quantile(&busy, 0.99));
+    eprintln!(
+        "idle: n={} p99<{}us; overload: n={} p99<{}us sum={}us; schedstat run_delay {}us",
+        idle.count,
+        p99_idle,
+        busy.count,
+        p99_busy,
+        busy.sum,
+        rd / 1000
+    );
+    assert!(busy.count > 0);
+    assert!(
+        p99_busy > p99_idle,
+        "p99 under overload ({p99_busy} us) not above idle ({p99_idle} us)"
+    );
+    // Same order of magnitude as the kernel's own accounting.
+    let ratio = busy.sum as f64 / (rd as f64 / 1000.0).max(1.0);
+    assert!(
+        (0.1..=10.0).contains(&ratio),
+        "histogram wait {} us vs schedstat {} us (ratio {ratio:.2})",
+        busy.sum,
+        rd / 1000
+    );
+}
+
+// ---- TCP --------------------------------------------------------------------------------------
+
+struct Netns(Vec<String>);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+fn snmp_retrans(ns: &str) -> u64 {
+    let text = sh(&format!("ip netns exec {ns} cat /proc/net/snmp"));
+    let mut lines = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let (h, v) = (lines.next().unwrap(), lines.next().unwrap());
+    let i = h
+        .split_whitespace()
+        .position(|x| x == "RetransSegs")
+        .unwrap();
+    v.split_whitespace().nth(i).unwrap().parse().unwrap()
+}
+
+/// Runs `f` on a thread that has entered network namespace `ns`.
+fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let fd = std::fs::File::open(&path).unwrap();
+        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+}
+
+#[test]
+fn tcp_retransmits_match_snmp_under_packet_loss_between_namespaces() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !is_root() {
+        eprintln!("SKIP: needs root");
+        return;
+    }
+    let id = std::process::id() % 100000;
+    let (a, b) = (format!("sondeA{id}"), format!("sondeB{id}"));
+    let _ns = Netns(vec![a.clone(), b.clone()]);
+    sh(&format!("ip netns add {a} && ip netns add {b}"));
+    sh(&format!(
+        "ip link add sva{id} netns {a} type veth peer name svb{id} netns {b} && \
+         ip -n {a} addr add 10.231.0.1/24 dev sva{id} && ip -n {b} addr add 10.231.0.2/24 dev svb{id} && \
+         ip -n {a} link set sva{id} up && ip -n {b} link set svb{id} up && \
+         ip -n {a} link set lo up && ip -n {b} link set lo up"
+    ));
+    // One segment per skb, so per-skb tracepoint hits and per-segment MIB counts agree.
+    sh(&format!(
+        "ip netns exec {a} ethtool -K sva{id} tso off gso off >/dev/null && \
+         ip netns exec {b} ethtool -K svb{id} tso off gso off gro off >/dev/null"
+    ));
+    if Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ip netns exec {a} iptables -A OUTPUT -p tcp --dport 5201 -m statistic --mode random --probability 0.03 -j DROP"
+        ))
+        .status()
+        .map(|s| !s.success())
+        .unwrap_or(true)
+    {
+        eprintln!("SKIP: iptables statistic match refused in a namespace on this kernel");
+        return;
+    }
+    let Some(mut p) = probes("tcp") else {
+        return;
+    };
+    let server = in_netns(&b, || {
+        let l = std::net::TcpListener::bind("10.231.0.2:5201").unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        let mut sink = std::io::sink();
+        std::io::copy(&mut s, &mut sink).unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    collect(&mut p, None);
+    let (ra, rb) = (snmp_retrans(&a), snmp_retrans(&b));
+    let t0 = Instant::now();
+    let client = in_netns(&a, || {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect("10.231.0.2:5201").unwrap();
+        let chunk = vec![7u8; 64 * 1024];
+        let until = Instant::now() + Duration::from_secs(3);
+        let mut sent = 0u64;
+        while Instant::now() < until {
+            s.write_all(&chunk).unwrap();
+            sent += chunk.len() as u64;
+        }
+        sent
+    });
+    let sent = client.join().unwrap();
+    let got = server.join().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let secs = t0.elapsed().as_secs_f64();
+    let o = collect(&mut p, Some(secs));
+    let snmp = (snmp_retrans(&a) - ra) + (snmp_retrans(&b) - rb);
+    let pr = o.probes.expect("probe counters");
+    let probe = (pr.retransmits_per_s as f64 * secs).round();
+    let by_port: u32 = o
+        .ports
+        .iter()
+        .filter(|p| p.port == 5201)
+        .map(|p| p.retransmits)
+        .sum();
+    eprintln!(
+        "sent {sent} B, received {got} B; RetransSegs delta {snmp}; probe {probe} (port 5201: {by_port}); failed {}",
+        p.counter(sensor_common::counter::TCP_RETRANS_FAILED)
+    );
+    assert_eq!(sent, got);
+    assert!(snmp > 20, "too few retransmissions to compare ({snmp})");
+    assert!(
+        (probe - snmp as f64).abs() <= snmp as f64 * 0.10,
+        "probe retransmits {probe} vs /proc/net/snmp {snmp}: more than 10% apart"
+    );
+    assert!((by_port as f64 - snmp as f64).abs() <= snmp as f64 * 0.10);
+}
+
+// ---- OOM --------------------------------------------------------------------------------------
+
+#[test]
+fn oom_kill_in_a_memory_limited_cgroup_is_an_event() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !is_root() {
+        eprintln!("SKIP: needs root");
+        return;
+    }
+    let (base, v1) = if std::path::Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists()
+    {
+        ("/sys/fs/cgroup/memory", true)
+    } else if std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        ("/sys/fs/cgroup", false)
+    } else {
+        eprintln!("SKIP: no memory cgroup controller mounted");
+        return;
+    };
+    let cg = format!("{base}/sonde-oom-test-{}", std::process::id());
+    std::fs::create_dir(&cg).unwrap();
+    struct Rm(String);
+    impl Drop for Rm {
+        fn drop(&mut self) {
+            for _ in 0..50 {
+                if std::fs::remove_dir(&self.0).is_ok() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    let _rm = Rm(cg.clone());
+    if v1 {
+        std::fs::write(format!("{cg}/memory.limit_in_bytes"), "32M").unwrap();
+        let _ = std::fs::write(format!("{cg}/memory.memsw.limit_in_bytes"), "32M");
+    } else {
+        std::fs::write(format!("{cg}/memory.max"), "32M").unwrap();
+        let _ = std::fs::write(format!("{cg}/memory.swap.max"), "0");
+    }
+    let Some(mut p) = probes("oom") else {
+        return;
+    };
+    collect(&mut p, None);
+    // `tail /dev/zero` buffers an endless line: it grows until the cgroup's OOM killer acts.
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {cg}/cgroup.procs && exec tail /dev/zero"
+        ))
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut events = Vec::new();
+    let mut oom_kills = 0;
+    let t0 = Instant::now();
+    while Instant::now() < deadline {
+        p.drain_events(); // as the sensor does when the ring buffer wakes it
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let status = child.wait().unwrap();
+    let o = collect(&mut p, Some(t0.elapsed().as_secs_f64()));
+    events.extend(o.events);
+    if let Some(pr) = o.probes {
+        oom_kills += pr.oom_kills;
+    }
+    eprintln!("child {pid} ended: {status:?}; events: {events:?}");
+    let e = events
+        .iter()
+        .find(|e| e.pid == pid)
+        .unwrap_or_else(|| panic!("no oom_kill event for pid {pid}: {events:?}"));
+    assert_eq!(e.kind, "oom_kill");
+    assert_eq!(e.comm, "tail");
+    assert!(e.detail.contains("anon_rss_kb="), "{}", e.detail);
+    // The kernel log (readable as root) names the victim's memory cgroup.
+    assert_eq!(
+        e.cgroup,
+        format!("/sonde-oom-test-{}", std::process::id()),
+        "cgroup of the victim"
+    );
+    assert!(
+        e.detail.contains("constraint=CONSTRAINT_MEMCG"),
+        "{}",
+        e.detail
+    );
+    assert!(oom_kills >= 1);
+}
+
+// ---- process churn ----------------------------------------------------------------------------
+
+#[test]
+fn process_churn_counts_execs_exits_and_short_lived() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut p) = probes("process") else {
+        return;
+    };
+    collect(&mut p, None);
+    let t0 = Instant::now();
+    for _ in 0..50 {
+        Command::new("true").status().unwrap();
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let o = collect(&mut p, Some(secs));
+    let pr = o.probes.unwrap();
+    let (execs, exits, short) = (
+        (pr.execs_per_s as f64 * secs).round(),
+        (pr.exits_per_s as f64 * secs).round(),
+        (pr.short_lived_per_s as f64 * secs).round(),
+    );
+    eprintln!("execs {execs}, exits {exits}, short-lived {short}");
+    assert!(execs >= 50.0, "{execs}");
+    assert!(exits >= 50.0, "{exits}");
+    assert!(short >= 50.0, "{short}");
+}
