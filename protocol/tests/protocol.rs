@@ -52,6 +52,36 @@ fn sample_batch(seq: u64, snaps: usize) -> Batch {
             retrans_segs_per_s: 0.2,
             ..Default::default()
         },
+        probes: Some(ProbeRec {
+            execs_per_s: 4.0,
+            oom_kills: 1,
+            ..Default::default()
+        }),
+        latency: vec![LatencyRec {
+            source: "runqueue".into(),
+            unit: "us".into(),
+            count: 12,
+            sum: 340,
+            buckets: vec![
+                BucketRec {
+                    index: 3,
+                    count: 10,
+                },
+                BucketRec { index: 7, count: 2 },
+            ],
+        }],
+        tcp_ports: vec![PortRec {
+            port: 443,
+            retransmits: 3,
+        }],
+        events: vec![EventRec {
+            kind: "oom_kill".into(),
+            ts_ms: 1_700_000_000_500,
+            pid: 4242,
+            comm: "tail".into(),
+            cgroup: "/x".into(),
+            detail: "anon_rss_kb=1".into(),
+        }],
     };
     Batch {
         host: "web-1".into(),
