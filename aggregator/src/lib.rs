@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod config;
+pub mod detect;
 pub mod ingest;
 pub mod metrics;
 pub mod store;

@@ -207,7 +207,7 @@ pub struct BatchRow<'a> {
     pub bytes: u32,
 }
 
-fn cpu_name(id: u32) -> &'static str {
+pub fn cpu_name(id: u32) -> &'static str {
     static NAMES: OnceLock<Vec<String>> = OnceLock::new();
     if id == CPU_TOTAL {
         return "total";

@@ -1,0 +1,584 @@
+//! Detect stage: rules evaluated on the live stream of decoded batches (and, with the same
+//! code, over history in `aggregator backtest`). One state per rule × series; the alert
+//! lifecycle is pending → firing → resolved, with `for`, repeats and a stable alert id.
+
+pub mod detectors;
+pub mod rules;
+pub mod series;
+
+use detectors::{Detector, Severity, Verdict};
+use protocol::Batch;
+use rules::{Rule, RuleKind};
+use std::collections::HashMap;
+use std::hash::Hasher;
+
+/// Shell-style glob with `*` and `?`.
+pub fn glob(pattern: &str, s: &str) -> bool {
+    fn m(p: &[u8], s: &[u8]) -> bool {
+        match (p.first(), s.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => m(&p[1..], s) || (!s.is_empty() && m(p, &s[1..])),
+            (Some(b'?'), Some(_)) => m(&p[1..], &s[1..]),
+            (Some(a), Some(b)) if a == b => m(&p[1..], &s[1..]),
+            _ => false,
+        }
+    }
+    m(pattern.as_bytes(), s.as_bytes())
+}
+
+/// FNV-1a: a fixed hash, so alert ids are the same live, in backtests and across restarts.
+struct Fnv(u64);
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= *b as u64;
+            self.0 = self.0.wrapping_mul(0x100000001b3);
+        }
+    }
+}
+fn fnv() -> Fnv {
+    Fnv(0xcbf29ce484222325)
+}
+
+/// A transition of an alert (or a repeat of a firing one).
+#[derive(Debug, Clone, serde::Serialize, PartialEq)]
+pub struct AlertEvent {
+    /// Stable for one alert from its start to its resolution: hash of rule, labels, start.
+    pub id: String,
+    pub rule: String,
+    /// "pending", "firing", "resolved" (and "cleared": pending that never fired).
+    pub state: &'static str,
+    pub severity: &'static str,
+    pub host: String,
+    /// Series labels, including `host` and `series` (table.column).
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+    pub threshold: Option<f64>,
+    /// Statistical rules: the detector's score (z-like); None for threshold rules.
+    pub score: Option<f64>,
+    pub starts_at_ms: u64,
+    pub ends_at_ms: Option<u64>,
+    /// When this event was produced (sample time).
+    pub at_ms: u64,
+    /// True when this is a re-notification of a still-firing alert (not a transition).
+    pub repeat: bool,
+    pub summary: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Phase {
+    Inactive,
+    Pending { since: u64 },
+    Firing { since: u64, last_sent: u64 },
+}
+
+struct SeriesState {
+    rule: usize,
+    host: String,
+    labels: Vec<(String, String)>,
+    det: Option<Detector>,
+    phase: Phase,
+    severity: Severity,
+    last_value: f64,
+    last_verdict: Option<Verdict>,
+    last_seen_ms: u64,
+}
+
+impl SeriesState {
+    fn bytes(&self) -> usize {
+        std::mem::size_of::<SeriesState>()
+            + self.host.capacity()
+            + self
+                .labels
+                .iter()
+                .map(|(k, v)| 48 + k.capacity() + v.capacity())
+                .sum::<usize>()
+            + self.det.as_ref().map_or(0, |d| d.state_bytes())
+    }
+}
+
+/// The live detection engine.
+pub struct Engine {
+    rules: Vec<Rule>,
+    series: HashMap<u64, SeriesState>,
+    /// Host → (last batch time ms, the host_silent alert states per rule).
+    hosts: HashMap<String, u64>,
+    host_alerts: HashMap<(usize, String), SeriesState>,
+    pub evaluations: u64,
+}
+
+fn series_key(rule: &Rule, host: &str, labels: &[(&str, &str)]) -> u64 {
+    let mut h = fnv();
+    h.write(rule.name.as_bytes());
+    h.write(&[0]);
+    h.write(host.as_bytes());
+    for (k, v) in labels {
+        h.write(&[0]);
+        h.write(k.as_bytes());
+        h.write(&[1]);
+        h.write(v.as_bytes());
+    }
+    h.finish()
+}
+
+fn alert_id(rule: &str, labels: &[(String, String)], start: u64) -> String {
+    let mut h = fnv();
+    h.write(rule.as_bytes());
+    for (k, v) in labels {
+        h.write(&[0]);
+        h.write(k.as_bytes());
+        h.write(&[1]);
+        h.write(v.as_bytes());
+    }
+    h.write(&start.to_le_bytes());
+    format!("{:016x}", h.finish())
+}
+
+fn matches(rule: &Rule, host: &str, labels: &[(&str, &str)]) -> bool {
+    rule.labels.iter().all(|(k, pat)| {
+        if k == "host" {
+            return glob(pat, host);
+        }
+        labels
+            .iter()
+            .find(|(n, _)| n == k)
+            .is_some_and(|(_, v)| glob(pat, v))
+    })
+}
+
+impl Engine {
+    pub fn new(rules: Vec<Rule>) -> Engine {
+        Engine {
+            rules,
+            series: HashMap::new(),
+            hosts: HashMap::new(),
+            host_alerts: HashMap::new(),
+            evaluations: 0,
+        }
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// Replaces the rules. Series of rules whose definition did not change keep their
+    /// detector and alert state; the others start fresh (firing alerts of removed or changed
+    /// rules are resolved).
+    pub fn reload(&mut self, rules: Vec<Rule>, now_ms: u64, out: &mut Vec<AlertEvent>) {
+        let map: Vec<Option<usize>> = self
+            .rules
+            .iter()
+            .map(|old| rules.iter().position(|r| r == old))
+            .collect();
+        let old_series = std::mem::take(&mut self.series);
+        for (k, mut s) in old_series {
+            match map[s.rule] {
+                Some(n) => {
+                    s.rule = n;
+                    self.series.insert(k, s);
+                }
+                None => {
+                    if let Phase::Firing { since, .. } = s.phase {
+                        out.push(self.event(&s, "resolved", since, Some(now_ms), now_ms, false));
+                    }
+                }
+            }
+        }
+        let old_hosts = std::mem::take(&mut self.host_alerts);
+        for ((r, h), mut s) in old_hosts {
+            if let Some(n) = map[r] {
+                s.rule = n;
+                self.host_alerts.insert((n, h), s);
+            }
+        }
+        self.rules = rules;
+    }
+
+    fn event(
+        &self,
+        s: &SeriesState,
+        state: &'static str,
+        since: u64,
+        end: Option<u64>,
+        at: u64,
+        repeat: bool,
+    ) -> AlertEvent {
+        let rule = &self.rules[s.rule.min(self.rules.len().saturating_sub(1))];
+        let v = s.last_verdict;
+        let statistical = matches!(rule.kind, RuleKind::Ewma { .. } | RuleKind::Mad { .. });
+        AlertEvent {
+            id: alert_id(&rule.name, &s.labels, since),
+            rule: rule.name.clone(),
+            state,
+            severity: s.severity.as_str(),
+            host: s.host.clone(),
+            labels: s.labels.clone(),
+            value: s.last_value,
+            threshold: v.and_then(|v| v.threshold),
+            score: if statistical {
+                v.map(|v| v.score)
+            } else {
+                None
+            },
+            starts_at_ms: since,
+            ends_at_ms: end,
+            at_ms: at,
+            repeat,
+            summary: rule.summary.clone(),
+        }
+    }
+
+    /// The lifecycle step shared by every rule kind.
+    fn step(
+        &self,
+        s: &mut SeriesState,
+        breach: Option<Severity>,
+        ts: u64,
+        out: &mut Vec<AlertEvent>,
+    ) {
+        let rule = &self.rules[s.rule];
+        let for_ms = rule.for_.as_millis() as u64;
+        match (s.phase, breach) {
+            (Phase::Inactive, None) => {}
+            (Phase::Inactive, Some(sev)) => {
+                s.severity = sev;
+                if for_ms == 0 {
+                    s.phase = Phase::Firing {
+                        since: ts,
+                        last_sent: ts,
+                    };
+                    out.push(self.event(s, "firing", ts, None, ts, false));
+                } else {
+                    s.phase = Phase::Pending { since: ts };
+                    out.push(self.event(s, "pending", ts, None, ts, false));
+                }
+            }
+            (Phase::Pending { since }, Some(sev)) => {
+                s.severity = s.severity.max(sev);
+                if ts.saturating_sub(since) >= for_ms {
+                    s.phase = Phase::Firing {
+                        since,
+                        last_sent: ts,
+                    };
+                    out.push(self.event(s, "firing", since, None, ts, false));
+                }
+            }
+            (Phase::Pending { since }, None) => {
+                s.phase = Phase::Inactive;
+                out.push(self.event(s, "cleared", since, Some(ts), ts, false));
+            }
+            (Phase::Firing { since, last_sent }, Some(sev)) => {
+                let escalated = sev > s.severity;
+                s.severity = sev;
+                let due = ts.saturating_sub(last_sent) >= rule.repeat.as_millis() as u64;
+                if escalated || due {
+                    s.phase = Phase::Firing {
+                        since,
+                        last_sent: ts,
+                    };
+                    out.push(self.event(s, "firing", since, None, ts, !escalated));
+                }
+            }
+            (Phase::Firing { since, .. }, None) => {
+                s.phase = Phase::Inactive;
+                out.push(self.event(s, "resolved", since, Some(ts), ts, false));
+            }
+        }
+    }
+
+    /// Evaluates one sample of one rule's series.
+    pub fn observe(
+        &mut self,
+        rule_idx: usize,
+        host: &str,
+        labels: &[(&str, &str)],
+        ts_ms: u64,
+        value: f64,
+        out: &mut Vec<AlertEvent>,
+    ) {
+        let rule = &self.rules[rule_idx];
+        if !matches(rule, host, labels) {
+            return;
+        }
+        let key = series_key(rule, host, labels);
+        let mut s = match self.series.remove(&key) {
+            Some(s) => s,
+            None => {
+                let mut l: Vec<(String, String)> = vec![("host".into(), host.into())];
+                l.extend(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+                if let Some(sp) = &rule.series {
+                    l.push(("series".into(), sp.name()));
+                }
+                SeriesState {
+                    rule: rule_idx,
+                    host: host.to_string(),
+                    labels: l,
+                    det: rule.new_detector(),
+                    phase: Phase::Inactive,
+                    severity: Severity::Warning,
+                    last_value: 0.0,
+                    last_verdict: None,
+                    last_seen_ms: ts_ms,
+                }
+            }
+        };
+        self.evaluations += 1;
+        s.last_seen_ms = ts_ms;
+        s.last_value = value;
+        match &mut s.det {
+            Some(d) => {
+                let v = d.eval(value);
+                s.last_verdict = Some(v);
+                self.step(&mut s, v.breach, ts_ms, out);
+            }
+            None => {
+                // An absence rule: the series is present now.
+                if let Phase::Firing { .. } | Phase::Pending { .. } = s.phase {
+                    self.step(&mut s, None, ts_ms, out);
+                }
+            }
+        }
+        self.series.insert(key, s);
+    }
+
+    /// Evaluates every rule on every snapshot of a batch from `host`.
+    pub fn observe_batch(
+        &mut self,
+        host: &str,
+        batch: &Batch,
+        now_ms: u64,
+        out: &mut Vec<AlertEvent>,
+    ) {
+        self.host_seen(host, now_ms, out);
+        let mut samples: Vec<(usize, Vec<(&'static str, String)>, f64)> = Vec::new();
+        for snap in &batch.snapshots {
+            for (i, r) in self.rules.iter().enumerate() {
+                let Some(sp) = &r.series else { continue };
+                sp.for_each(snap, |labels, v| {
+                    samples.push((
+                        i,
+                        labels.iter().map(|(k, v)| (*k, v.to_string())).collect(),
+                        v,
+                    ))
+                });
+            }
+            for (i, labels, v) in samples.drain(..) {
+                let l: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                self.observe(i, host, &l, snap.ts_ms, v, out);
+            }
+        }
+    }
+
+    /// A host was heard from (live: a batch arrived).
+    pub fn host_seen(&mut self, host: &str, now_ms: u64, out: &mut Vec<AlertEvent>) {
+        self.hosts.insert(host.to_string(), now_ms);
+        let keys: Vec<(usize, String)> = self
+            .host_alerts
+            .keys()
+            .filter(|(_, h)| h == host)
+            .cloned()
+            .collect();
+        for k in keys {
+            let mut s = self.host_alerts.remove(&k).unwrap();
+            if !matches!(s.phase, Phase::Inactive) {
+                self.step(&mut s, None, now_ms, out);
+            }
+            self.host_alerts.insert(k, s);
+        }
+    }
+
+    /// Checks absence rules against the clock (live: every second; backtest: at each sample).
+    pub fn tick(&mut self, now_ms: u64, out: &mut Vec<AlertEvent>) {
+        for (ri, rule) in self.rules.iter().enumerate() {
+            match rule.kind {
+                RuleKind::HostSilent { severity } => {
+                    for (host, &last) in &self.hosts {
+                        if !matches(rule, host, &[]) {
+                            continue;
+                        }
+                        let silent = now_ms.saturating_sub(last) >= rule.for_.as_millis() as u64;
+                        let key = (ri, host.clone());
+                        let s = self.host_alerts.entry(key).or_insert_with(|| SeriesState {
+                            rule: ri,
+                            host: host.clone(),
+                            labels: vec![("host".into(), host.clone())],
+                            det: None,
+                            phase: Phase::Inactive,
+                            severity,
+                            last_value: 0.0,
+                            last_verdict: None,
+                            last_seen_ms: last,
+                        });
+                        if silent && matches!(s.phase, Phase::Inactive) {
+                            s.severity = severity;
+                            s.last_value = now_ms.saturating_sub(last) as f64 / 1000.0;
+                            // Silent since the last batch: the alert starts then.
+                            s.phase = Phase::Firing {
+                                since: last,
+                                last_sent: now_ms,
+                            };
+                        }
+                    }
+                }
+                RuleKind::Absent { severity } => {
+                    for s in self.series.values_mut().filter(|s| s.rule == ri) {
+                        if matches!(s.phase, Phase::Inactive)
+                            && now_ms.saturating_sub(s.last_seen_ms) >= rule.for_.as_millis() as u64
+                        {
+                            s.severity = severity;
+                            s.phase = Phase::Firing {
+                                since: s.last_seen_ms,
+                                last_sent: now_ms,
+                            };
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Emit the firing events for what just started (done after the loops for borrows).
+        let mut fired = Vec::new();
+        for s in self.host_alerts.values().chain(self.series.values()) {
+            if let Phase::Firing { since, last_sent } = s.phase {
+                if last_sent == now_ms && self.rules[s.rule].is_absence() {
+                    fired.push(self.event(s, "firing", since, None, now_ms, false));
+                }
+            }
+        }
+        out.extend(fired);
+    }
+
+    /// Number of series with state, and their approximate memory.
+    pub fn state_size(&self) -> (usize, usize) {
+        let n = self.series.len() + self.host_alerts.len();
+        let b = self
+            .series
+            .values()
+            .chain(self.host_alerts.values())
+            .map(|s| s.bytes())
+            .sum();
+        (n, b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(text: &str) -> Vec<Rule> {
+        rules::parse_rules("t.toml", text).unwrap()
+    }
+
+    #[test]
+    fn lifecycle_pending_firing_repeat_resolved_with_stable_id() {
+        let mut e = Engine::new(rules(
+            "[[rule]]\nname = \"busy\"\nkind = \"threshold\"\nseries = \"cpu.busy\"\ncritical = 80\nfor = \"5s\"\nrepeat = \"10s\"\n",
+        ));
+        let mut out = Vec::new();
+        let l = [("cpu", "total")];
+        for t in 0..30u64 {
+            let v = if (3..20).contains(&t) { 95.0 } else { 10.0 };
+            e.observe(0, "h1", &l, t * 1000, v, &mut out);
+        }
+        let states: Vec<(&str, u64, bool)> = out
+            .iter()
+            .map(|a| (a.state, a.at_ms / 1000, a.repeat))
+            .collect();
+        assert_eq!(
+            states,
+            vec![
+                ("pending", 3, false),
+                ("firing", 8, false),
+                ("firing", 18, true),
+                ("resolved", 20, false)
+            ]
+        );
+        let id = out[1].id.clone();
+        assert!(out[1..].iter().all(|a| a.id == id));
+        assert_eq!(out[3].ends_at_ms, Some(20_000));
+        assert_eq!(out[1].starts_at_ms, 3000);
+        assert_eq!(out[1].severity, "critical");
+        assert!(out[1]
+            .labels
+            .contains(&("series".into(), "cpu.busy".into())));
+        // A second episode gets another id.
+        for t in 40..50u64 {
+            e.observe(0, "h1", &l, t * 1000, 99.0, &mut out);
+        }
+        assert_ne!(out.last().unwrap().id, id);
+    }
+
+    #[test]
+    fn label_globs_select_series() {
+        let mut e = Engine::new(rules(
+            "[[rule]]\nname = \"d\"\nkind = \"threshold\"\nseries = \"disk.util_pct\"\nwarning = 50\nlabels = { device = \"sd*\", host = \"db-*\" }\n",
+        ));
+        let mut out = Vec::new();
+        e.observe(0, "db-1", &[("device", "sda")], 0, 90.0, &mut out);
+        e.observe(0, "db-1", &[("device", "nvme0n1")], 0, 90.0, &mut out);
+        e.observe(0, "web-1", &[("device", "sda")], 0, 90.0, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].host, "db-1");
+    }
+
+    #[test]
+    fn host_silent_fires_and_resolves() {
+        let mut e = Engine::new(rules(
+            "[[rule]]\nname = \"silent\"\nkind = \"host_silent\"\nfor = \"30s\"\n",
+        ));
+        let mut out = Vec::new();
+        e.host_seen("h", 0, &mut out);
+        e.tick(10_000, &mut out);
+        assert!(out.is_empty());
+        e.tick(31_000, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].state, "firing");
+        assert_eq!(out[0].starts_at_ms, 0);
+        e.tick(32_000, &mut out);
+        assert_eq!(out.len(), 1, "fires once");
+        e.host_seen("h", 40_000, &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[1].state, "resolved");
+        assert_eq!(out[1].id, out[0].id);
+    }
+
+    #[test]
+    fn reload_keeps_state_of_unchanged_rules() {
+        let text = "[[rule]]\nname = \"a\"\nkind = \"ewma\"\nseries = \"cpu.busy\"\nwarmup = 10\n\n[[rule]]\nname = \"b\"\nkind = \"threshold\"\nseries = \"cpu.busy\"\nwarning = 50\n";
+        let mut e = Engine::new(rules(text));
+        let mut out = Vec::new();
+        for t in 0..20u64 {
+            e.observe(
+                0,
+                "h",
+                &[("cpu", "total")],
+                t * 1000,
+                10.0 + (t % 3) as f64,
+                &mut out,
+            );
+            e.observe(1, "h", &[("cpu", "total")], t * 1000, 60.0, &mut out);
+        }
+        assert_eq!(out.iter().filter(|a| a.state == "firing").count(), 1);
+        // Reload with rule b changed: its firing alert resolves; rule a keeps its warm state.
+        let changed = text.replace("warning = 50", "warning = 70");
+        e.reload(rules(&changed), 21_000, &mut out);
+        assert_eq!(out.last().unwrap().state, "resolved");
+        let before = out.len();
+        // Rule a is warm: a spike alerts at once (no new warm-up).
+        e.observe(0, "h", &[("cpu", "total")], 22_000, 95.0, &mut out);
+        assert_eq!(out.len(), before + 1);
+        assert_eq!(out.last().unwrap().rule, "a");
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob("web-*", "web-12"));
+        assert!(glob("*", ""));
+        assert!(glob("sd?", "sda"));
+        assert!(!glob("sd?", "sda1"));
+        assert!(glob("disk:*:write", "disk:sda:write"));
+    }
+}
