@@ -24,6 +24,10 @@ pub struct Config {
     pub log_format: String,
     pub clickhouse: ClickHouseConfig,
     pub limits: LimitsConfig,
+    /// Detection rules file (TOML); none = no detection.
+    pub rules: Option<PathBuf>,
+    /// Where alerts go.
+    pub alerting: crate::alert::AlertingConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -71,6 +75,8 @@ impl Default for Config {
             log_format: "text".into(),
             clickhouse: ClickHouseConfig::default(),
             limits: LimitsConfig::default(),
+            rules: None,
+            alerting: Default::default(),
         }
     }
 }

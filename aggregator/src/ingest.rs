@@ -122,6 +122,8 @@ pub fn peer_host(conn: &quinn::Connection) -> Option<String> {
 
 pub struct Ingest {
     pub tx: mpsc::Sender<Job>,
+    /// Decoded batches for live detection (None when no rules are configured).
+    pub detect: Option<mpsc::Sender<crate::detect::live::Arrival>>,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     pub in_flight: AtomicUsize,
@@ -238,6 +240,16 @@ async fn stream(
         .bytes_received
         .fetch_add(buf.len() as u64, Relaxed);
     let seq = batch.seq;
+    if let Some(d) = &ingest.detect {
+        let a = crate::detect::live::Arrival {
+            host: host.clone(),
+            batch: Arc::new(batch.clone()),
+            at: std::time::Instant::now(),
+        };
+        if d.try_send(a).is_err() {
+            ingest.metrics.detect_dropped.fetch_add(1, Relaxed);
+        }
+    }
     let (tx, rx) = oneshot::channel();
     let job = Job {
         host: host.clone(),

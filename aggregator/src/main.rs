@@ -41,6 +41,19 @@ struct Cli {
 enum Cmd {
     /// Run the aggregator until SIGTERM or Ctrl-C.
     Run(RunArgs),
+    /// Check a rules file and print what it defines; errors name the file, line and field.
+    CheckRules {
+        /// The rules file (TOML).
+        file: PathBuf,
+    },
+    /// Replay history through the rules with the live detector code and print the alerts
+    /// that would have fired.
+    ///
+    /// History comes from a CSV file (`timestamp,value` at least; timestamps in Unix
+    /// seconds, milliseconds or RFC 3339; extra columns become labels, a `host` column names
+    /// the host) — every rule with a series is applied to the CSV's value — or from
+    /// ClickHouse (--host, --from, --to), where each rule reads its own series.
+    Backtest(sonde_aggregator::detect::backtest::Args),
     /// Print the DDL this build would create, for a given server version.
     Schema {
         /// ClickHouse version to generate for (e.g. 18.16.1 or 26.9).
@@ -92,6 +105,9 @@ struct RunArgs {
     /// ClickHouse database (created if missing).
     #[arg(long, env = "SONDE_CLICKHOUSE_DATABASE", value_name = "NAME")]
     clickhouse_database: Option<String>,
+    /// Detection rules file (TOML). Checked at start; reloaded on SIGHUP.
+    #[arg(long, env = "SONDE_RULES", value_name = "FILE")]
+    rules: Option<PathBuf>,
 }
 
 fn main() {
@@ -129,7 +145,32 @@ fn real_main(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::CheckRules { file } => {
+            let rules = sonde_aggregator::detect::rules::load_rules(&file)?;
+            println!("{}: {} rules OK", file.display(), rules.len());
+            for r in &rules {
+                println!(
+                    "  {:<28} {:<12} {:<28} for {:?}",
+                    r.name,
+                    format!("{:?}", r.kind)
+                        .split([' ', '{'])
+                        .next()
+                        .unwrap_or(""),
+                    r.series
+                        .as_ref()
+                        .map(|s| s.name())
+                        .unwrap_or_else(|| "-".into()),
+                    r.for_
+                );
+            }
+            Ok(())
+        }
+        Cmd::Backtest(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(sonde_aggregator::detect::backtest::run(args, &cfg)),
         Cmd::Run(a) => {
+            cfg.rules = a.rules.or(cfg.rules);
             cfg.listen = a.listen.unwrap_or(cfg.listen);
             cfg.http_listen = a.http_listen.unwrap_or(cfg.http_listen);
             cfg.ca = a.ca.unwrap_or(cfg.ca);
@@ -166,6 +207,26 @@ fn init_logs(format: &str) {
 
 async fn run(cfg: Config) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
+    let rules = match &cfg.rules {
+        Some(p) => Some(sonde_aggregator::detect::rules::load_rules(p)?),
+        None => None,
+    };
+    for w in &cfg.alerting.webhook {
+        if !w.url.starts_with("http://") && !w.url.starts_with("https://") {
+            anyhow::bail!(
+                "alerting.webhook.url: {:?} must be an http:// or https:// URL",
+                w.url
+            );
+        }
+    }
+    for a in &cfg.alerting.alertmanager {
+        if !a.url.starts_with("http://") && !a.url.starts_with("https://") {
+            anyhow::bail!(
+                "alerting.alertmanager.url: {:?} must be an http:// or https:// URL",
+                a.url
+            );
+        }
+    }
     // Everything that can be wrong with the configuration fails here, before anything runs.
     let server_cfg = ingest::server_config(
         &cfg.ca,
@@ -207,10 +268,43 @@ async fn run(cfg: Config) -> Result<()> {
     };
     let writer = tokio::spawn(writer::run(store.clone(), rx, metrics.clone(), wcfg));
 
+    // Detection and alerting.
+    let mut reload_tx = None;
+    let detect = match rules {
+        Some(rules) => {
+            let (atx, arx) = tokio::sync::mpsc::channel(10_000);
+            tokio::spawn(sonde_aggregator::detect::live::store_alerts(
+                store.clone(),
+                arx,
+            ));
+            let alerter =
+                sonde_aggregator::alert::Alerter::start(&cfg.alerting, Some(atx), metrics.clone());
+            let (dtx, drx) = tokio::sync::mpsc::channel(4096);
+            let (rtx, rrx) = tokio::sync::mpsc::channel(4);
+            reload_tx = Some(rtx);
+            tracing::info!(
+                rules = rules.len(),
+                webhooks = cfg.alerting.webhook.len(),
+                alertmanagers = cfg.alerting.alertmanager.len(),
+                "detection on"
+            );
+            tokio::spawn(sonde_aggregator::detect::live::run(
+                sonde_aggregator::detect::Engine::new(rules),
+                drx,
+                rrx,
+                alerter,
+                metrics.clone(),
+            ));
+            Some(dtx)
+        }
+        None => None,
+    };
+
     let endpoint = quinn::Endpoint::server(server_cfg, listen)
         .with_context(|| format!("listen: cannot bind UDP {listen}"))?;
     let ingest_state = Arc::new(ingest::Ingest {
         tx,
+        detect,
         metrics: metrics.clone(),
         limits: cfg.limits.protocol(),
         in_flight: Default::default(),
@@ -252,9 +346,22 @@ async fn run(cfg: Config) -> Result<()> {
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                // Reload the rules; a broken file keeps the running rules.
+                match (&cfg.rules, &reload_tx) {
+                    (Some(p), Some(tx)) => match sonde_aggregator::detect::rules::load_rules(p) {
+                        Ok(r) => { let _ = tx.send(r).await; }
+                        Err(e) => tracing::error!(error = %format!("{e:#}"), "SIGHUP: rules not reloaded; keeping the running ones"),
+                    },
+                    _ => tracing::info!("SIGHUP: no rules file configured"),
+                }
+            }
+        }
     }
     tracing::info!("stopping: no new connections; finishing in-flight batches");
     let _ = stop_tx.send(true);

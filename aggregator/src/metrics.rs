@@ -27,6 +27,17 @@ pub struct Metrics {
     insert_buckets: [AtomicU64; 11],
     insert_count: AtomicU64,
     insert_sum_us: AtomicU64,
+    pub alert_events: AtomicU64,
+    pub alert_notifications_sent: AtomicU64,
+    pub alert_notification_failures: AtomicU64,
+    pub alert_notifications_dropped: AtomicU64,
+    pub alerts_store_dropped: AtomicU64,
+    pub detect_evaluations: AtomicU64,
+    pub detect_dropped: AtomicU64,
+    pub detect_series: AtomicU64,
+    pub detect_state_bytes: AtomicU64,
+    /// Batch arrival → notification POST answered, microseconds (recent samples for p50/p99).
+    pub alert_latency_us: Mutex<std::collections::VecDeque<u64>>,
     /// Last time (Unix seconds) each host's batch was stored.
     pub last_seen: Mutex<HashMap<String, u32>>,
 }
@@ -40,6 +51,14 @@ impl Metrics {
         }
         self.insert_count.fetch_add(1, Relaxed);
         self.insert_sum_us.fetch_add((secs * 1e6) as u64, Relaxed);
+    }
+
+    pub fn observe_alert_latency(&self, us: u64) {
+        let mut l = self.alert_latency_us.lock().unwrap();
+        if l.len() >= 1000 {
+            l.pop_front();
+        }
+        l.push_back(us);
     }
 
     pub fn render(&self) -> String {
@@ -141,6 +160,88 @@ impl Metrics {
             "gauge",
             self.queue_depth.load(Relaxed),
         );
+        for (name, help, kind, v) in [
+            (
+                "alert_events_total",
+                "Alert transitions and repeats produced by detection.",
+                "counter",
+                &self.alert_events,
+            ),
+            (
+                "alert_notifications_sent_total",
+                "Notifications accepted by a webhook or Alertmanager.",
+                "counter",
+                &self.alert_notifications_sent,
+            ),
+            (
+                "alert_notification_failures_total",
+                "Notification attempts that failed (each retry counts).",
+                "counter",
+                &self.alert_notification_failures,
+            ),
+            (
+                "alert_notifications_dropped_total",
+                "Notifications dropped: sink queue full or retries exhausted.",
+                "counter",
+                &self.alert_notifications_dropped,
+            ),
+            (
+                "alerts_store_dropped_total",
+                "Alert rows not written to ClickHouse (queue full).",
+                "counter",
+                &self.alerts_store_dropped,
+            ),
+            (
+                "detect_evaluations_total",
+                "Samples evaluated by detection rules.",
+                "counter",
+                &self.detect_evaluations,
+            ),
+            (
+                "detect_dropped_total",
+                "Batches not evaluated by detection because its queue was full.",
+                "counter",
+                &self.detect_dropped,
+            ),
+            (
+                "detect_series",
+                "Series with detector state.",
+                "gauge",
+                &self.detect_series,
+            ),
+            (
+                "detect_state_bytes",
+                "Approximate memory held by detector state.",
+                "gauge",
+                &self.detect_state_bytes,
+            ),
+        ] {
+            c(&mut s, name, help, kind, v.load(Relaxed));
+        }
+        {
+            let lat = self.alert_latency_us.lock().unwrap();
+            let mut v: Vec<u64> = lat.iter().copied().collect();
+            v.sort_unstable();
+            let q = |p: f64| -> f64 {
+                if v.is_empty() {
+                    0.0
+                } else {
+                    v[((v.len() - 1) as f64 * p).round() as usize] as f64 / 1e6
+                }
+            };
+            let _ = writeln!(s, "# HELP sonde_alert_delivery_seconds Batch arrival to notification delivered, over the last 1000 notifications.\n# TYPE sonde_alert_delivery_seconds summary");
+            let _ = writeln!(
+                s,
+                "sonde_alert_delivery_seconds{{quantile=\"0.5\"}} {}",
+                q(0.5)
+            );
+            let _ = writeln!(
+                s,
+                "sonde_alert_delivery_seconds{{quantile=\"0.99\"}} {}",
+                q(0.99)
+            );
+            let _ = writeln!(s, "sonde_alert_delivery_seconds_count {}", v.len());
+        }
         let _ = writeln!(s, "# HELP sonde_insert_duration_seconds Time of one insert round into ClickHouse.\n# TYPE sonde_insert_duration_seconds histogram");
         for (i, b) in BUCKETS.iter().enumerate() {
             let _ = writeln!(

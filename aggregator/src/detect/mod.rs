@@ -2,7 +2,9 @@
 //! code, over history in `aggregator backtest`). One state per rule × series; the alert
 //! lifecycle is pending → firing → resolved, with `for`, repeats and a stable alert id.
 
+pub mod backtest;
 pub mod detectors;
+pub mod live;
 pub mod rules;
 pub mod series;
 
@@ -298,10 +300,10 @@ impl Engine {
         ts_ms: u64,
         value: f64,
         out: &mut Vec<AlertEvent>,
-    ) {
+    ) -> Option<Verdict> {
         let rule = &self.rules[rule_idx];
         if !matches(rule, host, labels) {
-            return;
+            return None;
         }
         let key = series_key(rule, host, labels);
         let mut s = match self.series.remove(&key) {
@@ -328,10 +330,12 @@ impl Engine {
         self.evaluations += 1;
         s.last_seen_ms = ts_ms;
         s.last_value = value;
+        let mut verdict = None;
         match &mut s.det {
             Some(d) => {
                 let v = d.eval(value);
                 s.last_verdict = Some(v);
+                verdict = Some(v);
                 self.step(&mut s, v.breach, ts_ms, out);
             }
             None => {
@@ -342,6 +346,7 @@ impl Engine {
             }
         }
         self.series.insert(key, s);
+        verdict
     }
 
     /// Evaluates every rule on every snapshot of a batch from `host`.

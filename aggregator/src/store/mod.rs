@@ -169,6 +169,36 @@ impl Store {
         Ok(rows.len())
     }
 
+    /// Records alert transitions in the `alerts` table.
+    pub async fn write_alerts(
+        &self,
+        events: &[std::sync::Arc<crate::detect::AlertEvent>],
+    ) -> Result<()> {
+        let rows: Vec<rows::AlertRow> = events
+            .iter()
+            .map(|e| rows::AlertRow {
+                ts: (e.at_ms / 1000) as u32,
+                alert_id: &e.id,
+                rule: &e.rule,
+                host: &e.host,
+                state: e.state,
+                severity: e.severity,
+                labels: e
+                    .labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                value: if e.value.is_finite() { e.value } else { 0.0 },
+                threshold: e.threshold,
+                score: e.score.filter(|s| s.is_finite()),
+                starts_at: (e.starts_at_ms / 1000) as u32,
+                ends_at: e.ends_at_ms.map(|t| (t / 1000) as u32),
+            })
+            .collect();
+        self.insert::<rows::AlertRow>("alerts", &rows).await
+    }
+
     /// Sequence numbers stored in the last day, to refuse duplicates after a restart.
     pub async fn recent_batches(&self) -> Result<Vec<(String, String, u64)>> {
         #[derive(Row, Deserialize)]

@@ -181,6 +181,22 @@ pub struct TcpPortRow<'a> {
 }
 
 #[derive(Row, Serialize)]
+pub struct AlertRow<'a> {
+    pub ts: u32,
+    pub alert_id: &'a str,
+    pub rule: &'a str,
+    pub host: &'a str,
+    pub state: &'a str,
+    pub severity: &'a str,
+    pub labels: String,
+    pub value: f64,
+    pub threshold: Option<f64>,
+    pub score: Option<f64>,
+    pub starts_at: u32,
+    pub ends_at: Option<u32>,
+}
+
+#[derive(Row, Serialize)]
 pub struct HostRow<'a> {
     pub host: &'a str,
     pub first_seen: u32,

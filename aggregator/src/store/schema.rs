@@ -320,6 +320,18 @@ impl Ddl<'_> {
         )
     }
 
+    pub fn alerts(&self) -> String {
+        let l = col_type(Label, self.modern);
+        format!(
+            "CREATE TABLE IF NOT EXISTS {db}.alerts (\n    `ts` DateTime,\n    `alert_id` String,\n    `rule` {l},\n    \
+             `host` {l},\n    `state` {l},\n    `severity` {l},\n    `labels` String,\n    `value` Float64,\n    \
+             `threshold` Nullable(Float64),\n    `score` Nullable(Float64),\n    `starts_at` DateTime,\n    \
+             `ends_at` Nullable(DateTime)\n) ENGINE = MergeTree()\nPARTITION BY toDate(ts)\nORDER BY (rule, host, ts){}",
+            self.ttl("ts"),
+            db = self.db
+        )
+    }
+
     /// Versioned migrations, applied in order and recorded in `schema_migrations`.
     pub fn migrations(&self) -> Vec<(u32, &'static str, Vec<String>)> {
         let mut v1: Vec<String> = METRIC_TABLES.iter().map(|t| self.metric_table(t)).collect();
@@ -337,6 +349,7 @@ impl Ddl<'_> {
                 "eBPF tables (latency, events, probes, tcp_ports), hosts.probes",
                 v2,
             ),
+            (3, "alerts", vec![self.alerts()]),
         ]
     }
 
@@ -349,7 +362,7 @@ impl Ddl<'_> {
     }
 }
 
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,479 @@
+//! `aggregator backtest`: history (CSV or ClickHouse) through the same engine as live.
+
+use super::rules::{load_rules, Rule};
+use super::series::SeriesSpec;
+use super::{AlertEvent, Engine};
+use crate::alert::rfc3339_ms;
+use crate::config::Config;
+use anyhow::{bail, Context, Result};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Rules file (TOML), as for `aggregator run --rules`.
+    #[arg(long, value_name = "FILE")]
+    pub rules: PathBuf,
+    /// Read history from this CSV file (header: timestamp,value[,label...]).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["host", "from", "to"])]
+    pub csv: Option<PathBuf>,
+    /// Read history from ClickHouse for this host.
+    #[arg(long, value_name = "HOST", requires_all = ["from", "to"])]
+    pub host: Option<String>,
+    /// Start of the ClickHouse window: RFC 3339 (2026-11-22T10:00:00Z) or Unix seconds.
+    #[arg(long, value_name = "TIME")]
+    pub from: Option<String>,
+    /// End of the ClickHouse window (exclusive).
+    #[arg(long, value_name = "TIME")]
+    pub to: Option<String>,
+    /// ClickHouse HTTP URL (default: the config's; needed when the config uses a managed server).
+    #[arg(long, value_name = "URL")]
+    pub clickhouse_url: Option<String>,
+    /// Write each evaluation's value and score (normalised to 0..1) to this CSV.
+    #[arg(long, value_name = "OUT.csv")]
+    pub scores: Option<PathBuf>,
+}
+
+/// One sample from history.
+pub struct Sample {
+    pub ts_ms: u64,
+    pub rule: usize,
+    pub host: String,
+    pub labels: Vec<(&'static str, String)>,
+    pub value: f64,
+}
+
+pub fn parse_time(s: &str) -> Result<u64> {
+    let s = s.trim();
+    if let Ok(n) = s.parse::<f64>() {
+        // Seconds, or milliseconds when it is too large to be seconds.
+        return Ok(if n > 1e11 {
+            n as u64
+        } else {
+            (n * 1000.0) as u64
+        });
+    }
+    let t = humantime::parse_rfc3339_weak(s)
+        .with_context(|| format!("{s:?} is neither Unix time nor RFC 3339"))?;
+    Ok(t.duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64)
+}
+
+/// Reads `timestamp,value[,labels...]`; every rule with a series is applied to the value.
+pub fn csv_samples(path: &std::path::Path, rules: &[Rule]) -> Result<Vec<Sample>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut lines = text.lines().enumerate();
+    let (_, header) = lines.next().context("empty CSV")?;
+    let cols: Vec<String> = header.split(',').map(|c| c.trim().to_string()).collect();
+    let ti = cols.iter().position(|c| c == "timestamp" || c == "ts");
+    let vi = cols.iter().position(|c| c == "value");
+    let (Some(ti), Some(vi)) = (ti, vi) else {
+        bail!(
+            "{}:1: the header needs `timestamp` and `value` columns (got {header:?})",
+            path.display()
+        );
+    };
+    let hi = cols.iter().position(|c| c == "host");
+    let label_cols: Vec<(usize, &'static str)> = cols
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != ti && *i != vi && Some(*i) != hi)
+        .map(|(i, c)| (i, &*Box::leak(c.clone().into_boxed_str())))
+        .collect();
+    let mut out = Vec::new();
+    for (n, line) in lines {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let f: Vec<&str> = line.split(',').map(str::trim).collect();
+        let at = |what: &str| format!("{}:{}: {what}", path.display(), n + 1);
+        let ts = parse_time(f.get(ti).copied().unwrap_or("")).with_context(|| at("timestamp"))?;
+        let value: f64 = f
+            .get(vi)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| at("value is not a number"))?;
+        let host = hi
+            .and_then(|i| f.get(i))
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "csv".into());
+        let labels: Vec<(&'static str, String)> = label_cols
+            .iter()
+            .map(|(i, c)| (*c, f.get(*i).copied().unwrap_or("").to_string()))
+            .collect();
+        for (ri, r) in rules.iter().enumerate() {
+            if r.series.is_some() && !r.is_absence() {
+                out.push(Sample {
+                    ts_ms: ts,
+                    rule: ri,
+                    host: host.clone(),
+                    labels: labels.clone(),
+                    value,
+                });
+            }
+        }
+    }
+    out.sort_by_key(|s| s.ts_ms);
+    Ok(out)
+}
+
+/// The SQL for a rule's series: (table, label columns, value expression).
+fn sql_for(spec: &SeriesSpec) -> (&'static str, &'static [&'static str], String) {
+    let name = spec.name();
+    let col = name.split_once('.').map(|x| x.1).unwrap_or("").to_string();
+    let expr = match (spec.table_name(), col.as_str()) {
+        ("cpu", "busy") => "100 - idle".to_string(),
+        ("memory", "used") => "total - available".into(),
+        ("memory", "available_pct") => "available * 100 / greatest(total, 1)".into(),
+        ("filesystem", "used_pct") => "used_bytes * 100 / greatest(size_bytes, 1)".into(),
+        ("filesystem", "inodes_used_pct") => "inodes_used * 100 / greatest(inodes_total, 1)".into(),
+        ("disk", "r_await") => "r_await_ms".into(),
+        ("disk", "w_await") => "w_await_ms".into(),
+        ("net", "rx_bytes") => "rx_bytes_per_s".into(),
+        ("net", "tx_bytes") => "tx_bytes_per_s".into(),
+        _ => format!("`{col}`"),
+    };
+    (spec.table_name(), spec.label_names(), expr)
+}
+
+async fn ch(client: &reqwest::Client, url: &str, cfg: &Config, sql: &str) -> Result<String> {
+    let mut req = client.post(url).body(sql.to_string());
+    if !cfg.clickhouse.user.is_empty() {
+        req = req.basic_auth(&cfg.clickhouse.user, Some(&cfg.clickhouse.password));
+    }
+    let r = req
+        .send()
+        .await
+        .with_context(|| format!("ClickHouse at {url} is unreachable"))?;
+    let status = r.status();
+    let text = r.text().await?;
+    if !status.is_success() {
+        bail!("ClickHouse answered {status}: {}", text.trim());
+    }
+    Ok(text)
+}
+
+fn parse_array(s: &str) -> Vec<u64> {
+    s.trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .filter_map(|x| x.trim().parse().ok())
+        .collect()
+}
+
+pub async fn clickhouse_samples(args: &Args, cfg: &Config, rules: &[Rule]) -> Result<Vec<Sample>> {
+    let url = args
+        .clickhouse_url
+        .clone()
+        .filter(|u| !u.is_empty())
+        .or_else(|| Some(cfg.clickhouse.url.clone()).filter(|u| !u.is_empty()))
+        .context("no ClickHouse URL: pass --clickhouse-url (a managed server's port is in DATA_DIR/clickhouse/ports)")?;
+    let host = args.host.as_deref().unwrap();
+    if host.contains('\'') || host.contains('\\') {
+        bail!("--host: {host:?} contains a quote");
+    }
+    let from = parse_time(args.from.as_deref().unwrap()).context("--from")? / 1000;
+    let to = parse_time(args.to.as_deref().unwrap()).context("--to")? / 1000;
+    if to <= from {
+        bail!("--to must be after --from");
+    }
+    let db = &cfg.clickhouse.database;
+    let client = reqwest::Client::new();
+    let mut out = Vec::new();
+    for (ri, r) in rules.iter().enumerate() {
+        let Some(spec) = &r.series else { continue };
+        if r.is_absence() {
+            continue;
+        }
+        let window =
+            format!("host = '{host}' AND ts >= toDateTime({from}) AND ts < toDateTime({to})");
+        if let SeriesSpec::Latency { .. } = spec {
+            // Rebuild the histograms and let the live code compute the statistic.
+            let sql = format!(
+                "SELECT toUInt32(ts), source, unit, count, sum, bucket_upper, bucket_count FROM {db}.latency WHERE {window} ORDER BY ts FORMAT TabSeparated"
+            );
+            let text = ch(&client, &url, cfg, &sql).await?;
+            for line in text.lines() {
+                let f: Vec<&str> = line.split('\t').collect();
+                if f.len() < 7 {
+                    continue;
+                }
+                let uppers = parse_array(f[5]);
+                let counts = parse_array(f[6]);
+                let rec = protocol::LatencyRec {
+                    source: f[1].to_string(),
+                    unit: f[2].to_string(),
+                    count: f[3].parse().unwrap_or(0),
+                    sum: f[4].parse().unwrap_or(0),
+                    buckets: uppers
+                        .iter()
+                        .zip(&counts)
+                        .map(|(u, c)| protocol::BucketRec {
+                            index: u.trailing_zeros(),
+                            count: *c,
+                        })
+                        .collect(),
+                };
+                let snap = protocol::Snapshot {
+                    latency: vec![rec],
+                    ..Default::default()
+                };
+                let ts = f[0].parse::<u64>().unwrap_or(0) * 1000;
+                spec.for_each(&snap, |labels, v| {
+                    out.push(Sample {
+                        ts_ms: ts,
+                        rule: ri,
+                        host: host.to_string(),
+                        labels: labels.iter().map(|(k, v)| (*k, v.to_string())).collect(),
+                        value: v,
+                    })
+                });
+            }
+            continue;
+        }
+        let (table, labels, expr) = sql_for(spec);
+        let label_sql: String = labels
+            .iter()
+            .map(|l| format!(", toString(`{l}`)"))
+            .collect();
+        let sql = format!(
+            "SELECT toUInt32(ts){label_sql}, toFloat64({expr}) FROM {db}.{table} WHERE {window} ORDER BY ts FORMAT TabSeparated"
+        );
+        let text = ch(&client, &url, cfg, &sql).await?;
+        for line in text.lines() {
+            let f: Vec<&str> = line.split('\t').collect();
+            if f.len() != labels.len() + 2 {
+                continue;
+            }
+            out.push(Sample {
+                ts_ms: f[0].parse::<u64>().unwrap_or(0) * 1000,
+                rule: ri,
+                host: host.to_string(),
+                labels: labels
+                    .iter()
+                    .zip(&f[1..])
+                    .map(|(k, v)| (*k, v.to_string()))
+                    .collect(),
+                value: f[f.len() - 1].parse().unwrap_or(f64::NAN),
+            });
+        }
+    }
+    out.sort_by_key(|s| s.ts_ms);
+    Ok(out)
+}
+
+/// Feeds samples through the engine in time order. Returns the alert events and, per
+/// sample, (ts, rule, host, labels, value, score, norm).
+pub fn replay(
+    rules: Vec<Rule>,
+    samples: &[Sample],
+    mut scores: Option<&mut dyn Write>,
+) -> Result<Vec<AlertEvent>> {
+    let mut engine = Engine::new(rules);
+    let mut out = Vec::new();
+    if let Some(w) = scores.as_deref_mut() {
+        writeln!(w, "timestamp,rule,host,labels,value,score,norm")?;
+    }
+    let mut last_ts = 0;
+    for s in samples {
+        if s.ts_ms != last_ts {
+            engine.tick(s.ts_ms, &mut out);
+            last_ts = s.ts_ms;
+        }
+        engine.host_seen(&s.host, s.ts_ms, &mut out);
+        let labels: Vec<(&str, &str)> = s.labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let v = engine.observe(s.rule, &s.host, &labels, s.ts_ms, s.value, &mut out);
+        if let (Some(w), Some(v)) = (scores.as_deref_mut(), v) {
+            let l: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            writeln!(
+                w,
+                "{},{},{},{},{},{},{:.6}",
+                rfc3339_ms(s.ts_ms),
+                engine.rules()[s.rule].name,
+                s.host,
+                l.join(";"),
+                s.value,
+                v.score,
+                v.norm
+            )?;
+        }
+    }
+    Ok(out)
+}
+
+pub async fn run(args: Args, cfg: &Config) -> Result<()> {
+    let rules = load_rules(&args.rules)?;
+    let samples = match (&args.csv, &args.host) {
+        (Some(p), _) => csv_samples(p, &rules)?,
+        (None, Some(_)) => clickhouse_samples(&args, cfg, &rules).await?,
+        (None, None) => bail!("give either --csv FILE or --host HOST --from TIME --to TIME"),
+    };
+    eprintln!(
+        "backtest: {} samples through {} rules",
+        samples.len(),
+        rules.len()
+    );
+    let mut file = match &args.scores {
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        )),
+        None => None,
+    };
+    let events = replay(rules, &samples, file.as_mut().map(|f| f as &mut dyn Write))?;
+    if let Some(mut f) = file {
+        f.flush()?;
+    }
+    let mut fired = 0;
+    for e in events
+        .iter()
+        .filter(|e| !e.repeat && matches!(e.state, "firing" | "resolved"))
+    {
+        if e.state == "firing" {
+            fired += 1;
+        }
+        let labels: Vec<String> = e
+            .labels
+            .iter()
+            .filter(|(k, _)| k != "host")
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let detail = match (e.threshold, e.score) {
+            (Some(t), _) => format!("threshold={t}"),
+            (_, Some(s)) => format!("score={s:.2}"),
+            _ => String::new(),
+        };
+        println!(
+            "{}  {:<8} {:<8} {:<24} host={} {} value={} {} id={}",
+            rfc3339_ms(e.at_ms),
+            e.state.to_uppercase(),
+            e.severity,
+            e.rule,
+            e.host,
+            labels.join(" "),
+            e.value,
+            detail,
+            e.id
+        );
+    }
+    println!("{fired} alerts would have fired");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detect::rules::parse_rules;
+
+    const RULES: &str = r#"
+[[rule]]
+name = "busy"
+kind = "threshold"
+series = "cpu.busy"
+labels = { cpu = "total" }
+warning = 70
+critical = 90
+hysteresis = 5
+for = "3s"
+
+[[rule]]
+name = "busy anomaly"
+kind = "ewma"
+series = "cpu.busy"
+labels = { cpu = "total" }
+threshold = 5
+warmup = 20
+"#;
+
+    fn series() -> Vec<(u64, f64)> {
+        (0..300u64)
+            .map(|i| {
+                let noise = ((i * 7919) % 13) as f64 / 13.0;
+                let v = match i {
+                    100..=140 => 95.0,
+                    200 => 60.0,
+                    _ => 20.0,
+                };
+                (1_700_000_000_000 + i * 1000, v + noise)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn backtest_matches_live_on_the_same_input() {
+        // Live: the batches the sensor would send, five snapshots each.
+        let rules = parse_rules("t", RULES).unwrap();
+        let mut live = Engine::new(rules.clone());
+        let mut live_out = Vec::new();
+        for chunk in series().chunks(5) {
+            let b = protocol::Batch {
+                host: "h".into(),
+                boot_id: "b".into(),
+                seq: 1,
+                info: None,
+                snapshots: chunk
+                    .iter()
+                    .map(|(ts, v)| protocol::Snapshot {
+                        ts_ms: *ts,
+                        cpu: vec![protocol::CpuRec {
+                            cpu: protocol::CPU_TOTAL,
+                            idle: (100.0 - v) as f32,
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    })
+                    .collect(),
+            };
+            live.observe_batch("h", &b, chunk[0].0, &mut live_out);
+        }
+        // Backtest: the same values from a CSV.
+        let dir = std::env::temp_dir().join(format!("sonde-bt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let csv = dir.join("in.csv");
+        let mut text = String::from("timestamp,value,host,cpu\n");
+        for (ts, v) in series() {
+            // The live path sees the f32 the wire carries.
+            let v = 100.0 - (100.0 - v) as f32 as f64;
+            text.push_str(&format!("{ts},{v},h,total\n"));
+        }
+        std::fs::write(&csv, text).unwrap();
+        let samples = csv_samples(&csv, &rules).unwrap();
+        let mut scores = Vec::new();
+        let bt = replay(rules, &samples, Some(&mut scores)).unwrap();
+        let key = |e: &AlertEvent| (e.id.clone(), e.state, e.at_ms, e.severity);
+        let l: Vec<_> = live_out.iter().map(key).collect();
+        let b: Vec<_> = bt.iter().map(key).collect();
+        assert!(!l.is_empty());
+        assert_eq!(l, b);
+        // The threshold alert: pending at 100 s, firing 3 s later, resolved at 141 s.
+        let busy: Vec<_> = bt
+            .iter()
+            .filter(|e| e.rule == "busy")
+            .map(|e| (e.state, (e.at_ms - 1_700_000_000_000) / 1000))
+            .collect();
+        assert_eq!(
+            busy,
+            vec![("pending", 100), ("firing", 103), ("resolved", 141)]
+        );
+        // Scores: one line per evaluation, normalised within 0..1.
+        let scores = String::from_utf8(scores).unwrap();
+        assert_eq!(scores.lines().count(), 1 + 2 * 300);
+        for line in scores.lines().skip(1) {
+            let norm: f64 = line.rsplit(',').next().unwrap().parse().unwrap();
+            assert!((0.0..=1.0).contains(&norm), "{line}");
+        }
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn csv_errors_name_the_line() {
+        let dir = std::env::temp_dir().join(format!("sonde-bt2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let rules = parse_rules("t", RULES).unwrap();
+        let p = dir.join("bad.csv");
+        std::fs::write(&p, "timestamp,value\n1700000000,5\n1700000001,abc\n").unwrap();
+        let e = format!("{:#}", csv_samples(&p, &rules).err().unwrap());
+        assert!(e.contains("bad.csv:3") && e.contains("value"), "{e}");
+        std::fs::write(&p, "time,v\n").unwrap();
+        let e = format!("{:#}", csv_samples(&p, &rules).err().unwrap());
+        assert!(e.contains("bad.csv:1"), "{e}");
+        std::fs::remove_dir_all(dir).ok();
+    }
+}
