@@ -127,6 +127,11 @@ pub struct Aggregator {
 }
 
 pub fn start_aggregator(dir: &Path, quic_port: u16, tag: &str) -> Aggregator {
+    start_aggregator_with(dir, quic_port, tag, &[])
+}
+
+/// Like `start_aggregator`, with extra arguments (e.g. `--config FILE`, `--rules FILE`).
+pub fn start_aggregator_with(dir: &Path, quic_port: u16, tag: &str, extra: &[&str]) -> Aggregator {
     let http = format!("127.0.0.1:{}", free_port());
     let quic = format!("127.0.0.1:{quic_port}");
     let c = dir.join("certs");
@@ -142,6 +147,7 @@ pub fn start_aggregator(dir: &Path, quic_port: u16, tag: &str) -> Aggregator {
         .arg(c.join("aggregator.pem"))
         .arg("--key")
         .arg(c.join("aggregator-key.pem"))
+        .args(extra)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())

@@ -109,8 +109,8 @@ pub fn ensure_chdb() -> Result<()> {
     Ok(())
 }
 
-/// Tools the eBPF and fault tests drive: load (stress-ng), packet drops (iptables),
-/// offload settings (ethtool).
+/// Tools the tests drive: load (stress-ng), packet drops (iptables), offload settings
+/// (ethtool), a real Alertmanager, openssl (checks webhook signatures independently).
 pub fn ensure_test_tools() -> Result<()> {
     let missing: Vec<&str> = [
         ("stress-ng", "stress-ng"),
@@ -118,13 +118,17 @@ pub fn ensure_test_tools() -> Result<()> {
         ("ethtool", "ethtool"),
         ("ip", "iproute2"),
         ("losetup", "mount"),
+        ("prometheus-alertmanager", "prometheus-alertmanager"),
+        ("openssl", "openssl"),
     ]
     .iter()
     .filter(|(cmd, _)| !have(cmd) && !std::path::Path::new(&format!("/usr/sbin/{cmd}")).exists())
     .map(|(_, pkg)| *pkg)
     .collect();
     if missing.is_empty() {
-        step("test tools (stress-ng, iptables, ethtool, iproute2): installed");
+        step(
+            "test tools (stress-ng, iptables, ethtool, iproute2, alertmanager, openssl): installed",
+        );
         return Ok(());
     }
     apt_install(&missing)
