@@ -10,7 +10,9 @@ import tempfile
 from chdb import session
 
 LABELS = {"cpu": "total", "resource": "memory", "device": "vda", "interface": "eth0",
-          "mount": "/", "fstype": "ext4", "sensor_boot_id": "b1"}
+          "mount": "/", "fstype": "ext4", "sensor_boot_id": "b1", "source": "runqueue",
+          "unit": "us", "kind": "oom_kill", "state": "resolved", "severity": "critical",
+          "rule": "cpu busy"}
 
 
 def main():
@@ -36,10 +38,14 @@ def main():
         exprs = []
         for line in cols.strip().split("\n"):
             name, typ = line.split("\t")
-            if typ.startswith("DateTime"):
+            if typ.startswith("Array"):
+                exprs.append(f"[1, 2, 4, 8 * (number % 5 + 1)] AS {name}")
+            elif "DateTime" in typ:
                 exprs.append(f"now() - number AS {name}")
             elif name == "host":
                 exprs.append(f"concat('h', toString(number % 3)) AS {name}")
+            elif "String" in typ and name == "source":
+                exprs.append(f"if(number % 2 = 0, 'runqueue', 'disk:vda:read') AS {name}")
             elif "String" in typ:
                 exprs.append(f"'{LABELS.get(name, 'x')}' AS {name}")
             else:

@@ -322,10 +322,19 @@ impl Ddl<'_> {
 
     pub fn alerts(&self) -> String {
         let l = col_type(Label, self.modern);
+        let ts = col_type(Ts, self.modern);
+        let (f64c, nf64) = if self.modern {
+            (
+                "Float64 CODEC(Gorilla, ZSTD(1))",
+                "Nullable(Float64) CODEC(ZSTD(1))",
+            )
+        } else {
+            ("Float64", "Nullable(Float64)")
+        };
         format!(
-            "CREATE TABLE IF NOT EXISTS {db}.alerts (\n    `ts` DateTime,\n    `alert_id` String,\n    `rule` {l},\n    \
-             `host` {l},\n    `state` {l},\n    `severity` {l},\n    `labels` String,\n    `value` Float64,\n    \
-             `threshold` Nullable(Float64),\n    `score` Nullable(Float64),\n    `starts_at` DateTime,\n    \
+            "CREATE TABLE IF NOT EXISTS {db}.alerts (\n    `ts` {ts},\n    `alert_id` String,\n    `rule` {l},\n    \
+             `host` {l},\n    `state` {l},\n    `severity` {l},\n    `labels` String,\n    `value` {f64c},\n    \
+             `threshold` {nf64},\n    `score` {nf64},\n    `starts_at` DateTime,\n    \
              `ends_at` Nullable(DateTime)\n) ENGINE = MergeTree()\nPARTITION BY toDate(ts)\nORDER BY (rule, host, ts){}",
             self.ttl("ts"),
             db = self.db
