@@ -1,5 +1,6 @@
 //! Project tasks: `cargo xtask <task>`.
 
+mod bench;
 mod certs;
 mod ebpf;
 mod setup;
@@ -41,6 +42,14 @@ enum Cmd {
     /// build the sensor's eBPF programs with BTF into target/ebpf/. The sensor embeds the
     /// object at its next build.
     BuildEbpf,
+    /// Measure overhead, wire size, eBPF probe cost and detection speed on this machine, next
+    /// to node_exporter and Netdata in the same run; writes docs/BENCHMARKS.md (with --quick:
+    /// target/bench/BENCHMARKS.md) and target/bench/results.json. Needs root.
+    Bench {
+        /// A short version of each benchmark (under 2 minutes), as CI runs it.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Install what the tests need (ClickHouse, chdb-core), build, and run the whole test suite.
     Test {
         /// Extra arguments passed to `cargo test` (after --).
@@ -74,6 +83,7 @@ fn main() {
             debug,
         } => up::run(&data_dir, &listen, &http_listen, !debug),
         Cmd::Test { args } => setup::test(&args),
+        Cmd::Bench { quick } => bench::run_bench(quick),
         Cmd::BuildEbpf => ebpf::build().map(|_| ()),
         Cmd::Certs {
             dir,

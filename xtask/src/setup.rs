@@ -34,7 +34,7 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn apt_install(pkgs: &[&str]) -> Result<()> {
+pub fn apt_install(pkgs: &[&str]) -> Result<()> {
     if !have("apt-get") {
         bail!(
             "{} missing and this machine has no apt-get: install {} with your package manager",
