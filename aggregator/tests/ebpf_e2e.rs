@@ -10,9 +10,9 @@ use std::time::Duration;
 
 /// Our programs as the kernel names them (BPF object names are cut at 15 bytes).
 const PROGRAMS: &[&str] = &[
-    "sched_wakeup",
-    "sched_wakeup_new",
-    "sched_switch",
+    "rq_wakeup",
+    "rq_wakeup_new",
+    "rq_switch",
     "block_rq_issue",
     "block_rq_complete",
     "tcp_retransmit_skb",

@@ -11,9 +11,9 @@
 
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes},
-    macros::{map, tracepoint},
+    macros::{map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::TracePointContext,
+    programs::{RawTracePointContext, TracePointContext},
     EbpfContext,
 };
 use sensor_common::{
@@ -82,29 +82,50 @@ fn record_wake(pid: u32, now_us: u64) {
     }
 }
 
-#[tracepoint(category = "sched", name = "sched_wakeup")]
-pub fn sched_wakeup(ctx: TracePointContext) -> u32 {
-    // pid: offset 24
-    record_wake(field::<u32>(&ctx, 24), unsafe { bpf_ktime_get_ns() } / 1000);
-    0
-}
+/// Offset of `pid` in `struct task_struct`, from the kernel's BTF (set by the sensor at load).
+#[unsafe(no_mangle)]
+static TASK_PID_OFF: u32 = 0;
 
-#[tracepoint(category = "sched", name = "sched_wakeup_new")]
-pub fn sched_wakeup_new(ctx: TracePointContext) -> u32 {
-    record_wake(field::<u32>(&ctx, 24), unsafe { bpf_ktime_get_ns() } / 1000);
-    0
-}
-
-#[tracepoint(category = "sched", name = "sched_switch")]
-pub fn sched_switch(ctx: TracePointContext) -> u32 {
-    // prev_pid 24, prev_state 32, next_pid 56
-    let now_us = unsafe { bpf_ktime_get_ns() } / 1000;
-    let prev_state: u64 = field(&ctx, 32);
-    if prev_state & 0xff == 0 {
-        // Preempted while runnable: it waits in the run queue from now.
-        record_wake(field::<u32>(&ctx, 24), now_us);
+#[inline(always)]
+fn task_pid(task: *const u8) -> u32 {
+    let off = unsafe { core::ptr::read_volatile(&TASK_PID_OFF) } as usize;
+    if off == 0 || task.is_null() {
+        return 0;
     }
-    let next: u32 = field(&ctx, 56);
+    unsafe { bpf_probe_read_kernel(task.add(off) as *const u32) }.unwrap_or(0)
+}
+
+// Raw tracepoints: the kernel hands over its arguments directly, without formatting the
+// trace record (two comm copies per sched_switch), which is what the scheduler hot path needs.
+
+#[raw_tracepoint(tracepoint = "sched_wakeup")]
+pub fn rq_wakeup(ctx: RawTracePointContext) -> i32 {
+    // TP_PROTO(struct task_struct *p)
+    let p: *const u8 = ctx.arg(0);
+    record_wake(task_pid(p), unsafe { bpf_ktime_get_ns() } / 1000);
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sched_wakeup_new")]
+pub fn rq_wakeup_new(ctx: RawTracePointContext) -> i32 {
+    let p: *const u8 = ctx.arg(0);
+    record_wake(task_pid(p), unsafe { bpf_ktime_get_ns() } / 1000);
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn rq_switch(ctx: RawTracePointContext) -> i32 {
+    // TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next,
+    //          unsigned int prev_state)
+    let now_us = unsafe { bpf_ktime_get_ns() } / 1000;
+    let preempt: u64 = ctx.arg(0);
+    let prev_state: u64 = ctx.arg(3);
+    if preempt & 1 != 0 || prev_state & 0xff == 0 {
+        // Still runnable (preempted or yielding): it waits in the run queue from now.
+        let prev: *const u8 = ctx.arg(1);
+        record_wake(task_pid(prev), now_us);
+    }
+    let next = task_pid(ctx.arg(2));
     if next == 0 {
         return 0;
     }

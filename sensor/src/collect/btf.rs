@@ -2,119 +2,145 @@
 //! (`/sys/kernel/btf/vmlinux`), so probes can read a field behind a tracepoint's pointer
 //! without hard-coding an offset that moves between kernel builds.
 
-use std::collections::HashMap;
-
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
 
-struct Type {
-    kind: u32,
-    name: u32,
-    kind_flag: bool,
-    /// Struct/union members: (name offset, type id, bit offset).
-    members: Vec<(u32, u32, u32)>,
-    /// For modifiers and typedefs: the referenced type.
-    type_ref: u32,
-}
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 
+/// An index of the kernel's BTF that keeps only each type's position in the file, and reads
+/// names and members on demand: looking up a member costs a few hundred KB, not the tens of
+/// MB a full parse of vmlinux BTF would (the sensor's peak RSS is a number users watch).
 pub struct Btf {
-    strings: Vec<u8>,
-    types: Vec<Type>, // index = type id - 1
-    by_name: HashMap<String, Vec<u32>>,
+    file: File,
+    /// File offset of the string section.
+    str_base: u64,
+    str_len: u64,
+    /// Per type id - 1: file offset of its 12-byte header.
+    pos: Vec<u32>,
+    /// Per type id - 1: its kind, so lookups skip non-structs without reading the file.
+    kinds: Vec<u8>,
 }
 
 fn u32_at(b: &[u8], off: usize) -> Option<u32> {
     Some(u32::from_le_bytes(b.get(off..off + 4)?.try_into().ok()?))
 }
 
+struct Head {
+    name: u32,
+    kind: u32,
+    vlen: usize,
+    kind_flag: bool,
+    type_ref: u32,
+}
+
 impl Btf {
     pub fn from_sys() -> Option<Btf> {
-        Btf::parse(&std::fs::read("/sys/kernel/btf/vmlinux").ok()?)
+        Btf::open(File::open("/sys/kernel/btf/vmlinux").ok()?)
     }
 
-    pub fn parse(b: &[u8]) -> Option<Btf> {
-        if b.len() < 24 || u16::from_le_bytes([b[0], b[1]]) != 0xeb9f {
+    pub fn open(file: File) -> Option<Btf> {
+        let mut h = [0u8; 24];
+        file.read_exact_at(&mut h, 0).ok()?;
+        if u16::from_le_bytes([h[0], h[1]]) != 0xeb9f {
             return None;
         }
-        let hdr_len = u32_at(b, 4)? as usize;
-        let (type_off, type_len) = (u32_at(b, 8)? as usize, u32_at(b, 12)? as usize);
-        let (str_off, str_len) = (u32_at(b, 16)? as usize, u32_at(b, 20)? as usize);
-        let tsec = b.get(hdr_len + type_off..hdr_len + type_off + type_len)?;
-        let strings = b
-            .get(hdr_len + str_off..hdr_len + str_off + str_len)?
-            .to_vec();
-        let mut types = Vec::new();
-        let mut p = 0;
-        while p + 12 <= tsec.len() {
-            let name = u32_at(tsec, p)?;
-            let info = u32_at(tsec, p + 4)?;
-            let size_type = u32_at(tsec, p + 8)?;
+        let hdr_len = u32_at(&h, 4)? as u64;
+        let (type_off, type_len) = (u32_at(&h, 8)? as u64, u32_at(&h, 12)? as u64);
+        let (str_off, str_len) = (u32_at(&h, 16)? as u64, u32_at(&h, 20)? as u64);
+        let mut r = BufReader::with_capacity(64 * 1024, file.try_clone().ok()?);
+        r.seek(SeekFrom::Start(hdr_len + type_off)).ok()?;
+        let mut pos = Vec::new();
+        let mut kinds = Vec::new();
+        let mut p: u64 = 0;
+        let mut th = [0u8; 12];
+        while p + 12 <= type_len {
+            r.read_exact(&mut th).ok()?;
+            pos.push((hdr_len + type_off + p) as u32);
+            let info = u32_at(&th, 4)?;
             let kind = (info >> 24) & 0x1f;
-            let vlen = (info & 0xffff) as usize;
-            p += 12;
-            let mut members = Vec::new();
+            kinds.push(kind as u8);
+            let vlen = (info & 0xffff) as u64;
             let extra = match kind {
-                1 => 4,  // INT
-                3 => 12, // ARRAY
-                KIND_STRUCT | KIND_UNION => {
-                    for i in 0..vlen {
-                        let m = p + i * 12;
-                        members.push((
-                            u32_at(tsec, m)?,
-                            u32_at(tsec, m + 4)?,
-                            u32_at(tsec, m + 8)?,
-                        ));
-                    }
-                    12 * vlen
-                }
-                6 => 8 * vlen,   // ENUM
-                13 => 8 * vlen,  // FUNC_PROTO
-                14 => 4,         // VAR
-                15 => 12 * vlen, // DATASEC
-                17 => 4,         // DECL_TAG
-                19 => 12 * vlen, // ENUM64
+                1 => 4,                                // INT
+                3 => 12,                               // ARRAY
+                KIND_STRUCT | KIND_UNION => 12 * vlen, // members
+                6 => 8 * vlen,                         // ENUM
+                13 => 8 * vlen,                        // FUNC_PROTO
+                14 => 4,                               // VAR
+                15 => 12 * vlen,                       // DATASEC
+                17 => 4,                               // DECL_TAG
+                19 => 12 * vlen,                       // ENUM64
                 2 | 7..=12 | 16 | 18 => 0,
                 _ => return None, // unknown kind: cannot skip it safely
             };
-            p += extra;
-            types.push(Type {
-                kind,
-                name,
-                kind_flag: info >> 31 == 1,
-                members,
-                type_ref: size_type,
-            });
+            r.seek_relative(extra as i64).ok()?;
+            p += 12 + extra;
         }
-        let mut btf = Btf {
-            strings,
-            types,
-            by_name: HashMap::new(),
+        Some(Btf {
+            file,
+            str_base: hdr_len + str_off,
+            str_len,
+            pos,
+            kinds,
+        })
+    }
+
+    fn head(&self, id: u32) -> Option<Head> {
+        let at = *self.pos.get(id.checked_sub(1)? as usize)? as u64;
+        let mut b = [0u8; 12];
+        self.file.read_exact_at(&mut b, at).ok()?;
+        let info = u32_at(&b, 4)?;
+        Some(Head {
+            name: u32_at(&b, 0)?,
+            kind: (info >> 24) & 0x1f,
+            vlen: (info & 0xffff) as usize,
+            kind_flag: info >> 31 == 1,
+            type_ref: u32_at(&b, 8)?,
+        })
+    }
+
+    fn name_is(&self, off: u32, want: &str) -> bool {
+        if off as u64 >= self.str_len {
+            return false;
+        }
+        let mut b = vec![0u8; want.len() + 1];
+        let n = self
+            .file
+            .read_at(&mut b, self.str_base + off as u64)
+            .unwrap_or(0);
+        n == b.len() && &b[..want.len()] == want.as_bytes() && b[want.len()] == 0
+    }
+
+    fn name_empty(&self, off: u32) -> bool {
+        off == 0 || self.name_is(off, "")
+    }
+
+    fn members(&self, id: u32) -> Vec<(u32, u32, u32)> {
+        let Some(h) = self.head(id) else {
+            return Vec::new();
         };
-        for (i, t) in btf.types.iter().enumerate() {
-            if t.kind == KIND_STRUCT || t.kind == KIND_UNION {
-                let n = btf.name(t.name).to_string();
-                if !n.is_empty() {
-                    btf.by_name.entry(n).or_default().push(i as u32 + 1);
-                }
-            }
+        let at = self.pos[id as usize - 1] as u64 + 12;
+        let mut b = vec![0u8; 12 * h.vlen];
+        if self.file.read_exact_at(&mut b, at).is_err() {
+            return Vec::new();
         }
-        Some(btf)
-    }
-
-    fn name(&self, off: u32) -> &str {
-        let s = &self.strings[(off as usize).min(self.strings.len())..];
-        let end = s.iter().position(|c| *c == 0).unwrap_or(s.len());
-        std::str::from_utf8(&s[..end]).unwrap_or("")
-    }
-
-    fn get(&self, id: u32) -> Option<&Type> {
-        self.types.get(id.checked_sub(1)? as usize)
+        (0..h.vlen)
+            .filter_map(|i| {
+                Some((
+                    u32_at(&b, i * 12)?,
+                    u32_at(&b, i * 12 + 4)?,
+                    u32_at(&b, i * 12 + 8)?,
+                ))
+            })
+            .collect()
     }
 
     /// Follows typedefs and qualifiers to the underlying type id.
     fn resolve(&self, mut id: u32) -> u32 {
         for _ in 0..16 {
-            match self.get(id) {
+            match self.head(id) {
                 Some(t) if matches!(t.kind, 8..=11 | 18) => id = t.type_ref,
                 _ => break,
             }
@@ -125,9 +151,15 @@ impl Btf {
     /// Byte offset of `member` in `struct name`, looking through anonymous struct/union
     /// members as C does.
     pub fn member_offset(&self, strukt: &str, member: &str) -> Option<usize> {
-        for &id in self.by_name.get(strukt)? {
-            if let Some(bits) = self.find(id, member, 0) {
-                return Some(bits as usize / 8);
+        for id in 1..=self.pos.len() as u32 {
+            if !matches!(self.kinds[id as usize - 1] as u32, KIND_STRUCT | KIND_UNION) {
+                continue;
+            }
+            let Some(h) = self.head(id) else { continue };
+            if (h.kind == KIND_STRUCT || h.kind == KIND_UNION) && self.name_is(h.name, strukt) {
+                if let Some(bits) = self.find(id, member, 0) {
+                    return Some(bits as usize / 8);
+                }
             }
         }
         None
@@ -137,17 +169,16 @@ impl Btf {
         if depth > 8 {
             return None;
         }
-        let t = self.get(id)?;
-        for &(name, ty, off) in &t.members {
-            let bits = if t.kind_flag { off & 0xff_ffff } else { off };
-            let n = self.name(name);
-            if n == member {
+        let flag = self.head(id)?.kind_flag;
+        for (name, ty, off) in self.members(id) {
+            let bits = if flag { off & 0xff_ffff } else { off };
+            if self.name_is(name, member) {
                 return Some(bits);
             }
-            if n.is_empty() {
+            if self.name_empty(name) {
                 let inner = self.resolve(ty);
                 if matches!(
-                    self.get(inner).map(|t| t.kind),
+                    self.head(inner).map(|t| t.kind),
                     Some(KIND_STRUCT | KIND_UNION)
                 ) {
                     if let Some(o) = self.find(inner, member, depth + 1) {
@@ -179,5 +210,9 @@ mod tests {
         assert_eq!(b.member_offset("tcp_skb_cb", "tcp_gso_segs"), Some(8));
         assert_eq!(b.member_offset("tcp_skb_cb", "seq"), Some(0));
         assert!(b.member_offset("sk_buff", "no_such_member").is_none());
+        let pid = b
+            .member_offset("task_struct", "pid")
+            .expect("task_struct.pid");
+        assert!(pid > 0, "{pid}");
     }
 }

@@ -12,7 +12,7 @@
 
 use crate::filter::Filter;
 use aya::maps::{Map, MapData, RingBuf};
-use aya::programs::TracePoint;
+use aya::programs::{RawTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use protocol::{BucketRec, EventRec, LatencyRec, PortRec, ProbeRec};
 use sensor_common::{
@@ -36,6 +36,8 @@ type Field = (&'static str, usize, usize);
 struct ProgSpec {
     /// Function name in the object = program name.
     prog: &'static str,
+    /// A raw tracepoint (arguments, not the formatted record; `fields` is then empty).
+    raw: bool,
     category: &'static str,
     event: &'static str,
     fields: &'static [Field],
@@ -49,31 +51,28 @@ const fn spec(
 ) -> ProgSpec {
     ProgSpec {
         prog,
+        raw: false,
         category,
         event,
         fields,
     }
 }
 
+const fn raw(prog: &'static str, category: &'static str, event: &'static str) -> ProgSpec {
+    ProgSpec {
+        prog,
+        raw: true,
+        category,
+        event,
+        fields: &[],
+    }
+}
+
 fn probe_programs(probe: &str) -> &'static [ProgSpec] {
     const RUNQ: &[ProgSpec] = &[
-        spec("sched_wakeup", "sched", "sched_wakeup", &[("pid", 24, 4)]),
-        spec(
-            "sched_wakeup_new",
-            "sched",
-            "sched_wakeup_new",
-            &[("pid", 24, 4)],
-        ),
-        spec(
-            "sched_switch",
-            "sched",
-            "sched_switch",
-            &[
-                ("prev_pid", 24, 4),
-                ("prev_state", 32, 8),
-                ("next_pid", 56, 4),
-            ],
-        ),
+        raw("rq_wakeup", "sched", "sched_wakeup"),
+        raw("rq_wakeup_new", "sched", "sched_wakeup_new"),
+        raw("rq_switch", "sched", "sched_switch"),
     ];
     const BLOCK: &[ProgSpec] = &[
         spec(
@@ -260,6 +259,17 @@ pub fn parse_format(text: &str) -> Vec<(String, usize, usize)> {
 /// Checks that a tracepoint exists and that the fields the program reads sit where it
 /// expects them.
 fn check_layout(tracefs: &str, s: &ProgSpec) -> Result<(), String> {
+    if s.raw {
+        // Raw tracepoints take the kernel's arguments: the tracepoint must exist.
+        let dir = format!("{tracefs}/events/{}/{}", s.category, s.event);
+        if !Path::new(&dir).is_dir() {
+            return Err(format!(
+                "tracepoint {}:{} does not exist on this kernel",
+                s.category, s.event
+            ));
+        }
+        return Ok(());
+    }
     let path = format!("{tracefs}/events/{}/{}/format", s.category, s.event);
     let text = std::fs::read_to_string(&path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
@@ -533,7 +543,9 @@ pub fn load(
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rl) };
     // Where the GSO segment count sits behind an skb pointer on this kernel (from BTF), so
     // retransmits are counted in segments like /proc/net/snmp's RetransSegs.
-    let gso_off: u32 = super::btf::Btf::from_sys()
+    let btf = super::btf::Btf::from_sys();
+    let gso_off: u32 = btf
+        .as_ref()
         .and_then(|b| {
             Some(
                 b.member_offset("sk_buff", "cb")?
@@ -542,11 +554,22 @@ pub fn load(
         })
         .map(|o| o as u32)
         .unwrap_or(0);
+    // Where the pid sits in task_struct, for the run-queue raw tracepoints.
+    let pid_off: u32 = btf
+        .as_ref()
+        .and_then(|b| b.member_offset("task_struct", "pid"))
+        .map(|o| o as u32)
+        .unwrap_or(0);
+    drop(btf);
     if gso_off == 0 && cfg.wants("tcp") {
         tracing::info!("no kernel BTF for sk_buff/tcp_skb_cb: TCP retransmits are counted per skb, not per segment");
     }
+    // The programs use no CO-RE relocations: skip loading the kernel's BTF into aya (it
+    // would cost tens of MB of peak memory); offsets come from our small BTF index above.
     let mut ebpf = match EbpfLoader::new()
+        .btf(None)
         .override_global("SKB_GSO_SEGS_OFF", &gso_off, true)
+        .override_global("TASK_PID_OFF", &pid_off, true)
         .load(bytes)
     {
         Ok(e) => e,
@@ -568,7 +591,7 @@ pub fn load(
         if !cfg.wants(name) {
             continue;
         }
-        match attach_probe(&mut ebpf, tracefs, name) {
+        match attach_probe(&mut ebpf, tracefs, name, pid_off) {
             Ok(()) => {
                 active[i] = true;
                 status[i].state = "active";
@@ -616,8 +639,16 @@ pub fn load(
     (Some(probes), status)
 }
 
-fn attach_probe(ebpf: &mut Ebpf, tracefs: &str, probe: &str) -> Result<(), String> {
+fn attach_probe(
+    ebpf: &mut Ebpf,
+    tracefs: &str,
+    probe: &str,
+    task_pid_off: u32,
+) -> Result<(), String> {
     let specs = probe_programs(probe);
+    if specs.iter().any(|s| s.raw) && task_pid_off == 0 {
+        return Err("no kernel BTF (/sys/kernel/btf/vmlinux) to locate task_struct.pid".into());
+    }
     for s in specs {
         check_layout(tracefs, s)?;
     }
@@ -625,20 +656,31 @@ fn attach_probe(ebpf: &mut Ebpf, tracefs: &str, probe: &str) -> Result<(), Strin
     let mut result = Ok(());
     for s in specs {
         let r = (|| -> Result<(), String> {
-            let prog: &mut TracePoint = ebpf
+            let p = ebpf
                 .program_mut(s.prog)
-                .ok_or_else(|| format!("program {} is missing from the eBPF object", s.prog))?
-                .try_into()
-                .map_err(|e| format!("program {}: {e}", s.prog))?;
-            prog.load().map_err(|e| {
+                .ok_or_else(|| format!("program {} is missing from the eBPF object", s.prog))?;
+            let refused = |e: aya::programs::ProgramError| {
                 let mut m = format!("the kernel refused to load {}: {e}", s.prog);
                 if format!("{e:?}").contains("EPERM") || m.contains("Operation not permitted") {
                     m.push_str(" (needs CAP_BPF and CAP_PERFMON, or root)");
                 }
                 m
-            })?;
-            prog.attach(s.category, s.event)
-                .map_err(|e| format!("attaching to {}:{} failed: {e}", s.category, s.event))?;
+            };
+            if s.raw {
+                let prog: &mut RawTracePoint = p
+                    .try_into()
+                    .map_err(|e| format!("program {}: {e}", s.prog))?;
+                prog.load().map_err(refused)?;
+                prog.attach(s.event)
+                    .map_err(|e| format!("attaching to raw tracepoint {} failed: {e}", s.event))?;
+            } else {
+                let prog: &mut TracePoint = p
+                    .try_into()
+                    .map_err(|e| format!("program {}: {e}", s.prog))?;
+                prog.load().map_err(refused)?;
+                prog.attach(s.category, s.event)
+                    .map_err(|e| format!("attaching to {}:{} failed: {e}", s.category, s.event))?;
+            }
             Ok(())
         })();
         match r {
@@ -652,11 +694,14 @@ fn attach_probe(ebpf: &mut Ebpf, tracefs: &str, probe: &str) -> Result<(), Strin
     if result.is_err() {
         // All or nothing per probe: detach what this probe already attached.
         for p in done {
-            if let Some(prog) = ebpf.program_mut(p) {
-                let tp: Result<&mut TracePoint, _> = prog.try_into();
-                if let Ok(tp) = tp {
-                    let _ = tp.unload();
+            match ebpf.program_mut(p) {
+                Some(aya::programs::Program::TracePoint(t)) => {
+                    let _ = t.unload();
                 }
+                Some(aya::programs::Program::RawTracePoint(t)) => {
+                    let _ = t.unload();
+                }
+                _ => {}
             }
         }
     }
