@@ -59,6 +59,11 @@ enum Cmd {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Also measure what the probes cost on this host: keep them attached this long with
+        /// the kernel's BPF run-time statistics on (kernel.bpf_stats_enabled, restored after),
+        /// then print each program's runs and average nanoseconds per run.
+        #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+        measure: Option<Duration>,
     },
     /// Take one snapshot of this host (two reads one interval apart, so rates
     /// are real) and print it.
@@ -120,7 +125,7 @@ fn real_main(cli: Cli) -> Result<()> {
             cfg.validate()?;
             once(&cfg, json, interval)
         }
-        Cmd::Probes { json } => probes_cmd(&cfg, json),
+        Cmd::Probes { json, measure } => probes_cmd(&cfg, json, measure),
         Cmd::Run(a) => {
             if !a.aggregator.is_empty() {
                 cfg.aggregator = a.aggregator;
@@ -256,16 +261,42 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
     Ok(())
 }
 
-fn probes_cmd(cfg: &Config, json: bool) -> Result<()> {
+fn probes_cmd(cfg: &Config, json: bool, measure: Option<Duration>) -> Result<()> {
     let (probes, status) =
         collect::ebpf::load(&cfg.probes, &cfg.proc_root, cfg.filters.disks.clone());
+    let mut costs = Vec::new();
+    if let (Some(d), Some(p)) = (measure, probes.as_ref()) {
+        let knob = "/proc/sys/kernel/bpf_stats_enabled";
+        let old = std::fs::read_to_string(knob).unwrap_or_else(|_| "0".into());
+        std::fs::write(knob, "1").map_err(|e| anyhow::anyhow!("cannot enable {knob}: {e}"))?;
+        eprintln!("measuring for {d:?} with BPF statistics on...");
+        std::thread::sleep(d);
+        costs = p.program_costs();
+        let _ = std::fs::write(knob, old.trim());
+    }
     drop(probes); // detaches everything
     if json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
+        let c: Vec<_> = costs
+            .iter()
+            .map(|(n, r, ns)| serde_json::json!({"program": n, "runs": r, "avg_ns": ns}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"probes": status, "costs": c}))?
+        );
     } else {
         println!("{:<10} {:<9} REASON", "PROBE", "STATE");
         for s in &status {
             println!("{:<10} {:<9} {}", s.name, s.state, s.reason);
+        }
+        if measure.is_some() {
+            println!(
+                "\n{:<20} {:>12} {:>10} {:>12}",
+                "PROGRAM", "RUNS", "AVG NS", "CPU MS"
+            );
+            for (n, r, ns) in &costs {
+                println!("{n:<20} {r:>12} {ns:>10.0} {:>12.1}", *r as f64 * ns / 1e6);
+            }
         }
     }
     if status.iter().any(|s| s.state == "refused") {

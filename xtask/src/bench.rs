@@ -205,13 +205,22 @@ struct Env {
     ch_http: String,
 }
 
-fn sensor_config(env: &Env, host: &str, probes: bool) -> Result<PathBuf> {
+/// `probes`: "none", "all", or one probe name (only that one attached).
+fn sensor_config(env: &Env, host: &str, probes: &str) -> Result<PathBuf> {
     let c = env.dir.join("certs");
-    let p = env.dir.join(format!("sensor-{host}.toml"));
+    let p = env.dir.join(format!("sensor-{host}-{probes}.toml"));
+    let section = match probes {
+        "none" => "enabled = false\n".to_string(),
+        "all" => "enabled = true\n".to_string(),
+        one => ["runqueue", "block", "tcp", "oom", "process"]
+            .iter()
+            .map(|n| format!("{n} = {}\n", *n == one))
+            .collect(),
+    };
     std::fs::write(
         &p,
         format!(
-            "aggregator = [\"{}\"]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[probes]\nenabled = {probes}\n",
+            "aggregator = [\"{}\"]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[probes]\n{section}",
             env.agg_quic,
             c.join("ca.pem").display(),
             c.join(format!("hosts/{host}.pem")).display(),
@@ -221,7 +230,7 @@ fn sensor_config(env: &Env, host: &str, probes: bool) -> Result<PathBuf> {
     Ok(p)
 }
 
-fn start_sensor(env: &Env, host: &str, probes: bool) -> Result<Proc> {
+fn start_sensor(env: &Env, host: &str, probes: &str) -> Result<Proc> {
     let cfg = sensor_config(env, host, probes)?;
     spawn(
         &format!("sensor {host}"),
@@ -273,8 +282,8 @@ fn overhead(env: &Env, secs: u64) -> Result<Value> {
     } else {
         None
     };
-    let proc_only = start_sensor(env, "bench-proc", false)?;
-    let with_ebpf = start_sensor(env, "bench-ebpf", true)?;
+    let proc_only = start_sensor(env, "bench-proc", "none")?;
+    let with_ebpf = start_sensor(env, "bench-ebpf", "all")?;
     // Let everything start (netdata's plugins take a few seconds) before measuring.
     std::thread::sleep(Duration::from_secs(5));
     let nd_pids = nd.as_ref().map(|p| tree(p.child.id())).unwrap_or_default();
@@ -441,15 +450,35 @@ fn ebpf_overhead(env: &Env, rounds: usize, quick: bool) -> Result<Value> {
     let fio_secs = if quick { 3 } else { 10 };
     let (mut pipe_off, mut pipe_on, mut fio_off, mut fio_on) = (vec![], vec![], vec![], vec![]);
     for _ in 0..rounds {
+        // Each workload against the probe it stresses (the other probes' cost on the same
+        // workload shows in the per-program costs below).
         pipe_off.push(perf_pipe(loops)?);
-        fio_off.push(fio_iops(&dev, fio_secs)?);
-        let s = start_sensor(env, "bench-ebpf", true)?;
+        let s = start_sensor(env, "bench-ebpf", "runqueue")?;
         std::thread::sleep(Duration::from_secs(2));
         pipe_on.push(perf_pipe(loops)?);
+        drop(s);
+        std::thread::sleep(Duration::from_millis(500));
+        fio_off.push(fio_iops(&dev, fio_secs)?);
+        let s = start_sensor(env, "bench-ebpf", "block")?;
+        std::thread::sleep(Duration::from_secs(2));
         fio_on.push(fio_iops(&dev, fio_secs)?);
         drop(s);
         std::thread::sleep(Duration::from_millis(500));
     }
+    // What each program costs per run, from the kernel's own BPF statistics, while both
+    // workloads run (`sensor probes --measure`).
+    let measure = Command::new(env.bin.join("sensor"))
+        .args(["probes", "--json", "--measure", "6s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(1));
+    let _ = perf_pipe(loops);
+    let _ = fio_iops(&dev, 2);
+    let out = measure.wait_with_output()?;
+    let costs: Value = serde_json::from_slice(&out.stdout)
+        .map(|v: Value| v["costs"].clone())
+        .unwrap_or(Value::Null);
     let _ = Command::new("losetup").args(["-d", &dev]).status();
     let _ = std::fs::remove_file(&img);
     let (po, pn) = (median(&mut pipe_off.clone()), median(&mut pipe_on.clone()));
@@ -458,9 +487,210 @@ fn ebpf_overhead(env: &Env, rounds: usize, quick: bool) -> Result<Value> {
         "rounds": rounds,
         "sched_pipe_usecs_per_op": { "off": po, "on": pn, "off_range": spread(&pipe_off), "on_range": spread(&pipe_on),
                                       "slowdown_pct": (pn / po - 1.0) * 100.0 },
+        "program_costs": costs,
         "randread_4k_iops": { "off": fo, "on": fnn, "off_range": spread(&fio_off), "on_range": spread(&fio_on),
                                "slowdown_pct": (fo / fnn - 1.0) * 100.0 },
     }))
+}
+
+/// Tables generated for the storage and query benchmarks: (table, label column, its values).
+const GEN: &[(&str, Option<(&str, &[&str])>)] = &[
+    ("cpu", Some(("cpu", &["total", "0", "1"]))),
+    ("system", None),
+    ("memory", None),
+    ("pressure", Some(("resource", &["cpu", "memory", "io"]))),
+    ("disk", Some(("device", &["vda"]))),
+    ("filesystem", Some(("mount", &["/"]))),
+    ("net", Some(("interface", &["eth0", "lo"]))),
+    ("tcp", None),
+];
+
+/// SQL that fills `db.table` with `hosts` × `secs` seconds of plausible history (smooth
+/// curves plus noise, so compression is neither flattered nor punished).
+fn gen_sql(
+    db: &str,
+    table: &str,
+    label: Option<(&str, &[&str])>,
+    cols: &[(String, String)],
+    hosts: u64,
+    secs: u64,
+) -> String {
+    let nl = label.map_or(1, |l| l.1.len()) as u64;
+    let per_ts = hosts * nl;
+    let mut exprs = Vec::new();
+    for (name, typ) in cols {
+        let e = match (name.as_str(), typ.as_str()) {
+            ("ts", _) => format!("toDateTime(toUInt32(now()) - {secs} + intDiv(number, {per_ts}))"),
+            ("host", _) => format!("concat('gen-', toString(intDiv(number, {nl}) % {hosts}))"),
+            (n, _) if label.is_some_and(|l| l.0 == n) => {
+                let vals: Vec<String> = label.unwrap().1.iter().map(|v| format!("'{v}'")).collect();
+                format!("[{}][number % {nl} + 1]", vals.join(","))
+            }
+            ("device", _) => "'/dev/vda1'".into(),
+            ("fstype", _) => "'ext4'".into(),
+            (_, t) if t.contains("String") => "''".into(),
+            (_, t) if t.starts_with("Float") => {
+                "toFloat32(round((sin(number / 7919.0 + intDiv(number, 50)) + 1) * 25 + (rand() % 1000) / 100.0, 2))".into()
+            }
+            (_, t) if t.starts_with("UInt64") => "toUInt64(20000000000 + (intDiv(number, 60) % 1000) * 4096)".into(),
+            (_, t) if t.starts_with("UInt32") => "toUInt32(rand() % 8)".into(),
+            (_, t) => format!("CAST(0 AS {t})"),
+        };
+        exprs.push(format!("{e} AS `{name}`"));
+    }
+    format!(
+        "INSERT INTO {db}.{table} SELECT {} FROM numbers({})",
+        exprs.join(", "),
+        per_ts * secs
+    )
+}
+
+fn columns(env: &Env, table: &str) -> Result<Vec<(String, String)>> {
+    Ok(ch(
+        env,
+        &format!("SELECT name, type FROM system.columns WHERE database = 'sonde' AND table = '{table}' ORDER BY position FORMAT TabSeparated"),
+    )?
+    .lines()
+    .filter_map(|l| l.split_once('\t').map(|(a, b)| (a.to_string(), b.to_string())))
+    .collect())
+}
+
+/// 5 + 6: bytes per sample on disk (18.16 here; current codecs in chdb) and the README's
+/// queries over generated history.
+fn storage_and_queries(env: &Env, quick: bool) -> Result<Value> {
+    let (hosts, secs) = if quick {
+        (10u64, 3600u64)
+    } else {
+        (100, 86400)
+    };
+    step(&format!(
+        "storage and queries: generating {hosts} hosts × {} h of history",
+        secs / 3600
+    ));
+    let t = Instant::now();
+    let mut samples = 0u64;
+    let mut ddl_cols = Vec::new();
+    for (table, label) in GEN {
+        let cols = columns(env, table)?;
+        let numeric = cols
+            .iter()
+            .filter(|(n, t)| n != "ts" && !t.contains("String"))
+            .count() as u64;
+        let rows = hosts * secs * label.map_or(1, |l| l.1.len()) as u64;
+        samples += rows * numeric;
+        ch(env, &gen_sql("sonde", table, *label, &cols, hosts, secs))?;
+        ddl_cols.push((table.to_string(), cols));
+    }
+    let gen_secs = t.elapsed().as_secs_f64();
+    let _ = ch(env, "OPTIMIZE TABLE sonde.cpu FINAL");
+    let tables: Vec<String> = GEN.iter().map(|g| format!("'{}'", g.0)).collect();
+    let bytes: f64 = ch(
+        env,
+        &format!(
+            "SELECT sum(data_compressed_bytes) FROM system.parts WHERE database = 'sonde' AND active AND table IN ({}) FORMAT TabSeparated",
+            tables.join(",")
+        ),
+    )?
+    .trim()
+    .parse()
+    .unwrap_or(0.0);
+    // The README's queries (the first seven are over these tables), three runs each.
+    let readme = std::fs::read_to_string(root().join("README.md"))?;
+    let queries: Vec<String> = readme
+        .split("```sql\n")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .map(|q| q.trim().to_string())
+        .collect();
+    let mut qres = Vec::new();
+    for q in &queries {
+        let title = q.lines().next().unwrap_or("").to_string();
+        let mut times = Vec::new();
+        for _ in 0..3 {
+            let t = Instant::now();
+            ch(env, &format!("{q}\nFORMAT Null"))?;
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        let first_table = q
+            .split("FROM sonde.")
+            .nth(1)
+            .and_then(|r| r.split(|c: char| !c.is_alphanumeric() && c != '_').next())
+            .unwrap_or("")
+            .to_string();
+        qres.push(json!({ "query": title, "table": first_table, "median_ms": median(&mut times.clone()), "range_ms": spread(&times) }));
+    }
+    // The same history on a current engine with the modern codecs (chdb-core).
+    let modern = modern_storage(env, hosts, secs.min(if quick { 3600 } else { 6 * 3600 }));
+    Ok(json!({
+        "hosts": hosts,
+        "hours": secs / 3600,
+        "samples": samples,
+        "generate_seconds": gen_secs,
+        "clickhouse_18_bytes_per_sample": bytes / samples.max(1) as f64,
+        "modern": modern,
+        "queries": qres,
+    }))
+}
+
+fn modern_storage(env: &Env, hosts: u64, secs: u64) -> Value {
+    let ddl = Command::new(env.bin.join("aggregator"))
+        .args(["schema", "--server-version", "26.9"])
+        .output();
+    let Ok(ddl) = ddl else {
+        return json!({"error": "aggregator schema failed"});
+    };
+    let mut script = String::from(
+        "import sys, tempfile\nfrom chdb import session\ns = session.Session(tempfile.mkdtemp(prefix='sonde-bench-'))\n",
+    );
+    script.push_str(&format!(
+        "ddl = {:?}\nfor st in [x.strip() for x in ddl.split(';\\n') if x.strip()]:\n    s.query(st)\n",
+        String::from_utf8_lossy(&ddl.stdout)
+    ));
+    script.push_str("def cols(t):\n    return [l.split('\\t') for l in s.query(f\"SELECT name, type FROM system.columns WHERE database='sonde' AND table='{t}' ORDER BY position\", 'TSV').data().strip().split('\\n')]\n");
+    script.push_str("samples = 0\n");
+    for (table, label) in GEN {
+        let nl = label.map_or(1, |l| l.1.len());
+        // Columns are read inside chdb; the generator SQL is produced here per column type.
+        script.push_str(&format!("c = cols('{table}')\n"));
+        script.push_str(&format!(
+            "samples += {rows} * sum(1 for n, t in c if n != 'ts' and 'String' not in t)\n",
+            rows = hosts * secs * nl as u64
+        ));
+        let _ = label;
+    }
+    // Generate with the same expressions as for 18.16 by building the SQL in Rust per table
+    // against the modern column list: the column names and order are the same on both.
+    let mut inserts = Vec::new();
+    for (table, label) in GEN {
+        if let Ok(cols) = columns(env, table) {
+            inserts.push(gen_sql("sonde", table, *label, &cols, hosts, secs));
+        }
+    }
+    for i in inserts {
+        script.push_str(&format!("s.query({i:?})\n"));
+    }
+    script.push_str("s.query('OPTIMIZE TABLE sonde.cpu FINAL')\n");
+    script.push_str("b = int(s.query(\"SELECT sum(data_compressed_bytes) FROM system.parts WHERE database='sonde' AND active\", 'TSV').data().strip() or 0)\n");
+    script.push_str("print(b, samples, s.query('SELECT version()', 'TSV').data().strip())\n");
+    let path = env.dir.join("modern_storage.py");
+    if std::fs::write(&path, script).is_err() {
+        return json!({"error": "cannot write script"});
+    }
+    let out = Command::new("python3").arg(&path).output();
+    match out {
+        Ok(o) if o.status.success() => {
+            let text = String::from_utf8_lossy(&o.stdout);
+            let f: Vec<&str> = text.split_whitespace().collect();
+            let b: f64 = f.first().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            let n: f64 = f.get(1).and_then(|v| v.parse().ok()).unwrap_or(1.0);
+            json!({ "engine": f.get(2).copied().unwrap_or(""), "hosts": hosts, "hours": secs as f64 / 3600.0,
+                    "bytes_per_sample": b / n.max(1.0) })
+        }
+        Ok(o) => {
+            json!({"error": String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("").to_string()})
+        }
+        Err(e) => json!({"error": e.to_string()}),
+    }
 }
 
 fn detect_bench(quick: bool) -> Result<Value> {
@@ -576,9 +806,10 @@ fn markdown(r: &Value, quick: bool) -> String {
     }
     if let Some(e) = r.get("ebpf") {
         s.push_str(&format!(
-            "\n## 4. eBPF probe overhead\n\nMethod: {} rounds alternating without and with a sensor running all probes; medians (range). \
-             `perf bench sched pipe` is the worst case for the scheduler probes (two context switches and two wakeups per op); 4 KiB \
-             O_DIRECT random reads (fio, psync) on a loop device over a page-cached file are the worst case for the block probes. \
+            "\n## 4. eBPF probe overhead\n\nMethod: {} rounds alternating without and with a sensor running only the probe the workload stresses; medians (range). \
+             `perf bench sched pipe` (both tasks on one CPU) is the worst case for the run-queue probe (two context switches and two \
+             wakeups per op); 4 KiB O_DIRECT random reads (fio, psync) on a loop device over a page-cached file are the worst case for \
+             the block probe. \
              Targets: ≤ 3% and ≤ 1%.\n\n| workload | without | with | slowdown |\n|---|---|---|---|\n\
              | sched pipe (one CPU), µs/op | {} ({}) | {} ({}) | {}% |\n| 4k randread, IOPS | {} ({}) | {} ({}) | {}% |\n",
             e["rounds"],
@@ -593,6 +824,42 @@ fn markdown(r: &Value, quick: bool) -> String {
             range(&e["randread_4k_iops"]["on_range"]),
             f(&e["randread_4k_iops"]["slowdown_pct"]),
         ));
+        s.push_str("\nPer program, from the kernel's BPF run-time statistics (`sensor probes --measure 6s` while both workloads ran):\n\n\
+                    | program | runs | average ns per run |\n|---|---|---|\n");
+        for c in e["program_costs"].as_array().into_iter().flatten() {
+            s.push_str(&format!(
+                "| {} | {} | {} |\n",
+                c["program"].as_str().unwrap_or(""),
+                c["runs"],
+                f(&c["avg_ns"])
+            ));
+        }
+    }
+    if let Some(st) = r.get("storage") {
+        s.push_str(&format!(
+            "\n## 5. Storage\n\nMethod: {} hosts × {} h of generated history (smooth curves plus noise) in the sonde schema; compressed bytes of \
+             the active parts (`system.parts`) over samples (rows × numeric columns).\n\n| server | bytes per sample |\n|---|---|\n\
+             | ClickHouse 18.16 (LZ4 default, no codecs) | {} |\n| {} with sonde's modern codecs (chdb-core, {} h) | {} |\n",
+            st["hosts"], st["hours"],
+            f(&st["clickhouse_18_bytes_per_sample"]),
+            st["modern"]["engine"].as_str().map(|e| format!("ClickHouse {e}")).unwrap_or_else(|| format!("current engine: {}", st["modern"]["error"])),
+            f(&st["modern"]["hours"]),
+            f(&st["modern"]["bytes_per_sample"]),
+        ));
+        s.push_str(&format!(
+            "\n## 6. Query speed\n\nMethod: every README query over the generated {} hosts × {} h on ClickHouse 18.16 (`FORMAT Null`), three runs, median (range).\n\n\
+             | query (first line) | table | median ms | range ms |\n|---|---|---|---|\n",
+            st["hosts"], st["hours"]
+        ));
+        for q in st["queries"].as_array().into_iter().flatten() {
+            s.push_str(&format!(
+                "| `{}` | {} | {} | {} |\n",
+                q["query"].as_str().unwrap_or("").replace('|', "\\|"),
+                q["table"].as_str().unwrap_or(""),
+                f(&q["median_ms"]),
+                range(&q["range_ms"])
+            ));
+        }
     }
     if let Some(d) = r["detect"].as_array() {
         s.push_str("\n## Detection\n\nMethod: the engine's own code on one core, 10,000 series, after warm-up (`aggregator/benches/detect.rs`).\n\n\
@@ -607,8 +874,8 @@ fn markdown(r: &Value, quick: bool) -> String {
             ));
         }
     }
-    s.push_str("\n## Not measured yet\n\n3 (ingest load generator with N simulated sensors), 5 (bytes per sample on disk), 6 (query speed over \
-                24 h × 100 hosts) are open work of the benchmark issue.\n");
+    s.push_str("\n## Not measured yet\n\n3 (ingest: a load generator simulating N sensors over QUIC, sustained samples/s and concurrent \
+                connections) is open work of the benchmark issue.\n");
     s
 }
 
@@ -689,6 +956,7 @@ pub fn run_bench(quick: bool) -> Result<()> {
         .unwrap_or_default();
     let overhead = overhead(&env, if quick { 15 } else { 60 })?;
     let ebpf = ebpf_overhead(&env, if quick { 3 } else { 9 }, quick)?;
+    let storage = storage_and_queries(&env, quick)?;
     drop(agg);
     let detect = detect_bench(quick)?;
     let results = json!({
@@ -697,6 +965,7 @@ pub fn run_bench(quick: bool) -> Result<()> {
         "machine": machine(),
         "overhead": overhead,
         "ebpf": ebpf,
+        "storage": storage,
         "detect": detect,
     });
     std::fs::write(

@@ -741,6 +741,25 @@ impl Probes {
         self.cur_counters[idx as usize]
     }
 
+    /// Per program: (name, runs, average ns per run), from the kernel's BPF statistics
+    /// (counted only while `kernel.bpf_stats_enabled` is 1).
+    pub fn program_costs(&self) -> Vec<(String, u64, f64)> {
+        self._ebpf
+            .programs()
+            .filter_map(|(name, p)| {
+                let info = p.info().ok()?;
+                let runs = info.run_count();
+                let ns = info.run_time().as_nanos() as f64;
+                Some((
+                    name.to_string(),
+                    runs,
+                    if runs > 0 { ns / runs as f64 } else { 0.0 },
+                ))
+            })
+            .filter(|(_, runs, _)| *runs > 0)
+            .collect()
+    }
+
     /// The ring buffer's fd, readable when events are waiting.
     pub fn events_fd(&self) -> Option<RawFd> {
         self.events.as_ref().map(|r| r.as_raw_fd())
