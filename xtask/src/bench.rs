@@ -548,7 +548,7 @@ fn gen_sql(
 fn columns(env: &Env, table: &str) -> Result<Vec<(String, String)>> {
     Ok(ch(
         env,
-        &format!("SELECT name, type FROM system.columns WHERE database = 'sonde' AND table = '{table}' ORDER BY position FORMAT TabSeparated"),
+        &format!("SELECT name, type FROM system.columns WHERE database = 'sonde' AND table = '{table}' FORMAT TabSeparated"),
     )?
     .lines()
     .filter_map(|l| l.split_once('\t').map(|(a, b)| (a.to_string(), b.to_string())))
