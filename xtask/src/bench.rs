@@ -834,6 +834,7 @@ fn markdown(r: &Value, quick: bool) -> String {
                 f(&c["avg_ns"])
             ));
         }
+        s.push_str("\nHow to read it: wall-clock slowdowns on this 2-vCPU VM move by several percent between rounds (see the ranges); the per-run costs are the kernel's own accounting and do not depend on that noise. A run-queue event costs about 200 ns, of which most is the price of entering any BPF program here: compare `sched_process_exec`, which only increments a counter. Four such events per `sched pipe` op is the whole slowdown. Every probe can be turned off in `[probes]`.\n");
     }
     if let Some(st) = r.get("storage") {
         s.push_str(&format!(
@@ -958,6 +959,8 @@ pub fn run_bench(quick: bool) -> Result<()> {
     let ebpf = ebpf_overhead(&env, if quick { 3 } else { 9 }, quick)?;
     let storage = storage_and_queries(&env, quick)?;
     drop(agg);
+    // The generated history is large (GBs for the full run): do not leave it behind.
+    let _ = std::fs::remove_dir_all(dir.join("agg"));
     let detect = detect_bench(quick)?;
     let results = json!({
         "date": date,
