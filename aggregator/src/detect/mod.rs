@@ -551,6 +551,33 @@ mod tests {
     }
 
     #[test]
+    fn absent_series_fires_then_resolves_when_it_returns() {
+        let mut e = Engine::new(rules(
+            "[[rule]]\nname = \"sda gone\"\nkind = \"absent\"\nseries = \"disk.util_pct\"\nlabels = { device = \"sda\" }\nfor = \"10s\"\n",
+        ));
+        let mut out = Vec::new();
+        for t in 0..5u64 {
+            e.observe(0, "h", &[("device", "sda")], t * 1000, 1.0, &mut out);
+            e.observe(0, "h", &[("device", "sdb")], t * 1000, 1.0, &mut out);
+            e.tick(t * 1000, &mut out);
+        }
+        assert!(out.is_empty());
+        // sda stops reporting at 4 s; sdb is not selected by the rule.
+        for t in 5..20u64 {
+            e.observe(0, "h", &[("device", "sdb")], t * 1000, 1.0, &mut out);
+            e.tick(t * 1000, &mut out);
+        }
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0].state, "firing");
+        assert_eq!(out[0].starts_at_ms, 4000);
+        assert!(out[0].labels.contains(&("device".into(), "sda".into())));
+        e.observe(0, "h", &[("device", "sda")], 21_000, 1.0, &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[1].state, "resolved");
+        assert_eq!(out[1].id, out[0].id);
+    }
+
+    #[test]
     fn reload_keeps_state_of_unchanged_rules() {
         let text = "[[rule]]\nname = \"a\"\nkind = \"ewma\"\nseries = \"cpu.busy\"\nwarmup = 10\n\n[[rule]]\nname = \"b\"\nkind = \"threshold\"\nseries = \"cpu.busy\"\nwarning = 50\n";
         let mut e = Engine::new(rules(text));
