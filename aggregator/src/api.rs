@@ -15,6 +15,51 @@ use std::sync::Arc;
 pub struct Api {
     pub store: Store,
     pub metrics: Arc<Metrics>,
+    /// When set, `/api/*` (and `/metrics` unless `open_metrics`) need `Authorization: Bearer <token>`.
+    pub token: Option<Arc<str>>,
+    pub open_metrics: bool,
+}
+
+/// Constant-time comparison, so a wrong token's timing tells nothing about the right one.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Whether a request for `path` with this Authorization header may proceed.
+pub fn authorized(token: Option<&str>, open_metrics: bool, path: &str, auth: Option<&str>) -> bool {
+    let Some(token) = token else { return true };
+    let guarded = path.starts_with("/api/") || (path == "/metrics" && !open_metrics);
+    if !guarded {
+        return true;
+    }
+    auth.and_then(|h| h.strip_prefix("Bearer "))
+        .is_some_and(|t| same(t.trim().as_bytes(), token.as_bytes()))
+}
+
+async fn auth(
+    State(api): State<Api>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let header = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if authorized(
+        api.token.as_deref(),
+        api.open_metrics,
+        req.uri().path(),
+        header,
+    ) {
+        next.run(req).await
+    } else {
+        (
+            StatusCode::UNAUTHORIZED,
+            [("www-authenticate", "Bearer")],
+            "a bearer token is required (Authorization: Bearer <token>)\n",
+        )
+            .into_response()
+    }
 }
 
 pub fn router(api: Api) -> Router {
@@ -23,7 +68,28 @@ pub fn router(api: Api) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/hosts", get(hosts))
+        .layer(axum::middleware::from_fn_with_state(api.clone(), auth))
         .with_state(api)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::authorized;
+
+    #[test]
+    fn bearer_token_guards_api_only() {
+        assert!(authorized(None, true, "/api/hosts", None));
+        let t = Some("s3cret");
+        assert!(!authorized(t, true, "/api/hosts", None));
+        assert!(!authorized(t, true, "/api/hosts", Some("Bearer wrong")));
+        assert!(!authorized(t, true, "/api/hosts", Some("Basic s3cret")));
+        assert!(authorized(t, true, "/api/hosts", Some("Bearer s3cret")));
+        assert!(authorized(t, true, "/healthz", None));
+        assert!(authorized(t, true, "/readyz", None));
+        assert!(authorized(t, true, "/metrics", None));
+        assert!(!authorized(t, false, "/metrics", None));
+        assert!(authorized(t, false, "/metrics", Some("Bearer s3cret")));
+    }
 }
 
 async fn readyz(State(api): State<Api>) -> Response {

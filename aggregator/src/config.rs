@@ -28,6 +28,33 @@ pub struct Config {
     pub rules: Option<PathBuf>,
     /// Where alerts go.
     pub alerting: crate::alert::AlertingConfig,
+    pub api: ApiConfig,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Bearer token required on /api/* (empty: open). Prefer `token_file`.
+    pub token: String,
+    /// File holding the token (first line).
+    pub token_file: Option<PathBuf>,
+    /// Require the token on /metrics too.
+    pub protect_metrics: bool,
+}
+
+impl ApiConfig {
+    pub fn resolve(&self) -> Result<Option<String>> {
+        if let Some(f) = &self.token_file {
+            let t = std::fs::read_to_string(f)
+                .with_context(|| format!("api.token_file: cannot read {}", f.display()))?;
+            let t = t.lines().next().unwrap_or("").trim().to_string();
+            if t.is_empty() {
+                bail!("api.token_file: {} is empty", f.display());
+            }
+            return Ok(Some(t));
+        }
+        Ok(Some(self.token.trim().to_string()).filter(|t| !t.is_empty()))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -77,6 +104,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             rules: None,
             alerting: Default::default(),
+            api: Default::default(),
         }
     }
 }

@@ -207,6 +207,7 @@ fn init_logs(format: &str) {
 
 async fn run(cfg: Config) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
+    let token = cfg.api.resolve()?;
     let rules = match &cfg.rules {
         Some(p) => Some(sonde_aggregator::detect::rules::load_rules(p)?),
         None => None,
@@ -315,6 +316,8 @@ async fn run(cfg: Config) -> Result<()> {
     let router = api::router(api::Api {
         store: store.clone(),
         metrics: metrics.clone(),
+        token: token.map(Into::into),
+        open_metrics: !cfg.api.protect_metrics,
     });
     let mut http_stop = stop_rx.clone();
     let http_task = tokio::spawn(async move {

@@ -365,7 +365,9 @@ fn alertmanager_receives_alerts() {
     let cfg = dir.0.join("agg.toml");
     std::fs::write(
         &cfg,
-        format!("[[alerting.alertmanager]]\nurl = \"http://{am_addr}\"\n"),
+        format!(
+            "[api]\ntoken = \"t0ken\"\n\n[[alerting.alertmanager]]\nurl = \"http://{am_addr}\"\n"
+        ),
     )
     .unwrap();
     let agg = start_aggregator_with(
@@ -399,4 +401,20 @@ fn alertmanager_receives_alerts() {
     assert_eq!(a["annotations"]["summary"], "test alert");
     assert_eq!(a["status"]["state"], "active");
     assert!(metric(&agg, "sonde_alert_notifications_sent_total") >= 1);
+    // With an API token configured: /api/* needs it; health and metrics stay open.
+    let get = |path: &str, auth: Option<&str>| -> u16 {
+        let mut s = std::net::TcpStream::connect(&agg.http).unwrap();
+        let h = auth
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n{h}\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    assert_eq!(get("/api/hosts", None), 401);
+    assert_eq!(get("/api/hosts", Some("wrong")), 401);
+    assert_eq!(get("/api/hosts", Some("t0ken")), 200);
+    assert_eq!(get("/healthz", None), 200);
+    assert_eq!(get("/metrics", None), 200);
 }
