@@ -8,7 +8,7 @@ mod procfile;
 mod ship;
 mod tls;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use config::Config;
 use protocol::{Snapshot, CPU_TOTAL, PRESSURE_RESOURCES};
@@ -75,6 +75,20 @@ enum Cmd {
         #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
         interval: Duration,
     },
+    /// Record COUNT consecutive snapshots of this host, one interval apart, to FILE in the
+    /// wire encoding (each prefixed by its u32 LE length). Used by `cargo xtask bench` to
+    /// study batch size and zstd dictionaries on real data; nothing is sent anywhere.
+    Record {
+        /// How many snapshots.
+        #[arg(long, default_value_t = 60)]
+        count: u32,
+        /// Time between snapshots.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+        interval: Duration,
+        /// Output file.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -126,6 +140,14 @@ fn real_main(cli: Cli) -> Result<()> {
             once(&cfg, json, interval)
         }
         Cmd::Probes { json, measure } => probes_cmd(&cfg, json, measure),
+        Cmd::Record {
+            count,
+            interval,
+            out,
+        } => {
+            cfg.validate()?;
+            record(&cfg, count, interval, &out)
+        }
         Cmd::Run(a) => {
             if !a.aggregator.is_empty() {
                 cfg.aggregator = a.aggregator;
@@ -302,6 +324,35 @@ fn probes_cmd(cfg: &Config, json: bool, measure: Option<Duration>) -> Result<()>
     if status.iter().any(|s| s.state == "refused") {
         std::process::exit(1);
     }
+    Ok(())
+}
+
+fn record(cfg: &Config, count: u32, interval: Duration, out: &std::path::Path) -> Result<()> {
+    use protocol::Encode;
+    let mut c = collect::Collector::new(&cfg.proc_root, &cfg.sys_root, &cfg.filters);
+    let (probes, _) = collect::ebpf::load(&cfg.probes, &cfg.proc_root, cfg.filters.disks.clone());
+    c.probes = probes;
+    let mut snap = Snapshot::default();
+    c.collect(&mut snap);
+    let mut buf = Vec::new();
+    let mut enc = Vec::new();
+    let mut n = 0;
+    while n < count {
+        std::thread::sleep(interval);
+        if c.collect(&mut snap) {
+            enc.clear();
+            snap.encode(&mut enc);
+            buf.extend_from_slice(&(enc.len() as u32).to_le_bytes());
+            buf.extend_from_slice(&enc);
+            n += 1;
+        }
+    }
+    std::fs::write(out, &buf).with_context(|| format!("cannot write {}", out.display()))?;
+    eprintln!(
+        "recorded {count} snapshots ({} bytes) to {}",
+        buf.len(),
+        out.display()
+    );
     Ok(())
 }
 
