@@ -88,6 +88,9 @@ pub struct LimitsConfig {
     pub max_decompressed_bytes: usize,
     /// Batches one sensor may have in flight at once (QUIC streams).
     pub max_streams_per_connection: u32,
+    /// Compressed bytes per second one connection may send on average (bursts of one
+    /// second's worth allowed); beyond it its streams are read later. 0 = no limit.
+    pub max_bytes_per_second_per_connection: u64,
 }
 
 impl Default for Config {
@@ -133,6 +136,7 @@ impl Default for LimitsConfig {
             max_frame_bytes: l.max_frame,
             max_decompressed_bytes: l.max_decompressed,
             max_streams_per_connection: 16,
+            max_bytes_per_second_per_connection: 4 << 20,
         }
     }
 }

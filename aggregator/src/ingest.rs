@@ -2,7 +2,7 @@
 //! certificate, bounded reads and decoding, hand-off to the writer, acks.
 
 use crate::metrics::Metrics;
-use crate::store::writer::Job;
+use crate::store::writer::{GapJob, Job, Work};
 use anyhow::{bail, Context, Result};
 use protocol::{decode_batch, encode_ack, encode_error, Limits, FRAME_HEADER_LEN};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -121,12 +121,45 @@ pub fn peer_host(conn: &quinn::Connection) -> Option<String> {
 }
 
 pub struct Ingest {
-    pub tx: mpsc::Sender<Job>,
+    pub tx: mpsc::Sender<Work>,
+    /// One permit per batch between "start reading its stream" and "answered":
+    /// when the writer is held (ClickHouse slow or down), streams are not read,
+    /// QUIC flow control stops the sensors, and memory stays bounded.
+    pub permits: Arc<tokio::sync::Semaphore>,
     /// Decoded batches for live detection (None when no rules are configured).
     pub detect: Option<mpsc::Sender<crate::detect::live::Arrival>>,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     pub in_flight: AtomicUsize,
+    /// Per-connection byte rate limit (0 = none).
+    pub conn_bytes_per_s: u64,
+}
+
+/// A per-connection byte budget: each frame read moves `next_free` forward by
+/// its share of a second; a new stream of this connection is not read before
+/// `next_free - 1 s` (one second of burst). Only that sensor waits.
+struct Budget {
+    next_free: std::sync::Mutex<tokio::time::Instant>,
+    rate: u64,
+}
+
+impl Budget {
+    async fn wait(&self) {
+        if self.rate == 0 {
+            return;
+        }
+        let at = *self.next_free.lock().unwrap() - Duration::from_secs(1);
+        tokio::time::sleep_until(at).await;
+    }
+
+    fn spend(&self, bytes: usize) {
+        if self.rate == 0 {
+            return;
+        }
+        let mut n = self.next_free.lock().unwrap();
+        let now = tokio::time::Instant::now();
+        *n = (*n).max(now) + Duration::from_secs_f64(bytes as f64 / self.rate as f64);
+    }
 }
 
 /// Accepts connections until `stop` turns true; then waits for in-flight
@@ -178,14 +211,19 @@ async fn connection(inc: quinn::Incoming, ingest: Arc<Ingest>, mut stop: watch::
     ingest.metrics.connections_accepted.fetch_add(1, Relaxed);
     ingest.metrics.sensors_connected.fetch_add(1, Relaxed);
     tracing::info!(%remote, %host, "sensor connected");
+    let budget = Arc::new(Budget {
+        next_free: std::sync::Mutex::new(tokio::time::Instant::now()),
+        rate: ingest.conn_bytes_per_s,
+    });
     let reason = loop {
         tokio::select! {
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
                     ingest.in_flight.fetch_add(1, Relaxed);
-                    let (ingest, conn, host) = (ingest.clone(), conn.clone(), host.clone());
+                    let (ingest, conn, host, budget) = (ingest.clone(), conn.clone(), host.clone(), budget.clone());
                     tokio::spawn(async move {
-                        stream(&ingest, &conn, host, send, recv).await;
+                        budget.wait().await;
+                        stream(&ingest, &conn, host, send, recv, &budget).await;
                         ingest.in_flight.fetch_sub(1, Relaxed);
                     });
                 }
@@ -204,8 +242,21 @@ async fn stream(
     host: Arc<str>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
+    budget: &Budget,
 ) {
     let max = ingest.limits.max_frame + FRAME_HEADER_LEN;
+    let _permit = match ingest.permits.clone().try_acquire_owned() {
+        Ok(p) => p,
+        Err(_) => {
+            ingest.metrics.streams_waiting.fetch_add(1, Relaxed);
+            let p = ingest.permits.clone().acquire_owned().await;
+            ingest.metrics.streams_waiting.fetch_sub(1, Relaxed);
+            match p {
+                Ok(p) => p,
+                Err(_) => return,
+            }
+        }
+    };
     let buf = match recv.read_to_end(max).await {
         Ok(b) => b,
         Err(quinn::ReadToEndError::TooLong) => {
@@ -222,6 +273,10 @@ async fn stream(
             return;
         }
     };
+    budget.spend(buf.len());
+    if buf.get(5) == Some(&(protocol::FrameKind::Gap as u8)) {
+        return gap(ingest, conn, host, &buf, send).await;
+    }
     let batch = match decode_batch(&buf, &ingest.limits) {
         Ok(b) => b,
         Err(e) => {
@@ -257,7 +312,7 @@ async fn stream(
         bytes: buf.len() as u32,
         reply: tx,
     };
-    if ingest.tx.send(job).await.is_err() {
+    if ingest.tx.send(Work::Batch(job)).await.is_err() {
         let _ = send
             .write_all(&encode_error(seq, "aggregator is shutting down"))
             .await;
@@ -276,5 +331,49 @@ async fn stream(
     let _ = send.write_all(&reply).await;
     let _ = send.finish();
     // Let the reply leave before the stream is dropped.
+    let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
+}
+
+async fn gap(
+    ingest: &Ingest,
+    conn: &quinn::Connection,
+    host: Arc<str>,
+    buf: &[u8],
+    mut send: quinn::SendStream,
+) {
+    let g = match protocol::decode_gap(buf, &ingest.limits) {
+        Ok(g) => g,
+        Err(e) => {
+            ingest.metrics.decode_errors.fetch_add(1, Relaxed);
+            tracing::warn!(%host, error = %e, "malformed gap frame; closing the connection");
+            conn.close(
+                CLOSE_MALFORMED.into(),
+                format!("malformed frame: {e}").as_bytes(),
+            );
+            return;
+        }
+    };
+    let seq = g.first_seq;
+    let (tx, rx) = oneshot::channel();
+    let reply = if ingest
+        .tx
+        .send(Work::Gap(GapJob {
+            host,
+            gap: g,
+            reply: tx,
+        }))
+        .await
+        .is_err()
+    {
+        encode_error(seq, "aggregator is shutting down")
+    } else {
+        match rx.await {
+            Ok(Ok(())) => encode_ack(seq),
+            Ok(Err(msg)) => encode_error(seq, &msg),
+            Err(_) => encode_error(seq, "aggregator is shutting down"),
+        }
+    };
+    let _ = send.write_all(&reply).await;
+    let _ = send.finish();
     let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
 }

@@ -305,10 +305,12 @@ async fn run(cfg: Config) -> Result<()> {
         .with_context(|| format!("listen: cannot bind UDP {listen}"))?;
     let ingest_state = Arc::new(ingest::Ingest {
         tx,
+        permits: Arc::new(tokio::sync::Semaphore::new(cfg.clickhouse.queue_batches)),
         detect,
         metrics: metrics.clone(),
         limits: cfg.limits.protocol(),
         in_flight: Default::default(),
+        conn_bytes_per_s: cfg.limits.max_bytes_per_second_per_connection,
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let ingest_task = tokio::spawn(ingest::serve(endpoint, ingest_state, stop_rx.clone()));

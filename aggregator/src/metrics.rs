@@ -24,6 +24,9 @@ pub struct Metrics {
     pub connections_rejected: AtomicU64,
     pub sensors_connected: AtomicU64,
     pub queue_depth: AtomicU64,
+    pub clickhouse_down: AtomicU64,
+    pub gaps_reported: AtomicU64,
+    pub streams_waiting: AtomicU64,
     insert_buckets: [AtomicU64; 11],
     insert_count: AtomicU64,
     insert_sum_us: AtomicU64,
@@ -159,6 +162,27 @@ impl Metrics {
             "Decoded batches waiting for the writer.",
             "gauge",
             self.queue_depth.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "clickhouse_down",
+            "1 while ClickHouse is unreachable (ingest is held, sensors spool).",
+            "gauge",
+            self.clickhouse_down.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "gaps_reported_total",
+            "Gaps (batches a sensor dropped because its spool was full) recorded.",
+            "counter",
+            self.gaps_reported.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "streams_waiting",
+            "Batch streams not read yet because the ingest queue is full (backpressure).",
+            "gauge",
+            self.streams_waiting.load(Relaxed),
         );
         for (name, help, kind, v) in [
             (

@@ -75,6 +75,14 @@ pub struct Proc {
 }
 
 impl Proc {
+    pub fn new(child: Child, log: PathBuf, name: &str) -> Proc {
+        Proc {
+            child,
+            log,
+            name: name.into(),
+        }
+    }
+
     pub fn signal(&self, sig: i32) {
         unsafe { libc::kill(self.child.id() as i32, sig) };
     }
@@ -195,6 +203,8 @@ pub fn start_sensor(dir: &Path, quic: &str, host: &str, extra: &[&str]) -> Proc 
         .arg(c.join(format!("hosts/{host}.pem")))
         .arg("--key")
         .arg(c.join(format!("hosts/{host}-key.pem")))
+        .arg("--spool-dir")
+        .arg(dir.join(format!("spool-{host}")))
         .args(extra)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())

@@ -16,6 +16,8 @@ pub enum FrameKind {
     Ack = 2,
     /// Aggregator → sensor: the batch was not stored; the text says why.
     Error = 3,
+    /// Sensor → aggregator: batches the sensor dropped for good (spool full).
+    Gap = 4,
 }
 
 impl FrameKind {
@@ -24,6 +26,7 @@ impl FrameKind {
             1 => Ok(FrameKind::Batch),
             2 => Ok(FrameKind::Ack),
             3 => Ok(FrameKind::Error),
+            4 => Ok(FrameKind::Gap),
             k => Err(Error::UnknownKind(k)),
         }
     }
@@ -223,5 +226,103 @@ pub fn decode_ack(buf: &[u8]) -> Result<std::result::Result<u64, (u64, String)>>
             expected: FrameKind::Ack,
             got,
         }),
+    }
+}
+
+/// Batches a sensor had to drop before they were acknowledged (its spool was
+/// full): sequence numbers `first_seq..=last_seq` of one sensor boot, covering
+/// samples taken from `from_ms` to `to_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Gap {
+    pub host: String,
+    pub boot_id: String,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub from_ms: u64,
+    pub to_ms: u64,
+    pub batches: u64,
+    pub samples: u64,
+}
+
+pub fn encode_gap(g: &Gap) -> Vec<u8> {
+    let mut p = Vec::with_capacity(64 + g.host.len() + g.boot_id.len());
+    crate::codec::put_str(&mut p, &g.host);
+    crate::codec::put_str(&mut p, &g.boot_id);
+    for v in [
+        g.first_seq,
+        g.last_seq,
+        g.from_ms,
+        g.to_ms,
+        g.batches,
+        g.samples,
+    ] {
+        put_varint(&mut p, v);
+    }
+    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + p.len());
+    encode_frame(FrameKind::Gap, &p, &mut out);
+    out
+}
+
+pub fn decode_gap(buf: &[u8], limits: &Limits) -> Result<Gap> {
+    let frame = decode_frame(buf, limits)?;
+    if frame.header.kind != FrameKind::Gap {
+        return Err(Error::UnexpectedKind {
+            expected: FrameKind::Gap,
+            got: frame.header.kind,
+        });
+    }
+    let mut r = Reader::new(frame.payload, *limits);
+    let g = Gap {
+        host: r.string("gap.host")?,
+        boot_id: r.string("gap.boot_id")?,
+        first_seq: r.varint()?,
+        last_seq: r.varint()?,
+        from_ms: r.varint()?,
+        to_ms: r.varint()?,
+        batches: r.varint()?,
+        samples: r.varint()?,
+    };
+    if g.first_seq == 0 || g.last_seq < g.first_seq {
+        return Err(Error::InvalidValue {
+            what: "gap.last_seq",
+            value: g.last_seq,
+        });
+    }
+    if r.remaining() != 0 {
+        return Err(Error::TrailingBytes(r.remaining()));
+    }
+    Ok(g)
+}
+
+#[cfg(test)]
+mod gap_tests {
+    use super::*;
+
+    #[test]
+    fn gap_round_trip_and_rejects() {
+        let g = Gap {
+            host: "h".into(),
+            boot_id: "b".into(),
+            first_seq: 3,
+            last_seq: 9,
+            from_ms: 1000,
+            to_ms: 35000,
+            batches: 7,
+            samples: 700,
+        };
+        let f = encode_gap(&g);
+        assert_eq!(decode_gap(&f, &Limits::default()).unwrap(), g);
+        let bad = encode_gap(&Gap {
+            last_seq: 2,
+            ..g.clone()
+        });
+        assert!(decode_gap(&bad, &Limits::default()).is_err());
+        assert!(matches!(
+            decode_batch(&f, &Limits::default()),
+            Err(Error::UnexpectedKind { .. })
+        ));
+        let mut trailing = f.clone();
+        trailing.push(0);
+        assert!(decode_gap(&trailing, &Limits::default()).is_err());
     }
 }

@@ -23,9 +23,9 @@ mod records;
 
 pub use codec::{Decode, Encode, Reader};
 pub use frame::{
-    decode_ack, decode_batch, decode_frame, decode_frame_header, decompress_bounded, encode_ack,
-    encode_batch, encode_batch_parts, encode_error, encode_frame, BatchParts, Frame, FrameHeader,
-    FrameKind, FRAME_HEADER_LEN, MAGIC, VERSION,
+    decode_ack, decode_batch, decode_frame, decode_frame_header, decode_gap, decompress_bounded,
+    encode_ack, encode_batch, encode_batch_parts, encode_error, encode_frame, encode_gap,
+    BatchParts, Frame, FrameHeader, FrameKind, Gap, FRAME_HEADER_LEN, MAGIC, VERSION,
 };
 pub use records::*;
 

@@ -28,8 +28,13 @@ pub struct Config {
     pub cert: PathBuf,
     /// This host's private key (PEM).
     pub key: PathBuf,
-    /// Unacknowledged batches kept in memory, at most this many bytes (oldest dropped first).
-    pub max_unacked_bytes: usize,
+    /// Directory of the on-disk spool of unacknowledged batches ("" = memory only,
+    /// lost on restart). One directory per sensor.
+    pub spool_dir: PathBuf,
+    /// Bound of the spool in bytes: beyond it the oldest batches are dropped and the
+    /// gap is reported to the aggregator (`gaps` table).
+    #[serde(alias = "max_unacked_bytes")]
+    pub spool_max_bytes: usize,
     /// Batches in flight on one connection.
     pub max_in_flight: usize,
     /// zstd level for batches (1..19).
@@ -87,7 +92,8 @@ impl Default for Config {
             ca: "/etc/sonde/ca.pem".into(),
             cert: "/etc/sonde/sensor.pem".into(),
             key: "/etc/sonde/sensor-key.pem".into(),
-            max_unacked_bytes: 64 << 20,
+            spool_dir: "/var/lib/sonde/spool".into(),
+            spool_max_bytes: 256 << 20,
             max_in_flight: 8,
             zstd_level: 3,
             shutdown_grace: Duration::from_secs(5),

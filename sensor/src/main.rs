@@ -6,6 +6,7 @@ mod config;
 mod filter;
 mod procfile;
 mod ship;
+mod spool;
 mod tls;
 
 use anyhow::{Context, Result};
@@ -119,6 +120,14 @@ struct RunArgs {
     /// Close and ship a batch after this long, e.g. 5s.
     #[arg(long, env = "SONDE_BATCH_INTERVAL", value_parser = humantime::parse_duration, value_name = "DURATION")]
     batch_interval: Option<Duration>,
+    /// Directory of the on-disk spool (unacknowledged batches survive restarts there);
+    /// an empty value keeps them in memory only.
+    #[arg(long, env = "SONDE_SPOOL_DIR", value_name = "DIR")]
+    spool_dir: Option<PathBuf>,
+    /// Bound of the spool in bytes (default 256 MiB); beyond it the oldest batches are
+    /// dropped and the gap is reported.
+    #[arg(long, env = "SONDE_SPOOL_MAX_BYTES", value_name = "BYTES")]
+    spool_max_bytes: Option<usize>,
 }
 
 fn main() {
@@ -158,6 +167,8 @@ fn real_main(cli: Cli) -> Result<()> {
             cfg.key = a.key.unwrap_or(cfg.key);
             cfg.interval = a.interval.unwrap_or(cfg.interval);
             cfg.batch_interval = a.batch_interval.unwrap_or(cfg.batch_interval);
+            cfg.spool_dir = a.spool_dir.unwrap_or(cfg.spool_dir);
+            cfg.spool_max_bytes = a.spool_max_bytes.unwrap_or(cfg.spool_max_bytes);
             cfg.validate()?;
             init_logs(&cfg.log_format);
             // Check certificates before anything runs.
@@ -201,7 +212,12 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
     }
     info.probes = collect::ebpf::active_list(&status);
     tracing::info!(host = %info.hostname, boot_id = %boot_id, interval = ?cfg.interval, aggregator = ?cfg.aggregator, "sensor starting");
-    let outbox = Arc::new(ship::Outbox::new(cfg.max_unacked_bytes));
+    let spool_dir = (!cfg.spool_dir.as_os_str().is_empty()).then_some(cfg.spool_dir.as_path());
+    let outbox = Arc::new(spool::Spool::open(
+        spool_dir,
+        &info.hostname,
+        cfg.spool_max_bytes,
+    )?);
     let shipper = tokio::spawn(ship::run(cfg.clone(), outbox.clone()));
     let mut collector = collect::Collector::new(&cfg.proc_root, &cfg.sys_root, &cfg.filters);
     let events_fd = probes.as_ref().and_then(|p| p.events_fd()).and_then(|fd| {
@@ -234,7 +250,7 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
                 if batcher.due(Instant::now()) {
                     if let Some(c) = batcher.close() {
                         tracing::debug!(seq = c.seq, bytes = c.frame.len(), samples = c.samples, "batch closed");
-                        outbox.push(c.seq, c.frame);
+                        outbox.push(c.meta(batcher.boot_id()), c.frame);
                     }
                 }
             }
@@ -258,8 +274,9 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
             };
         }
     }
+    // The batch being built goes to the spool before anything else.
     if let Some(c) = batcher.close() {
-        outbox.push(c.seq, c.frame);
+        outbox.push(c.meta(batcher.boot_id()), c.frame);
     }
     let pending = outbox.len();
     tracing::info!(pending, grace = ?cfg.shutdown_grace, "stopping: delivering unacknowledged batches");
@@ -272,10 +289,21 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
         .await;
     }
     let left = outbox.len();
-    if left > 0 {
+    if outbox.dropped_batches() > 0 {
+        tracing::warn!(
+            dropped = outbox.dropped_batches(),
+            "batches were dropped this run because the spool was full (reported as gaps)"
+        );
+    }
+    if left > 0 && spool_dir.is_some() {
+        tracing::info!(
+            batches = left,
+            "exiting; unacknowledged batches stay in the spool and are sent on the next start"
+        );
+    } else if left > 0 {
         tracing::warn!(
             batches = left,
-            "exiting with unacknowledged batches (they are lost: the spool is in-memory)"
+            "exiting with unacknowledged batches (lost: spool_dir is empty, the spool is in memory)"
         );
     } else {
         tracing::info!("all batches delivered; bye");

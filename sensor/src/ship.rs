@@ -1,13 +1,13 @@
 //! Batching and delivery: snapshots are encoded into a growing buffer,
-//! closed into compressed batch frames, held in a bounded outbox until the
-//! aggregator acknowledges them, and (re)sent over QUIC with reconnects.
+//! closed into compressed batch frames, held in the spool until the
+//! aggregator acknowledges them, and (re)sent over QUIC with reconnects and
+//! failover between aggregator addresses.
 
 use crate::config::Config;
+use crate::spool::{Kind, Meta, Spool as Outbox};
 use protocol::{encode_batch_parts, BatchParts, HostInfo, Snapshot};
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::Notify;
 
 pub struct Batcher {
     snaps: Vec<u8>,
@@ -15,6 +15,8 @@ pub struct Batcher {
     count: u64,
     samples: u64,
     opened: Option<Instant>,
+    first_ms: u64,
+    last_ms: u64,
     next_seq: u64,
     boot_id: String,
     info: HostInfo,
@@ -31,6 +33,23 @@ pub struct Closed {
     pub seq: u64,
     pub frame: Vec<u8>,
     pub samples: u64,
+    pub from_ms: u64,
+    pub to_ms: u64,
+}
+
+impl Closed {
+    pub fn meta(&self, boot_id: &str) -> Meta {
+        Meta {
+            kind: Kind::Batch,
+            boot_id: boot_id.to_string(),
+            first_seq: self.seq,
+            last_seq: self.seq,
+            from_ms: self.from_ms,
+            to_ms: self.to_ms,
+            batches: 1,
+            samples: self.samples,
+        }
+    }
 }
 
 impl Batcher {
@@ -41,6 +60,8 @@ impl Batcher {
             count: 0,
             samples: 0,
             opened: None,
+            first_ms: 0,
+            last_ms: 0,
             next_seq: 1,
             boot_id,
             info,
@@ -57,6 +78,10 @@ impl Batcher {
     pub fn push(&mut self, s: &Snapshot) {
         use protocol::Encode;
         s.encode(&mut self.snaps);
+        if self.count == 0 {
+            self.first_ms = s.ts_ms;
+        }
+        self.last_ms = s.ts_ms;
         self.count += 1;
         self.samples += s.sample_count();
         self.opened.get_or_insert_with(Instant::now);
@@ -68,6 +93,10 @@ impl Batcher {
         self.count >= self.per_batch
             || self.snaps.len() >= self.max_bytes
             || self.opened.is_some_and(|o| now >= o + self.max_age)
+    }
+
+    pub fn boot_id(&self) -> &str {
+        &self.boot_id
     }
 
     pub fn close(&mut self) -> Option<Closed> {
@@ -100,108 +129,9 @@ impl Batcher {
             seq,
             frame,
             samples,
+            from_ms: self.first_ms,
+            to_ms: self.last_ms,
         })
-    }
-}
-
-struct Item {
-    seq: u64,
-    frame: Arc<Vec<u8>>,
-    in_flight: bool,
-    retry_at: Option<Instant>,
-}
-
-#[derive(Default)]
-struct Inner {
-    items: VecDeque<Item>,
-    bytes: usize,
-    dropped: u64,
-}
-
-/// Unacknowledged batches, oldest first, bounded in bytes.
-pub struct Outbox {
-    inner: Mutex<Inner>,
-    max_bytes: usize,
-    pub notify: Notify,
-    pub drained: Notify,
-}
-
-impl Outbox {
-    pub fn new(max_bytes: usize) -> Self {
-        Outbox {
-            inner: Mutex::default(),
-            max_bytes,
-            notify: Notify::new(),
-            drained: Notify::new(),
-        }
-    }
-
-    pub fn push(&self, seq: u64, frame: Vec<u8>) {
-        let mut g = self.inner.lock().unwrap();
-        g.bytes += frame.len();
-        g.items.push_back(Item {
-            seq,
-            frame: Arc::new(frame),
-            in_flight: false,
-            retry_at: None,
-        });
-        while g.bytes > self.max_bytes && g.items.len() > 1 {
-            let old = g.items.pop_front().unwrap();
-            g.bytes -= old.frame.len();
-            g.dropped += 1;
-            tracing::warn!(
-                seq = old.seq,
-                max_unacked_bytes = self.max_bytes,
-                "outbox full: dropped the oldest unacknowledged batch"
-            );
-        }
-        drop(g);
-        self.notify.notify_one();
-    }
-
-    pub fn len(&self) -> usize {
-        self.inner.lock().unwrap().items.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn next_to_send(&self) -> Option<(u64, Arc<Vec<u8>>)> {
-        let now = Instant::now();
-        let mut g = self.inner.lock().unwrap();
-        let it = g
-            .items
-            .iter_mut()
-            .find(|i| !i.in_flight && i.retry_at.is_none_or(|t| t <= now))?;
-        it.in_flight = true;
-        it.retry_at = None;
-        Some((it.seq, it.frame.clone()))
-    }
-
-    fn acked(&self, seq: u64) {
-        let mut g = self.inner.lock().unwrap();
-        if let Some(pos) = g.items.iter().position(|i| i.seq == seq) {
-            let it = g.items.remove(pos).unwrap();
-            g.bytes -= it.frame.len();
-        }
-        if g.items.is_empty() {
-            self.drained.notify_waiters();
-        }
-    }
-
-    fn retry_later(&self, seq: u64, after: Duration) {
-        let mut g = self.inner.lock().unwrap();
-        if let Some(it) = g.items.iter_mut().find(|i| i.seq == seq) {
-            it.in_flight = false;
-            it.retry_at = Some(Instant::now() + after);
-        }
-    }
-
-    fn unmark_all(&self) {
-        for it in self.inner.lock().unwrap().items.iter_mut() {
-            it.in_flight = false;
-        }
     }
 }
 
@@ -237,7 +167,7 @@ pub async fn run(cfg: Arc<Config>, outbox: Arc<Outbox>) -> anyhow::Result<()> {
         let addr_s = &cfg.aggregator[idx % cfg.aggregator.len()];
         match connect(&endpoint, addr_s, &cfg.server_name).await {
             Ok(conn) => {
-                tracing::info!(aggregator = %addr_s, pending = outbox.len(), "connected");
+                tracing::info!(aggregator = %addr_s, pending = outbox.len(), pending_bytes = outbox.bytes(), "connected");
                 backoff = Duration::from_millis(100);
                 let reason = serve(&conn, &outbox, cfg.max_in_flight).await;
                 tracing::warn!(aggregator = %addr_s, %reason, pending = outbox.len(), "disconnected; will reconnect");
@@ -345,19 +275,5 @@ mod tests {
             .map(|(i, _)| i + 1)
             .collect();
         assert_eq!(with, vec![1, 13]);
-    }
-
-    #[test]
-    fn outbox_drops_oldest_beyond_its_bound() {
-        let o = Outbox::new(100);
-        for seq in 1..=5 {
-            o.push(seq, vec![0u8; 40]);
-        }
-        assert_eq!(o.len(), 2);
-        assert_eq!(o.inner.lock().unwrap().dropped, 3);
-        let (seq, _) = o.next_to_send().unwrap();
-        assert_eq!(seq, 4, "oldest kept first");
-        o.acked(4);
-        assert_eq!(o.len(), 1);
     }
 }

@@ -220,8 +220,9 @@ fn sensor_config(env: &Env, host: &str, probes: &str) -> Result<PathBuf> {
     std::fs::write(
         &p,
         format!(
-            "aggregator = [\"{}\"]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[probes]\n{section}",
+            "aggregator = [\"{}\"]\nspool_dir = \"{}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[probes]\n{section}",
             env.agg_quic,
+            env.dir.join(format!("spool-{host}")).display(),
             c.join("ca.pem").display(),
             c.join(format!("hosts/{host}.pem")).display(),
             c.join(format!("hosts/{host}-key.pem")).display(),

@@ -3,6 +3,7 @@
 mod bench;
 mod certs;
 mod ebpf;
+mod fuzz;
 mod setup;
 mod up;
 
@@ -50,6 +51,14 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Fuzz the protocol decoder (frame, zstd, records) with cargo-fuzz/libFuzzer for a
+    /// bounded time, starting from the committed seed corpus (fuzz/corpus/decode).
+    /// Installs cargo-fuzz when missing. Exit status 1 when an input made it fail.
+    Fuzz {
+        /// How long to fuzz.
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+    },
     /// Install what the tests need (ClickHouse, chdb-core), build, and run the whole test suite.
     Test {
         /// Extra arguments passed to `cargo test` (after --).
@@ -83,6 +92,7 @@ fn main() {
             debug,
         } => up::run(&data_dir, &listen, &http_listen, !debug),
         Cmd::Test { args } => setup::test(&args),
+        Cmd::Fuzz { secs } => fuzz::run_fuzz(secs).map(|_| ()),
         Cmd::Bench { quick } => bench::run_bench(quick),
         Cmd::BuildEbpf => ebpf::build().map(|_| ()),
         Cmd::Certs {

@@ -151,6 +151,8 @@ pub fn run(data_dir: &Path, listen: &str, http_listen: &str, release: bool) -> R
         .arg(cdir.join("hosts").join(format!("{host}.pem")))
         .arg("--key")
         .arg(cdir.join("hosts").join(format!("{host}-key.pem")))
+        .arg("--spool-dir")
+        .arg(data_dir.join("spool"))
         .stderr(std::fs::File::create(logs.join("sensor.log"))?)
         .process_group(0)
         .spawn()

@@ -122,36 +122,75 @@ impl Store {
 
     /// Inserts all rows of the given batches (already deduplicated), then
     /// records the batches themselves. Returns the number of rows written.
+    ///
+    /// Exactly once: an intent row per batch goes first, the `batches` row
+    /// last. A batch in `uncertain` (its intent may exist without its `batches`
+    /// row: an earlier attempt failed or the aggregator died mid-round) has
+    /// its rows checked table by table, and rows already present (same host and
+    /// timestamp) are not inserted again. Each table's insert of one round is a
+    /// single block, which ClickHouse commits whole or not at all.
     pub async fn write(
         &self,
         batches: &[(&str, &Batch, u32)],
         hosts: &[HostRow<'_>],
         now: u32,
+        uncertain: &std::collections::HashSet<(String, String, u64)>,
     ) -> Result<usize> {
         let mut rows = Rows::default();
+        let mut rows_u = Rows::default();
         for (host, b, _) in batches {
-            rows.add(host, b);
+            if uncertain.contains(&(host.to_string(), b.boot_id.clone(), b.seq)) {
+                rows_u.add(host, b);
+            } else {
+                rows.add(host, b);
+            }
         }
-        self.insert::<rows::CpuRow>("cpu", &rows.cpu).await?;
-        self.insert::<rows::SystemRow>("system", &rows.system)
+        let intents: Vec<rows::IntentRow> = batches
+            .iter()
+            .map(|(host, b, _)| rows::IntentRow {
+                host,
+                sensor_boot_id: &b.boot_id,
+                seq: b.seq,
+                created: now,
+            })
+            .collect();
+        self.insert::<rows::IntentRow>("batch_intents", &intents)
             .await?;
-        self.insert::<rows::MemoryRow>("memory", &rows.memory)
-            .await?;
-        self.insert::<rows::PressureRow>("pressure", &rows.pressure)
-            .await?;
-        self.insert::<rows::DiskRow>("disk", &rows.disk).await?;
-        self.insert::<rows::FilesystemRow>("filesystem", &rows.filesystem)
-            .await?;
-        self.insert::<rows::NetRow>("net", &rows.net).await?;
-        self.insert::<rows::TcpRow>("tcp", &rows.tcp).await?;
-        self.insert::<rows::LatencyRow>("latency", &rows.latency)
-            .await?;
-        self.insert::<rows::EventRow>("events", &rows.events)
-            .await?;
-        self.insert::<rows::ProbeRow>("probes", &rows.probes)
-            .await?;
-        self.insert::<rows::TcpPortRow>("tcp_ports", &rows.tcp_ports)
-            .await?;
+        let mut skipped = 0usize;
+        macro_rules! table {
+            ($field:ident, $ty:ty, $name:literal) => {{
+                if !rows_u.$field.is_empty() {
+                    let present = self
+                        .present($name, rows_u.$field.iter().map(|r| (r.host, r.ts)))
+                        .await?;
+                    let before = rows_u.$field.len();
+                    rows_u
+                        .$field
+                        .retain(|r| !present.contains(&(r.host.to_string(), r.ts)));
+                    skipped += before - rows_u.$field.len();
+                    rows.$field.append(&mut rows_u.$field);
+                }
+                self.insert::<$ty>($name, &rows.$field).await?;
+            }};
+        }
+        table!(cpu, rows::CpuRow, "cpu");
+        table!(system, rows::SystemRow, "system");
+        table!(memory, rows::MemoryRow, "memory");
+        table!(pressure, rows::PressureRow, "pressure");
+        table!(disk, rows::DiskRow, "disk");
+        table!(filesystem, rows::FilesystemRow, "filesystem");
+        table!(net, rows::NetRow, "net");
+        table!(tcp, rows::TcpRow, "tcp");
+        table!(latency, rows::LatencyRow, "latency");
+        table!(events, rows::EventRow, "events");
+        table!(probes, rows::ProbeRow, "probes");
+        table!(tcp_ports, rows::TcpPortRow, "tcp_ports");
+        if skipped > 0 {
+            tracing::info!(
+                rows = skipped,
+                "recovery: rows of partly stored batches were already in ClickHouse; not inserted again"
+            );
+        }
         self.insert::<HostRow>("hosts", hosts).await?;
         let br: Vec<BatchRow> = batches
             .iter()
@@ -167,6 +206,76 @@ impl Store {
             .collect();
         self.insert::<BatchRow>("batches", &br).await?;
         Ok(rows.len())
+    }
+
+    /// Which of the (host, ts) keys already have rows in `table`.
+    async fn present<'k>(
+        &self,
+        table: &str,
+        keys: impl Iterator<Item = (&'k str, u32)>,
+    ) -> Result<std::collections::HashSet<(String, u32)>> {
+        let mut hosts = BTreeSet::new();
+        let mut ts = BTreeSet::new();
+        for (h, t) in keys {
+            hosts.insert(h.to_string());
+            ts.insert(t);
+        }
+        #[derive(Row, Deserialize)]
+        struct K {
+            host: String,
+            ts: u32,
+        }
+        let q = format!(
+            "SELECT DISTINCT toString(host) AS host, toUInt32(ts) AS ts FROM {table} WHERE has(?, toString(host)) AND has(?, toUInt32(ts))"
+        );
+        let found: Vec<K> = self
+            .client
+            .query(&q)
+            .bind(hosts.into_iter().collect::<Vec<_>>())
+            .bind(ts.into_iter().collect::<Vec<_>>())
+            .fetch_all()
+            .await
+            .with_context(|| format!("recovery check on {table}"))?;
+        Ok(found.into_iter().map(|k| (k.host, k.ts)).collect())
+    }
+
+    /// Batches with an intent but no `batches` row in the last day: possibly
+    /// partly stored by an aggregator that died mid-round.
+    pub async fn uncertain_batches(&self) -> Result<Vec<(String, String, u64)>> {
+        #[derive(Row, Deserialize)]
+        struct R {
+            host: String,
+            sensor_boot_id: String,
+            seq: u64,
+        }
+        let q = format!(
+            "SELECT toString(host) AS host, sensor_boot_id, seq FROM {db}.batch_intents WHERE created > now() - 86400 \
+             AND (toString(host), sensor_boot_id, seq) NOT IN \
+             (SELECT toString(host), sensor_boot_id, seq FROM {db}.batches WHERE received > now() - 90000)",
+            db = self.db
+        );
+        let rows: Vec<R> = self.client.query(&q).fetch_all().await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.host, r.sensor_boot_id, r.seq))
+            .collect())
+    }
+
+    /// Records gaps reported by sensors.
+    pub async fn write_gaps(&self, gaps: &[rows::GapRow<'_>]) -> Result<()> {
+        self.insert::<rows::GapRow>("gaps", gaps).await
+    }
+
+    /// True when ClickHouse answers at all (tells an outage from a bad insert).
+    pub async fn reachable(&self) -> bool {
+        matches!(
+            tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                self.client.query("SELECT 1").fetch_one::<u8>()
+            )
+            .await,
+            Ok(Ok(1))
+        )
     }
 
     /// Records alert transitions in the `alerts` table.

@@ -493,3 +493,24 @@ mod tests {
         assert_eq!(cpu_name(3), "3");
     }
 }
+
+#[derive(Row, Serialize)]
+pub struct GapRow<'a> {
+    pub host: &'a str,
+    pub sensor_boot_id: &'a str,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub from_ts: u32,
+    pub to_ts: u32,
+    pub batches: u64,
+    pub samples: u64,
+    pub received: u32,
+}
+
+#[derive(Row, Serialize)]
+pub struct IntentRow<'a> {
+    pub host: &'a str,
+    pub sensor_boot_id: &'a str,
+    pub seq: u64,
+    pub created: u32,
+}

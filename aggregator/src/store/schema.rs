@@ -237,7 +237,7 @@ pub fn partitioned_tables() -> impl Iterator<Item = &'static str> {
         .iter()
         .chain(EBPF_TABLES)
         .map(|t| t.name)
-        .chain(["batches", "alerts"])
+        .chain(["batches", "alerts", "gaps", "batch_intents"])
 }
 
 /// Whether a server supports codecs, TTL and LowCardinality without
@@ -341,6 +341,32 @@ impl Ddl<'_> {
         )
     }
 
+    /// Batches a sensor dropped for good (its spool was full), as ranges.
+    pub fn gaps(&self) -> String {
+        let l = col_type(Label, self.modern);
+        format!(
+            "CREATE TABLE IF NOT EXISTS {db}.gaps (\n    `host` {l},\n    `sensor_boot_id` String,\n    `first_seq` UInt64,\n    \
+             `last_seq` UInt64,\n    `from_ts` DateTime,\n    `to_ts` DateTime,\n    `batches` UInt64,\n    `samples` UInt64,\n    \
+             `received` DateTime\n) ENGINE = ReplacingMergeTree(received)\nPARTITION BY toDate(from_ts)\n\
+             ORDER BY (host, sensor_boot_id, first_seq){}",
+            self.ttl("from_ts"),
+            db = self.db
+        )
+    }
+
+    /// Written before a round's rows: a batch here but not in `batches` may be
+    /// partly stored (the aggregator died or ClickHouse failed mid-round); its rows
+    /// are then checked table by table before they are inserted again.
+    pub fn batch_intents(&self) -> String {
+        let l = col_type(Label, self.modern);
+        format!(
+            "CREATE TABLE IF NOT EXISTS {db}.batch_intents (\n    `host` {l},\n    `sensor_boot_id` String,\n    `seq` UInt64,\n    \
+             `created` DateTime\n) ENGINE = MergeTree()\nPARTITION BY toDate(created)\nORDER BY (host, sensor_boot_id, seq){}",
+            self.ttl("created"),
+            db = self.db
+        )
+    }
+
     /// Versioned migrations, applied in order and recorded in `schema_migrations`.
     pub fn migrations(&self) -> Vec<(u32, &'static str, Vec<String>)> {
         let mut v1: Vec<String> = METRIC_TABLES.iter().map(|t| self.metric_table(t)).collect();
@@ -359,6 +385,11 @@ impl Ddl<'_> {
                 v2,
             ),
             (3, "alerts", vec![self.alerts()]),
+            (
+                4,
+                "gaps, batch_intents",
+                vec![self.gaps(), self.batch_intents()],
+            ),
         ]
     }
 
@@ -371,7 +402,7 @@ impl Ddl<'_> {
     }
 }
 
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,454 @@
+//! Fault injection with real processes: the aggregator killed with SIGKILL
+//! again and again, ClickHouse stopped for a minute, the network between a
+//! sensor (in its own namespace) and the aggregator cut for a minute, sensors
+//! restarted or killed, and a spool smaller than the outage. Each test counts
+//! rows per (host, second) in ClickHouse afterwards: a sensor samples once a
+//! second, so a missing second is a lost sample and a repeated one a duplicate.
+
+mod common;
+use common::*;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A ClickHouse server of our own (not the aggregator's managed one), on fixed
+/// ports so it can be stopped and started again under the aggregator.
+struct Ch {
+    dir: std::path::PathBuf,
+    http: u16,
+    tcp: u16,
+    inter: u16,
+    proc: Option<Proc>,
+}
+
+impl Ch {
+    fn new(dir: &Path) -> Ch {
+        let mut c = Ch {
+            dir: dir.join("ch"),
+            http: free_port(),
+            tcp: free_port(),
+            inter: free_port(),
+            proc: None,
+        };
+        c.start();
+        c
+    }
+
+    fn start(&mut self) {
+        let d = self.dir.display().to_string();
+        for sub in ["tmp", "log"] {
+            std::fs::create_dir_all(self.dir.join(sub)).unwrap();
+        }
+        let log = self.dir.join("log/stderr.log");
+        let child = Command::new("clickhouse-server")
+            .arg("--config-file=/etc/clickhouse-server/config.xml")
+            .arg("--")
+            .arg(format!("--path={d}/"))
+            .arg(format!("--tmp_path={d}/tmp/"))
+            .arg(format!("--user_files_path={d}/tmp/"))
+            .arg(format!("--format_schema_path={d}/tmp/"))
+            .arg(format!("--logger.log={d}/log/server.log"))
+            .arg(format!("--logger.errorlog={d}/log/err.log"))
+            .arg(format!("--http_port={}", self.http))
+            .arg(format!("--tcp_port={}", self.tcp))
+            .arg(format!("--interserver_http_port={}", self.inter))
+            .arg("--listen_host=127.0.0.1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("clickhouse-server (cargo xtask test installs it)");
+        self.proc = Some(Proc::new(child, log, "clickhouse"));
+        wait_until("ClickHouse answers", Duration::from_secs(60), || {
+            ch_query(&self.addr(), "SELECT 1").is_ok()
+        });
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.stop();
+        }
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.http)
+    }
+
+    fn q(&self, sql: &str) -> String {
+        ch_query(&self.addr(), sql).unwrap_or_else(|e| panic!("{e}\n{sql}"))
+    }
+}
+
+fn start_agg(dir: &Path, listen: &str, ch: &Ch, tag: &str, wait: bool) -> (Proc, String) {
+    let http = format!("127.0.0.1:{}", free_port());
+    let c = dir.join("certs");
+    let log = dir.join(format!("aggregator-{tag}.log"));
+    let child = Command::new(bin("aggregator"))
+        .arg("run")
+        .args(["--listen", listen, "--http-listen", &http])
+        .arg("--data-dir")
+        .arg(dir.join("agg"))
+        .args(["--clickhouse-url", &format!("http://{}", ch.addr())])
+        .arg("--ca")
+        .arg(c.join("ca.pem"))
+        .arg("--cert")
+        .arg(c.join("aggregator.pem"))
+        .arg("--key")
+        .arg(c.join("aggregator-key.pem"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let p = Proc::new(child, log, "aggregator");
+    if wait {
+        wait_until("aggregator ready", Duration::from_secs(60), || {
+            matches!(http_get(&http, "/readyz"), Some((200, _)))
+        });
+    }
+    (p, http)
+}
+
+fn metric_at(http: &str, name: &str) -> u64 {
+    http_get(http, "/metrics")
+        .and_then(|(_, body)| {
+            body.lines()
+                .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0) as u64
+}
+
+/// The per-second CPU series of `host`: (rows, holes as [from, to] seconds, duplicated seconds).
+fn series(ch: &Ch, host: &str) -> (u64, Vec<(u64, u64)>, u64) {
+    let tsv = ch.q(&format!(
+        "SELECT toUInt32(ts), count() FROM sonde.cpu WHERE host = '{host}' AND cpu = 'total' GROUP BY ts ORDER BY ts FORMAT TabSeparated"
+    ));
+    let mut rows = 0;
+    let mut dups = 0;
+    let mut holes = Vec::new();
+    let mut prev: Option<u64> = None;
+    for l in tsv.lines() {
+        let mut f = l.split('\t');
+        let ts: u64 = f.next().unwrap().parse().unwrap();
+        let n: u64 = f.next().unwrap().parse().unwrap();
+        rows += n;
+        dups += n - 1;
+        if let Some(p) = prev {
+            if ts > p + 1 {
+                holes.push((p + 1, ts - 1));
+            }
+        }
+        prev = Some(ts);
+    }
+    (rows, holes, dups)
+}
+
+fn report(name: &str, host: &str, ch: &Ch) -> (u64, Vec<(u64, u64)>, u64) {
+    let (rows, holes, dups) = series(ch, host);
+    let missing: u64 = holes.iter().map(|(a, b)| b - a + 1).sum();
+    let samples: u64 = ch
+        .q(&format!(
+            "SELECT sum(samples) FROM sonde.batches WHERE host = '{host}'"
+        ))
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    eprintln!(
+        "[{name}] {host}: seconds stored {rows}, samples stored {samples}, missing seconds {missing} {holes:?}, duplicated {dups}"
+    );
+    (rows, holes, dups)
+}
+
+/// Waits until every sensor's spool is empty (its log says so) or `timeout`.
+fn wait_drained(http: &str, want_batches: u64, timeout: Duration) {
+    wait_until("batches stored", timeout, || {
+        metric_at(http, "sonde_batches_stored_total") >= want_batches
+    });
+}
+
+#[test]
+fn aggregator_killed_repeatedly_three_sensors_nothing_missing_or_doubled() {
+    let d = Dir::new("fault-kill9");
+    let hosts = ["k1", "k2", "k3"];
+    certs(&d.0.join("certs"), &hosts);
+    let ch = Ch::new(&d.0);
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let (mut agg, mut http) = start_agg(&d.0, &listen, &ch, "0", true);
+    let mut sensors: Vec<Proc> = hosts
+        .iter()
+        .map(|h| start_sensor(&d.0, &listen, h, &[]))
+        .collect();
+    let t0 = Instant::now();
+    let mut kills = 0;
+    while t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(3000 + (kills % 3) * 1500));
+        agg.signal(libc::SIGKILL);
+        let _ = agg.child.wait();
+        kills += 1;
+        let (a, h) = start_agg(&d.0, &listen, &ch, &kills.to_string(), false);
+        agg = a;
+        http = h;
+    }
+    wait_until("aggregator ready", Duration::from_secs(60), || {
+        matches!(http_get(&http, "/readyz"), Some((200, _)))
+    });
+    // Let the spools drain, then stop the sensors cleanly (they deliver their last batch).
+    std::thread::sleep(Duration::from_secs(12));
+    for s in &mut sensors {
+        assert!(s.stop().success());
+    }
+    eprintln!("[kill -9 aggregator] {kills} kills in 60 s");
+    for h in hosts {
+        let (rows, holes, dups) = report("kill -9 aggregator", h, &ch);
+        assert!(rows >= 60, "{h}: only {rows} seconds stored");
+        assert_eq!(dups, 0, "{h}: duplicated samples");
+        assert!(holes.is_empty(), "{h}: missing samples {holes:?}");
+    }
+    let dup_batches = ch.q("SELECT count() FROM (SELECT host, sensor_boot_id, seq FROM sonde.batches GROUP BY host, sensor_boot_id, seq HAVING count() > 1)");
+    assert_eq!(dup_batches.trim(), "0", "a batch recorded twice");
+    drop(agg);
+}
+
+#[test]
+fn clickhouse_down_for_a_minute_nothing_missing_memory_bounded() {
+    let d = Dir::new("fault-ch");
+    certs(&d.0.join("certs"), &["c1", "c2"]);
+    let mut ch = Ch::new(&d.0);
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let (agg, http) = start_agg(&d.0, &listen, &ch, "0", true);
+    let mut sensors: Vec<Proc> = ["c1", "c2"]
+        .iter()
+        .map(|h| start_sensor(&d.0, &listen, h, &[]))
+        .collect();
+    wait_drained(&http, 4, Duration::from_secs(30));
+    let rss = |pid: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    let before = rss(agg.child.id());
+    ch.stop();
+    let down_at = Instant::now();
+    let mut peak = before;
+    let mut saw_down = false;
+    while down_at.elapsed() < Duration::from_secs(60) {
+        peak = peak.max(rss(agg.child.id()));
+        saw_down |= metric_at(&http, "sonde_clickhouse_down") == 1;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(saw_down, "the aggregator never noticed ClickHouse was down");
+    let stored_before = metric_at(&http, "sonde_batches_stored_total");
+    ch.start();
+    // Ingest resumes by itself.
+    wait_until("ingest resumes", Duration::from_secs(60), || {
+        metric_at(&http, "sonde_batches_stored_total") >= stored_before + 24
+    });
+    std::thread::sleep(Duration::from_secs(6));
+    for s in &mut sensors {
+        assert!(s.stop().success());
+    }
+    eprintln!(
+        "[ClickHouse down 60 s] aggregator RSS {} MB before, peak {} MB during the outage",
+        before / 1024,
+        peak / 1024
+    );
+    assert!(
+        peak < before + 64 * 1024,
+        "aggregator memory grew by {} MB during the outage",
+        (peak - before) / 1024
+    );
+    for h in ["c1", "c2"] {
+        let (rows, holes, dups) = report("ClickHouse down 60 s", h, &ch);
+        assert!(rows >= 70, "{h}: only {rows} seconds");
+        assert_eq!(dups, 0, "{h}: duplicated samples");
+        assert!(holes.is_empty(), "{h}: missing samples {holes:?}");
+    }
+    drop(agg);
+}
+
+fn sh(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", cmd])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        sh(&format!("ip netns del {}", self.0));
+        sh(&format!("ip link del {}h", self.0));
+    }
+}
+
+#[test]
+fn network_cut_for_a_minute_nothing_missing() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: network namespaces need root");
+        return;
+    }
+    let d = Dir::new("fault-net");
+    certs(&d.0.join("certs"), &["n1"]);
+    let ch = Ch::new(&d.0);
+    // A namespace for the sensor, linked to this one by a veth pair (private link).
+    let ns = format!("sf{}", std::process::id() % 100000);
+    let o = 100 + std::process::id() % 100;
+    let _guard = Netns(ns.clone());
+    for c in [
+        format!("ip netns add {ns}"),
+        format!("ip link add {ns}h type veth peer name {ns}s"),
+        format!("ip link set {ns}s netns {ns}"),
+        format!("ip addr add 10.231.{o}.1/24 dev {ns}h"),
+        format!("ip link set {ns}h up"),
+        format!("ip netns exec {ns} ip addr add 10.231.{o}.2/24 dev {ns}s"),
+        format!("ip netns exec {ns} ip link set {ns}s up"),
+        format!("ip netns exec {ns} ip link set lo up"),
+    ] {
+        assert!(sh(&c), "network setup failed: {c}");
+    }
+    let listen = format!("10.231.{o}.1:{}", free_udp_port());
+    let (agg, http) = start_agg(&d.0, &listen, &ch, "0", true);
+    let c = d.0.join("certs");
+    let log = d.0.join("sensor-n1.log");
+    let child = Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .arg(bin("sensor"))
+        .args(["run", "--aggregator", &listen, "--ca"])
+        .arg(c.join("ca.pem"))
+        .arg("--cert")
+        .arg(c.join("hosts/n1.pem"))
+        .arg("--key")
+        .arg(c.join("hosts/n1-key.pem"))
+        .arg("--spool-dir")
+        .arg(d.0.join("spool-n1"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut sensor = Proc::new(child, log, "sensor n1");
+    wait_drained(&http, 2, Duration::from_secs(30));
+    let cut = format!("ip netns exec {ns} iptables -I OUTPUT -d 10.231.{o}.1 -j DROP");
+    assert!(sh(&cut), "iptables in the namespace failed");
+    std::thread::sleep(Duration::from_secs(60));
+    let stored = metric_at(&http, "sonde_batches_stored_total");
+    assert!(sh(&format!(
+        "ip netns exec {ns} iptables -D OUTPUT -d 10.231.{o}.1 -j DROP"
+    )));
+    wait_until(
+        "the sensor replays its spool",
+        Duration::from_secs(60),
+        || metric_at(&http, "sonde_batches_stored_total") >= stored + 12,
+    );
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(sensor.stop().success());
+    let (rows, holes, dups) = report("link cut 60 s", "n1", &ch);
+    assert!(rows >= 70, "only {rows} seconds");
+    assert_eq!(dups, 0, "duplicated samples");
+    assert!(holes.is_empty(), "missing samples {holes:?}");
+    drop(agg);
+}
+
+#[test]
+fn sensor_restarts_keep_the_spool_and_kill9_loses_at_most_the_open_batch() {
+    let d = Dir::new("fault-sensor");
+    certs(&d.0.join("certs"), &["s1"]);
+    let ch = Ch::new(&d.0);
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let (mut agg, _) = start_agg(&d.0, &listen, &ch, "0", true);
+    let mut s = start_sensor(&d.0, &listen, "s1", &[]);
+    std::thread::sleep(Duration::from_secs(7));
+    // The aggregator goes away; the sensor spools; then the sensor is restarted
+    // (SIGTERM) while nothing can be delivered: the spool on disk must carry it.
+    assert!(agg.stop().success());
+    std::thread::sleep(Duration::from_secs(6));
+    let term_at = now_s();
+    assert!(s.stop().success());
+    let mut s = start_sensor(&d.0, &listen, "s1", &[]);
+    let restart1 = now_s();
+    std::thread::sleep(Duration::from_secs(4));
+    let (mut agg, http) = start_agg(&d.0, &listen, &ch, "1", true);
+    std::thread::sleep(Duration::from_secs(8));
+    // kill -9: at most the batch being built (≤ 5 s of samples) is lost.
+    let kill_at = now_s();
+    s.signal(libc::SIGKILL);
+    let _ = s.child.wait();
+    let mut s = start_sensor(&d.0, &listen, "s1", &[]);
+    let restart2 = now_s();
+    std::thread::sleep(Duration::from_secs(8));
+    assert!(s.stop().success());
+    wait_until("last batches stored", Duration::from_secs(20), || {
+        metric_at(&http, "sonde_batches_stored_total") >= 4
+    });
+    let (rows, holes, dups) = report("sensor restarts", "s1", &ch);
+    assert!(rows >= 20, "only {rows} seconds");
+    assert_eq!(dups, 0, "duplicated samples");
+    // Holes allowed: the SIGTERM restart (the sensor was not running) and the
+    // kill -9 (the open batch plus the time it was down). Nothing else.
+    for (a, b) in &holes {
+        let during_term = *a + 1 >= term_at && *b <= restart1 + 2;
+        let during_kill = *a + 6 >= kill_at && *a <= kill_at + 1 && *b <= restart2 + 2;
+        assert!(
+            during_term || during_kill,
+            "samples missing outside the restarts: {a}..={b} (SIGTERM at {term_at}, start {restart1}; kill -9 at {kill_at}, start {restart2})"
+        );
+    }
+    assert!(agg.stop().success());
+}
+
+#[test]
+fn spool_smaller_than_the_outage_records_the_gap_exactly() {
+    let d = Dir::new("fault-gap");
+    certs(&d.0.join("certs"), &["g1"]);
+    let ch = Ch::new(&d.0);
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let (mut agg, _) = start_agg(&d.0, &listen, &ch, "0", true);
+    // About four batches fit in 6 kB.
+    let mut s = start_sensor(&d.0, &listen, "g1", &["--spool-max-bytes", "6000"]);
+    std::thread::sleep(Duration::from_secs(7));
+    assert!(agg.stop().success());
+    std::thread::sleep(Duration::from_secs(40));
+    let (agg2, http) = start_agg(&d.0, &listen, &ch, "1", true);
+    wait_until("the gap is reported", Duration::from_secs(30), || {
+        metric_at(&http, "sonde_gaps_reported_total") >= 1
+    });
+    std::thread::sleep(Duration::from_secs(8));
+    assert!(s.stop().success());
+    std::thread::sleep(Duration::from_secs(1));
+    let (rows, holes, dups) = report("spool smaller than the outage", "g1", &ch);
+    assert!(rows >= 15, "only {rows} seconds");
+    assert_eq!(dups, 0);
+    let gaps = ch.q("SELECT toUInt32(from_ts), toUInt32(to_ts), first_seq, last_seq, batches, samples FROM sonde.gaps FINAL WHERE host = 'g1' ORDER BY first_seq FORMAT TabSeparated");
+    eprintln!("gaps table:\n{gaps}");
+    let mut recorded: Vec<(u64, u64)> = Vec::new();
+    for l in gaps.lines() {
+        let f: Vec<u64> = l.split('\t').map(|x| x.parse().unwrap()).collect();
+        // Adjacent gap rows (one per delivery) join into one range.
+        match recorded.last_mut() {
+            Some(last) if last.1 + 1 == f[0] => last.1 = f[1],
+            _ => recorded.push((f[0], f[1])),
+        }
+    }
+    assert!(!recorded.is_empty(), "no gap recorded");
+    assert_eq!(
+        holes, recorded,
+        "the missing seconds are exactly the recorded gaps"
+    );
+    drop(agg2);
+}
