@@ -59,13 +59,18 @@ pub fn server_config(
         .with_context(|| format!("{}: cannot verify clients with this CA", ca.display()))?;
     let certs = load_certs(cert)?;
     // Refuse to start with a certificate the configured CA did not sign.
-    check_signed_by(&certs[0], &load_certs(ca)?[0]).with_context(|| {
-        format!(
-            "{} was not issued by the CA in {}",
-            cert.display(),
-            ca.display()
-        )
-    })?;
+    let cas = load_certs(ca)?;
+    cas.iter()
+        .map(|a| check_signed_by(&certs[0], a))
+        .find(Result::is_ok)
+        .unwrap_or_else(|| check_signed_by(&certs[0], &cas[0]))
+        .with_context(|| {
+            format!(
+                "{} was not issued by the CA in {}",
+                cert.display(),
+                ca.display()
+            )
+        })?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)

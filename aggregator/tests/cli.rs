@@ -96,6 +96,24 @@ fn certificate_problems_are_refused_at_start() {
         !out.status.success() && err.contains("missing-key.pem"),
         "{err}"
     );
+    // A sensor certificate from another deployment's CA: refused at start, naming both files.
+    let out = Command::new(bin("sensor"))
+        .arg("run")
+        .arg("--ca")
+        .arg(b.join("ca.pem"))
+        .arg("--cert")
+        .arg(a.join("hosts/h1.pem"))
+        .arg("--key")
+        .arg(a.join("hosts/h1-key.pem"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(2)
+            && err.contains("was not issued by the CA")
+            && err.contains("h1.pem"),
+        "{err}"
+    );
     // The CA key never lands outside the certs directory; leaf keys are private.
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(a.join("ca-key.pem"))

@@ -140,8 +140,13 @@ pub fn start_aggregator(dir: &Path, quic_port: u16, tag: &str) -> Aggregator {
 
 /// Like `start_aggregator`, with extra arguments (e.g. `--config FILE`, `--rules FILE`).
 pub fn start_aggregator_with(dir: &Path, quic_port: u16, tag: &str, extra: &[&str]) -> Aggregator {
+    start_aggregator_at(dir, &format!("127.0.0.1:{quic_port}"), tag, extra)
+}
+
+/// Like `start_aggregator_with`, listening for QUIC on `quic` (address:port).
+pub fn start_aggregator_at(dir: &Path, quic: &str, tag: &str, extra: &[&str]) -> Aggregator {
     let http = format!("127.0.0.1:{}", free_port());
-    let quic = format!("127.0.0.1:{quic_port}");
+    let quic = quic.to_string();
     let c = dir.join("certs");
     let log = dir.join(format!("aggregator-{tag}.log"));
     let child = Command::new(bin("aggregator"))

@@ -240,7 +240,8 @@ fn pipeline_all_tables_cpu_matches_proc_stat_and_readme_queries_run() {
         let out = query(&agg, q.trim().trim_end_matches(';'));
         let rare = q.contains("sonde.events")
             || q.contains("sonde.tcp_ports")
-            || q.contains("sonde.alerts");
+            || q.contains("sonde.alerts")
+            || q.contains("sonde.gaps");
         assert!(
             rare || !out.trim().is_empty(),
             "README query returned nothing on 18.16:\n{q}"

@@ -124,3 +124,76 @@ fn probes_reach_clickhouse_and_detach_on_exit() {
         || ours_loaded() == before,
     );
 }
+
+fn status_field(pid: u32, key: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
+        .unwrap_or_default()
+}
+
+#[test]
+fn sensor_runs_unprivileged_after_loading_probes() {
+    if !is_root() {
+        eprintln!("SKIP: eBPF needs root");
+        return;
+    }
+    let dir = Dir::new("ebpf-user");
+    certs(&dir.0.join("certs"), &["nobody-host"]);
+    let agg = start_aggregator(&dir.0, free_udp_port(), "a");
+    let mut sensor = start_sensor(
+        &dir.0,
+        &agg.quic,
+        "nobody-host",
+        &["--batch-interval", "1s", "--user", "nobody"],
+    );
+    let pid = sensor.child.id();
+    wait_until("privileges dropped", Duration::from_secs(20), || {
+        sensor.log_text().contains("privileges dropped")
+    });
+    assert_eq!(
+        status_field(pid, "Uid:")
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["65534"; 4],
+        "real, effective, saved and fs uid are nobody"
+    );
+    assert_eq!(status_field(pid, "CapEff:"), "0000000000000000");
+    assert_eq!(status_field(pid, "CapPrm:"), "0000000000000000");
+    assert_eq!(status_field(pid, "CapBnd:"), "0000000000000000");
+    assert_eq!(status_field(pid, "NoNewPrivs:"), "1");
+    // Maps are still read and the spool still written: probe rows keep arriving.
+    let rows = || {
+        count(
+            &agg,
+            "SELECT count() FROM sonde.latency WHERE host = 'nobody-host' AND source = 'runqueue'",
+        )
+    };
+    wait_until(
+        "probe rows from the unprivileged sensor",
+        Duration::from_secs(30),
+        || rows() >= 3,
+    );
+    let n = rows();
+    wait_until("more probe rows", Duration::from_secs(20), || rows() > n);
+    let spool = dir.0.join("spool-nobody-host");
+    let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&spool).unwrap());
+    assert_eq!(owner, 65534, "spool handed to the user");
+    let st = sensor.stop();
+    assert!(st.success(), "{st}");
+    // A user that does not exist is refused at start, before anything runs.
+    let out = std::process::Command::new(bin("sensor"))
+        .args(["run", "--user", "no-such-user-sonde"])
+        .arg("--ca")
+        .arg(dir.0.join("certs/ca.pem"))
+        .arg("--cert")
+        .arg(dir.0.join("certs/hosts/nobody-host.pem"))
+        .arg("--key")
+        .arg(dir.0.join("certs/hosts/nobody-host-key.pem"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no such user"), "{err}");
+}

@@ -50,6 +50,9 @@ pub struct Config {
     pub probes: crate::collect::ebpf::ProbeConfig,
     /// Log format: "text" or "json".
     pub log_format: String,
+    /// Started as root: become this user once probes are loaded ("" = stay root,
+    /// but without capabilities).
+    pub user: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -102,6 +105,7 @@ impl Default for Config {
             filters: Filters::default(),
             probes: Default::default(),
             log_format: "text".into(),
+            user: String::new(),
         }
     }
 }

@@ -4,6 +4,7 @@
 mod collect;
 mod config;
 mod filter;
+mod privs;
 mod procfile;
 mod ship;
 mod spool;
@@ -128,6 +129,11 @@ struct RunArgs {
     /// dropped and the gap is reported.
     #[arg(long, env = "SONDE_SPOOL_MAX_BYTES", value_name = "BYTES")]
     spool_max_bytes: Option<usize>,
+    /// When started as root: switch to this user after the eBPF probes are loaded (the
+    /// spool directory is handed to it). Without it the sensor stays root but gives up
+    /// every capability. Either way it keeps only open file descriptors and /proc access.
+    #[arg(long, env = "SONDE_USER", value_name = "NAME")]
+    user: Option<String>,
 }
 
 fn main() {
@@ -169,14 +175,19 @@ fn real_main(cli: Cli) -> Result<()> {
             cfg.batch_interval = a.batch_interval.unwrap_or(cfg.batch_interval);
             cfg.spool_dir = a.spool_dir.unwrap_or(cfg.spool_dir);
             cfg.spool_max_bytes = a.spool_max_bytes.unwrap_or(cfg.spool_max_bytes);
+            cfg.user = a.user.unwrap_or(cfg.user);
             cfg.validate()?;
             init_logs(&cfg.log_format);
-            // Check certificates before anything runs.
-            tls::client_config(&cfg.ca, &cfg.cert, &cfg.key)?;
+            // Check certificates and the user before anything runs.
+            let client = tls::client_config(&cfg.ca, &cfg.cert, &cfg.key)?;
+            let user = match cfg.user.as_str() {
+                "" => None,
+                u => Some(privs::lookup(u)?),
+            };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
-                .block_on(run(Arc::new(cfg)))
+                .block_on(run(Arc::new(cfg), client, user))
         }
     }
 }
@@ -195,7 +206,11 @@ fn init_logs(format: &str) {
     }
 }
 
-async fn run(cfg: Arc<Config>) -> Result<()> {
+async fn run(
+    cfg: Arc<Config>,
+    client: quinn::ClientConfig,
+    user: Option<privs::Target>,
+) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut info = collect::host::host_info(&cfg.proc_root);
     let boot_id = uuid::Uuid::new_v4().to_string();
@@ -218,7 +233,12 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
         &info.hostname,
         cfg.spool_max_bytes,
     )?);
-    let shipper = tokio::spawn(ship::run(cfg.clone(), outbox.clone()));
+    // Everything privileged is open now (probes, spool, certificates).
+    match privs::drop_privileges(user.as_ref(), spool_dir) {
+        Ok(msg) => tracing::info!("privileges dropped: {msg}"),
+        Err(e) => return Err(e.context("dropping privileges")),
+    }
+    let shipper = tokio::spawn(ship::run(cfg.clone(), client, outbox.clone()));
     let mut collector = collect::Collector::new(&cfg.proc_root, &cfg.sys_root, &cfg.filters);
     let events_fd = probes.as_ref().and_then(|p| p.events_fd()).and_then(|fd| {
         // SAFETY: the ring buffer's fd lives in `collector.probes`, which outlives this

@@ -156,8 +156,11 @@ async fn send_one(conn: quinn::Connection, frame: Arc<Vec<u8>>) -> Result<(), Se
 }
 
 /// Keeps a connection to one of the aggregators and drains the outbox into it.
-pub async fn run(cfg: Arc<Config>, outbox: Arc<Outbox>) -> anyhow::Result<()> {
-    let client_cfg = crate::tls::client_config(&cfg.ca, &cfg.cert, &cfg.key)?;
+pub async fn run(
+    cfg: Arc<Config>,
+    client_cfg: quinn::ClientConfig,
+    outbox: Arc<Outbox>,
+) -> anyhow::Result<()> {
     let mut endpoint = quinn::Endpoint::client("[::]:0".parse().unwrap())
         .or_else(|_| quinn::Endpoint::client("0.0.0.0:0".parse().unwrap()))?;
     endpoint.set_default_client_config(client_cfg);

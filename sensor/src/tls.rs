@@ -34,11 +34,30 @@ pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<quinn::Client
             .add(c)
             .with_context(|| format!("{}: not a usable CA certificate", ca.display()))?;
     }
+    // Refuse to start with a certificate the configured CA did not sign: the
+    // aggregator would refuse every connection, and the cause would be far away.
+    let leaf = load_certs(cert)?;
+    let ca_cert = load_certs(ca)?;
+    let (_, c) = x509_parser::parse_x509_certificate(&leaf[0])
+        .map_err(|e| anyhow::anyhow!("{}: unparsable certificate: {e}", cert.display()))?;
+    // Any CA in the file will do (a file with two CAs during a CA rotation).
+    let signed = ca_cert.iter().any(|der| {
+        x509_parser::parse_x509_certificate(der)
+            .map(|(_, a)| c.verify_signature(Some(a.public_key())).is_ok())
+            .unwrap_or(false)
+    });
+    signed.then_some(()).ok_or_else(|| {
+        anyhow::anyhow!(
+            "cert: {} was not issued by the CA in {} (ca)",
+            cert.display(),
+            ca.display()
+        )
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
-        .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+        .with_client_auth_cert(leaf, load_key(key)?)
         .with_context(|| {
             format!(
                 "{} and {} do not form a usable certificate/key pair",

@@ -2,6 +2,7 @@
 
 mod bench;
 mod certs;
+mod deploy;
 mod ebpf;
 mod fuzz;
 mod setup;
@@ -51,6 +52,78 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Put the sensor on hosts over SSH and prove each one reports.
+    ///
+    /// Builds the release sensor once (with its eBPF object), issues a certificate per host
+    /// from the local deployment CA (the CA key never leaves this machine), copies binary,
+    /// config and certificates with the system's ssh/scp, installs them in /usr/local/bin,
+    /// /etc/sonde and /var/lib/sonde (spool), and starts a hardened systemd unit — or, on
+    /// hosts without systemd, a supervisor with a pid file (/run/sonde-sensor.pid). Then waits
+    /// until each host appears in the aggregator's /api/hosts and prints one line per host.
+    /// Running it again upgrades in place (the spool survives). Exit status 1 when any host
+    /// failed.
+    Deploy {
+        /// A host: [name=]user@address[:port] (repeatable). Without name=, the host's own
+        /// `hostname` is its identity.
+        #[arg(long = "host", value_name = "TARGET")]
+        hosts: Vec<String>,
+        /// A file of hosts, one TARGET per line (# comments).
+        #[arg(long = "hosts", value_name = "FILE")]
+        hosts_file: Option<PathBuf>,
+        /// Aggregator address host:port the sensors send to (repeatable: failover order).
+        #[arg(long, value_name = "ADDR", required = true)]
+        aggregator: Vec<String>,
+        /// Name in the aggregator's certificate.
+        #[arg(long, default_value = "sonde-aggregator")]
+        server_name: String,
+        /// SSH private key (default: your ssh configuration).
+        #[arg(long, value_name = "KEY")]
+        identity: Option<PathBuf>,
+        /// Deployment CA directory (from `cargo xtask certs`).
+        #[arg(long, default_value = "data/certs")]
+        certs: PathBuf,
+        /// The aggregator's HTTP base URL, to check each host reports (default: the first
+        /// aggregator's host, port 9464).
+        #[arg(long, value_name = "URL")]
+        api: Option<String>,
+        /// Bearer token for the aggregator's /api (when `[api] token` is set).
+        #[arg(long, env = "SONDE_API_TOKEN", value_name = "TOKEN")]
+        api_token: Option<String>,
+        /// How long to wait for hosts to report.
+        #[arg(long, default_value = "60s", value_parser = humantime_parse)]
+        wait: std::time::Duration,
+        /// Issue new certificates even for hosts that have one (rotation).
+        #[arg(long)]
+        rotate_certs: bool,
+        /// Hosts handled at once.
+        #[arg(long, default_value_t = 16)]
+        parallel: usize,
+        /// Ship this sensor binary instead of building the release one.
+        #[arg(long, value_name = "FILE")]
+        sensor_binary: Option<PathBuf>,
+        /// Extra ssh -o options, e.g. UserKnownHostsFile=FILE (repeatable).
+        #[arg(long = "ssh-option", value_name = "OPT")]
+        ssh_options: Vec<String>,
+    },
+    /// Remove the sensor from hosts: stop it, delete its unit or supervisor, binary,
+    /// /etc/sonde, /var/lib/sonde (spool included), logs and the sonde user.
+    Undeploy {
+        /// A host: [name=]user@address[:port] (repeatable).
+        #[arg(long = "host", value_name = "TARGET")]
+        hosts: Vec<String>,
+        /// A file of hosts, one TARGET per line.
+        #[arg(long = "hosts", value_name = "FILE")]
+        hosts_file: Option<PathBuf>,
+        /// SSH private key.
+        #[arg(long, value_name = "KEY")]
+        identity: Option<PathBuf>,
+        /// Hosts handled at once.
+        #[arg(long, default_value_t = 16)]
+        parallel: usize,
+        /// Extra ssh -o options (repeatable).
+        #[arg(long = "ssh-option", value_name = "OPT")]
+        ssh_options: Vec<String>,
+    },
     /// Fuzz the protocol decoder (frame, zstd, records) with cargo-fuzz/libFuzzer for a
     /// bounded time, starting from the committed seed corpus (fuzz/corpus/decode).
     /// Installs cargo-fuzz when missing. Exit status 1 when an input made it fail.
@@ -93,6 +166,44 @@ fn main() {
         } => up::run(&data_dir, &listen, &http_listen, !debug),
         Cmd::Test { args } => setup::test(&args),
         Cmd::Fuzz { secs } => fuzz::run_fuzz(secs).map(|_| ()),
+        Cmd::Deploy {
+            hosts,
+            hosts_file,
+            aggregator,
+            server_name,
+            identity,
+            certs,
+            api,
+            api_token,
+            wait,
+            rotate_certs,
+            parallel,
+            sensor_binary,
+            ssh_options,
+        } => targets(&hosts, hosts_file.as_deref()).and_then(|targets| {
+            deploy::deploy(deploy::Opts {
+                targets,
+                aggregators: aggregator,
+                server_name,
+                identity,
+                certs,
+                api,
+                api_token,
+                wait,
+                rotate_certs,
+                parallel,
+                sensor_binary,
+                ssh_options,
+            })
+        }),
+        Cmd::Undeploy {
+            hosts,
+            hosts_file,
+            identity,
+            parallel,
+            ssh_options,
+        } => targets(&hosts, hosts_file.as_deref())
+            .and_then(|t| deploy::undeploy(t, identity, ssh_options, parallel)),
         Cmd::Bench { quick } => bench::run_bench(quick),
         Cmd::BuildEbpf => ebpf::build().map(|_| ()),
         Cmd::Certs {
@@ -111,4 +222,31 @@ fn main() {
         eprintln!("xtask: error: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn humantime_parse(s: &str) -> Result<std::time::Duration, String> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: expected e.g. 60s or 2m"))?;
+    match unit {
+        "" | "s" => Ok(std::time::Duration::from_secs(n)),
+        "m" => Ok(std::time::Duration::from_secs(n * 60)),
+        "ms" => Ok(std::time::Duration::from_millis(n)),
+        _ => Err(format!("{s:?}: expected e.g. 60s or 2m")),
+    }
+}
+
+fn targets(
+    hosts: &[String],
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<Vec<deploy::Target>> {
+    let mut v = Vec::new();
+    for h in hosts {
+        v.push(deploy::Target::parse(h)?);
+    }
+    if let Some(f) = file {
+        v.extend(deploy::read_hosts_file(f)?);
+    }
+    Ok(v)
 }

@@ -120,6 +120,8 @@ pub fn ensure_test_tools() -> Result<()> {
         ("losetup", "mount"),
         ("prometheus-alertmanager", "prometheus-alertmanager"),
         ("openssl", "openssl"),
+        ("sshd", "openssh-server"),
+        ("ssh", "openssh-client"),
     ]
     .iter()
     .filter(|(cmd, _)| !have(cmd) && !std::path::Path::new(&format!("/usr/sbin/{cmd}")).exists())
@@ -127,7 +129,7 @@ pub fn ensure_test_tools() -> Result<()> {
     .collect();
     if missing.is_empty() {
         step(
-            "test tools (stress-ng, iptables, ethtool, iproute2, alertmanager, openssl): installed",
+            "test tools (stress-ng, iptables, ethtool, iproute2, alertmanager, openssl, openssh): installed",
         );
         return Ok(());
     }

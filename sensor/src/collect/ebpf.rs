@@ -477,11 +477,25 @@ fn index(probe: &str) -> usize {
 
 /// Loads the object and attaches the configured probes. Returns the probes (None when
 /// nothing could be loaded) and the status of every probe either way.
+/// /dev/kmsg, opened once while the sensor may still read it (reading it needs
+/// CAP_SYSLOG under dmesg_restrict; the check is at open), read incrementally.
+static KMSG: std::sync::Mutex<Option<std::fs::File>> = std::sync::Mutex::new(None);
+static KMSG_OOM_LINES: std::sync::Mutex<std::collections::VecDeque<String>> =
+    std::sync::Mutex::new(std::collections::VecDeque::new());
+
 pub fn load(
     cfg: &ProbeConfig,
     proc_root: &str,
     disk_filter: Filter,
 ) -> (Option<Probes>, Vec<ProbeStatus>) {
+    if cfg.wants("oom") {
+        use std::os::unix::fs::OpenOptionsExt;
+        *KMSG.lock().unwrap() = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open("/dev/kmsg")
+            .ok();
+    }
     let mut status: Vec<ProbeStatus> = PROBE_NAMES
         .iter()
         .map(|n| ProbeStatus {
@@ -1045,14 +1059,10 @@ fn slot_lat(v: &mut Vec<LatencyRec>, i: usize) -> &mut LatencyRec {
 /// (task_memcg, constraint). Needs CAP_SYSLOG (or dmesg_restrict = 0); None otherwise.
 fn oom_from_kmsg(pid: u32) -> Option<(String, String)> {
     use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open("/dev/kmsg")
-        .ok()?;
+    let mut guard = KMSG.lock().unwrap();
+    let f = guard.as_mut()?;
     let needle = format!(",pid={pid},");
-    let mut found = None;
+    let mut seen = KMSG_OOM_LINES.lock().unwrap();
     let mut buf = vec![0u8; 8192];
     // Each read returns one record; EAGAIN at the end, EPIPE when a record was overwritten.
     for _ in 0..100_000 {
@@ -1061,8 +1071,11 @@ fn oom_from_kmsg(pid: u32) -> Option<(String, String)> {
             Ok(n) => {
                 let rec = String::from_utf8_lossy(&buf[..n]);
                 if let Some(line) = rec.split(';').nth(1) {
-                    if line.starts_with("oom-kill:") && line.contains(&needle) {
-                        found = Some(line.trim().to_string());
+                    if line.starts_with("oom-kill:") {
+                        if seen.len() >= 64 {
+                            seen.pop_front();
+                        }
+                        seen.push_back(line.trim().to_string());
                     }
                 }
             }
@@ -1070,6 +1083,9 @@ fn oom_from_kmsg(pid: u32) -> Option<(String, String)> {
             Err(_) => break,
         }
     }
+    // Lines read for an earlier event stay here, so a second kill right after is found too.
+    let found = seen.iter().rev().find(|l| l.contains(&needle)).cloned();
+    drop(seen);
     let line = found?;
     let field = |k: &str| {
         line.split(',')
