@@ -93,7 +93,7 @@ fn fake_host(dir: &Path, net: &mut Net, subnet: &str, idx: u32, name: &str) -> F
         format!(
             "Port 22\nListenAddress {addr}\nHostKey {r}/hostkey\nPidFile /run/sshd.pid\n\
              AuthorizedKeysFile {d}/id.pub\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n\
-             KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nLogLevel VERBOSE\n",
+             KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nLogLevel VERBOSE\nSubsystem sftp /usr/lib/openssh/sftp-server\n",
             r = root.display(),
             d = dir.display()
         ),

@@ -453,8 +453,8 @@ fn deploy_one(t: &Target, o: &Opts, bin: &Path, issue: &Mutex<()>) -> Outcome {
     }
 }
 
-/// Hosts the aggregator has heard from since `since` (unix seconds).
-fn reporting(api: &str, token: Option<&str>, since: u64) -> Result<Vec<String>> {
+/// Hosts the aggregator knows, with when it last stored a batch of theirs (unix seconds).
+fn reporting(api: &str, token: Option<&str>) -> Result<Vec<(String, u64)>> {
     let url = format!("{}/api/hosts", api.trim_end_matches('/'));
     let hostport = url
         .strip_prefix("http://")
@@ -486,8 +486,12 @@ fn reporting(api: &str, token: Option<&str>, since: u64) -> Result<Vec<String>> 
     Ok(v.as_array()
         .into_iter()
         .flatten()
-        .filter(|h| h["last_seen_unix"].as_u64().unwrap_or(0) >= since)
-        .filter_map(|h| h["host"].as_str().map(str::to_string))
+        .filter_map(|h| {
+            Some((
+                h["host"].as_str()?.to_string(),
+                h["last_seen_unix"].as_u64().unwrap_or(0),
+            ))
+        })
         .collect())
 }
 
@@ -513,31 +517,41 @@ pub fn deploy(o: Opts) -> Result<()> {
         format!("http://{host}:9464")
     });
     let bin = build_sensor(&o)?;
-    let since = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let unix = || {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    };
     step(&format!(
         "deploying to {} host(s), {} at a time",
         o.targets.len(),
         o.parallel.max(1)
     ));
     let issue = Mutex::new(());
-    let mut outcomes: Vec<(Target, Outcome, Instant)> = Vec::new();
+    let mut outcomes: Vec<(Target, Outcome, Instant, u64)> = Vec::new();
     for chunk in o.targets.chunks(o.parallel.max(1)) {
-        let res: Vec<(Target, Outcome, Instant)> = std::thread::scope(|sc| {
+        let res: Vec<(Target, Outcome, Instant, u64)> = std::thread::scope(|sc| {
             let hs: Vec<_> = chunk
                 .iter()
                 .map(|t| {
                     let (o, bin, issue) = (&o, &bin, &issue);
-                    sc.spawn(move || (t.clone(), deploy_one(t, o, bin, issue), Instant::now()))
+                    sc.spawn(move || {
+                        let r = deploy_one(t, o, bin, issue);
+                        (t.clone(), r, Instant::now(), unix())
+                    })
                 })
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
         outcomes.extend(res);
     }
-    let waiting: Vec<String> = outcomes
+    // A host counts once the aggregator stored a batch of it after its install finished
+    // (on an upgrade, the old sensor's last batch does not count).
+    let waiting: Vec<(String, u64)> = outcomes
         .iter()
-        .filter_map(|(_, r, _)| match r {
-            Outcome::Ok { name, .. } => Some(name.clone()),
+        .filter_map(|(_, r, _, done)| match r {
+            Outcome::Ok { name, .. } => Some((name.clone(), *done)),
             _ => None,
         })
         .collect();
@@ -551,10 +565,11 @@ pub fn deploy(o: Opts) -> Result<()> {
         let deadline = Instant::now() + o.wait;
         let mut last_err = None;
         while seen_at.len() < waiting.len() && Instant::now() < deadline {
-            match reporting(&api, o.api_token.as_deref(), since) {
+            match reporting(&api, o.api_token.as_deref()) {
                 Ok(hosts) => {
-                    for h in hosts {
-                        if waiting.contains(&h) && !seen_at.contains_key(&h) {
+                    for (h, last) in hosts {
+                        let fresh = waiting.iter().any(|(n, done)| *n == h && last > *done);
+                        if fresh && !seen_at.contains_key(&h) {
                             seen_at.insert(h, Instant::now());
                         }
                     }
@@ -569,7 +584,7 @@ pub fn deploy(o: Opts) -> Result<()> {
     }
     println!();
     let mut failed = 0;
-    for (t, r, done) in &outcomes {
+    for (t, r, done, _) in &outcomes {
         match r {
             Outcome::Ok { name, mode } => match seen_at.get(name) {
                 Some(at) => println!(
