@@ -382,3 +382,40 @@ async fn gap(
     let _ = send.finish();
     let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Budget;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_connection_over_its_byte_rate_waits_alone() {
+        let b = Budget {
+            next_free: std::sync::Mutex::new(tokio::time::Instant::now()),
+            rate: 10_000,
+        };
+        // Within the one-second burst: no wait.
+        b.spend(5_000);
+        let t = tokio::time::Instant::now();
+        b.wait().await;
+        assert!(t.elapsed() < Duration::from_millis(100));
+        // 2.5 s of bytes at once: the next stream waits about 1.5 s (2.5 s − 1 s burst).
+        b.spend(20_000);
+        let t = tokio::time::Instant::now();
+        b.wait().await;
+        let w = t.elapsed();
+        assert!(
+            w >= Duration::from_millis(1300) && w < Duration::from_millis(2500),
+            "{w:?}"
+        );
+        // Unlimited never waits.
+        let u = Budget {
+            next_free: std::sync::Mutex::new(tokio::time::Instant::now()),
+            rate: 0,
+        };
+        u.spend(1 << 30);
+        let t = tokio::time::Instant::now();
+        u.wait().await;
+        assert!(t.elapsed() < Duration::from_millis(100));
+    }
+}

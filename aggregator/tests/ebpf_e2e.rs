@@ -34,6 +34,9 @@ fn ours_loaded() -> usize {
         .count()
 }
 
+/// The tests here count this project's programs loaded in the kernel: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
@@ -69,6 +72,7 @@ fn probes_reach_clickhouse_and_detach_on_exit() {
         eprintln!("SKIP: eBPF needs root");
         return;
     }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = Dir::new("ebpf-e2e");
     certs(&dir.0.join("certs"), &["ebpf-host"]);
     let agg = start_aggregator(&dir.0, free_udp_port(), "a");
@@ -139,6 +143,7 @@ fn sensor_runs_unprivileged_after_loading_probes() {
         eprintln!("SKIP: eBPF needs root");
         return;
     }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = Dir::new("ebpf-user");
     certs(&dir.0.join("certs"), &["nobody-host"]);
     let agg = start_aggregator(&dir.0, free_udp_port(), "a");

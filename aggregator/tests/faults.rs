@@ -452,3 +452,25 @@ fn spool_smaller_than_the_outage_records_the_gap_exactly() {
     );
     drop(agg2);
 }
+
+#[test]
+fn sensor_fails_over_to_the_next_aggregator_address() {
+    let d = Dir::new("fault-failover");
+    certs(&d.0.join("certs"), &["f1"]);
+    let ch = Ch::new(&d.0);
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let (agg, http) = start_agg(&d.0, &listen, &ch, "0", true);
+    // The first address has nobody behind it.
+    let dead = format!("127.0.0.1:{}", free_udp_port());
+    let mut s = start_sensor(&d.0, &format!("{dead},{listen}"), "f1", &[]);
+    wait_drained(&http, 2, Duration::from_secs(45));
+    assert!(s.stop().success());
+    let log = s.log_text();
+    assert!(
+        log.contains("cannot connect") && log.contains(&listen),
+        "expected a failed attempt on {dead} then {listen}:\n{log}"
+    );
+    let (rows, holes, dups) = report("failover", "f1", &ch);
+    assert!(rows >= 5 && holes.is_empty() && dups == 0);
+    drop(agg);
+}
