@@ -48,7 +48,7 @@ enum Cmd {
     /// to node_exporter and Netdata in the same run; writes docs/BENCHMARKS.md (with --quick:
     /// target/bench/BENCHMARKS.md) and target/bench/results.json. Needs root.
     Bench {
-        /// A short version of each benchmark (under 2 minutes), as CI runs it.
+        /// A short version of each benchmark (a few minutes: every section, shorter), as CI runs it.
         #[arg(long)]
         quick: bool,
     },
