@@ -245,7 +245,7 @@ async fn stream(
     ingest: &Ingest,
     conn: &quinn::Connection,
     host: Arc<str>,
-    mut send: quinn::SendStream,
+    send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     budget: &Budget,
 ) {
@@ -317,21 +317,25 @@ async fn stream(
         bytes: buf.len() as u32,
         reply: tx,
     };
-    if ingest.tx.send(Work::Batch(job)).await.is_err() {
-        let _ = send
-            .write_all(&encode_error(seq, "aggregator is shutting down"))
-            .await;
-        let _ = send.finish();
-        return;
-    }
+    let queued = ingest.tx.send(Work::Batch(job)).await.is_ok();
     ingest.metrics.queue_depth.store(
         (ingest.tx.max_capacity() - ingest.tx.capacity()) as u64,
         Relaxed,
     );
-    let reply = match rx.await {
-        Ok(Ok(())) => encode_ack(seq),
-        Ok(Err(msg)) => encode_error(seq, &msg),
-        Err(_) => encode_error(seq, "aggregator is shutting down"),
+    answer(send, seq, queued, rx).await;
+}
+
+/// Writes the writer's verdict (ack after commit, or an error) on the stream.
+async fn answer(
+    mut send: quinn::SendStream,
+    seq: u64,
+    queued: bool,
+    rx: oneshot::Receiver<Result<(), String>>,
+) {
+    let reply = match (queued, rx.await) {
+        (true, Ok(Ok(()))) => encode_ack(seq),
+        (true, Ok(Err(msg))) => encode_error(seq, &msg),
+        _ => encode_error(seq, "aggregator is shutting down"),
     };
     let _ = send.write_all(&reply).await;
     let _ = send.finish();
@@ -344,7 +348,7 @@ async fn gap(
     conn: &quinn::Connection,
     host: Arc<str>,
     buf: &[u8],
-    mut send: quinn::SendStream,
+    send: quinn::SendStream,
 ) {
     let g = match protocol::decode_gap(buf, &ingest.limits) {
         Ok(g) => g,
@@ -360,27 +364,13 @@ async fn gap(
     };
     let seq = g.first_seq;
     let (tx, rx) = oneshot::channel();
-    let reply = if ingest
-        .tx
-        .send(Work::Gap(GapJob {
-            host,
-            gap: g,
-            reply: tx,
-        }))
-        .await
-        .is_err()
-    {
-        encode_error(seq, "aggregator is shutting down")
-    } else {
-        match rx.await {
-            Ok(Ok(())) => encode_ack(seq),
-            Ok(Err(msg)) => encode_error(seq, &msg),
-            Err(_) => encode_error(seq, "aggregator is shutting down"),
-        }
+    let job = GapJob {
+        host,
+        gap: g,
+        reply: tx,
     };
-    let _ = send.write_all(&reply).await;
-    let _ = send.finish();
-    let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
+    let queued = ingest.tx.send(Work::Gap(job)).await.is_ok();
+    answer(send, seq, queued, rx).await;
 }
 
 #[cfg(test)]

@@ -166,7 +166,7 @@ fn report(name: &str, host: &str, ch: &Ch) -> (u64, Vec<(u64, u64)>, u64) {
     (rows, holes, dups)
 }
 
-/// Waits until every sensor's spool is empty (its log says so) or `timeout`.
+/// Waits until the aggregator has stored at least `want_batches` batches since it started.
 fn wait_drained(http: &str, want_batches: u64, timeout: Duration) {
     wait_until("batches stored", timeout, || {
         metric_at(http, "sonde_batches_stored_total") >= want_batches
@@ -228,23 +228,13 @@ fn clickhouse_down_for_a_minute_nothing_missing_memory_bounded() {
         .map(|h| start_sensor(&d.0, &listen, h, &[]))
         .collect();
     wait_drained(&http, 4, Duration::from_secs(30));
-    let rss = |pid: u32| -> u64 {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            })
-            .unwrap_or(0)
-    };
-    let before = rss(agg.child.id());
+    let before = rss_kb(agg.child.id());
     ch.stop();
     let down_at = Instant::now();
     let mut peak = before;
     let mut saw_down = false;
     while down_at.elapsed() < Duration::from_secs(60) {
-        peak = peak.max(rss(agg.child.id()));
+        peak = peak.max(rss_kb(agg.child.id()));
         saw_down |= metric_at(&http, "sonde_clickhouse_down") == 1;
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -276,16 +266,6 @@ fn clickhouse_down_for_a_minute_nothing_missing_memory_bounded() {
         assert!(holes.is_empty(), "{h}: missing samples {holes:?}");
     }
     drop(agg);
-}
-
-fn sh(cmd: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", cmd])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
 }
 
 struct Netns(String);

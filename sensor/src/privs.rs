@@ -78,8 +78,20 @@ fn clear_capabilities() -> Result<()> {
 /// Gives up privileges; `spool` is chowned to the target user first.
 pub fn drop_privileges(user: Option<&Target>, spool: Option<&Path>) -> Result<String> {
     if unsafe { libc::geteuid() } != 0 {
+        // Started unprivileged, perhaps with ambient capabilities (the systemd unit):
+        // give those up too.
+        unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            )
+        };
+        clear_capabilities()?;
         unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
-        return Ok("not root: nothing to drop".into());
+        return Ok("not root: capabilities given up".into());
     }
     clear_bounding_set();
     if let Some(t) = user {

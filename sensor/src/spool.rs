@@ -329,10 +329,9 @@ impl Spool {
             gi.meta.batches += m.batches;
             gi.meta.samples += m.samples;
             let frame = self.gap_frame(&gi.meta);
+            self.write_file(gi.id, &gi.meta, &frame);
             gi.len = frame.len();
-            let (id, meta) = (gi.id, gi.meta.clone());
-            gi.frame = Some(Arc::new(frame.clone()));
-            self.write_file(id, &meta, &frame);
+            gi.frame = Some(Arc::new(frame));
             return;
         }
         let meta = Meta {

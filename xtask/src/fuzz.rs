@@ -9,6 +9,10 @@ const CARGO_FUZZ: &str = "0.13.2";
 
 fn ensure_cargo_fuzz() -> Result<()> {
     crate::ebpf::ensure_toolchain()?; // nightly (the sanitizer flags need it)
+                                      // libfuzzer-sys compiles libFuzzer's C++ sources.
+    if !crate::setup::have("c++") {
+        crate::setup::apt_install(&["g++"])?;
+    }
     let v = Command::new("cargo")
         .args(["fuzz", "--version"])
         .output()

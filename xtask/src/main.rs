@@ -63,22 +63,14 @@ enum Cmd {
     /// Running it again upgrades in place (the spool survives). Exit status 1 when any host
     /// failed.
     Deploy {
-        /// A host: [name=]user@address[:port] (repeatable). Without name=, the host's own
-        /// `hostname` is its identity.
-        #[arg(long = "host", value_name = "TARGET")]
-        hosts: Vec<String>,
-        /// A file of hosts, one TARGET per line (# comments).
-        #[arg(long = "hosts", value_name = "FILE")]
-        hosts_file: Option<PathBuf>,
+        #[command(flatten)]
+        fleet: Fleet,
         /// Aggregator address host:port the sensors send to (repeatable: failover order).
         #[arg(long, value_name = "ADDR", required = true)]
         aggregator: Vec<String>,
         /// Name in the aggregator's certificate.
         #[arg(long, default_value = "sonde-aggregator")]
         server_name: String,
-        /// SSH private key (default: your ssh configuration).
-        #[arg(long, value_name = "KEY")]
-        identity: Option<PathBuf>,
         /// Deployment CA directory (from `cargo xtask certs`).
         #[arg(long, default_value = "data/certs")]
         certs: PathBuf,
@@ -95,34 +87,15 @@ enum Cmd {
         /// Issue new certificates even for hosts that have one (rotation).
         #[arg(long)]
         rotate_certs: bool,
-        /// Hosts handled at once.
-        #[arg(long, default_value_t = 16)]
-        parallel: usize,
         /// Ship this sensor binary instead of building the release one.
         #[arg(long, value_name = "FILE")]
         sensor_binary: Option<PathBuf>,
-        /// Extra ssh -o options, e.g. UserKnownHostsFile=FILE (repeatable).
-        #[arg(long = "ssh-option", value_name = "OPT")]
-        ssh_options: Vec<String>,
     },
     /// Remove the sensor from hosts: stop it, delete its unit or supervisor, binary,
     /// /etc/sonde, /var/lib/sonde (spool included), logs and the sonde user.
     Undeploy {
-        /// A host: [name=]user@address[:port] (repeatable).
-        #[arg(long = "host", value_name = "TARGET")]
-        hosts: Vec<String>,
-        /// A file of hosts, one TARGET per line.
-        #[arg(long = "hosts", value_name = "FILE")]
-        hosts_file: Option<PathBuf>,
-        /// SSH private key.
-        #[arg(long, value_name = "KEY")]
-        identity: Option<PathBuf>,
-        /// Hosts handled at once.
-        #[arg(long, default_value_t = 16)]
-        parallel: usize,
-        /// Extra ssh -o options (repeatable).
-        #[arg(long = "ssh-option", value_name = "OPT")]
-        ssh_options: Vec<String>,
+        #[command(flatten)]
+        fleet: Fleet,
     },
     /// Fuzz the protocol decoder (frame, zstd, records) with cargo-fuzz/libFuzzer for a
     /// bounded time, starting from the committed seed corpus (fuzz/corpus/decode).
@@ -167,43 +140,34 @@ fn main() {
         Cmd::Test { args } => setup::test(&args),
         Cmd::Fuzz { secs } => fuzz::run_fuzz(secs).map(|_| ()),
         Cmd::Deploy {
-            hosts,
-            hosts_file,
+            fleet,
             aggregator,
             server_name,
-            identity,
             certs,
             api,
             api_token,
             wait,
             rotate_certs,
-            parallel,
             sensor_binary,
-            ssh_options,
-        } => targets(&hosts, hosts_file.as_deref()).and_then(|targets| {
+        } => fleet.targets().and_then(|targets| {
             deploy::deploy(deploy::Opts {
                 targets,
                 aggregators: aggregator,
                 server_name,
-                identity,
+                identity: fleet.identity,
                 certs,
                 api,
                 api_token,
                 wait,
                 rotate_certs,
-                parallel,
+                parallel: fleet.parallel,
                 sensor_binary,
-                ssh_options,
+                ssh_options: fleet.ssh_options,
             })
         }),
-        Cmd::Undeploy {
-            hosts,
-            hosts_file,
-            identity,
-            parallel,
-            ssh_options,
-        } => targets(&hosts, hosts_file.as_deref())
-            .and_then(|t| deploy::undeploy(t, identity, ssh_options, parallel)),
+        Cmd::Undeploy { fleet } => fleet
+            .targets()
+            .and_then(|t| deploy::undeploy(t, fleet.identity, fleet.ssh_options, fleet.parallel)),
         Cmd::Bench { quick } => bench::run_bench(quick),
         Cmd::BuildEbpf => ebpf::build().map(|_| ()),
         Cmd::Certs {
@@ -237,16 +201,36 @@ fn humantime_parse(s: &str) -> Result<std::time::Duration, String> {
     }
 }
 
-fn targets(
-    hosts: &[String],
-    file: Option<&std::path::Path>,
-) -> anyhow::Result<Vec<deploy::Target>> {
-    let mut v = Vec::new();
-    for h in hosts {
-        v.push(deploy::Target::parse(h)?);
+/// The hosts and SSH settings `deploy` and `undeploy` share.
+#[derive(clap::Args)]
+struct Fleet {
+    /// A host: [name=]user@address[:port] (repeatable). Without name=, the host's own
+    /// `hostname` is its identity.
+    #[arg(long = "host", value_name = "TARGET")]
+    hosts: Vec<String>,
+    /// A file of hosts, one TARGET per line (# comments).
+    #[arg(long = "hosts", value_name = "FILE")]
+    hosts_file: Option<PathBuf>,
+    /// SSH private key (default: your ssh configuration).
+    #[arg(long, value_name = "KEY")]
+    identity: Option<PathBuf>,
+    /// Hosts handled at once.
+    #[arg(long, default_value_t = 16)]
+    parallel: usize,
+    /// Extra ssh -o options, e.g. UserKnownHostsFile=FILE (repeatable).
+    #[arg(long = "ssh-option", value_name = "OPT")]
+    ssh_options: Vec<String>,
+}
+
+impl Fleet {
+    fn targets(&self) -> anyhow::Result<Vec<deploy::Target>> {
+        let mut v = Vec::new();
+        for h in &self.hosts {
+            v.push(deploy::Target::parse(h)?);
+        }
+        if let Some(f) = &self.hosts_file {
+            v.extend(deploy::read_hosts_file(f)?);
+        }
+        Ok(v)
     }
-    if let Some(f) = file {
-        v.extend(deploy::read_hosts_file(f)?);
-    }
-    Ok(v)
 }

@@ -242,19 +242,24 @@ impl Store {
     /// Batches with an intent but no `batches` row in the last day: possibly
     /// partly stored by an aggregator that died mid-round.
     pub async fn uncertain_batches(&self) -> Result<Vec<(String, String, u64)>> {
+        self.batch_keys(&format!(
+            "SELECT toString(host) AS host, sensor_boot_id, seq FROM {db}.batch_intents WHERE created > now() - 86400 \
+             AND (toString(host), sensor_boot_id, seq) NOT IN \
+             (SELECT toString(host), sensor_boot_id, seq FROM {db}.batches WHERE received > now() - 90000)",
+            db = self.db
+        ))
+        .await
+    }
+
+    /// (host, sensor boot id, seq) rows of a query selecting those three columns.
+    async fn batch_keys(&self, q: &str) -> Result<Vec<(String, String, u64)>> {
         #[derive(Row, Deserialize)]
         struct R {
             host: String,
             sensor_boot_id: String,
             seq: u64,
         }
-        let q = format!(
-            "SELECT toString(host) AS host, sensor_boot_id, seq FROM {db}.batch_intents WHERE created > now() - 86400 \
-             AND (toString(host), sensor_boot_id, seq) NOT IN \
-             (SELECT toString(host), sensor_boot_id, seq FROM {db}.batches WHERE received > now() - 90000)",
-            db = self.db
-        );
-        let rows: Vec<R> = self.client.query(&q).fetch_all().await?;
+        let rows: Vec<R> = self.client.query(q).fetch_all().await?;
         Ok(rows
             .into_iter()
             .map(|r| (r.host, r.sensor_boot_id, r.seq))
@@ -310,21 +315,11 @@ impl Store {
 
     /// Sequence numbers stored in the last day, to refuse duplicates after a restart.
     pub async fn recent_batches(&self) -> Result<Vec<(String, String, u64)>> {
-        #[derive(Row, Deserialize)]
-        struct R {
-            host: String,
-            sensor_boot_id: String,
-            seq: u64,
-        }
-        let q = format!(
+        self.batch_keys(&format!(
             "SELECT host, sensor_boot_id, seq FROM {}.batches WHERE received > now() - 86400",
             self.db
-        );
-        let rows: Vec<R> = self.client.query(&q).fetch_all().await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| (r.host, r.sensor_boot_id, r.seq))
-            .collect())
+        ))
+        .await
     }
 
     /// First-seen time per host.
