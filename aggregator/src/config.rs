@@ -24,8 +24,10 @@ pub struct Config {
     pub log_format: String,
     pub clickhouse: ClickHouseConfig,
     pub limits: LimitsConfig,
-    /// Detection rules file (TOML); none = no detection.
+    /// Detection rules file (TOML); none = the built-in default rules.
     pub rules: Option<PathBuf>,
+    /// Use the built-in default rules when no `rules` file is given.
+    pub default_rules: bool,
     /// Where alerts go.
     pub alerting: crate::alert::AlertingConfig,
     pub api: ApiConfig,
@@ -106,6 +108,7 @@ impl Default for Config {
             clickhouse: ClickHouseConfig::default(),
             limits: LimitsConfig::default(),
             rules: None,
+            default_rules: true,
             alerting: Default::default(),
             api: Default::default(),
         }

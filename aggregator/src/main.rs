@@ -54,6 +54,16 @@ enum Cmd {
     /// the host) — every rule with a series is applied to the CSV's value — or from
     /// ClickHouse (--host, --from, --to), where each rule reads its own series.
     Backtest(sonde_aggregator::detect::backtest::Args),
+    /// Measure detection quality on a labelled corpus: every detector kind, and the default
+    /// rules, through the live engine; prints (and with --out writes) a Markdown report.
+    ///
+    /// The corpus directory holds a recording of a real host with injected incidents
+    /// (recorded/host.rec.zst from `sensor record`, recorded/labels.tsv from
+    /// xtask/scripts/inject-incidents.sh); the synthetic part is generated from fixed seeds.
+    /// `cargo xtask detect-eval` runs this and writes docs/DETECTION.md.
+    Evaluate(sonde_aggregator::detect::eval::Args),
+    /// Print the built-in default rules (a starting point for your own rules file).
+    DefaultRules,
     /// Print the DDL this build would create, for a given server version.
     Schema {
         /// ClickHouse version to generate for (e.g. 18.16.1 or 26.9).
@@ -105,9 +115,13 @@ struct RunArgs {
     /// ClickHouse database (created if missing).
     #[arg(long, env = "SONDE_CLICKHOUSE_DATABASE", value_name = "NAME")]
     clickhouse_database: Option<String>,
-    /// Detection rules file (TOML). Checked at start; reloaded on SIGHUP.
+    /// Detection rules file (TOML). Checked at start; reloaded on SIGHUP. Without one the
+    /// built-in default rules run (`aggregator default-rules` prints them).
     #[arg(long, env = "SONDE_RULES", value_name = "FILE")]
     rules: Option<PathBuf>,
+    /// No built-in default rules when no rules file is given (config: default_rules = false).
+    #[arg(long)]
+    no_default_rules: bool,
 }
 
 fn main() {
@@ -165,12 +179,22 @@ fn real_main(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Evaluate(args) => {
+            sonde_aggregator::detect::eval::run(args, sonde_aggregator::detect::DEFAULT_RULES)
+        }
+        Cmd::DefaultRules => {
+            print!("{}", sonde_aggregator::detect::DEFAULT_RULES);
+            Ok(())
+        }
         Cmd::Backtest(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
             .block_on(sonde_aggregator::detect::backtest::run(args, &cfg)),
         Cmd::Run(a) => {
             cfg.rules = a.rules.or(cfg.rules);
+            if a.no_default_rules {
+                cfg.default_rules = false;
+            }
             cfg.listen = a.listen.unwrap_or(cfg.listen);
             cfg.http_listen = a.http_listen.unwrap_or(cfg.http_listen);
             cfg.ca = a.ca.unwrap_or(cfg.ca);
@@ -210,6 +234,10 @@ async fn run(cfg: Config) -> Result<()> {
     let token = cfg.api.resolve()?;
     let rules = match &cfg.rules {
         Some(p) => Some(sonde_aggregator::detect::rules::load_rules(p)?),
+        None if cfg.default_rules => Some(sonde_aggregator::detect::rules::parse_rules(
+            "built-in default rules",
+            sonde_aggregator::detect::DEFAULT_RULES,
+        )?),
         None => None,
     };
     for w in &cfg.alerting.webhook {
@@ -363,7 +391,7 @@ async fn run(cfg: Config) -> Result<()> {
                         Ok(r) => { let _ = tx.send(r).await; }
                         Err(e) => tracing::error!(error = %format!("{e:#}"), "SIGHUP: rules not reloaded; keeping the running ones"),
                     },
-                    _ => tracing::info!("SIGHUP: no rules file configured"),
+                    _ => tracing::info!("SIGHUP: no rules file configured (the built-in default rules, if on, stay)"),
                 }
             }
         }

@@ -377,28 +377,43 @@ fn probes_cmd(cfg: &Config, json: bool, measure: Option<Duration>) -> Result<()>
 
 fn record(cfg: &Config, count: u32, interval: Duration, out: &std::path::Path) -> Result<()> {
     use protocol::Encode;
+    use std::io::Write;
     let mut c = collect::Collector::new(&cfg.proc_root, &cfg.sys_root, &cfg.filters);
     let (probes, _) = collect::ebpf::load(&cfg.probes, &cfg.proc_root, cfg.filters.disks.clone());
     c.probes = probes;
     let mut snap = Snapshot::default();
     c.collect(&mut snap);
-    let mut buf = Vec::new();
+    // Each snapshot is appended as soon as it is taken, so a long recording that is
+    // stopped early keeps everything up to then.
+    let mut file =
+        std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut enc = Vec::new();
     let mut n = 0;
+    let mut bytes = 0usize;
+    // Ticks on the interval grid (no drift over hours of recording).
+    let start = std::time::Instant::now();
+    let mut k = 0u32;
     while n < count {
-        std::thread::sleep(interval);
+        k += 1;
+        let due = start + interval * k;
+        if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+            std::thread::sleep(wait);
+        }
         if c.collect(&mut snap) {
             enc.clear();
+            enc.extend_from_slice(&[0; 4]);
             snap.encode(&mut enc);
-            buf.extend_from_slice(&(enc.len() as u32).to_le_bytes());
-            buf.extend_from_slice(&enc);
+            let len = (enc.len() - 4) as u32;
+            enc[..4].copy_from_slice(&len.to_le_bytes());
+            file.write_all(&enc)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            bytes += enc.len();
             n += 1;
         }
     }
-    std::fs::write(out, &buf).with_context(|| format!("cannot write {}", out.display()))?;
+    file.flush()?;
     eprintln!(
-        "recorded {count} snapshots ({} bytes) to {}",
-        buf.len(),
+        "recorded {count} snapshots ({bytes} bytes) to {}",
         out.display()
     );
     Ok(())

@@ -29,7 +29,8 @@ pub struct Args {
     /// ClickHouse HTTP URL (default: the config's; needed when the config uses a managed server).
     #[arg(long, value_name = "URL")]
     pub clickhouse_url: Option<String>,
-    /// Write each evaluation's value and score (normalised to 0..1) to this CSV.
+    /// Write one row per input sample and rule (timestamp,rule,host,labels,value,score,norm;
+    /// warm-up rows included with score 0 and norm 0) to this CSV.
     #[arg(long, value_name = "OUT.csv")]
     pub scores: Option<PathBuf>,
 }
@@ -101,7 +102,7 @@ pub fn csv_samples(path: &std::path::Path, rules: &[Rule]) -> Result<Vec<Sample>
             .map(|(i, c)| (*c, f.get(*i).copied().unwrap_or("").to_string()))
             .collect();
         for (ri, r) in rules.iter().enumerate() {
-            if r.series.is_some() && !r.is_absence() {
+            if r.series.is_some() && !r.is_absence() && r.more_series.is_empty() {
                 out.push(Sample {
                     ts_ms: ts,
                     rule: ri,
@@ -181,6 +182,13 @@ pub async fn clickhouse_samples(args: &Args, cfg: &Config, rules: &[Rule]) -> Re
     for (ri, r) in rules.iter().enumerate() {
         let Some(spec) = &r.series else { continue };
         if r.is_absence() {
+            continue;
+        }
+        if !r.more_series.is_empty() {
+            eprintln!(
+                "backtest: rule {:?} reads several series at once; it is evaluated live and by `aggregator evaluate`, not replayed here",
+                r.name
+            );
             continue;
         }
         let window =
@@ -281,7 +289,10 @@ pub fn replay(
         engine.host_seen(&s.host, s.ts_ms, &mut out);
         let labels: Vec<(&str, &str)> = s.labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let v = engine.observe(s.rule, &s.host, &labels, s.ts_ms, s.value, &mut out);
-        if let (Some(w), Some(v)) = (scores.as_deref_mut(), v) {
+        if let Some(w) = scores.as_deref_mut() {
+            // One row per input sample and rule, aligned with the input: a sample the rule
+            // does not select (labels) scores 0 like a warm-up sample.
+            let v = v.unwrap_or(super::detectors::Verdict::quiet());
             let l: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             writeln!(
                 w,

@@ -33,6 +33,55 @@ pub struct Verdict {
     pub threshold: Option<f64>,
 }
 
+impl Verdict {
+    /// No breach, score 0 (warm-up, missing values).
+    pub fn quiet() -> Verdict {
+        Verdict {
+            breach: None,
+            score: 0.0,
+            norm: 0.0,
+            threshold: None,
+        }
+    }
+}
+
+/// The smallest non-zero step between consecutive values seen: the series' resolution.
+/// Spreads are floored by it, so quantized and flat series never divide by (nearly) zero.
+#[derive(Debug, Clone, Copy)]
+pub struct Resolution {
+    last: f64,
+    quantum: f64,
+}
+
+impl Default for Resolution {
+    fn default() -> Self {
+        Resolution {
+            last: f64::NAN,
+            quantum: f64::INFINITY,
+        }
+    }
+}
+
+impl Resolution {
+    pub fn see(&mut self, v: f64) {
+        let d = (v - self.last).abs();
+        if d > 0.0 && d < self.quantum {
+            self.quantum = d;
+        }
+        self.last = v;
+    }
+
+    /// The spread floor near `level`: one quantum, and never below 1e-9 of the level.
+    pub fn floor(&self, level: f64) -> f64 {
+        let q = if self.quantum.is_finite() {
+            self.quantum
+        } else {
+            0.0
+        };
+        q.max(1e-9 * level.abs()).max(f64::MIN_POSITIVE)
+    }
+}
+
 /// Threshold with warning/critical levels, direction and hysteresis on clear.
 #[derive(Debug, Clone)]
 pub struct Threshold {
@@ -138,6 +187,7 @@ pub struct Ewma {
     n: u32,
     mean: f64,
     var: f64,
+    res: Resolution,
 }
 
 impl Ewma {
@@ -157,6 +207,7 @@ impl Ewma {
             n: 0,
             mean: 0.0,
             var: 0.0,
+            res: Resolution::default(),
         }
     }
 
@@ -169,18 +220,18 @@ impl Ewma {
                 threshold: None,
             };
         }
+        self.res.see(v);
         let z = if self.n == 0 {
             0.0
         } else {
-            let sd = self.var.sqrt();
-            // A flat history has no spread: a tiny floor (relative to the level) keeps the
-            // score finite, and an unchanged value scores exactly 0.
-            let floor = 1e-9 * self.mean.abs().max(1.0);
+            // A flat or quantized history has (almost) no spread: the floor is one step of
+            // the series' own resolution, and an unchanged value scores exactly 0.
+            let sd = self.var.sqrt().max(self.res.floor(self.mean));
             let d = v - self.mean;
             if d == 0.0 {
                 0.0
             } else {
-                d / sd.max(floor)
+                d / sd
             }
         };
         // Fold the sample in.
@@ -202,7 +253,7 @@ impl Ewma {
         };
         Verdict {
             breach: (warm && directional >= self.threshold).then_some(self.severity),
-            score: z,
+            score: if warm { z } else { 0.0 },
             norm: if warm {
                 normalise(directional.max(0.0), self.threshold)
             } else {
@@ -224,6 +275,7 @@ pub struct Mad {
     pub direction: Option<bool>,
     values: VecDeque<f64>,
     scratch: Vec<f64>,
+    res: Resolution,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -252,6 +304,7 @@ impl Mad {
             direction,
             values: VecDeque::with_capacity(window.max(3)),
             scratch: Vec::with_capacity(window.max(3)),
+            res: Resolution::default(),
         }
     }
 
@@ -273,13 +326,17 @@ impl Mad {
             for x in self.scratch.iter_mut() {
                 *x = (*x - med).abs();
             }
+            let mean_dev = self.scratch.iter().sum::<f64>() / self.scratch.len() as f64;
             let mad = 1.4826 * median(&mut self.scratch);
+            // More than half the window on one value makes the MAD 0: fall back to the mean
+            // absolute deviation (x 1.2533, sigma on normal data), then to the resolution.
+            let spread = if mad > 0.0 { mad } else { 1.2533 * mean_dev }.max(self.res.floor(med));
             let d = v - med;
             if d != 0.0 {
-                let floor = 1e-9 * med.abs().max(1.0);
-                score = d / mad.max(floor);
+                score = d / spread;
             }
         }
+        self.res.see(v);
         if self.values.len() == self.window {
             self.values.pop_front();
         }
@@ -291,7 +348,7 @@ impl Mad {
         };
         Verdict {
             breach: (warm && directional >= self.threshold).then_some(self.severity),
-            score,
+            score: if warm { score } else { 0.0 },
             norm: if warm {
                 normalise(directional.max(0.0), self.threshold)
             } else {
@@ -308,14 +365,33 @@ pub enum Detector {
     Threshold(Threshold),
     Ewma(Ewma),
     Mad(Mad),
+    Anomaly(Box<super::anomaly::Anomaly>),
+    Forest(Box<super::forest::Forest>),
+    Drift(Box<super::drift::Drift>),
+    Forecast(Box<super::forecast::Forecast>),
 }
 
 impl Detector {
-    pub fn eval(&mut self, v: f64) -> Verdict {
+    pub fn eval(&mut self, ts_ms: u64, v: f64) -> Verdict {
         match self {
             Detector::Threshold(d) => d.eval(v),
             Detector::Ewma(d) => d.eval(v),
             Detector::Mad(d) => d.eval(v),
+            Detector::Anomaly(d) => d.eval(v),
+            Detector::Forest(d) => d.eval(v),
+            Detector::Drift(d) => d.eval(v),
+            Detector::Forecast(d) => d.eval(ts_ms, v),
+        }
+    }
+
+    /// Several series at once (a multi-series forest).
+    pub fn eval_vector(&mut self, ts_ms: u64, v: &[f64]) -> Verdict {
+        match self {
+            Detector::Forest(d) => d.eval_vector(v),
+            other => match v.first() {
+                Some(&x) => other.eval(ts_ms, x),
+                None => Verdict::quiet(),
+            },
         }
     }
 
@@ -324,6 +400,10 @@ impl Detector {
         std::mem::size_of::<Detector>()
             + match self {
                 Detector::Mad(m) => (m.values.capacity() + m.scratch.capacity()) * 8,
+                Detector::Anomaly(d) => d.state_bytes(),
+                Detector::Forest(d) => d.state_bytes(),
+                Detector::Drift(d) => d.state_bytes(),
+                Detector::Forecast(d) => d.state_bytes(),
                 _ => 0,
             }
     }

@@ -2,13 +2,23 @@
 //! code, over history in `aggregator backtest`). One state per rule × series; the alert
 //! lifecycle is pending → firing → resolved, with `for`, repeats and a stable alert id.
 
+pub mod anomaly;
 pub mod backtest;
 pub mod detectors;
+pub mod drift;
+pub mod eval;
+pub mod forecast;
+pub mod forest;
 pub mod live;
+pub mod rng;
 pub mod rules;
 pub mod series;
 
 use detectors::{Detector, Severity, Verdict};
+
+/// The rules that ship: used when no `rules` file is configured (unless `default_rules =
+/// false`); `aggregator default-rules` prints them.
+pub const DEFAULT_RULES: &str = include_str!("../../rules/default.toml");
 use protocol::Batch;
 use rules::{Rule, RuleKind};
 use std::collections::HashMap;
@@ -100,6 +110,34 @@ impl SeriesState {
                 .sum::<usize>()
             + self.det.as_ref().map_or(0, |d| d.state_bytes())
     }
+}
+
+/// Fills `{host}`, `{value}`, `{eta}` (forecast rules: time to the limit) and any series
+/// label (`{mount}`, `{device}`, ...) into a rule's summary.
+fn expand_summary(text: &str, s: &SeriesState, score: Option<f64>, kind: &RuleKind) -> String {
+    if !text.contains('{') {
+        return text.to_string();
+    }
+    let mut out = text.replace("{host}", &s.host);
+    out = out.replace(
+        "{value}",
+        &format!("{:.4}", s.last_value)
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_string(),
+    );
+    if let (RuleKind::Forecast { .. }, Some(eta)) = (kind, score) {
+        let e = if eta < 0.0 {
+            "never".to_string()
+        } else {
+            forecast::human_eta(eta)
+        };
+        out = out.replace("{eta}", &e);
+    }
+    for (k, v) in &s.labels {
+        out = out.replace(&format!("{{{k}}}"), v);
+    }
+    out
 }
 
 /// The live detection engine.
@@ -210,7 +248,8 @@ impl Engine {
     ) -> AlertEvent {
         let rule = &self.rules[s.rule.min(self.rules.len().saturating_sub(1))];
         let v = s.last_verdict;
-        let statistical = matches!(rule.kind, RuleKind::Ewma { .. } | RuleKind::Mad { .. });
+        let statistical = rule.is_statistical();
+        let summary = expand_summary(&rule.summary, s, v.map(|v| v.score), &rule.kind);
         AlertEvent {
             id: alert_id(&rule.name, &s.labels, since),
             rule: rule.name.clone(),
@@ -229,7 +268,7 @@ impl Engine {
             ends_at_ms: end,
             at_ms: at,
             repeat,
-            summary: rule.summary.clone(),
+            summary,
         }
     }
 
@@ -318,7 +357,7 @@ impl Engine {
                     rule: rule_idx,
                     host: host.to_string(),
                     labels: l,
-                    det: rule.new_detector(),
+                    det: rule.new_detector(key),
                     phase: Phase::Inactive,
                     severity: Severity::Warning,
                     last_value: 0.0,
@@ -333,7 +372,7 @@ impl Engine {
         let mut verdict = None;
         match &mut s.det {
             Some(d) => {
-                let v = d.eval(value);
+                let v = d.eval(ts_ms, value);
                 s.last_verdict = Some(v);
                 verdict = Some(v);
                 self.step(&mut s, v.breach, ts_ms, out);
@@ -349,6 +388,58 @@ impl Engine {
         verdict
     }
 
+    /// Evaluates a multi-series rule (a `forest` over several of one host's series) on one
+    /// vector of values taken at one time.
+    pub fn observe_vector(
+        &mut self,
+        rule_idx: usize,
+        host: &str,
+        ts_ms: u64,
+        values: &[f64],
+        out: &mut Vec<AlertEvent>,
+    ) -> Option<Verdict> {
+        let rule = &self.rules[rule_idx];
+        if !rule.labels.get("host").is_none_or(|p| glob(p, host)) {
+            return None;
+        }
+        let key = series_key(rule, host, &[]);
+        let mut s = match self.series.remove(&key) {
+            Some(s) => s,
+            None => {
+                let names: Vec<String> = rule
+                    .series
+                    .iter()
+                    .chain(rule.more_series.iter())
+                    .map(|sp| sp.name())
+                    .collect();
+                SeriesState {
+                    rule: rule_idx,
+                    host: host.to_string(),
+                    labels: vec![
+                        ("host".into(), host.into()),
+                        ("series".into(), names.join(",")),
+                    ],
+                    det: rule.new_detector(key),
+                    phase: Phase::Inactive,
+                    severity: Severity::Warning,
+                    last_value: 0.0,
+                    last_verdict: None,
+                    last_seen_ms: ts_ms,
+                }
+            }
+        };
+        self.evaluations += 1;
+        s.last_seen_ms = ts_ms;
+        s.last_value = values.first().copied().unwrap_or(0.0);
+        let v = s.det.as_mut().map(|d| d.eval_vector(ts_ms, values));
+        if let Some(v) = v {
+            s.last_verdict = Some(v);
+            self.step(&mut s, v.breach, ts_ms, out);
+        }
+        self.series.insert(key, s);
+        v
+    }
+
     /// Evaluates every rule on every snapshot of a batch from `host`.
     pub fn observe_batch(
         &mut self,
@@ -358,10 +449,23 @@ impl Engine {
         out: &mut Vec<AlertEvent>,
     ) {
         self.host_seen(host, now_ms, out);
-        let mut samples: Vec<(usize, Vec<(&'static str, String)>, f64)> = Vec::new();
         for snap in &batch.snapshots {
-            for (i, r) in self.rules.iter().enumerate() {
-                let Some(sp) = &r.series else { continue };
+            self.observe_snapshot(host, snap, out);
+        }
+    }
+
+    /// Evaluates every rule on one snapshot (live, and the corpus evaluation).
+    pub fn observe_snapshot(
+        &mut self,
+        host: &str,
+        snap: &protocol::Snapshot,
+        out: &mut Vec<AlertEvent>,
+    ) {
+        let mut samples: Vec<(usize, Vec<(&'static str, String)>, f64)> = Vec::new();
+        let mut vectors: Vec<(usize, Vec<f64>)> = Vec::new();
+        for (i, r) in self.rules.iter().enumerate() {
+            let Some(sp) = &r.series else { continue };
+            if r.more_series.is_empty() {
                 sp.for_each(snap, |labels, v| {
                     samples.push((
                         i,
@@ -369,11 +473,37 @@ impl Engine {
                         v,
                     ))
                 });
+            } else {
+                // One value per series: the largest over the label sets the rule selects.
+                let mut vec = Vec::with_capacity(1 + r.more_series.len());
+                for spec in std::iter::once(sp).chain(r.more_series.iter()) {
+                    let mut best: Option<f64> = None;
+                    spec.for_each(snap, |labels, v| {
+                        let ok = r.labels.iter().all(|(k, pat)| {
+                            k == "host"
+                                || !spec.label_names().contains(&k.as_str())
+                                || labels.iter().any(|(n, l)| n == k && glob(pat, l))
+                        });
+                        if ok && v.is_finite() {
+                            best = Some(best.map_or(v, |b: f64| b.max(v)));
+                        }
+                    });
+                    match best {
+                        Some(b) => vec.push(b),
+                        None => break,
+                    }
+                }
+                if vec.len() == 1 + r.more_series.len() {
+                    vectors.push((i, vec));
+                }
             }
-            for (i, labels, v) in samples.drain(..) {
-                let l: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                self.observe(i, host, &l, snap.ts_ms, v, out);
-            }
+        }
+        for (i, labels, v) in samples.drain(..) {
+            let l: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            self.observe(i, host, &l, snap.ts_ms, v, out);
+        }
+        for (i, v) in vectors {
+            self.observe_vector(i, host, snap.ts_ms, &v, out);
         }
     }
 

@@ -1,7 +1,11 @@
 //! The rules file: TOML, checked at start, by `aggregator check-rules` and on SIGHUP, with
 //! errors that name the file, the line and the field.
 
+use super::anomaly::Anomaly;
 use super::detectors::{Detector, Ewma, Mad, Severity, Threshold};
+use super::drift::Drift;
+use super::forecast::Forecast;
+use super::forest::Forest;
 use super::series::{parse_series, SeriesSpec};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -22,7 +26,7 @@ struct RawRule {
     name: Spanned<String>,
     kind: Spanned<String>,
     #[serde(default)]
-    series: Option<Spanned<String>>,
+    series: Option<Spanned<OneOrMany>>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
     #[serde(default)]
@@ -46,11 +50,27 @@ struct RawRule {
     #[serde(default)]
     warmup: Option<u32>,
     #[serde(default)]
-    window: Option<Spanned<u32>>,
+    window: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    limit: Option<f64>,
+    #[serde(default)]
+    within: Option<Spanned<String>>,
     #[serde(default)]
     min_samples: Option<u32>,
     #[serde(default)]
     summary: Option<String>,
+}
+
+/// Default threshold of `anomaly` and `forest` rules: a sample as unusual as 1 in 100,000 of
+/// the series' own history (about one false alert per series-day at 1 s on pure noise before
+/// `for`; far fewer in practice, since the tail model errs on the heavy side).
+pub const ANOMALY_THRESHOLD: f64 = 0.99999;
+
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// What a rule watches for.
@@ -76,6 +96,24 @@ pub enum RuleKind {
         severity: Severity,
         direction: Option<bool>,
     },
+    /// Calibrated anomaly probability (no parameters needed).
+    Anomaly {
+        threshold: f64,
+        severity: Severity,
+        direction: Option<bool>,
+    },
+    /// Half-space trees over one shingled series or several of one host's series.
+    Forest { threshold: f64, severity: Severity },
+    /// Distribution drift (two-sample KS) between a reference and the recent window.
+    Drift { threshold: f64, severity: Severity },
+    /// Time until the series reaches `limit` is under `within`.
+    Forecast {
+        limit: f64,
+        above: bool,
+        within: Duration,
+        window: Duration,
+        severity: Severity,
+    },
     /// No batch from a host for `for`.
     HostSilent { severity: Severity },
     /// A series that was reporting has had no sample for `for`.
@@ -87,6 +125,9 @@ pub struct Rule {
     pub name: String,
     pub kind: RuleKind,
     pub series: Option<SeriesSpec>,
+    /// Further series of a multi-series rule (`forest` with `series = [..]`), evaluated
+    /// together with `series` per host and snapshot.
+    pub more_series: Vec<SeriesSpec>,
     /// Label matchers (globs); `host` matches the host name.
     pub labels: BTreeMap<String, String>,
     pub for_: Duration,
@@ -95,7 +136,9 @@ pub struct Rule {
 }
 
 impl Rule {
-    pub fn new_detector(&self) -> Option<Detector> {
+    /// A fresh detector for one series; `seed` fixes any randomness (the forest's trees),
+    /// so live and backtest build the same model.
+    pub fn new_detector(&self, seed: u64) -> Option<Detector> {
         Some(match &self.kind {
             RuleKind::Threshold {
                 above,
@@ -125,8 +168,47 @@ impl Rule {
                 *severity,
                 *direction,
             )),
+            RuleKind::Anomaly {
+                threshold,
+                severity,
+                direction,
+            } => Detector::Anomaly(Box::new(Anomaly::new(*threshold, *severity, *direction))),
+            RuleKind::Forest {
+                threshold,
+                severity,
+            } => Detector::Forest(Box::new(Forest::new(
+                *threshold,
+                *severity,
+                1 + self.more_series.len(),
+                seed,
+            ))),
+            RuleKind::Drift {
+                threshold,
+                severity,
+            } => Detector::Drift(Box::new(Drift::new(*threshold, *severity))),
+            RuleKind::Forecast {
+                limit,
+                above,
+                within,
+                window,
+                severity,
+            } => Detector::Forecast(Box::new(Forecast::new(
+                *limit,
+                *above,
+                within.as_secs_f64(),
+                window.as_millis() as u64,
+                *severity,
+            ))),
             _ => return None,
         })
+    }
+
+    /// Rules whose score is a statistic (reported as `score` in alerts).
+    pub fn is_statistical(&self) -> bool {
+        !matches!(
+            self.kind,
+            RuleKind::Threshold { .. } | RuleKind::HostSilent { .. } | RuleKind::Absent { .. }
+        )
     }
 
     pub fn is_absence(&self) -> bool {
@@ -212,9 +294,78 @@ pub fn parse_rules(origin: &str, text: &str) -> anyhow::Result<Vec<Rule>> {
                 }
             },
         };
-        let series = match &r.series {
-            None => None,
-            Some(s) => Some(parse_series(s.get_ref()).map_err(|e| at(s.span(), "series", e))?),
+        let (series, more_series) = match &r.series {
+            None => (None, Vec::new()),
+            Some(s) => {
+                let names: Vec<&String> = match s.get_ref() {
+                    OneOrMany::One(n) => vec![n],
+                    OneOrMany::Many(v) => v.iter().collect(),
+                };
+                if names.is_empty() {
+                    return Err(at(s.span(), "series", "an empty list".into()));
+                }
+                if names.len() > 1 && r.kind.get_ref() != "forest" {
+                    return Err(at(
+                        s.span(),
+                        "series",
+                        format!(
+                            "only a forest rule takes several series ({} is one series)",
+                            r.kind.get_ref()
+                        ),
+                    ));
+                }
+                if names.len() > 64 {
+                    return Err(at(s.span(), "series", "at most 64 series".into()));
+                }
+                let mut specs = Vec::new();
+                for n in names {
+                    specs.push(parse_series(n).map_err(|e| at(s.span(), "series", e))?);
+                }
+                let first = specs.remove(0);
+                (Some(first), specs)
+            }
+        };
+        let window_samples = |default: u32| -> anyhow::Result<u32> {
+            match &r.window {
+                None => Ok(default),
+                Some(w) => match w.get_ref() {
+                    toml::Value::Integer(i) if *i >= 5 && *i <= 100_000 => Ok(*i as u32),
+                    other => Err(at(
+                        w.span(),
+                        "window",
+                        format!("{other} is not a number of samples from 5 to 100000"),
+                    )),
+                },
+            }
+        };
+        let window_duration = |default: Duration| -> anyhow::Result<Duration> {
+            match &r.window {
+                None => Ok(default),
+                Some(w) => match w.get_ref() {
+                    toml::Value::String(s) => humantime::parse_duration(s).map_err(|e| {
+                        at(w.span(), "window", format!("{s:?} is not a duration ({e})"))
+                    }),
+                    other => Err(at(
+                        w.span(),
+                        "window",
+                        format!("{other} is not a duration such as \"30m\""),
+                    )),
+                },
+            }
+        };
+        let probability = |default: f64| -> anyhow::Result<f64> {
+            match &r.threshold {
+                None => Ok(default),
+                Some(t) if *t.get_ref() > 0.0 && *t.get_ref() < 1.0 => Ok(*t.get_ref()),
+                Some(t) => Err(at(
+                    t.span(),
+                    "threshold",
+                    format!(
+                        "{} is not a probability strictly between 0 and 1 (e.g. 0.999)",
+                        t.get_ref()
+                    ),
+                )),
+            }
         };
         let need_series = |kind: &str| {
             series.clone().ok_or_else(|| {
@@ -269,21 +420,69 @@ pub fn parse_rules(origin: &str, text: &str) -> anyhow::Result<Vec<Rule>> {
             }
             "mad" => {
                 need_series("mad")?;
-                let window = r.window.as_ref().map(|w| *w.get_ref()).unwrap_or(120);
-                if window < 5 {
-                    let s = r.window.as_ref().map(|w| w.span()).unwrap_or(r.kind.span());
-                    return Err(at(
-                        s,
-                        "window",
-                        format!("{window} samples is too few (at least 5)"),
-                    ));
-                }
+                let window = window_samples(120)?;
                 RuleKind::Mad {
                     window,
                     threshold: positive(&r.threshold, 5.0, |s, m| at(s, "threshold", m))?,
                     min_samples: r.min_samples.unwrap_or(window / 2).min(window),
                     severity,
                     direction,
+                }
+            }
+            "anomaly" => {
+                need_series("anomaly")?;
+                RuleKind::Anomaly {
+                    threshold: probability(ANOMALY_THRESHOLD)?,
+                    severity,
+                    direction,
+                }
+            }
+            "forest" => {
+                need_series("forest")?;
+                RuleKind::Forest {
+                    threshold: probability(ANOMALY_THRESHOLD)?,
+                    severity,
+                }
+            }
+            "drift" => {
+                need_series("drift")?;
+                RuleKind::Drift {
+                    threshold: probability(0.6)?,
+                    severity,
+                }
+            }
+            "forecast" => {
+                let sp = need_series("forecast")?;
+                let within = match &r.within {
+                    None => {
+                        return Err(at(
+                            r.kind.span(),
+                            "within",
+                            "a forecast rule needs `within` (e.g. \"6h\": fire when the limit is nearer than that)".into(),
+                        ))
+                    }
+                    Some(_) => dur(&r.within, "within", Duration::ZERO)?,
+                };
+                let limit = match r.limit {
+                    Some(l) if l.is_finite() => l,
+                    Some(l) => {
+                        return Err(at(r.kind.span(), "limit", format!("{l} is not a number")))
+                    }
+                    None if sp.name().ends_with("_pct") => 100.0,
+                    None => {
+                        return Err(at(
+                            r.kind.span(),
+                            "limit",
+                            format!("a forecast rule on {} needs `limit` (only *_pct series default to 100)", sp.name()),
+                        ))
+                    }
+                };
+                RuleKind::Forecast {
+                    limit,
+                    above: direction.unwrap_or(true),
+                    within,
+                    window: window_duration(Duration::from_secs(1800))?,
+                    severity,
                 }
             }
             "host_silent" => {
@@ -311,13 +510,16 @@ pub fn parse_rules(origin: &str, text: &str) -> anyhow::Result<Vec<Rule>> {
                 return Err(at(
                     r.kind.span(),
                     "kind",
-                    format!("{other:?} is not one of threshold, ewma, mad, host_silent, absent"),
+                    format!("{other:?} is not one of threshold, anomaly, ewma, mad, forest, drift, forecast, host_silent, absent"),
                 ))
             }
         };
         if let Some(sp) = &series {
             for k in r.labels.keys() {
-                if k != "host" && !sp.label_names().contains(&k.as_str()) {
+                let known = std::iter::once(sp)
+                    .chain(more_series.iter())
+                    .any(|s| s.label_names().contains(&k.as_str()));
+                if k != "host" && !known {
                     return Err(at(
                         r.name.span(),
                         "labels",
@@ -338,6 +540,7 @@ pub fn parse_rules(origin: &str, text: &str) -> anyhow::Result<Vec<Rule>> {
             name,
             kind,
             series,
+            more_series,
             labels: r.labels.clone(),
             for_,
             repeat,

@@ -83,6 +83,31 @@ const PROBES: &[(&str, Acc<ProbeRec>)] = cols!(ProbeRec;
     "resets_received_per_s" => |r| r.resets_received_per_s as f64,
     "oom_kills" => |r| r.oom_kills as f64);
 
+/// Every `table.column` the detector can select (aliases and static columns such as
+/// `memory.total` left out), plus per-source latency p99 and mean: what the corpus
+/// evaluation runs each detector on.
+pub fn all_series() -> Vec<String> {
+    fn names<T>(t: &str, cols: &[(&'static str, Acc<T>)], skip: &[&str]) -> Vec<String> {
+        cols.iter()
+            .filter(|c| !skip.contains(&c.0))
+            .map(|c| format!("{t}.{}", c.0))
+            .collect()
+    }
+    let mut v = Vec::new();
+    v.extend(names("cpu", CPU, &[]));
+    v.extend(names("system", SYSTEM, &[]));
+    v.extend(names("memory", MEMORY, &["total", "swap_total"]));
+    v.extend(names("pressure", PRESSURE, &[]));
+    v.extend(names("disk", DISK, &["r_await", "w_await"]));
+    v.extend(names("filesystem", FS, &["size_bytes", "inodes_total"]));
+    v.extend(names("net", NET, &["rx_bytes", "tx_bytes"]));
+    v.extend(names("tcp", TCP, &[]));
+    v.extend(names("probes", PROBES, &[]));
+    v.push("latency.*.p99".into());
+    v.push("latency.*.mean".into());
+    v
+}
+
 /// A statistic of a latency histogram.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum LatStat {
