@@ -313,6 +313,11 @@ async fn run(cfg: Config) -> Result<()> {
             reload_tx = Some(rtx);
             tracing::info!(
                 rules = rules.len(),
+                from = %cfg
+                    .rules
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "built-in default rules (aggregator default-rules; off with default_rules = false)".into()),
                 webhooks = cfg.alerting.webhook.len(),
                 alertmanagers = cfg.alerting.alertmanager.len(),
                 "detection on"

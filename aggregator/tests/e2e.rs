@@ -73,6 +73,20 @@ fn pipeline_all_tables_cpu_matches_proc_stat_and_readme_queries_run() {
         "every table had rows {:.1} s after the sensor started",
         started.elapsed().as_secs_f64()
     );
+    // No rules file was given: the built-in default rules run on the live stream.
+    assert!(
+        agg.proc.log_text().contains("built-in default rules"),
+        "the aggregator did not say it runs the default rules:\n{}",
+        agg.proc.log_text()
+    );
+    wait_until(
+        "the default rules evaluate this host's series",
+        Duration::from_secs(15),
+        || {
+            metric(&agg, "sonde_detect_series") >= 20
+                && metric(&agg, "sonde_detect_evaluations_total") > 0
+        },
+    );
 
     // CPU: load one core about half the time, and compare the sensor's idle
     // share with /proc/stat over exactly the same whole seconds.

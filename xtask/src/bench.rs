@@ -1116,12 +1116,13 @@ fn markdown(r: &Value, quick: bool) -> String {
         }
     }
     if let Some(d) = r["detect"].as_array() {
-        s.push_str("\n## Detection\n\nMethod: the engine's own code on one core, 10,000 series, after warm-up (`aggregator/benches/detect.rs`).\n\n\
-                    | detector | evaluations/s | ns per evaluation | state bytes per series |\n|---|---|---|---|\n");
+        s.push_str("\n## Detection\n\nMethod: the engine's own code on one core (series lookup, detector, alert lifecycle), 10,000 series unless named, after warm-up (`aggregator/benches/detect.rs`). State per series includes the engine's per-series record (labels, lifecycle). Detection quality is in [DETECTION.md](DETECTION.md).\n\n\
+                    | detector | series | evaluations/s | ns per evaluation | state bytes per series |\n|---|---|---|---|---|\n");
         for x in d {
             s.push_str(&format!(
-                "| {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} |\n",
                 x["detector"].as_str().unwrap_or(""),
+                x["series"],
                 f(&x["evaluations_per_s"]),
                 f(&x["ns_per_evaluation"]),
                 x["state_bytes_per_series"]

@@ -3,6 +3,7 @@
 mod bench;
 mod certs;
 mod deploy;
+mod detect_eval;
 mod ebpf;
 mod fuzz;
 mod setup;
@@ -51,6 +52,20 @@ enum Cmd {
         /// A short version of each benchmark (a few minutes: every section, shorter), as CI runs it.
         #[arg(long)]
         quick: bool,
+    },
+    /// Measure detection quality: every detector kind and the default rules over the
+    /// labelled corpus (aggregator/corpus: a recording of a real host with injected
+    /// incidents, plus generated synthetic series), through the live engine. Prints the
+    /// report and writes it into docs/DETECTION.md. Figures are reported, never asserted.
+    DetectEval {
+        /// First record a new corpus on this host (root; injects CPU, memory/OOM, disk-fill,
+        /// I/O, packet-loss, fork and run-queue incidents one at a time; about an hour plus
+        /// --normal-minutes). Replaces aggregator/corpus/recorded.
+        #[arg(long)]
+        record: bool,
+        /// With --record: minutes of normal operation recorded before the incidents.
+        #[arg(long, default_value_t = 120)]
+        normal_minutes: u64,
     },
     /// Put the sensor on hosts over SSH and prove each one reports.
     ///
@@ -169,6 +184,10 @@ fn main() {
             .targets()
             .and_then(|t| deploy::undeploy(t, fleet.identity, fleet.ssh_options, fleet.parallel)),
         Cmd::Bench { quick } => bench::run_bench(quick),
+        Cmd::DetectEval {
+            record,
+            normal_minutes,
+        } => detect_eval::run_eval(record, normal_minutes),
         Cmd::BuildEbpf => ebpf::build().map(|_| ()),
         Cmd::Certs {
             dir,

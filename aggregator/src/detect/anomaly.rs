@@ -219,7 +219,9 @@ impl RawScorer {
         let zc = z.clamp(-1e6, 1e6);
         self.fast += ALPHA_FAST * (zc - self.fast);
         self.slow += ALPHA_SLOW * (zc - self.slow);
-        self.var += ALPHA_VAR * (zc * zc - self.var).min(1e6);
+        // z² clipped at 25: one outlier is the fast statistic's business; a sustained change
+        // of spread (many large residuals) is this one's.
+        self.var += ALPHA_VAR * ((zc * zc).min(25.0) - self.var);
         // Unit variance under iid noise: an EWMA of unit noise has var a / (2 - a).
         let fast = self.fast / (ALPHA_FAST / (2.0 - ALPHA_FAST)).sqrt();
         let slow = self.slow / (ALPHA_SLOW / (2.0 - ALPHA_SLOW)).sqrt();
@@ -388,6 +390,21 @@ mod tests {
         }
         let f = first.expect("level shift found");
         assert!(f - 3000 <= 5, "found after {} samples", f - 3000);
+        // A single 12-sigma spike in noise, at the default threshold.
+        let mut d = Anomaly::new(
+            crate::detect::rules::ANOMALY_THRESHOLD,
+            Severity::Warning,
+            None,
+        );
+        let mut hits = Vec::new();
+        for i in 0..6000 {
+            let v = 5.0 + rng.normal() + if i == 5000 { 12.0 } else { 0.0 };
+            if d.eval(v).breach.is_some() {
+                hits.push(i);
+            }
+        }
+        assert_eq!(hits.first(), Some(&5000), "{hits:?}");
+        assert!(hits.len() <= 3, "{hits:?}");
     }
 
     #[test]

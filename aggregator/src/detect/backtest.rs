@@ -391,6 +391,31 @@ series = "cpu.busy"
 labels = { cpu = "total" }
 threshold = 5
 warmup = 20
+
+[[rule]]
+name = "busy calibrated"
+kind = "anomaly"
+series = "cpu.busy"
+labels = { cpu = "total" }
+
+[[rule]]
+name = "busy forest"
+kind = "forest"
+series = "cpu.busy"
+threshold = 0.999
+
+[[rule]]
+name = "busy drift"
+kind = "drift"
+series = "cpu.busy"
+
+[[rule]]
+name = "busy forecast"
+kind = "forecast"
+series = "cpu.busy"
+limit = 99
+within = "1m"
+window = "2m"
 "#;
 
     fn series() -> Vec<(u64, f64)> {
@@ -453,6 +478,10 @@ warmup = 20
         let b: Vec<_> = bt.iter().map(key).collect();
         assert!(!l.is_empty());
         assert_eq!(l, b);
+        // Every kind took part: the calibrated anomaly rule fired on the 95 % plateau too.
+        assert!(bt
+            .iter()
+            .any(|e| e.rule == "busy calibrated" && e.state == "firing"));
         // The threshold alert: pending at 100 s, firing 3 s later, resolved at 141 s.
         let busy: Vec<_> = bt
             .iter()
@@ -463,13 +492,19 @@ warmup = 20
             busy,
             vec![("pending", 100), ("firing", 103), ("resolved", 141)]
         );
-        // Scores: one line per evaluation, normalised within 0..1.
+        // Scores: one line per input sample and rule (warm-up rows included), so the file
+        // lines up with its input; norm within 0..1, warm-up rows 0.
         let scores = String::from_utf8(scores).unwrap();
-        assert_eq!(scores.lines().count(), 1 + 2 * 300);
+        assert_eq!(scores.lines().count(), 1 + 6 * 300);
         for line in scores.lines().skip(1) {
             let norm: f64 = line.rsplit(',').next().unwrap().parse().unwrap();
             assert!((0.0..=1.0).contains(&norm), "{line}");
         }
+        let first_anomaly = scores
+            .lines()
+            .find(|l| l.contains(",busy calibrated,"))
+            .unwrap();
+        assert!(first_anomaly.ends_with(",0,0.000000"), "{first_anomaly}");
         std::fs::remove_dir_all(dir).ok();
     }
 

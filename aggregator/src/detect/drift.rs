@@ -142,6 +142,12 @@ mod tests {
     }
 
     #[test]
+    fn constant_series_is_no_drift() {
+        let mut d = Drift::new(0.5, Severity::Warning);
+        assert!((0..2000).all(|_| d.eval(7.0).breach.is_none()));
+    }
+
+    #[test]
     fn a_one_quantum_step_of_a_flat_series_is_no_drift() {
         let mut d = Drift::new(0.5, Severity::Warning);
         for i in 0..1000 {

@@ -629,6 +629,74 @@ severity = "critical"
     }
 
     #[test]
+    fn the_default_rules_load_and_cover_what_they_promise() {
+        let r = parse_rules("default.toml", crate::detect::DEFAULT_RULES).unwrap();
+        let kinds: std::collections::HashSet<String> = r
+            .iter()
+            .map(|r| {
+                format!("{:?}", r.kind)
+                    .split([' ', '{'])
+                    .next()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        for k in ["HostSilent", "Threshold", "Anomaly", "Forecast"] {
+            assert!(kinds.contains(k), "no {k} rule in the defaults");
+        }
+        for series in [
+            "filesystem.used_pct",
+            "filesystem.inodes_used_pct",
+            "probes.oom_kills",
+            "pressure.some_avg10",
+            "memory.swap_out_per_s",
+            "latency.runqueue.p99",
+            "disk.util_pct",
+            "tcp.retrans_segs_per_s",
+            "tcp.out_rsts_per_s",
+            "net.rx_errors_per_s",
+            "net.rx_drops_per_s",
+            "system.forks_per_s",
+            "cpu.busy",
+        ] {
+            assert!(
+                r.iter()
+                    .any(|r| r.series.as_ref().is_some_and(|s| s.name() == series)),
+                "no default rule watches {series}"
+            );
+        }
+        assert!(
+            r.iter().all(|r| !r.summary.is_empty()),
+            "every rule has a summary"
+        );
+    }
+
+    #[test]
+    fn new_kinds_parse_with_defaults_and_check_their_fields() {
+        let r = parse_rules(
+            "r.toml",
+            "[[rule]]\nname = \"a\"\nkind = \"anomaly\"\nseries = \"cpu.busy\"\n\n[[rule]]\nname = \"f\"\nkind = \"forest\"\nseries = [\"cpu.busy\", \"memory.used\", \"disk.util_pct\"]\n\n[[rule]]\nname = \"d\"\nkind = \"forecast\"\nseries = \"filesystem.used_pct\"\nwithin = \"6h\"\n",
+        )
+        .unwrap();
+        assert!(
+            matches!(r[0].kind, RuleKind::Anomaly { threshold, .. } if threshold == ANOMALY_THRESHOLD)
+        );
+        assert_eq!(r[1].more_series.len(), 2);
+        assert!(matches!(r[2].kind, RuleKind::Forecast { limit, .. } if limit == 100.0));
+        let cases = [
+            ("[[rule]]\nname = \"a\"\nkind = \"anomaly\"\nseries = \"cpu.busy\"\nthreshold = 5\n", "r.toml:5", "probability"),
+            ("[[rule]]\nname = \"a\"\nkind = \"anomaly\"\nseries = [\"cpu.busy\", \"memory.used\"]\n", "r.toml:4", "only a forest"),
+            ("[[rule]]\nname = \"a\"\nkind = \"forecast\"\nseries = \"memory.used\"\nwithin = \"1h\"\n", "r.toml:3", "limit"),
+            ("[[rule]]\nname = \"a\"\nkind = \"forecast\"\nseries = \"filesystem.used_pct\"\n", "r.toml:3", "within"),
+            ("[[rule]]\nname = \"a\"\nkind = \"forecast\"\nseries = \"filesystem.used_pct\"\nwithin = \"1h\"\nwindow = 30\n", "r.toml:6", "window"),
+        ];
+        for (text, at, what) in cases {
+            let e = parse_rules("r.toml", text).unwrap_err().to_string();
+            assert!(e.starts_with(at) && e.contains(what), "{text:?} gave: {e}");
+        }
+    }
+
+    #[test]
     fn errors_name_file_line_and_field() {
         let cases = [
             ("[[rule]]\nname = \"a\"\nkind = \"threshold\"\nseries = \"cpu.bussy\"\nwarning = 1\n", "r.toml:4", "series"),
