@@ -12,15 +12,16 @@
 //!    The raw score is the largest of them in the rule's direction.
 //! 2. **Calibration** (an "anomaly likelihood"): the tail probability of the raw score under
 //!    the distribution of the series' own past raw scores, kept as an exponentially forgetting
-//!    histogram with an exponential-tail extrapolation beyond its 99th percentile (the
-//!    peaks-over-threshold idea). The score is `1 - p`, so on any stationary series the
+//!    histogram with a generalised-Pareto (power-law) tail fitted beyond its 99th percentile
+//!    (the peaks-over-threshold idea of extreme value theory). The score is `1 - p`, so on any stationary series the
 //!    fraction of samples above `t` is about `1 - t`, whatever the series' scale or noise:
 //!    one threshold means the same on every series, and a noisy series (builds every hour)
 //!    learns its own heavy tail and pages no more than a calm one.
 //!
 //! The histogram starts from a prior (the raw scores of Gaussian noise run through stage 1)
 //! so early scores are sane; samples that breach are learned with a small weight so a long
-//! incident does not teach the series that it is normal before it is over.
+//! incident does not teach the series that it is normal before it is over (and an unusual
+//! stretch teaches it at most 10 samples' worth). No breach before 300 samples.
 
 use super::detectors::{Severity, Verdict};
 use std::sync::OnceLock;
@@ -34,8 +35,16 @@ const MEMORY: f32 = 10_000.0;
 const PRIOR_WEIGHT: f32 = 300.0;
 /// Weight with which breaching samples are learned.
 const BREACH_WEIGHT: f32 = 0.02;
+/// An unusual stretch (scores above `UNUSUAL`) teaches the calibration at most this many
+/// samples at full weight: a long incident counts once, not once per sample, so it cannot
+/// make the next incident of the same size look normal.
+const EPISODE_CAP: u32 = 10;
+const UNUSUAL: f64 = 0.999;
 /// Samples before the baseline is trusted (the calibration's prior covers the rest).
 pub const WARMUP: u32 = 30;
+/// Samples before a series may breach: its calibration must have seen some of its own
+/// history, not only the Gaussian prior (5 min at 1 s; 25 h at 5 min).
+pub const QUIET_SAMPLES: u32 = 300;
 
 const ALPHA_LEVEL: f64 = 0.01;
 const ALPHA_SCALE: f64 = 0.005;
@@ -98,17 +107,21 @@ impl Calibrator {
             0.0
         };
         let empirical = (above + frac * self.counts[b] as f64) / total;
-        // Exponential tail beyond the 99th percentile: P = 0.01 * exp(-(raw - u) / mean
-        // excess), used where the history has fewer than 10 samples at or above `raw`.
+        // Beyond the 99th percentile, where the history has fewer than 10 samples at or above
+        // `raw`: a generalised Pareto tail, fitted as an exponential tail of ln(1 + raw)
+        // (P = 0.01 * ((1 + u) / (1 + raw))^(1 / mean log excess)). Bursty operational series
+        // are heavy-tailed: a burst 10x larger than the last one is less surprising than a
+        // light (exponential) tail would say.
         let (u, excess) = self.tail_fit();
         if raw > u && empirical * total < 10.0 {
-            0.01 * (-(raw - u) / excess).exp()
+            0.01 * (-((1.0 + raw).ln() - (1.0 + u).ln()) / excess).exp()
         } else {
             empirical
         }
     }
 
-    /// (the 0.99 quantile, the mean excess above it), from the bins (uniform within a bin).
+    /// (the 0.99 quantile u, the mean excess of ln(1 + raw) over ln(1 + u)), from the bins
+    /// (uniform within a bin).
     fn tail_fit(&self) -> (f64, f64) {
         let target = self.total as f64 * 0.01;
         let mut acc = 0.0;
@@ -120,23 +133,25 @@ impl Calibrator {
                 let needed = target - acc;
                 let (lo, hi) = (edge(b), edge(b + 1));
                 let u = hi - (needed / c) * (hi - lo);
-                // Mean excess over u: the part of bin b above u, and the bins above it.
+                let lu = (1.0 + u).ln();
                 let mut mass = needed;
-                let mut sum = needed * 0.5 * (hi - u);
+                let mut sum = needed * 0.5 * ((1.0 + hi).ln() - lu);
                 for (i, &ci) in self.counts.iter().enumerate().skip(b + 1) {
-                    let mid = 0.5 * (edge(i) + edge(i + 1));
+                    let mid = 0.5 * ((1.0 + edge(i)).ln() + (1.0 + edge(i + 1)).ln());
                     mass += ci as f64;
-                    sum += ci as f64 * (mid - u);
+                    sum += ci as f64 * (mid - lu);
                 }
                 let excess = if mass > 0.0 { sum / mass } else { 0.0 };
-                // Never lighter than the exponential tail of Gaussian |z| (~0.4 at 2.3).
-                return (u, excess.max(0.4));
+                // Never lighter than the tail of Gaussian |z| on this scale (~0.1).
+                return (u, excess.max(MIN_LOG_EXCESS));
             }
             acc += c;
         }
-        (0.0, 0.4)
+        (0.0, MIN_LOG_EXCESS)
     }
 }
+
+const MIN_LOG_EXCESS: f64 = 0.1;
 
 /// Stage 1: the robust baseline and the raw score.
 #[derive(Debug, Clone)]
@@ -277,6 +292,7 @@ pub struct Anomaly {
     pub direction: Option<bool>,
     raw: RawScorer,
     cal: Calibrator,
+    run: u32,
 }
 
 impl Anomaly {
@@ -287,6 +303,7 @@ impl Anomaly {
             direction,
             raw: RawScorer::new(),
             cal: prior().clone(),
+            run: 0,
         }
     }
 
@@ -299,9 +316,10 @@ impl Anomaly {
             return Verdict::quiet();
         }
         let raw = RawScorer::raw(stats, self.direction);
-        let score = calibrated(&mut self.cal, raw, self.threshold);
+        let score = calibrated(&mut self.cal, raw, self.threshold, &mut self.run);
+        let settled = self.raw.n >= QUIET_SAMPLES;
         Verdict {
-            breach: (score >= self.threshold).then_some(self.severity),
+            breach: (settled && score >= self.threshold).then_some(self.severity),
             score,
             norm: score,
             threshold: Some(self.threshold),
@@ -313,18 +331,23 @@ impl Anomaly {
     }
 }
 
-/// Scores `raw` against the history, then learns it (breaches with a small weight).
-pub fn calibrated(cal: &mut Calibrator, raw: f64, threshold: f64) -> f64 {
+/// Scores `raw` against the history, then learns it: breaching samples, and an unusual
+/// stretch beyond its first `EPISODE_CAP` samples, with a small weight (`run` counts the
+/// current stretch).
+pub fn calibrated(cal: &mut Calibrator, raw: f64, threshold: f64, run: &mut u32) -> f64 {
     let p = cal.tail(raw);
     let score = (1.0 - p).clamp(0.0, 1.0);
-    cal.add(
-        raw,
-        if score >= threshold {
-            BREACH_WEIGHT
-        } else {
-            1.0
-        },
-    );
+    if score >= UNUSUAL.min(threshold) {
+        *run = run.saturating_add(1);
+    } else {
+        *run = 0;
+    }
+    let w = if score >= threshold || *run > EPISODE_CAP {
+        BREACH_WEIGHT
+    } else {
+        1.0
+    };
+    cal.add(raw, w);
     score
 }
 

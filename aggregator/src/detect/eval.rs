@@ -40,6 +40,14 @@ pub struct Args {
     /// Only the synthetic part (no recording needed).
     #[arg(long)]
     pub synthetic_only: bool,
+    /// Write every alert on the recorded part to this CSV
+    /// (detector,time,series,verdict: detection / false / ignored).
+    #[arg(long, value_name = "FILE")]
+    pub alerts: Option<PathBuf>,
+    /// Instead of evaluating, print one series of the recording as CSV
+    /// (timestamp,value,labels...; the input `aggregator backtest --csv` takes).
+    #[arg(long, value_name = "TABLE.COLUMN")]
+    pub export: Option<String>,
 }
 
 /// The detectors compared: (name, rule body). ewma and mad use the README's settings.
@@ -644,9 +652,32 @@ pub fn evaluate(args: &Args, default_rules: &str) -> Result<Report> {
             "default rules".into(),
             parse_rules("default rules", default_rules)?,
         ));
+        let mut dump = String::from("detector,time,series,verdict\n");
         for (si, (kname, rules)) in sets.into_iter().enumerate() {
             let t = std::time::Instant::now();
             let (o, alerts) = run_recorded(rules, &snaps, &windows);
+            for (at, k) in &alerts {
+                let verdict = if windows.iter().any(|w| {
+                    *at >= w.start_ms
+                        && *at <= w.end_ms
+                        && w.series.iter().any(|p| key_matches(p, k))
+                }) {
+                    "detection"
+                } else if windows
+                    .iter()
+                    .any(|w| *at >= w.start_ms && *at <= w.ignore_until_ms.max(w.end_ms))
+                {
+                    "ignored"
+                } else {
+                    "false"
+                };
+                writeln!(
+                    dump,
+                    "{kname},{},{},{verdict}",
+                    crate::alert::rfc3339_ms(*at),
+                    k.replace(',', ";")
+                )?;
+            }
             eprintln!(
                 "evaluate: recorded part, {kname}: {} alerts in {:.1} s",
                 alerts.len(),
@@ -700,6 +731,9 @@ pub fn evaluate(args: &Args, default_rules: &str) -> Result<Report> {
                 totals_1s[si].add(&o);
             }
         }
+        if let Some(p) = &args.alerts {
+            std::fs::write(p, &dump).with_context(|| format!("cannot write {}", p.display()))?;
+        }
         recorded.push_str("\nPer incident, the first alert on one of its series (delay from the injection's start):\n\n| incident | detector | first alert |\n|---|---|---|\n");
         recorded.push_str(&incident_rows);
     }
@@ -735,6 +769,31 @@ pub fn evaluate(args: &Args, default_rules: &str) -> Result<Report> {
 }
 
 pub fn run(args: Args, default_rules: &str) -> Result<()> {
+    if let Some(name) = &args.export {
+        let spec =
+            super::series::parse_series(name).map_err(|e| anyhow::anyhow!("--export: {e}"))?;
+        let dir = args.corpus.join("recorded");
+        let rec = ["host.rec.zst", "host.rec"]
+            .iter()
+            .map(|f| dir.join(f))
+            .find(|p| p.exists())
+            .with_context(|| format!("no recording in {}", dir.display()))?;
+        let mut out = String::new();
+        let names = spec.label_names();
+        writeln!(
+            out,
+            "timestamp,value{}",
+            names.iter().map(|n| format!(",{n}")).collect::<String>()
+        )?;
+        for snap in read_recording(&rec)? {
+            spec.for_each(&snap, |labels, v| {
+                let l: String = labels.iter().map(|(_, v)| format!(",{v}")).collect();
+                let _ = writeln!(out, "{},{v}{l}", snap.ts_ms);
+            });
+        }
+        print!("{out}");
+        return Ok(());
+    }
     let r = evaluate(&args, default_rules)?;
     println!("{}", r.markdown);
     if let Some(p) = &args.out {

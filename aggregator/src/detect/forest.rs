@@ -82,6 +82,7 @@ pub struct Forest {
     shingle: Vec<f32>,
     seen: u32,
     cal: Calibrator,
+    run: u32,
 }
 
 impl Forest {
@@ -122,6 +123,7 @@ impl Forest {
             shingle: Vec::with_capacity(dims),
             seen: 0,
             cal: Calibrator::empty(),
+            run: 0,
         }
     }
 
@@ -192,7 +194,7 @@ impl Forest {
         // The raw score is the mean log-mass deficit against the largest possible mass.
         let top = (1.0 + WINDOW as f64 * (1u64 << DEPTH) as f64).ln();
         let raw = (top - score / TREES as f64).max(0.0);
-        let s = calibrated(&mut self.cal, raw, self.threshold);
+        let s = calibrated(&mut self.cal, raw, self.threshold, &mut self.run);
         if self.seen <= 3 * WINDOW {
             return Verdict::quiet();
         }
