@@ -171,6 +171,10 @@ pub fn run(data_dir: &Path, listen: &str, http_listen: &str, release: bool) -> R
     println!("  aggregator:  http://{http_listen}/metrics   http://{http_listen}/api/hosts");
     println!("  logs:        {}", logs.display());
     println!("  ClickHouse:  clickhouse-client --port {tcp_port} --database sonde");
+    println!(
+        "  alerts:      the built-in default rules are on (`aggregator default-rules` lists them);"
+    );
+    println!("               alert history: SELECT * FROM sonde.alerts ORDER BY ts DESC LIMIT 20");
     println!();
     println!("Data arrives every 5 s. Try (paste into clickhouse-client --port {tcp_port} --database sonde):");
     for q in readme_queries(3) {

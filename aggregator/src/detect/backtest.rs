@@ -419,11 +419,11 @@ window = "2m"
 "#;
 
     fn series() -> Vec<(u64, f64)> {
-        (0..300u64)
+        (0..600u64)
             .map(|i| {
                 let noise = ((i * 7919) % 13) as f64 / 13.0;
                 let v = match i {
-                    100..=140 => 95.0,
+                    400..=440 => 95.0,
                     200 => 60.0,
                     _ => 20.0,
                 };
@@ -478,11 +478,12 @@ window = "2m"
         let b: Vec<_> = bt.iter().map(key).collect();
         assert!(!l.is_empty());
         assert_eq!(l, b);
-        // Every kind took part: the calibrated anomaly rule fired on the 95 % plateau too.
+        // Every kind took part: the calibrated anomaly rule (quiet for its first 300
+        // samples) fired on the 95 % plateau too.
         assert!(bt
             .iter()
             .any(|e| e.rule == "busy calibrated" && e.state == "firing"));
-        // The threshold alert: pending at 100 s, firing 3 s later, resolved at 141 s.
+        // The threshold alert: pending at 400 s, firing 3 s later, resolved at 441 s.
         let busy: Vec<_> = bt
             .iter()
             .filter(|e| e.rule == "busy")
@@ -490,12 +491,12 @@ window = "2m"
             .collect();
         assert_eq!(
             busy,
-            vec![("pending", 100), ("firing", 103), ("resolved", 141)]
+            vec![("pending", 400), ("firing", 403), ("resolved", 441)]
         );
         // Scores: one line per input sample and rule (warm-up rows included), so the file
         // lines up with its input; norm within 0..1, warm-up rows 0.
         let scores = String::from_utf8(scores).unwrap();
-        assert_eq!(scores.lines().count(), 1 + 6 * 300);
+        assert_eq!(scores.lines().count(), 1 + 6 * 600);
         for line in scores.lines().skip(1) {
             let norm: f64 = line.rsplit(',').next().unwrap().parse().unwrap();
             assert!((0.0..=1.0).contains(&norm), "{line}");

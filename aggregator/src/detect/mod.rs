@@ -736,6 +736,59 @@ mod tests {
     }
 
     #[test]
+    fn a_multi_series_forest_sees_one_vector_per_host_and_snapshot() {
+        let mut e = Engine::new(rules(
+            "[[rule]]\nname = \"fp\"\nkind = \"forest\"\nseries = [\"cpu.busy\", \"memory.used\"]\nlabels = { cpu = \"total\" }\nthreshold = 0.999\nsummary = \"{host}: unusual mix\"\n",
+        ));
+        let mut out = Vec::new();
+        let mut rng = rng::Rng::new(4);
+        for i in 0..3000u64 {
+            // CPU and memory move together; at the end memory jumps while CPU stays idle.
+            let a = rng.normal();
+            let (busy, used) = if i < 2990 {
+                (50.0 + 10.0 * a, 4e9 + 1e8 * a)
+            } else {
+                (50.0, 4e9 + 8e8)
+            };
+            let snap = protocol::Snapshot {
+                ts_ms: i * 1000,
+                cpu: vec![
+                    protocol::CpuRec {
+                        cpu: protocol::CPU_TOTAL,
+                        idle: (100.0 - busy) as f32,
+                        ..Default::default()
+                    },
+                    // Another CPU the label selects away: it must not enter the vector.
+                    protocol::CpuRec {
+                        cpu: 0,
+                        idle: 0.0,
+                        ..Default::default()
+                    },
+                ],
+                memory: protocol::MemoryRec {
+                    total: 16_000_000_000,
+                    available: 16_000_000_000 - used as u64,
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            e.observe_snapshot("h1", &snap, &mut out);
+        }
+        assert_eq!(e.state_size().0, 1, "one state per host for the rule");
+        let fired: Vec<&AlertEvent> = out.iter().filter(|a| a.state == "firing").collect();
+        assert!(
+            fired.iter().any(|a| a.at_ms >= 2_990_000),
+            "the joint anomaly fired: {:?}",
+            fired.iter().map(|a| a.at_ms / 1000).collect::<Vec<_>>()
+        );
+        let last = fired.last().unwrap();
+        assert!(last
+            .labels
+            .contains(&("series".into(), "cpu.busy,memory.used".into())));
+        assert_eq!(last.summary, "h1: unusual mix");
+    }
+
+    #[test]
     fn globs() {
         assert!(glob("web-*", "web-12"));
         assert!(glob("*", ""));
