@@ -109,13 +109,16 @@ impl Calibrator {
             0.0
         };
         let empirical = (above + frac * self.counts[b] as f64) / total;
+        if empirical * total >= 10.0 {
+            return empirical;
+        }
         // Beyond the 99th percentile, where the history has fewer than 10 samples at or above
         // `raw`: a generalised Pareto tail, fitted as an exponential tail of ln(1 + raw)
         // (P = 0.01 * ((1 + u) / (1 + raw))^(1 / mean log excess)). Bursty operational series
         // are heavy-tailed: a burst 10x larger than the last one is less surprising than a
         // light (exponential) tail would say.
         let (u, excess) = self.tail_fit();
-        if raw > u && empirical * total < 10.0 {
+        if raw > u {
             0.01 * (-((1.0 + raw).ln() - (1.0 + u).ln()) / excess).exp()
         } else {
             empirical

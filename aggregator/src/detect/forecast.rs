@@ -21,7 +21,6 @@ pub struct Forecast {
     pub severity: Severity,
     /// (slot start ms, time of the last sample in it (s), value)
     points: VecDeque<(u64, f64, f64)>,
-    slopes: Vec<f64>,
     /// The fit: (slope per s, intercept at t0 (s), t0)
     fit: Option<(f64, f64)>,
     last: Verdict,
@@ -36,42 +35,47 @@ impl Forecast {
             window_ms: window_ms.max(POINTS as u64 * 1000),
             severity,
             points: VecDeque::with_capacity(POINTS + 1),
-            slopes: Vec::new(),
             fit: None,
             last: Verdict::quiet(),
         }
     }
 
     fn refit(&mut self) {
+        thread_local! {
+            // Pairwise slopes, shared by every series on this thread (the fit runs once per
+            // slot, not per sample): no per-series scratch memory.
+            static SCRATCH: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
         let n = self.points.len();
         if n < MIN_POINTS {
             self.fit = None;
             return;
         }
-        self.slopes.clear();
-        for i in 0..n {
-            for j in i + 1..n {
-                let (_, ti, vi) = self.points[i];
-                let (_, tj, vj) = self.points[j];
-                if tj > ti {
-                    self.slopes.push((vj - vi) / (tj - ti));
+        self.fit = SCRATCH.with(|s| {
+            let mut slopes = s.borrow_mut();
+            slopes.clear();
+            for i in 0..n {
+                for j in i + 1..n {
+                    let (_, ti, vi) = self.points[i];
+                    let (_, tj, vj) = self.points[j];
+                    if tj > ti {
+                        slopes.push((vj - vi) / (tj - ti));
+                    }
                 }
             }
-        }
-        if self.slopes.is_empty() {
-            self.fit = None;
-            return;
-        }
-        let mid = self.slopes.len() / 2;
-        let cmp = |a: &f64, b: &f64| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal);
-        let (_, &mut slope, _) = self.slopes.select_nth_unstable_by(mid, cmp);
-        // Intercept: median of v - slope * t.
-        self.slopes.clear();
-        self.slopes
-            .extend(self.points.iter().map(|&(_, t, v)| v - slope * t));
-        let m = self.slopes.len() / 2;
-        let (_, &mut icpt, _) = self.slopes.select_nth_unstable_by(m, cmp);
-        self.fit = Some((slope, icpt));
+            if slopes.is_empty() {
+                return None;
+            }
+            let mid = slopes.len() / 2;
+            let cmp = |a: &f64, b: &f64| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal);
+            let (_, &mut slope, _) = slopes.select_nth_unstable_by(mid, cmp);
+            // Intercept: median of v - slope * t.
+            slopes.clear();
+            slopes.extend(self.points.iter().map(|&(_, t, v)| v - slope * t));
+            let m = slopes.len() / 2;
+            let (_, &mut icpt, _) = slopes.select_nth_unstable_by(m, cmp);
+            Some((slope, icpt))
+        });
     }
 
     /// Seconds until the trend reaches the limit from the sample at `t` (None: never).
@@ -138,7 +142,7 @@ impl Forecast {
     }
 
     pub fn state_bytes(&self) -> usize {
-        std::mem::size_of::<Forecast>() + self.points.capacity() * 24 + self.slopes.capacity() * 8
+        std::mem::size_of::<Forecast>() + self.points.capacity() * 24
     }
 }
 
