@@ -100,6 +100,26 @@ struct SeriesState {
 }
 
 impl SeriesState {
+    fn new(
+        rule: usize,
+        host: &str,
+        labels: Vec<(String, String)>,
+        det: Option<Detector>,
+        seen_ms: u64,
+    ) -> SeriesState {
+        SeriesState {
+            rule,
+            host: host.to_string(),
+            labels,
+            det,
+            phase: Phase::Inactive,
+            severity: Severity::Warning,
+            last_value: 0.0,
+            last_verdict: None,
+            last_seen_ms: seen_ms,
+        }
+    }
+
     fn bytes(&self) -> usize {
         std::mem::size_of::<SeriesState>()
             + self.host.capacity()
@@ -353,17 +373,7 @@ impl Engine {
                 if let Some(sp) = &rule.series {
                     l.push(("series".into(), sp.name()));
                 }
-                SeriesState {
-                    rule: rule_idx,
-                    host: host.to_string(),
-                    labels: l,
-                    det: rule.new_detector(key),
-                    phase: Phase::Inactive,
-                    severity: Severity::Warning,
-                    last_value: 0.0,
-                    last_verdict: None,
-                    last_seen_ms: ts_ms,
-                }
+                SeriesState::new(rule_idx, host, l, rule.new_detector(key), ts_ms)
             }
         };
         self.evaluations += 1;
@@ -412,20 +422,11 @@ impl Engine {
                     .chain(rule.more_series.iter())
                     .map(|sp| sp.name())
                     .collect();
-                SeriesState {
-                    rule: rule_idx,
-                    host: host.to_string(),
-                    labels: vec![
-                        ("host".into(), host.into()),
-                        ("series".into(), names.join(",")),
-                    ],
-                    det: rule.new_detector(key),
-                    phase: Phase::Inactive,
-                    severity: Severity::Warning,
-                    last_value: 0.0,
-                    last_verdict: None,
-                    last_seen_ms: ts_ms,
-                }
+                let labels = vec![
+                    ("host".into(), host.into()),
+                    ("series".into(), names.join(",")),
+                ];
+                SeriesState::new(rule_idx, host, labels, rule.new_detector(key), ts_ms)
             }
         };
         self.evaluations += 1;
@@ -536,16 +537,9 @@ impl Engine {
                         }
                         let silent = now_ms.saturating_sub(last) >= rule.for_.as_millis() as u64;
                         let key = (ri, host.clone());
-                        let s = self.host_alerts.entry(key).or_insert_with(|| SeriesState {
-                            rule: ri,
-                            host: host.clone(),
-                            labels: vec![("host".into(), host.clone())],
-                            det: None,
-                            phase: Phase::Inactive,
-                            severity,
-                            last_value: 0.0,
-                            last_verdict: None,
-                            last_seen_ms: last,
+                        let s = self.host_alerts.entry(key).or_insert_with(|| {
+                            let labels = vec![("host".into(), host.clone())];
+                            SeriesState::new(ri, host, labels, None, last)
                         });
                         if silent && matches!(s.phase, Phase::Inactive) {
                             s.severity = severity;
