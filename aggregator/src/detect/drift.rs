@@ -70,7 +70,7 @@ impl Drift {
         }
         self.values.push_back(v);
         self.n = self.n.wrapping_add(1);
-        if self.values.len() < REFERENCE + RECENT || self.n % STEP != 0 {
+        if self.values.len() < REFERENCE + RECENT || !self.n.is_multiple_of(STEP) {
             return self.last;
         }
         let mut r: Vec<f64> = self.values.iter().take(REFERENCE).copied().collect();

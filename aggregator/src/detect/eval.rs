@@ -718,7 +718,7 @@ pub fn evaluate(args: &Args, default_rules: &str) -> Result<Report> {
                 }
             }
             let mut fav: Vec<(String, usize)> = fa.into_iter().collect();
-            fav.sort_by(|a, b| b.1.cmp(&a.1));
+            fav.sort_by_key(|x| std::cmp::Reverse(x.1));
             if !fav.is_empty() {
                 writeln!(
                     incident_rows,

@@ -184,7 +184,7 @@ impl Forest {
             }
         }
         self.seen += 1;
-        if self.seen % WINDOW == 0 {
+        if self.seen.is_multiple_of(WINDOW) {
             std::mem::swap(&mut self.reference, &mut self.latest);
             self.latest.iter_mut().for_each(|m| *m = 0);
         }

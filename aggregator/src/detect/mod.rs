@@ -139,13 +139,8 @@ fn expand_summary(text: &str, s: &SeriesState, score: Option<f64>, kind: &RuleKi
         return text.to_string();
     }
     let mut out = text.replace("{host}", &s.host);
-    out = out.replace(
-        "{value}",
-        &format!("{:.4}", s.last_value)
-            .trim_end_matches('0')
-            .trim_end_matches('.')
-            .to_string(),
-    );
+    let value = format!("{:.4}", s.last_value);
+    out = out.replace("{value}", value.trim_end_matches('0').trim_end_matches('.'));
     if let (RuleKind::Forecast { .. }, Some(eta)) = (kind, score) {
         let e = if eta < 0.0 {
             "never".to_string()

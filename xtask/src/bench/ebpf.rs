@@ -1,0 +1,118 @@
+//! eBPF probe cost: `perf bench sched pipe` and 4k random reads on a loop device, probes on and off.
+
+use super::*;
+
+pub(super) fn perf_pipe(loops: u32) -> Result<f64> {
+    // Both tasks on one CPU: every op is two wakeups and two context switches on that CPU,
+    // and cross-CPU migration noise is out of the figure.
+    let out = Command::new("taskset")
+        .args([
+            "-c",
+            "1",
+            "perf",
+            "bench",
+            "sched",
+            "pipe",
+            "-l",
+            &loops.to_string(),
+        ])
+        .output()
+        .context("perf bench")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "     12.345678 usecs/op"
+    text.lines()
+        .find(|l| l.contains("usecs/op"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .context("no usecs/op in perf output")
+}
+
+pub(super) fn fio_iops(dev: &str, secs: u32) -> Result<f64> {
+    let out = Command::new("fio")
+        .args([
+            "--name=randread",
+            &format!("--filename={dev}"),
+            "--rw=randread",
+            "--bs=4k",
+            "--direct=1",
+            "--ioengine=psync",
+            "--time_based",
+            &format!("--runtime={secs}"),
+            "--output-format=json",
+        ])
+        .output()
+        .context("fio")?;
+    let v: Value = serde_json::from_slice(&out.stdout).context("fio json")?;
+    v["jobs"][0]["read"]["iops"].as_f64().context("no iops")
+}
+
+/// 4: eBPF probe cost on the workloads that hit them hardest, alternating off/on.
+pub(super) fn ebpf_overhead(env: &Env, rounds: usize, quick: bool) -> Result<Value> {
+    step("eBPF overhead: perf bench sched pipe and 4k random reads on a loop device, probes off/on alternating");
+    let img = env.dir.join("loop.img");
+    run(Command::new("truncate").arg("-s").arg("256M").arg(&img))?;
+    let out = Command::new("losetup")
+        .arg("-f")
+        .arg("--show")
+        .arg(&img)
+        .output()?;
+    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if dev.is_empty() {
+        bail!("losetup failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // Fill it so reads hit data.
+    let _ = Command::new("dd")
+        .args([
+            "if=/dev/zero",
+            &format!("of={dev}"),
+            "bs=1M",
+            "count=256",
+            "oflag=direct",
+            "status=none",
+        ])
+        .status();
+    let loops = if quick { 50_000 } else { 200_000 };
+    let fio_secs = if quick { 3 } else { 10 };
+    let (mut pipe_off, mut pipe_on, mut fio_off, mut fio_on) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..rounds {
+        // Each workload against the probe it stresses (the other probes' cost on the same
+        // workload shows in the per-program costs below).
+        pipe_off.push(perf_pipe(loops)?);
+        let s = start_sensor(env, "bench-ebpf", "runqueue")?;
+        std::thread::sleep(Duration::from_secs(2));
+        pipe_on.push(perf_pipe(loops)?);
+        drop(s);
+        std::thread::sleep(Duration::from_millis(500));
+        fio_off.push(fio_iops(&dev, fio_secs)?);
+        let s = start_sensor(env, "bench-ebpf", "block")?;
+        std::thread::sleep(Duration::from_secs(2));
+        fio_on.push(fio_iops(&dev, fio_secs)?);
+        drop(s);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // What each program costs per run, from the kernel's own BPF statistics, while both
+    // workloads run (`sensor probes --measure`).
+    let measure = Command::new(env.bin.join("sensor"))
+        .args(["probes", "--json", "--measure", "6s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(1));
+    let _ = perf_pipe(loops);
+    let _ = fio_iops(&dev, 2);
+    let out = measure.wait_with_output()?;
+    let costs: Value = serde_json::from_slice(&out.stdout)
+        .map(|v: Value| v["costs"].clone())
+        .unwrap_or(Value::Null);
+    let _ = Command::new("losetup").args(["-d", &dev]).status();
+    let _ = std::fs::remove_file(&img);
+    let (po, pn) = (median(&mut pipe_off.clone()), median(&mut pipe_on.clone()));
+    let (fo, fnn) = (median(&mut fio_off.clone()), median(&mut fio_on.clone()));
+    Ok(json!({
+        "rounds": rounds,
+        "sched_pipe_usecs_per_op": { "off": po, "on": pn, "off_range": spread(&pipe_off), "on_range": spread(&pipe_on),
+                                      "slowdown_pct": (pn / po - 1.0) * 100.0 },
+        "program_costs": costs,
+        "randread_4k_iops": { "off": fo, "on": fnn, "off_range": spread(&fio_off), "on_range": spread(&fio_on),
+                               "slowdown_pct": (fo / fnn - 1.0) * 100.0 },
+    }))
+}

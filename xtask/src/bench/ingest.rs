@@ -1,0 +1,147 @@
+//! Ingest: the N-sensor QUIC load generator, sustained samples/s, 10k connections, wire study.
+
+use super::*;
+
+pub(super) fn loadgen(args: &[String]) -> Result<Value> {
+    let out = Command::new("cargo")
+        .current_dir(root())
+        .args([
+            "bench",
+            "-q",
+            "-p",
+            "sonde-aggregator",
+            "--bench",
+            "loadgen",
+            "--",
+        ])
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        bail!("load generator failed ({})", out.status);
+    }
+    let line = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(line.lines().last().unwrap_or("")).context("load generator output")
+}
+
+/// 2 (continued): batch size and a trained zstd dictionary, on snapshots of this host
+/// recorded by `sensor record` during the overhead window.
+pub(super) fn wire_study(rec: &Path) -> Result<Value> {
+    step("wire size: batch size and a trained zstd dictionary (recorded snapshots)");
+    loadgen(&["wire".into(), "--input".into(), rec.display().to_string()])
+}
+
+/// 3: ingest. N simulated sensors over QUIC + mTLS against the running aggregator and its
+/// ClickHouse: offered rate in steps, and the most concurrent connections held.
+pub(super) fn ingest(env: &Env, agg_pid: u32, quick: bool) -> Result<Value> {
+    let certs = env.dir.join("certs").display().to_string();
+    let base = |mode: &str| -> Vec<String> {
+        vec![
+            "--aggregator".into(),
+            env.agg_quic.clone(),
+            "--certs".into(),
+            certs.clone(),
+            mode.into(),
+        ]
+    };
+    let (rates, secs): (&[f64], u32) = if quick {
+        (&[1e6], 6)
+    } else {
+        (&[2.5e5, 5e5, 1e6, 1.5e6, 2e6], 20)
+    };
+    let ch_pids = || -> Vec<u32> {
+        tree(agg_pid)
+            .into_iter()
+            .filter(|&p| p != agg_pid)
+            .collect()
+    };
+    let mut steps = Vec::new();
+    for &rate in rates {
+        step(&format!(
+            "ingest: 200 simulated sensors offering {:.0}k samples/s for {secs} s",
+            rate / 1e3
+        ));
+        let chp = ch_pids();
+        let (a0, c0) = (cpu_ns(agg_pid), chp.iter().map(|&p| cpu_ns(p)).sum::<u64>());
+        let t0 = Instant::now();
+        let mut args = base("rate");
+        args.extend([
+            "--sensors".into(),
+            "200".into(),
+            "--samples-per-s".into(),
+            rate.to_string(),
+            "--secs".into(),
+            secs.to_string(),
+            "--prefix".into(),
+            format!("load{}", rate as u64 / 1000),
+        ]);
+        let mut r = loadgen(&args)?;
+        let wall = t0.elapsed().as_secs_f64();
+        let (a1, c1) = (cpu_ns(agg_pid), chp.iter().map(|&p| cpu_ns(p)).sum::<u64>());
+        r["aggregator_cores"] = json!((a1 - a0) as f64 / 1e9 / wall);
+        r["clickhouse_cores"] = json!((c1 - c0) as f64 / 1e9 / wall);
+        r["generator_cores"] = json!(r["generator_cpu_s"].as_f64().unwrap_or(0.0) / secs as f64);
+        let ok = r["errors"] == 0
+            && r["acked_samples_per_s"].as_f64().unwrap_or(0.0) >= 0.98 * rate
+            && r["lag_ms_p99"].as_f64().unwrap_or(f64::MAX) <= 5000.0;
+        r["sustained"] = json!(ok);
+        println!(
+            "    acked {:.0} samples/s, lag p50 {} ms p99 {} ms, aggregator {:.2} cores, ClickHouse {:.2} cores{}",
+            r["acked_samples_per_s"].as_f64().unwrap_or(0.0),
+            r["lag_ms_p50"],
+            r["lag_ms_p99"],
+            r["aggregator_cores"].as_f64().unwrap_or(0.0),
+            r["clickhouse_cores"].as_f64().unwrap_or(0.0),
+            if ok { "" } else { " — NOT sustained" }
+        );
+        steps.push(r);
+    }
+    let n = if quick { 1000 } else { 10_000 };
+    let hold = if quick { 2 } else { 20 };
+    step(&format!(
+        "ingest: {n} simulated sensors connected at once, each sends a batch, held {hold} s"
+    ));
+    // Peak aggregator RSS while the connections are open.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(rss_kb(agg_pid));
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            peak
+        })
+    };
+    let rss0 = rss_kb(agg_pid);
+    let mut args = base("connections");
+    args.extend([
+        "--sensors".into(),
+        n.to_string(),
+        "--hold".into(),
+        hold.to_string(),
+        "--prefix".into(),
+        "conn".into(),
+    ]);
+    let conns = loadgen(&args);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().unwrap_or(0);
+    let mut conns = conns?;
+    conns["aggregator_rss_mb_before"] = json!(rss0 as f64 / 1024.0);
+    conns["aggregator_rss_mb_peak"] = json!(peak as f64 / 1024.0);
+    println!(
+        "    {} connected, {} alive after the hold, {} batches acked; aggregator RSS {:.0} → {:.0} MB",
+        conns["connected"],
+        conns["alive_after_hold"],
+        conns["batches_acked"],
+        rss0 as f64 / 1024.0,
+        peak as f64 / 1024.0
+    );
+    let best = steps
+        .iter()
+        .filter(|r| r["sustained"] == true)
+        .filter_map(|r| r["acked_samples_per_s"].as_f64())
+        .fold(0.0, f64::max);
+    Ok(json!({ "steps": steps, "connections": conns, "best_sustained_samples_per_s": best }))
+}
