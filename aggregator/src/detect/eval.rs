@@ -879,6 +879,56 @@ mod tests {
     }
 
     #[test]
+    fn recordings_and_labels_read_back_and_bad_input_is_named() {
+        use protocol::Encode;
+        let dir = std::env::temp_dir().join(format!("sonde-eval-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Three snapshots as `sensor record` writes them, the last one cut short.
+        let mut buf = Vec::new();
+        for ts in [1000u64, 2000, 3000] {
+            let snap = protocol::Snapshot {
+                ts_ms: ts,
+                ..Default::default()
+            };
+            let mut enc = Vec::new();
+            snap.encode(&mut enc);
+            buf.extend_from_slice(&(enc.len() as u32).to_le_bytes());
+            buf.extend_from_slice(&enc);
+        }
+        buf.truncate(buf.len() - 1);
+        let rec = dir.join("host.rec");
+        std::fs::write(&rec, &buf).unwrap();
+        let snaps = read_recording(&rec).unwrap();
+        assert_eq!(
+            snaps.iter().map(|s| s.ts_ms).collect::<Vec<_>>(),
+            vec![1000, 2000]
+        );
+        // Garbage inside a snapshot is an error naming the file and the snapshot.
+        let mut bad = buf.clone();
+        for b in bad[4..12].iter_mut() {
+            *b = 0xff;
+        }
+        std::fs::write(&rec, &bad).unwrap();
+        let e = format!("{:#}", read_recording(&rec).unwrap_err());
+        assert!(e.contains("host.rec") && e.contains("snapshot 1"), "{e}");
+        // Labels: good lines parse; a bad one is named by file and line.
+        let labels = dir.join("labels.tsv");
+        std::fs::write(
+            &labels,
+            "name\tstart\tend\tseries\ncpu\t100\t250\tcpu.busy{cpu=total} system.load1\n",
+        )
+        .unwrap();
+        let w = read_labels(&labels).unwrap();
+        assert_eq!(w[0].start_ms, 100_000);
+        assert_eq!(w[0].end_ms, 310_000);
+        assert_eq!(w[0].series.len(), 2);
+        std::fs::write(&labels, "name\tstart\tend\tseries\ncpu\tsoon\t250\tx\n").unwrap();
+        let e = format!("{:#}", read_labels(&labels).unwrap_err());
+        assert!(e.contains("labels.tsv:2") && e.contains("start"), "{e}");
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
     fn synthetic_corpus_is_deterministic_and_labelled() {
         let a = synthetic();
         let b = synthetic();
