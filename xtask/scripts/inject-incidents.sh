@@ -9,7 +9,8 @@
 # written before any detector has seen the data. Needs: stress-ng, fio, iperf3, iptables,
 # ip (iproute2), python3, a mounted loop filesystem at /mnt/sonde-fill and an idle loop device
 # named in $SONDE_IO_DEV (both created before the recording starts, so their series have
-# history).
+# history; the device must have done some I/O — the sensor skips disks that never did any —
+# which this script checks).
 set -euo pipefail
 LABELS=${1:?usage: inject-incidents.sh LABELS.tsv [QUIET_SECONDS]}
 QUIET=${2:-300}
@@ -18,6 +19,8 @@ FILL=/mnt/sonde-fill
 mountpoint -q "$FILL" || { echo "$FILL is not a mounted filesystem" >&2; exit 2; }
 printf 'name\tstart\tend\tseries\n' > "$LABELS"
 DEV=$(basename "$IO_DEV")
+awk -v d="$DEV" '$3 == d && ($4 + $8) > 0 { ok = 1 } END { exit !ok }' /proc/diskstats || {
+  echo "$IO_DEV has done no I/O yet, so the sensor does not report it: read it once first" >&2; exit 2; }
 
 incident() { # name series... ; the body runs between the two timestamps
   local name=$1; shift

@@ -83,11 +83,12 @@ fn record_corpus(corpus: &Path, normal_minutes: u64) -> Result<()> {
     let work = root.join("target/detect-record");
     std::fs::create_dir_all(&work)?;
     let sh = |s: &str| run(Command::new("sh").args(["-c", s]));
-    step("a loop filesystem at /mnt/sonde-fill and an idle loop device (created before recording, so their series have history)");
+    step("a loop filesystem at /mnt/sonde-fill and an idle loop device, read once (the sensor reports a disk only once it has done I/O; created before recording, so their series have history)");
     sh(&format!(
         "set -e; cd {w}; truncate -s 1G fill.img; mkfs.ext4 -q -F fill.img; mkdir -p /mnt/sonde-fill; \
          mountpoint -q /mnt/sonde-fill || mount -o loop fill.img /mnt/sonde-fill; \
-         truncate -s 1G io.img; losetup -j io.img | grep -q . || losetup -f io.img",
+         truncate -s 1G io.img; losetup -j io.img | grep -q . || losetup -f io.img; \
+         dev=$(losetup -j io.img | cut -d: -f1); dd if=$dev of=/dev/null bs=4k count=16 iflag=direct status=none",
         w = work.display()
     ))?;
     let dev = String::from_utf8(

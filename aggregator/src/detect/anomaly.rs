@@ -48,6 +48,8 @@ pub const WARMUP: u32 = 30;
 /// history, not only the Gaussian prior (5 min at 1 s; 25 h at 5 min).
 pub const QUIET_SAMPLES: u32 = 300;
 
+/// Spreads are never taken below this fraction of the series' magnitude.
+pub const RELATIVE_FLOOR: f64 = 1e-4;
 const ALPHA_LEVEL: f64 = 0.01;
 const ALPHA_SCALE: f64 = 0.005;
 const CLIP: f64 = 3.0;
@@ -200,18 +202,24 @@ impl RawScorer {
         self.n >= WARMUP
     }
 
-    fn floor(&self) -> f64 {
+    /// The spread floor: one step of the series' resolution as known *before* this sample
+    /// (so the first change of a flat series is measured against the series, not against
+    /// itself), and never below 1e-4 of the magnitude at hand (so that first change scores
+    /// at most 10^4, not 10^300).
+    fn floor(&self, v: f64) -> f64 {
         let q = if self.quantum.is_finite() {
             self.quantum
         } else {
             0.0
         };
-        q.max(1e-9 * self.level.abs()).max(1e-300)
+        q.max(RELATIVE_FLOOR * self.level.abs().max(v.abs()))
+            .max(1e-300)
     }
 
     /// Folds `v` in and returns the signed statistics (fast, slow, variance), each roughly
     /// unit-scaled under stationary noise.
     pub fn update(&mut self, v: f64) -> (f64, f64, f64) {
+        let floor = self.floor(v);
         if self.last.is_finite() {
             let d = (v - self.last).abs();
             if d > 0.0 && d < self.quantum {
@@ -229,7 +237,7 @@ impl RawScorer {
             self.scale = self.abs_dev / self.n as f64;
             return (0.0, 0.0, 0.0);
         }
-        let sigma = (1.25 * self.scale).max(self.floor());
+        let sigma = (1.25 * self.scale).max(floor);
         let r = v - self.level;
         let z = r / sigma;
         // Huber-clipped updates: an outlier moves the baseline by at most CLIP sigmas x alpha.
@@ -468,6 +476,21 @@ mod tests {
         assert!((0..20).any(|_| flat.eval(80.0).breach.is_some()));
         assert!((0..20).any(|_| q.eval(80.0).breach.is_some()));
     }
+
+    #[test]
+    fn first_activity_of_an_idle_series_is_found() {
+        // An idle device's utilisation (0 for an hour) saturates; an OOM counter goes 0 -> 1.
+        for jump in [100.0, 1.0] {
+            let mut d = Anomaly::new(ANOMALY, Severity::Warning, Some(true));
+            for _ in 0..3600 {
+                assert!(d.eval(0.0).breach.is_none());
+            }
+            let v = d.eval(jump);
+            assert!(v.breach.is_some() && v.score.is_finite(), "0 -> {jump}: {v:?}");
+        }
+    }
+
+    const ANOMALY: f64 = crate::detect::rules::ANOMALY_THRESHOLD;
 
     #[test]
     fn constant_series_never_alert() {

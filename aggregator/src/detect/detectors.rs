@@ -71,14 +71,17 @@ impl Resolution {
         self.last = v;
     }
 
-    /// The spread floor near `level`: one quantum, and never below 1e-9 of the level.
-    pub fn floor(&self, level: f64) -> f64 {
+    /// The spread floor for a sample `v` near `level`: one step of the resolution seen so
+    /// far (before `v`), and never below 1e-4 of the magnitude at hand, so the first change of
+    /// a flat series scores large but finite.
+    pub fn floor(&self, level: f64, v: f64) -> f64 {
         let q = if self.quantum.is_finite() {
             self.quantum
         } else {
             0.0
         };
-        q.max(1e-9 * level.abs()).max(f64::MIN_POSITIVE)
+        q.max(super::anomaly::RELATIVE_FLOOR * level.abs().max(v.abs()))
+            .max(f64::MIN_POSITIVE)
     }
 }
 
@@ -220,13 +223,12 @@ impl Ewma {
                 threshold: None,
             };
         }
-        self.res.see(v);
         let z = if self.n == 0 {
             0.0
         } else {
             // A flat or quantized history has (almost) no spread: the floor is one step of
             // the series' own resolution, and an unchanged value scores exactly 0.
-            let sd = self.var.sqrt().max(self.res.floor(self.mean));
+            let sd = self.var.sqrt().max(self.res.floor(self.mean, v));
             let d = v - self.mean;
             if d == 0.0 {
                 0.0
@@ -234,6 +236,7 @@ impl Ewma {
                 d / sd
             }
         };
+        self.res.see(v);
         // Fold the sample in.
         if self.n == 0 {
             self.mean = v;
@@ -330,7 +333,7 @@ impl Mad {
             let mad = 1.4826 * median(&mut self.scratch);
             // More than half the window on one value makes the MAD 0: fall back to the mean
             // absolute deviation (x 1.2533, sigma on normal data), then to the resolution.
-            let spread = if mad > 0.0 { mad } else { 1.2533 * mean_dev }.max(self.res.floor(med));
+            let spread = if mad > 0.0 { mad } else { 1.2533 * mean_dev }.max(self.res.floor(med, v));
             let d = v - med;
             if d != 0.0 {
                 score = d / spread;

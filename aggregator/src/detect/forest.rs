@@ -40,6 +40,13 @@ impl Scaler {
             self.quantum = f64::INFINITY;
             self.last = v;
         }
+        // The floor from the resolution known before this sample (see anomaly's RawScorer).
+        let floor = if self.quantum.is_finite() {
+            self.quantum
+        } else {
+            1e-300
+        }
+        .max(super::anomaly::RELATIVE_FLOOR * self.level.abs().max(v.abs()));
         let d = (v - self.last).abs();
         if d > 0.0 && d < self.quantum {
             self.quantum = d;
@@ -51,12 +58,6 @@ impl Scaler {
         } else {
             0.01
         };
-        let floor = if self.quantum.is_finite() {
-            self.quantum
-        } else {
-            1e-300
-        }
-        .max(1e-9 * self.level.abs());
         let sigma = (1.25 * self.scale).max(floor);
         let r = v - self.level;
         let z = r / sigma;
