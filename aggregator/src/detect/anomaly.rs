@@ -486,7 +486,10 @@ mod tests {
                 assert!(d.eval(0.0).breach.is_none());
             }
             let v = d.eval(jump);
-            assert!(v.breach.is_some() && v.score.is_finite(), "0 -> {jump}: {v:?}");
+            assert!(
+                v.breach.is_some() && v.score.is_finite(),
+                "0 -> {jump}: {v:?}"
+            );
         }
     }
 

@@ -333,7 +333,8 @@ impl Mad {
             let mad = 1.4826 * median(&mut self.scratch);
             // More than half the window on one value makes the MAD 0: fall back to the mean
             // absolute deviation (x 1.2533, sigma on normal data), then to the resolution.
-            let spread = if mad > 0.0 { mad } else { 1.2533 * mean_dev }.max(self.res.floor(med, v));
+            let spread =
+                if mad > 0.0 { mad } else { 1.2533 * mean_dev }.max(self.res.floor(med, v));
             let d = v - med;
             if d != 0.0 {
                 score = d / spread;
