@@ -550,7 +550,7 @@ pub fn run_recorded(
     rules: Vec<Rule>,
     snaps: &[protocol::Snapshot],
     windows: &[Window],
-) -> (Outcome, Vec<(u64, String)>) {
+) -> (Outcome, Vec<(u64, String)>, (usize, usize)) {
     let mut engine = Engine::new(rules);
     let mut out = Vec::new();
     for s in snaps {
@@ -566,9 +566,9 @@ pub fn run_recorded(
         snaps.first().map_or(0, |s| s.ts_ms),
         snaps.last().map_or(0, |s| s.ts_ms),
     );
-    let n_series = engine.state_size().0;
-    o.series_days = n_series as f64 * normal_ms(from, to, windows) as f64 / 86_400_000.0;
-    (o, alerts)
+    let state = engine.state_size();
+    o.series_days = state.0 as f64 * normal_ms(from, to, windows) as f64 / 86_400_000.0;
+    (o, alerts, state)
 }
 
 // ---------------------------------------------------------------- the report
@@ -658,7 +658,15 @@ pub fn evaluate(args: &Args, default_rules: &str) -> Result<Report> {
         let mut dump = String::from("detector,time,series,verdict\n");
         for (si, (kname, rules)) in sets.into_iter().enumerate() {
             let t = std::time::Instant::now();
-            let (o, alerts) = run_recorded(rules, &snaps, &windows);
+            let (o, alerts, (n_series, state_bytes)) = run_recorded(rules, &snaps, &windows);
+            if kname == "default rules" {
+                writeln!(
+                    recorded_summary,
+                    "\nOn this host the default rules kept state for {n_series} series, {:.0} kB in all ({:.2} kB per series).",
+                    state_bytes as f64 / 1000.0,
+                    state_bytes as f64 / 1000.0 / n_series.max(1) as f64
+                )?;
+            }
             for (at, k) in &alerts {
                 let verdict = if windows.iter().any(|w| {
                     *at >= w.start_ms
