@@ -23,7 +23,7 @@
 //! incident does not teach the series that it is normal before it is over (and an unusual
 //! stretch teaches it at most 3 samples' worth). No breach before 300 samples.
 
-use super::detectors::{Severity, Verdict};
+use super::detectors::{Resolution, Severity, Verdict};
 use std::sync::OnceLock;
 
 /// Histogram bins: 8 per octave of (1 + raw), raw up to 2^16.
@@ -166,8 +166,7 @@ pub struct RawScorer {
     n: u32,
     level: f64,
     scale: f64,
-    quantum: f64,
-    last: f64,
+    res: Resolution,
     fast: f64,
     slow: f64,
     var: f64,
@@ -188,8 +187,7 @@ impl RawScorer {
             n: 0,
             level: 0.0,
             scale: 0.0,
-            quantum: f64::INFINITY,
-            last: f64::NAN,
+            res: Resolution::default(),
             fast: 0.0,
             slow: 0.0,
             var: 1.0,
@@ -202,31 +200,14 @@ impl RawScorer {
         self.n >= WARMUP
     }
 
-    /// The spread floor: one step of the series' resolution as known *before* this sample
-    /// (so the first change of a flat series is measured against the series, not against
-    /// itself), and never below 1e-4 of the magnitude at hand (so that first change scores
-    /// at most 10^4, not 10^300).
-    fn floor(&self, v: f64) -> f64 {
-        let q = if self.quantum.is_finite() {
-            self.quantum
-        } else {
-            0.0
-        };
-        q.max(RELATIVE_FLOOR * self.level.abs().max(v.abs()))
-            .max(1e-300)
-    }
-
     /// Folds `v` in and returns the signed statistics (fast, slow, variance), each roughly
     /// unit-scaled under stationary noise.
     pub fn update(&mut self, v: f64) -> (f64, f64, f64) {
-        let floor = self.floor(v);
-        if self.last.is_finite() {
-            let d = (v - self.last).abs();
-            if d > 0.0 && d < self.quantum {
-                self.quantum = d;
-            }
-        }
-        self.last = v;
+        // The floor from the resolution known *before* this sample, so the first change of a
+        // flat series is measured against the series, not against itself (and scores at most
+        // 1 / RELATIVE_FLOOR, not 10^300).
+        let floor = self.res.floor(self.level, v);
+        self.res.see(v);
         self.n = self.n.saturating_add(1);
         if self.n <= WARMUP {
             // Plain running mean and mean absolute deviation to seed the baseline.

@@ -71,16 +71,21 @@ impl Resolution {
         self.last = v;
     }
 
+    /// The smallest non-zero step seen so far (0 while the series has never changed).
+    pub fn step(&self) -> f64 {
+        if self.quantum.is_finite() {
+            self.quantum
+        } else {
+            0.0
+        }
+    }
+
     /// The spread floor for a sample `v` near `level`: one step of the resolution seen so
     /// far (before `v`), and never below 1e-4 of the magnitude at hand, so the first change of
     /// a flat series scores large but finite.
     pub fn floor(&self, level: f64, v: f64) -> f64 {
-        let q = if self.quantum.is_finite() {
-            self.quantum
-        } else {
-            0.0
-        };
-        q.max(super::anomaly::RELATIVE_FLOOR * level.abs().max(v.abs()))
+        self.step()
+            .max(super::anomaly::RELATIVE_FLOOR * level.abs().max(v.abs()))
             .max(f64::MIN_POSITIVE)
     }
 }

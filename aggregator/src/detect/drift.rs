@@ -5,7 +5,7 @@
 //! spread, or the spread changed by more than 2x), so a shift by one quantum of a flat
 //! series is not a drift.
 
-use super::detectors::{Severity, Verdict};
+use super::detectors::{Resolution, Severity, Verdict};
 use std::collections::VecDeque;
 
 pub const REFERENCE: usize = 240;
@@ -17,7 +17,7 @@ pub struct Drift {
     pub threshold: f64,
     pub severity: Severity,
     values: VecDeque<f64>,
-    quantum: f64,
+    res: Resolution,
     n: u32,
     last: Verdict,
 }
@@ -49,7 +49,7 @@ impl Drift {
             threshold,
             severity,
             values: VecDeque::with_capacity(REFERENCE + RECENT),
-            quantum: f64::INFINITY,
+            res: Resolution::default(),
             n: 0,
             last: Verdict::quiet(),
         }
@@ -59,12 +59,7 @@ impl Drift {
         if !v.is_finite() {
             return self.last;
         }
-        if let Some(&p) = self.values.back() {
-            let d = (v - p).abs();
-            if d > 0.0 && d < self.quantum {
-                self.quantum = d;
-            }
-        }
+        self.res.see(v);
         if self.values.len() == REFERENCE + RECENT {
             self.values.pop_front();
         }
@@ -79,11 +74,7 @@ impl Drift {
         r.sort_unstable_by(cmp);
         c.sort_unstable_by(cmp);
         let d = ks(&r, &c);
-        let q = if self.quantum.is_finite() {
-            self.quantum
-        } else {
-            0.0
-        };
+        let q = self.res.step();
         let spread = |s: &[f64]| (quantile(s, 0.75) - quantile(s, 0.25)).max(2.0 * q);
         let (sr, sc) = (spread(&r), spread(&c));
         let moved = (quantile(&c, 0.5) - quantile(&r, 0.5)).abs() > sr.max(1e-300);

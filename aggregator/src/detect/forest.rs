@@ -10,7 +10,7 @@
 //! calibration as `anomaly`, so the threshold is a probability here too.
 
 use super::anomaly::{calibrated, Calibrator};
-use super::detectors::{Severity, Verdict};
+use super::detectors::{Resolution, Severity, Verdict};
 use super::rng::Rng;
 
 pub const TREES: usize = 16;
@@ -27,8 +27,7 @@ struct Scaler {
     n: u32,
     level: f64,
     scale: f64,
-    quantum: f64,
-    last: f64,
+    res: Resolution,
 }
 
 impl Scaler {
@@ -37,21 +36,10 @@ impl Scaler {
     fn map(&mut self, v: f64) -> f32 {
         if self.n == 0 {
             self.level = v;
-            self.quantum = f64::INFINITY;
-            self.last = v;
         }
-        // The floor from the resolution known before this sample (see anomaly's RawScorer).
-        let floor = if self.quantum.is_finite() {
-            self.quantum
-        } else {
-            1e-300
-        }
-        .max(super::anomaly::RELATIVE_FLOOR * self.level.abs().max(v.abs()));
-        let d = (v - self.last).abs();
-        if d > 0.0 && d < self.quantum {
-            self.quantum = d;
-        }
-        self.last = v;
+        // The floor from the resolution known before this sample (as in anomaly's scorer).
+        let floor = self.res.floor(self.level, v);
+        self.res.see(v);
         self.n += 1;
         let a = if self.n < 50 {
             1.0 / self.n as f64
