@@ -481,3 +481,19 @@ fn seed_corpus() {
         assert!(ok, "seed {} no longer decodes", p.display());
     }
 }
+
+/// A batch frame written by the version-1 encoder (before records were length-delimited)
+/// must still decode to the same batch: sensors and spools of the previous release send it.
+/// `SONDE_WRITE_V1_FIXTURE=1` rewrote the file with the version-1 build (commit before the
+/// declaration-driven tables); it must not be rewritten by a later build.
+#[test]
+fn version_1_frames_still_decode() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/batch-v1.bin");
+    let b = sample_batch(9, 3);
+    if std::env::var_os("SONDE_WRITE_V1_FIXTURE").is_some() {
+        std::fs::write(path, encode_batch(&b, 3, &mut Vec::new())).unwrap();
+    }
+    let frame = std::fs::read(path).unwrap();
+    assert_eq!(frame[4], 1, "the fixture is a version-1 frame");
+    assert_eq!(decode_batch(&frame, &Limits::default()).unwrap(), b);
+}
