@@ -485,14 +485,8 @@ async fn main_async(a: Args) -> Result<serde_json::Value> {
 /// dictionary trained on the first half of the recording, measured on the second half.
 fn wire(a: &Args) -> Result<serde_json::Value> {
     let data = std::fs::read(&a.input).with_context(|| format!("{}", a.input.display()))?;
-    let mut snaps = Vec::new();
-    let mut off = 0;
-    while off + 4 <= data.len() {
-        let n = u32::from_le_bytes(data[off..off + 4].try_into()?) as usize;
-        let mut r = Reader::new(&data[off + 4..off + 4 + n], Limits::default());
-        snaps.push(Snapshot::decode(&mut r)?);
-        off += 4 + n;
-    }
+    let (snaps, _) = protocol::read_recording(&data)
+        .map_err(|(i, e)| anyhow::anyhow!("{}: snapshot {i}: {e}", a.input.display()))?;
     if snaps.len() < 4 {
         bail!("{}: need at least 4 snapshots", a.input.display());
     }

@@ -157,6 +157,9 @@ fn real_main(cli: Cli) -> Result<()> {
                     println!("{s};");
                 }
             }
+            for s in ddl.sync(&ddl.after_migrations()) {
+                println!("{s};");
+            }
             Ok(())
         }
         Cmd::CheckRules { file } => {

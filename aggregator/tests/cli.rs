@@ -151,9 +151,34 @@ fn sensor_once_json_is_a_readable_snapshot() {
     let interval = v["snapshot"]["interval_ms"].as_u64().unwrap();
     assert!((290..600).contains(&interval), "interval {interval}");
     assert!(v["snapshot"]["memory"]["total"].as_u64().unwrap() > 0);
-    assert!(v["snapshot"]["nets"]
+    assert!(v["snapshot"]["net"]
         .as_array()
         .unwrap()
         .iter()
         .any(|n| n["interface"] == "lo"));
+    // Keyed like the database, from the declarations: every table, every column.
+    for t in protocol::TABLES {
+        let rows = &v["snapshot"][t.name];
+        let first = match rows {
+            serde_json::Value::Array(a) => a.first(),
+            serde_json::Value::Object(_) => Some(rows),
+            _ => None,
+        };
+        if let Some(row) = first {
+            for c in t.stored_columns().iter().skip(2) {
+                assert!(
+                    !row[c.name].is_null(),
+                    "{}.{} missing in {row}",
+                    t.name,
+                    c.name
+                );
+            }
+        }
+    }
+    assert!(v["snapshot"]["tcp"]["listen_overflows_per_s"].is_number());
+    assert!(v["snapshot"]["pressure"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|p| ["cpu", "memory", "io"].contains(&p["resource"].as_str().unwrap())));
 }

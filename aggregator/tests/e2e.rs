@@ -451,3 +451,124 @@ fn aggregator_restart_mid_stream_loses_no_batch() {
     assert_eq!(dups, 0, "a batch stored twice");
     drop(agg);
 }
+
+/// TcpExt ListenOverflows from /proc/net/netstat.
+fn listen_overflows() -> u64 {
+    let t = std::fs::read_to_string("/proc/net/netstat").unwrap();
+    let mut it = t.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (h, v) = (it.next().unwrap(), it.next().unwrap());
+    let i = h
+        .split_whitespace()
+        .position(|n| n == "ListenOverflows")
+        .unwrap();
+    v.split_whitespace().nth(i).unwrap().parse().unwrap()
+}
+
+/// A listener with a backlog of 0 that never accepts, and clients that keep connecting
+/// to it: the kernel drops their SYNs (ListenOverflows, ListenDrops) while it runs.
+fn overflow_a_listen_queue(secs: u64) {
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    assert!(fd >= 0);
+    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    addr.sin_family = libc::AF_INET as u16;
+    addr.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+    let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
+    unsafe {
+        assert_eq!(
+            libc::bind(fd, &addr as *const _ as *const libc::sockaddr, len),
+            0
+        );
+        assert_eq!(libc::listen(fd, 0), 0);
+        let mut got: libc::sockaddr_in = std::mem::zeroed();
+        let mut l = len;
+        libc::getsockname(fd, &mut got as *mut _ as *mut libc::sockaddr, &mut l);
+        addr.sin_port = got.sin_port;
+    }
+    let port = u16::from_be(addr.sin_port);
+    let until = Instant::now() + Duration::from_secs(secs);
+    let clients: Vec<_> = (0..16)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut held = Vec::new();
+                while Instant::now() < until {
+                    if let Ok(s) = std::net::TcpStream::connect_timeout(
+                        &format!("127.0.0.1:{port}").parse().unwrap(),
+                        Duration::from_millis(1500),
+                    ) {
+                        held.push(s);
+                    }
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    unsafe { libc::close(fd) };
+}
+
+/// The proof that a metric is declared once: `tcp.listen_overflows_per_s` and
+/// `listen_drops_per_s` were added by their declaration and the collector alone. A
+/// database created before they existed gets them on the aggregator's next start, and a
+/// real listen-queue overflow on this host reaches them.
+#[test]
+fn a_declared_column_reaches_an_existing_database_end_to_end() {
+    let d = Dir::new("declared");
+    certs(&d.0.join("certs"), &["alpha"]);
+    let port = free_udp_port();
+    let agg = start_aggregator(&d.0, port, "1");
+    // The database as the previous release left it: no listen columns.
+    query(
+        &agg,
+        "ALTER TABLE sonde.tcp DROP COLUMN listen_overflows_per_s, DROP COLUMN listen_drops_per_s",
+    );
+    assert_eq!(
+        count(
+            &agg,
+            "SELECT count() FROM system.columns WHERE database = 'sonde' AND table = 'tcp' AND name LIKE 'listen%'"
+        ),
+        0
+    );
+    drop(agg);
+    let agg = start_aggregator(&d.0, port, "2");
+    assert!(
+        agg.proc
+            .log_text()
+            .contains("ALTER TABLE sonde.tcp ADD COLUMN `listen_overflows_per_s` Float32"),
+        "the aggregator did not add the declared column:\n{}",
+        agg.proc.log_text()
+    );
+    let _sensor = start_sensor(&d.0, &agg.quic, "alpha", &[]);
+    wait_until("tcp rows for alpha", Duration::from_secs(15), || {
+        count(&agg, "SELECT count() FROM sonde.tcp WHERE host = 'alpha'") >= 2
+    });
+    let k0 = align(20.0);
+    let before = listen_overflows();
+    overflow_a_listen_queue(6);
+    let k1 = align(20.0);
+    let overflowed = listen_overflows() - before;
+    assert!(overflowed > 0, "the test could not overflow a listen queue");
+    wait_until("tcp rows up to the end", Duration::from_secs(15), || {
+        count(
+            &agg,
+            &format!(
+                "SELECT count() FROM sonde.tcp WHERE host = 'alpha' AND ts = toDateTime({k1})"
+            ),
+        ) == 1
+    });
+    // Rates over whole seconds times one second = the counter's increase.
+    let r = query(
+        &agg,
+        &format!(
+            "SELECT round(sum(listen_overflows_per_s)), round(sum(listen_drops_per_s)) FROM sonde.tcp \
+             WHERE host = 'alpha' AND ts > toDateTime({k0}) AND ts <= toDateTime({k1})"
+        ),
+    );
+    let mut it = r.split_whitespace().map(|x| x.parse::<f64>().unwrap());
+    let (ov, dr) = (it.next().unwrap(), it.next().unwrap());
+    eprintln!("listen overflows: /proc/net/netstat +{overflowed}, stored {ov} (drops {dr})");
+    assert!(
+        (ov - overflowed as f64).abs() <= 2.0 && dr >= ov,
+        "stored {ov} overflows / {dr} drops, the kernel counted {overflowed}"
+    );
+}

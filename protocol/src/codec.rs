@@ -28,6 +28,9 @@ pub struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
     pub limits: Limits,
+    /// The wire version of what is read (from the frame header; records are
+    /// length-delimited from version 2 on).
+    pub version: u8,
 }
 
 impl<'a> Reader<'a> {
@@ -36,7 +39,14 @@ impl<'a> Reader<'a> {
             buf,
             pos: 0,
             limits,
+            version: crate::VERSION,
         }
+    }
+
+    /// Reads data written in wire version `version` (see `tables.rs`).
+    pub fn with_version(mut self, version: u8) -> Self {
+        self.version = version;
+        self
     }
 
     pub fn remaining(&self) -> usize {

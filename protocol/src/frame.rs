@@ -4,7 +4,11 @@ use crate::codec::{put_varint, Decode, Encode, Reader};
 use crate::{Batch, Error, HostInfo, Limits, Result};
 
 pub const MAGIC: [u8; 4] = *b"SOND";
-pub const VERSION: u8 = 1;
+/// The wire version this build writes in batch frames (2: length-delimited records,
+/// see `tables.rs`).
+pub const VERSION: u8 = 2;
+/// The oldest version this build still reads.
+pub const MIN_VERSION: u8 = 1;
 pub const FRAME_HEADER_LEN: usize = 12;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +38,7 @@ impl FrameKind {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameHeader {
+    pub version: u8,
     pub kind: FrameKind,
     pub flags: u8,
     pub len: usize,
@@ -58,8 +63,9 @@ pub fn decode_frame_header(buf: &[u8], limits: &Limits) -> Result<FrameHeader> {
     if magic != MAGIC {
         return Err(Error::BadMagic(magic));
     }
-    if buf[4] != VERSION {
-        return Err(Error::UnsupportedVersion(buf[4]));
+    let version = buf[4];
+    if !(MIN_VERSION..=VERSION).contains(&version) {
+        return Err(Error::UnsupportedVersion(version));
     }
     let kind = FrameKind::from_u8(buf[5])?;
     let flags = buf[6];
@@ -70,7 +76,12 @@ pub fn decode_frame_header(buf: &[u8], limits: &Limits) -> Result<FrameHeader> {
             max: limits.max_frame,
         });
     }
-    Ok(FrameHeader { kind, flags, len })
+    Ok(FrameHeader {
+        version,
+        kind,
+        flags,
+        len,
+    })
 }
 
 /// Parses one complete frame occupying all of `buf`.
@@ -92,9 +103,12 @@ pub fn decode_frame<'a>(buf: &'a [u8], limits: &Limits) -> Result<Frame<'a>> {
     })
 }
 
+/// Writes a frame. Only batch payloads changed in version 2; acks, errors and gaps are
+/// written as version 1 so sensors of the previous release still understand the acks
+/// of this aggregator.
 pub fn encode_frame(kind: FrameKind, payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&MAGIC);
-    out.push(VERSION);
+    out.push(if kind == FrameKind::Batch { VERSION } else { 1 });
     out.push(kind as u8);
     out.push(0);
     out.push(0);
@@ -166,7 +180,7 @@ pub fn decode_batch(buf: &[u8], limits: &Limits) -> Result<Batch> {
         });
     }
     let raw = decompress_bounded(frame.payload, limits.max_decompressed)?;
-    let mut r = Reader::new(&raw, *limits);
+    let mut r = Reader::new(&raw, *limits).with_version(frame.header.version);
     let batch = Batch::decode(&mut r)?;
     if r.remaining() != 0 {
         return Err(Error::TrailingBytes(r.remaining()));
@@ -325,4 +339,51 @@ mod gap_tests {
         trailing.push(0);
         assert!(decode_gap(&trailing, &Limits::default()).is_err());
     }
+}
+
+/// A recording (`sensor record`): `SREC`, the wire version, three zero bytes, then per
+/// snapshot its length (u32 LE) and its encoding. Files without the header were written
+/// by version 1 (the snapshots are version-1 encoded).
+pub const RECORDING_MAGIC: [u8; 4] = *b"SREC";
+
+pub fn recording_header() -> [u8; 8] {
+    let m = RECORDING_MAGIC;
+    [m[0], m[1], m[2], m[3], VERSION, 0, 0, 0]
+}
+
+/// Appends one snapshot to a recording being written.
+pub fn record_snapshot(s: &crate::Snapshot, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    s.encode(out);
+    let len = (out.len() - start - 4) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+}
+
+/// Decodes a recording. A last snapshot cut short (a recording stopped mid-write) is
+/// left out and reported as `Ok((snaps, true))`; an error names the snapshot (from 1;
+/// 0 for the header).
+pub fn read_recording(
+    data: &[u8],
+) -> std::result::Result<(Vec<crate::Snapshot>, bool), (usize, Error)> {
+    let (version, mut at) = if data.starts_with(&RECORDING_MAGIC) && data.len() >= 8 {
+        (data[4], 8)
+    } else {
+        (1, 0)
+    };
+    if !(MIN_VERSION..=VERSION).contains(&version) {
+        return Err((0, Error::UnsupportedVersion(version)));
+    }
+    let mut out = Vec::new();
+    while at + 4 <= data.len() {
+        let len = u32::from_le_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]) as usize;
+        at += 4;
+        if at + len > data.len() {
+            return Ok((out, true));
+        }
+        let mut r = Reader::new(&data[at..at + len], Limits::default()).with_version(version);
+        out.push(crate::Snapshot::decode(&mut r).map_err(|e| (out.len() + 1, e))?);
+        at += len;
+    }
+    Ok((out, false))
 }

@@ -5,27 +5,31 @@
 //! ```text
 //! +-------+---------+------+-------+----------------+-----------------+
 //! | magic | version | kind | flags | payload length | payload         |
-//! | SOND  | u8 = 1  | u8   | u8    | u32 LE         | length bytes    |
+//! | SOND  | u8 = 2  | u8   | u8    | u32 LE         | length bytes    |
 //! +-------+---------+------+-------+----------------+-----------------+
 //! ```
 //!
 //! A `Batch` frame's payload is zstd-compressed; inside is the compact binary
 //! encoding of [`Batch`] (LEB128 varints for integers, little-endian `f32`
-//! for rates and percentages, length-prefixed strings and lists). Every length
+//! for rates and percentages, length-prefixed strings and lists; from version 2 every
+//! table record and snapshot is length-delimited, see `tables.rs`). Every length
 //! and count is checked against [`Limits`] and against the bytes actually
 //! remaining *before* anything is allocated, and decompression stops at
 //! `Limits::max_decompressed`, so hostile input costs bounded memory and never
 //! panics.
 
 mod codec;
+pub mod docs;
 mod frame;
 mod records;
+pub mod tables;
 
 pub use codec::{Decode, Encode, Reader};
 pub use frame::{
     decode_ack, decode_batch, decode_frame, decode_frame_header, decode_gap, decompress_bounded,
     encode_ack, encode_batch, encode_batch_parts, encode_error, encode_frame, encode_gap,
-    BatchParts, Frame, FrameHeader, FrameKind, Gap, FRAME_HEADER_LEN, MAGIC, VERSION,
+    read_recording, record_snapshot, recording_header, BatchParts, Frame, FrameHeader, FrameKind,
+    Gap, FRAME_HEADER_LEN, MAGIC, MIN_VERSION, VERSION,
 };
 pub use records::*;
 
@@ -36,7 +40,7 @@ pub enum Error {
     Truncated { offset: usize, needed: usize },
     #[error("bad magic {0:02x?}: not a sonde frame")]
     BadMagic([u8; 4]),
-    #[error("unsupported protocol version {0} (this build speaks {VERSION})")]
+    #[error("unsupported protocol version {0} (this build reads {MIN_VERSION} to {VERSION})")]
     UnsupportedVersion(u8),
     #[error("unknown frame kind {0}")]
     UnknownKind(u8),

@@ -24,142 +24,340 @@ wire_struct! {
     }
 }
 
-wire_struct! {
-    /// One CPU line of /proc/stat as percentages of the interval.
-    /// `cpu` is -1 for the total over all CPUs, encoded as `u32::MAX`.
-    pub struct CpuRec {
-        pub cpu: u32,
-        pub user: f32,
-        pub nice: f32,
-        pub system: f32,
-        pub idle: f32,
-        pub iowait: f32,
-        pub irq: f32,
-        pub softirq: f32,
-        pub steal: f32,
-        pub guest: f32,
+/// Name of CPU code `id` as stored: "total" for [`CPU_TOTAL`], else the number.
+pub fn cpu_label(id: u32) -> &'static str {
+    static NAMES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    if id == CPU_TOTAL {
+        return "total";
     }
+    let names = NAMES.get_or_init(|| (0..4096).map(|i| i.to_string()).collect());
+    names
+        .get(id as usize)
+        .map(String::as_str)
+        .unwrap_or("other")
+}
+
+/// Name of PSI resource code `id`.
+pub fn pressure_label(id: u32) -> &'static str {
+    PRESSURE_RESOURCES
+        .get(id as usize)
+        .copied()
+        .unwrap_or("other")
 }
 
 pub const CPU_TOTAL: u32 = u32::MAX;
-
-wire_struct! {
-    /// Load, scheduler and process counters (/proc/loadavg, /proc/stat).
-    pub struct SystemRec {
-        pub load1: f32,
-        pub load5: f32,
-        pub load15: f32,
-        pub ctxt_per_s: f32,
-        pub forks_per_s: f32,
-        pub interrupts_per_s: f32,
-        pub procs_running: u32,
-        pub procs_blocked: u32,
-    }
-}
-
-wire_struct! {
-    /// /proc/meminfo (bytes) and /proc/vmstat rates.
-    pub struct MemoryRec {
-        pub total: u64,
-        pub available: u64,
-        pub free: u64,
-        pub buffers: u64,
-        pub cached: u64,
-        pub dirty: u64,
-        pub swap_total: u64,
-        pub swap_free: u64,
-        pub page_faults_per_s: f32,
-        pub major_faults_per_s: f32,
-        pub swap_in_per_s: f32,
-        pub swap_out_per_s: f32,
-        pub oom_kills_per_s: f32,
-    }
-}
-
-wire_struct! {
-    /// /proc/pressure/{cpu,memory,io}. `resource`: 0 cpu, 1 memory, 2 io.
-    /// `*_stall_pct` is the share of the interval stalled, from the `total`
-    /// counters (microseconds), so it is exact for the interval.
-    pub struct PressureRec {
-        pub resource: u32,
-        pub some_avg10: f32,
-        pub some_avg60: f32,
-        pub some_avg300: f32,
-        pub some_stall_pct: f32,
-        pub full_avg10: f32,
-        pub full_avg60: f32,
-        pub full_avg300: f32,
-        pub full_stall_pct: f32,
-    }
-}
-
 pub const PRESSURE_RESOURCES: [&str; 3] = ["cpu", "memory", "io"];
 
-wire_struct! {
-    /// One block device from /proc/diskstats.
-    pub struct DiskRec {
-        pub device: String,
-        pub reads_per_s: f32,
-        pub writes_per_s: f32,
-        pub read_bytes_per_s: f32,
-        pub write_bytes_per_s: f32,
-        /// Mean time a completed read spent queued and serviced, ms.
-        pub r_await_ms: f32,
-        pub w_await_ms: f32,
-        /// Share of the interval with at least one request in flight, 0..100.
-        pub util_pct: f32,
-        pub in_flight: u32,
-    }
+fn pct(part: f64, whole: f64) -> f64 {
+    part * 100.0 / whole.max(1.0)
 }
 
-wire_struct! {
-    /// One mounted filesystem (statvfs).
-    pub struct FsRec {
-        pub mount: String,
-        pub device: String,
-        pub fstype: String,
-        pub size_bytes: u64,
-        pub used_bytes: u64,
-        pub avail_bytes: u64,
-        pub inodes_total: u64,
-        pub inodes_used: u64,
+// The metric tables. This is the only list: the wire records, the aggregator's rows and
+// DDL, the detector's series, `sensor once --json` and the README's table of tables all
+// follow from it (see `tables.rs`). Adding a column: declare it at the end of its table
+// and fill it in the collector. Table order is wire order; never reorder.
+crate::tables! {
+    /// One CPU line of /proc/stat as percentages of the interval (one row per CPU and
+    /// one for the total). Guest time is also inside user/nice in the kernel's
+    /// accounting; it is subtracted there.
+    table cpu (cpu: Many CpuRec) from "/proc/stat", key [cpu], since 1, v1 10 {
+        /// CPU number, or `total` for all CPUs (-1 / `u32::MAX` on the wire).
+        cpu: u32 = Label("") as cpu_label,
+        /// Time in user mode.
+        user: f32 = Gauge("%"),
+        /// Time in user mode at low priority (nice).
+        nice: f32 = Gauge("%"),
+        /// Time in the kernel.
+        system: f32 = Gauge("%"),
+        /// Idle time.
+        idle: f32 = Gauge("%"),
+        /// Idle with I/O outstanding.
+        iowait: f32 = Gauge("%"),
+        /// Servicing hardware interrupts.
+        irq: f32 = Gauge("%"),
+        /// Servicing softirqs.
+        softirq: f32 = Gauge("%"),
+        /// Stolen by the hypervisor.
+        steal: f32 = Gauge("%"),
+        /// Running guests.
+        guest: f32 = Gauge("%"),
     }
-}
+    derived {
+        /// Not idle: 100 - idle.
+        busy = Gauge("%") sql "100 - idle" |r| 100.0 - r.idle as f64,
+    }
+    aliases {}
 
-wire_struct! {
-    /// One network interface from /proc/net/dev.
-    pub struct NetRec {
-        pub interface: String,
-        pub rx_bytes_per_s: f32,
-        pub tx_bytes_per_s: f32,
-        pub rx_packets_per_s: f32,
-        pub tx_packets_per_s: f32,
-        pub rx_errors_per_s: f32,
-        pub tx_errors_per_s: f32,
-        pub rx_drops_per_s: f32,
-        pub tx_drops_per_s: f32,
+    /// Load, scheduler and process counters.
+    table system (system: One SystemRec) from "/proc/loadavg, /proc/stat", key [], since 1, v1 8 {
+        /// 1-minute load average.
+        load1: f32 = Gauge(""),
+        /// 5-minute load average.
+        load5: f32 = Gauge(""),
+        /// 15-minute load average.
+        load15: f32 = Gauge(""),
+        /// Context switches.
+        ctxt_per_s: f32 = Rate("1/s"),
+        /// Processes and threads created.
+        forks_per_s: f32 = Rate("1/s"),
+        /// Interrupts serviced.
+        interrupts_per_s: f32 = Rate("1/s"),
+        /// Tasks runnable at the instant.
+        procs_running: u32 = Gauge("tasks"),
+        /// Tasks blocked on I/O at the instant.
+        procs_blocked: u32 = Gauge("tasks"),
     }
-}
+    derived {}
+    aliases {}
 
-wire_struct! {
-    /// TCP and UDP counters from /proc/net/snmp.
-    pub struct TcpRec {
-        pub retrans_segs_per_s: f32,
-        pub active_opens_per_s: f32,
-        pub passive_opens_per_s: f32,
-        pub attempt_fails_per_s: f32,
-        pub estab_resets_per_s: f32,
-        pub out_rsts_per_s: f32,
-        pub in_errs_per_s: f32,
-        pub in_segs_per_s: f32,
-        pub out_segs_per_s: f32,
-        pub curr_estab: u32,
-        pub udp_in_datagrams_per_s: f32,
-        pub udp_out_datagrams_per_s: f32,
-        pub udp_in_errors_per_s: f32,
-        pub udp_rcvbuf_errors_per_s: f32,
-        pub udp_no_ports_per_s: f32,
+    /// Memory (bytes) and paging rates.
+    table memory (memory: One MemoryRec) from "/proc/meminfo, /proc/vmstat", key [], since 1, v1 13 {
+        /// MemTotal.
+        total: u64 = Capacity("bytes"),
+        /// MemAvailable: what can be allocated without swapping.
+        available: u64 = Gauge("bytes"),
+        /// MemFree.
+        free: u64 = Gauge("bytes"),
+        /// Buffers.
+        buffers: u64 = Gauge("bytes"),
+        /// Page cache (Cached).
+        cached: u64 = Gauge("bytes"),
+        /// Dirty pages waiting for writeback.
+        dirty: u64 = Gauge("bytes"),
+        /// SwapTotal.
+        swap_total: u64 = Capacity("bytes"),
+        /// SwapFree.
+        swap_free: u64 = Gauge("bytes"),
+        /// Page faults (pgfault).
+        page_faults_per_s: f32 = Rate("1/s"),
+        /// Major page faults (pgmajfault).
+        major_faults_per_s: f32 = Rate("1/s"),
+        /// Pages swapped in (pswpin).
+        swap_in_per_s: f32 = Rate("pages/s"),
+        /// Pages swapped out (pswpout).
+        swap_out_per_s: f32 = Rate("pages/s"),
+        /// OOM kills (oom_kill).
+        oom_kills_per_s: f32 = Rate("1/s"),
     }
+    derived {
+        /// In use: total - available.
+        used = Gauge("bytes") sql "total - available" |r| r.total.saturating_sub(r.available) as f64,
+        /// Available as a share of total.
+        available_pct = Gauge("%") sql "available * 100 / greatest(total, 1)" |r| pct(r.available as f64, r.total as f64),
+    }
+    aliases {}
+
+    /// Pressure stall information; `*_stall_pct` is the share of the interval stalled,
+    /// from the `total` counters, so exact for the interval.
+    table pressure (pressure: Many PressureRec) from "/proc/pressure/{cpu,memory,io}", key [resource], since 1, v1 9 {
+        /// `cpu`, `memory` or `io` (0, 1, 2 on the wire).
+        resource: u32 = Label("") as pressure_label,
+        /// Some tasks stalled, kernel's 10 s average.
+        some_avg10: f32 = Gauge("%"),
+        /// Some tasks stalled, 60 s average.
+        some_avg60: f32 = Gauge("%"),
+        /// Some tasks stalled, 300 s average.
+        some_avg300: f32 = Gauge("%"),
+        /// Some tasks stalled, share of this interval.
+        some_stall_pct: f32 = Gauge("%"),
+        /// All non-idle tasks stalled, 10 s average.
+        full_avg10: f32 = Gauge("%"),
+        /// All non-idle tasks stalled, 60 s average.
+        full_avg60: f32 = Gauge("%"),
+        /// All non-idle tasks stalled, 300 s average.
+        full_avg300: f32 = Gauge("%"),
+        /// All non-idle tasks stalled, share of this interval.
+        full_stall_pct: f32 = Gauge("%"),
+    }
+    derived {}
+    aliases {}
+
+    /// One block device.
+    table disk (disks: Many DiskRec) from "/proc/diskstats", key [device], since 1, v1 9 {
+        /// Device name (sda, nvme0n1, ...).
+        device: String = Label(""),
+        /// Reads completed.
+        reads_per_s: f32 = Rate("1/s"),
+        /// Writes completed.
+        writes_per_s: f32 = Rate("1/s"),
+        /// Bytes read.
+        read_bytes_per_s: f32 = Rate("bytes/s"),
+        /// Bytes written.
+        write_bytes_per_s: f32 = Rate("bytes/s"),
+        /// Mean time a completed read spent queued and serviced.
+        r_await_ms: f32 = Gauge("ms"),
+        /// Mean time a completed write spent queued and serviced.
+        w_await_ms: f32 = Gauge("ms"),
+        /// Share of the interval with at least one request in flight.
+        util_pct: f32 = Gauge("%"),
+        /// Requests in flight at the instant.
+        in_flight: u32 = Gauge("requests"),
+    }
+    derived {}
+    aliases { r_await = r_await_ms, w_await = w_await_ms }
+
+    /// One mounted filesystem.
+    table filesystem (filesystems: Many FsRec) from "/proc/self/mounts + statvfs", key [mount], since 1, v1 8 {
+        /// Mount point.
+        mount: String = Label(""),
+        /// Source device.
+        device: String = Label(""),
+        /// Filesystem type.
+        fstype: String = Label(""),
+        /// Size.
+        size_bytes: u64 = Capacity("bytes"),
+        /// Used.
+        used_bytes: u64 = Gauge("bytes"),
+        /// Available to unprivileged users.
+        avail_bytes: u64 = Gauge("bytes"),
+        /// Inodes in total.
+        inodes_total: u64 = Capacity("inodes"),
+        /// Inodes in use.
+        inodes_used: u64 = Gauge("inodes"),
+    }
+    derived {
+        /// Used share of the size.
+        used_pct = Gauge("%") sql "used_bytes * 100 / greatest(size_bytes, 1)" |r| pct(r.used_bytes as f64, r.size_bytes as f64),
+        /// Used share of the inodes.
+        inodes_used_pct = Gauge("%") sql "inodes_used * 100 / greatest(inodes_total, 1)" |r| pct(r.inodes_used as f64, r.inodes_total as f64),
+    }
+    aliases {}
+
+    /// One network interface.
+    table net (nets: Many NetRec) from "/proc/net/dev", key [interface], since 1, v1 9 {
+        /// Interface name.
+        interface: String = Label(""),
+        /// Bytes received.
+        rx_bytes_per_s: f32 = Rate("bytes/s"),
+        /// Bytes sent.
+        tx_bytes_per_s: f32 = Rate("bytes/s"),
+        /// Packets received.
+        rx_packets_per_s: f32 = Rate("1/s"),
+        /// Packets sent.
+        tx_packets_per_s: f32 = Rate("1/s"),
+        /// Receive errors.
+        rx_errors_per_s: f32 = Rate("1/s"),
+        /// Transmit errors.
+        tx_errors_per_s: f32 = Rate("1/s"),
+        /// Received packets dropped.
+        rx_drops_per_s: f32 = Rate("1/s"),
+        /// Transmitted packets dropped.
+        tx_drops_per_s: f32 = Rate("1/s"),
+    }
+    derived {}
+    aliases { rx_bytes = rx_bytes_per_s, tx_bytes = tx_bytes_per_s }
+
+    /// TCP and UDP protocol counters.
+    table tcp (tcp: One TcpRec) from "/proc/net/snmp, /proc/net/netstat", key [], since 1, v1 15 {
+        /// Segments retransmitted.
+        retrans_segs_per_s: f32 = Rate("1/s"),
+        /// Connections opened by this host (SYN sent).
+        active_opens_per_s: f32 = Rate("1/s"),
+        /// Connections accepted.
+        passive_opens_per_s: f32 = Rate("1/s"),
+        /// Connection attempts that failed.
+        attempt_fails_per_s: f32 = Rate("1/s"),
+        /// Established connections reset.
+        estab_resets_per_s: f32 = Rate("1/s"),
+        /// Segments sent with RST.
+        out_rsts_per_s: f32 = Rate("1/s"),
+        /// Segments received in error.
+        in_errs_per_s: f32 = Rate("1/s"),
+        /// Segments received.
+        in_segs_per_s: f32 = Rate("1/s"),
+        /// Segments sent.
+        out_segs_per_s: f32 = Rate("1/s"),
+        /// Connections established at the instant.
+        curr_estab: u32 = Gauge("connections"),
+        /// UDP datagrams received.
+        udp_in_datagrams_per_s: f32 = Rate("1/s"),
+        /// UDP datagrams sent.
+        udp_out_datagrams_per_s: f32 = Rate("1/s"),
+        /// UDP datagrams received in error.
+        udp_in_errors_per_s: f32 = Rate("1/s"),
+        /// UDP datagrams dropped: receive buffer full.
+        udp_rcvbuf_errors_per_s: f32 = Rate("1/s"),
+        /// UDP datagrams to a port nobody listens on.
+        udp_no_ports_per_s: f32 = Rate("1/s"),
+        /// Connections dropped because a listen queue (accept backlog) was full
+        /// (TcpExt ListenOverflows).
+        listen_overflows_per_s: f32 = Rate("1/s"),
+        /// SYNs to a listening socket dropped for any reason, overflows included
+        /// (TcpExt ListenDrops).
+        listen_drops_per_s: f32 = Rate("1/s"),
+    }
+    derived {}
+    aliases {}
+
+    /// Per-host counters from the eBPF probes (process and tcp programs), over the
+    /// interval; no row without probes, zero for a probe that is not active (see
+    /// `hosts.probes`).
+    table probes (probes: Optional ProbeRec) from "eBPF: sched_process_exec/exit, tcp_retransmit_skb, tcp_send_reset, tcp_receive_reset, oom/mark_victim", key [], since 2, v1 7 {
+        /// Programs executed (exec).
+        execs_per_s: f32 = Rate("1/s"),
+        /// Processes exited.
+        exits_per_s: f32 = Rate("1/s"),
+        /// Processes that exited less than a second after they were forked.
+        short_lived_per_s: f32 = Rate("1/s"),
+        /// TCP segments retransmitted (kernel tracepoint).
+        retransmits_per_s: f32 = Rate("1/s"),
+        /// TCP resets sent.
+        resets_sent_per_s: f32 = Rate("1/s"),
+        /// TCP resets received.
+        resets_received_per_s: f32 = Rate("1/s"),
+        /// OOM kills in the interval (a count, not a rate).
+        oom_kills: u32 = Counter("kills"),
+    }
+    derived {}
+    aliases {}
+
+    /// Log2 histograms over one interval from the eBPF probes (only non-empty buckets are
+    /// sent). Sources: `runqueue` (µs from wakeup to run), `disk:<dev>:read|write` (µs
+    /// from issue to completion), `disk:<dev>:read_bytes|write_bytes` (request sizes).
+    table latency (latency: Many LatencyRec) from "eBPF: sched_wakeup/sched_switch, block_rq_issue/complete", key [source], since 2, v1 5 {
+        /// What was measured (see above).
+        source: String = Label(""),
+        /// `us` or `bytes`.
+        unit: String = Label(""),
+        /// Values measured.
+        count: u64 = Counter(""),
+        /// Sum of the values, in `unit`.
+        sum: u64 = Counter(""),
+        /// Non-empty buckets: `bucket_upper` 2^i (values below it, at least half of it;
+        /// 1 counts zeros) and `bucket_count`.
+        buckets: Vec<BucketRec> = Histogram(""),
+    }
+    derived {}
+    aliases {}
+
+    /// TCP retransmitted segments to one remote port over the interval.
+    table tcp_ports (tcp_ports: Many PortRec) from "eBPF: tcp_retransmit_skb", key [port], since 2, v1 2 {
+        /// Remote port.
+        port: u32 = Label(""),
+        /// Segments retransmitted to it.
+        retransmits: u32 = Counter("segments"),
+    }
+    derived {}
+    aliases {}
+
+    /// Discrete kernel events (`kind` = `oom_kill`), stored at the time they happened.
+    table events (events: Many EventRec) from "eBPF: oom/mark_victim; /proc/vmstat oom_kill", key [kind], since 2, v1 6 {
+        /// `oom_kill`.
+        kind: String = Label(""),
+        /// When it happened (Unix ms on the wire; the row's `ts`).
+        ts_ms: u64 = Time("ms"),
+        /// The victim's pid.
+        pid: u32 = Label(""),
+        /// The victim's command name.
+        comm: String = Label(""),
+        /// The victim's cgroup (memory controller path on v1), empty when unknown.
+        cgroup: String = Text(""),
+        /// `key=value` pairs separated by spaces (`total_vm_kb=… anon_rss_kb=…
+        /// file_rss_kb=… shmem_rss_kb=… uid=… constraint=…`).
+        detail: String = Text(""),
+    }
+    derived {}
+    aliases {}
 }
 
 wire_struct! {
@@ -168,82 +366,6 @@ wire_struct! {
     pub struct BucketRec {
         pub index: u32,
         pub count: u64,
-    }
-}
-
-wire_struct! {
-    /// A histogram over one interval from an eBPF probe (only non-empty
-    /// buckets are sent). `source`: "runqueue", "disk:sda:read",
-    /// "disk:sda:write", "disk:sda:read_bytes", "disk:sda:write_bytes".
-    pub struct LatencyRec {
-        pub source: String,
-        /// "us" or "bytes".
-        pub unit: String,
-        pub count: u64,
-        /// Sum of the values, in `unit`.
-        pub sum: u64,
-        pub buckets: Vec<BucketRec>,
-    }
-}
-
-wire_struct! {
-    /// Per-host counters from eBPF probes, per second over the interval.
-    pub struct ProbeRec {
-        pub execs_per_s: f32,
-        pub exits_per_s: f32,
-        /// Processes that exited less than a second after they were forked.
-        pub short_lived_per_s: f32,
-        pub retransmits_per_s: f32,
-        pub resets_sent_per_s: f32,
-        pub resets_received_per_s: f32,
-        /// OOM kills in the interval (a count, not a rate).
-        pub oom_kills: u32,
-    }
-}
-
-wire_struct! {
-    /// TCP retransmitted segments to one remote port over the interval.
-    pub struct PortRec {
-        pub port: u32,
-        pub retransmits: u32,
-    }
-}
-
-wire_struct! {
-    /// A discrete kernel event. `kind`: "oom_kill".
-    pub struct EventRec {
-        pub kind: String,
-        /// When it happened, Unix milliseconds.
-        pub ts_ms: u64,
-        pub pid: u32,
-        pub comm: String,
-        /// The victim's cgroup (memory controller path on v1), "" when unknown.
-        pub cgroup: String,
-        /// Free-form details, `key=value` pairs separated by spaces.
-        pub detail: String,
-    }
-}
-
-wire_struct! {
-    /// Everything collected at one instant.
-    pub struct Snapshot {
-        /// Unix time, milliseconds.
-        pub ts_ms: u64,
-        /// The interval the rates in this snapshot cover, milliseconds.
-        pub interval_ms: u32,
-        pub cpu: Vec<CpuRec>,
-        pub system: SystemRec,
-        pub memory: MemoryRec,
-        pub pressure: Vec<PressureRec>,
-        pub disks: Vec<DiskRec>,
-        pub filesystems: Vec<FsRec>,
-        pub nets: Vec<NetRec>,
-        pub tcp: TcpRec,
-        /// eBPF probe counters; None when no probe is attached.
-        pub probes: Option<ProbeRec>,
-        pub latency: Vec<LatencyRec>,
-        pub tcp_ports: Vec<PortRec>,
-        pub events: Vec<EventRec>,
     }
 }
 
@@ -269,23 +391,17 @@ impl Batch {
 }
 
 impl Snapshot {
+    /// Samples in the snapshot (one value of one series at one time).
     pub fn sample_count(&self) -> u64 {
-        (self.cpu.len() * 9
-            + 8
-            + 13
-            + self.pressure.len() * 8
-            + self.disks.len() * 8
-            + self.filesystems.len() * 5
-            + self.nets.len() * 8
-            + 15
-            + self.probes.as_ref().map_or(0, |_| 7)
-            + self
-                .latency
-                .iter()
-                .map(|l| l.buckets.len() + 2)
-                .sum::<usize>()
-            + self.tcp_ports.len()
-            + self.events.len()) as u64
+        struct Count(u64);
+        impl crate::tables::Visitor for Count {
+            fn record<R: crate::tables::Record>(&mut self, _: usize, r: &R) {
+                self.0 += r.samples() as u64;
+            }
+        }
+        let mut c = Count(0);
+        self.visit(&mut c);
+        c.0
     }
 }
 

@@ -376,7 +376,6 @@ fn probes_cmd(cfg: &Config, json: bool, measure: Option<Duration>) -> Result<()>
 }
 
 fn record(cfg: &Config, count: u32, interval: Duration, out: &std::path::Path) -> Result<()> {
-    use protocol::Encode;
     use std::io::Write;
     let mut c = collect::Collector::new(&cfg.proc_root, &cfg.sys_root, &cfg.filters);
     let (probes, _) = collect::ebpf::load(&cfg.probes, &cfg.proc_root, cfg.filters.disks.clone());
@@ -387,7 +386,7 @@ fn record(cfg: &Config, count: u32, interval: Duration, out: &std::path::Path) -
     // stopped early keeps everything up to then.
     let mut file =
         std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let mut enc = Vec::new();
+    let mut enc = protocol::recording_header().to_vec();
     let mut n = 0;
     let mut bytes = 0usize;
     // Ticks on the interval grid (no drift over hours of recording).
@@ -400,14 +399,11 @@ fn record(cfg: &Config, count: u32, interval: Duration, out: &std::path::Path) -
             std::thread::sleep(wait);
         }
         if c.collect(&mut snap) {
-            enc.clear();
-            enc.extend_from_slice(&[0; 4]);
-            snap.encode(&mut enc);
-            let len = (enc.len() - 4) as u32;
-            enc[..4].copy_from_slice(&len.to_le_bytes());
+            protocol::record_snapshot(&snap, &mut enc);
             file.write_all(&enc)
                 .with_context(|| format!("cannot write {}", out.display()))?;
             bytes += enc.len();
+            enc.clear();
             n += 1;
         }
     }
@@ -417,6 +413,64 @@ fn record(cfg: &Config, count: u32, interval: Duration, out: &std::path::Path) -
         out.display()
     );
     Ok(())
+}
+
+/// A snapshot as JSON keyed like the database: table name → row (or list of rows),
+/// column name → value, label codes as their names, histograms as `bucket_upper` and
+/// `bucket_count` — all from the table declarations.
+fn snapshot_json(snap: &Snapshot) -> serde_json::Value {
+    use protocol::tables::{Card, Record, Val, Visitor};
+    use serde_json::{json, Map, Value};
+    struct J(Map<String, Value>);
+    impl Visitor for J {
+        fn record<R: Record>(&mut self, _: usize, r: &R) {
+            let t = R::TABLE;
+            let mut row = Map::new();
+            let mut i = 0;
+            r.for_each_val(|v| {
+                let name = t.columns[i].name.to_string();
+                match v {
+                    Val::U32(x) => drop(row.insert(name, x.into())),
+                    Val::U64(x) => drop(row.insert(name, x.into())),
+                    Val::F32(x) => drop(row.insert(name, json!(x))),
+                    Val::Str(x) => drop(row.insert(name, x.into())),
+                    Val::Buckets(b) => {
+                        let up: Vec<u64> = b
+                            .iter()
+                            .map(|x| protocol::tables::bucket_upper(x.index))
+                            .collect();
+                        let n: Vec<u64> = b.iter().map(|x| x.count).collect();
+                        row.insert("bucket_upper".into(), up.into());
+                        row.insert("bucket_count".into(), n.into());
+                    }
+                }
+                i += 1;
+            });
+            match t.card {
+                Card::One | Card::Optional => drop(self.0.insert(t.name.into(), row.into())),
+                Card::Many => {
+                    if let Some(Value::Array(a)) = self.0.get_mut(t.name) {
+                        a.push(row.into())
+                    }
+                }
+            }
+        }
+    }
+    let mut m = Map::new();
+    m.insert("ts_ms".into(), snap.ts_ms.into());
+    m.insert("interval_ms".into(), snap.interval_ms.into());
+    for t in protocol::TABLES {
+        m.insert(
+            t.name.into(),
+            match t.card {
+                Card::Many => Value::Array(Vec::new()),
+                _ => Value::Null,
+            },
+        );
+    }
+    let mut j = J(m);
+    snap.visit(&mut j);
+    Value::Object(j.0)
 }
 
 fn once(cfg: &Config, json: bool, interval: Duration) -> Result<()> {
@@ -432,17 +486,7 @@ fn once(cfg: &Config, json: bool, interval: Duration) -> Result<()> {
     let mut info = collect::host::host_info(&cfg.proc_root);
     info.probes = collect::ebpf::active_list(&status);
     if json {
-        let mut v = serde_json::json!({ "host": info, "snapshot": snap });
-        // Friendlier names than wire codes.
-        for cpu in v["snapshot"]["cpu"].as_array_mut().unwrap() {
-            if cpu["cpu"] == CPU_TOTAL {
-                cpu["cpu"] = "total".into();
-            }
-        }
-        for p in v["snapshot"]["pressure"].as_array_mut().unwrap() {
-            let i = p["resource"].as_u64().unwrap_or(0) as usize;
-            p["resource"] = PRESSURE_RESOURCES.get(i).copied().unwrap_or("?").into();
-        }
+        let v = serde_json::json!({ "host": info, "snapshot": snapshot_json(&snap) });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }

@@ -4,6 +4,7 @@ mod bench;
 mod certs;
 mod deploy;
 mod detect_eval;
+mod docs;
 mod ebpf;
 mod fuzz;
 mod setup;
@@ -120,6 +121,13 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         secs: u64,
     },
+    /// Regenerate the README's table of tables and docs/TABLES.md from the table
+    /// declarations (protocol/src/records.rs).
+    Docs {
+        /// Write nothing; exit 1 when either file differs from the declarations (CI).
+        #[arg(long)]
+        check: bool,
+    },
     /// Install what the tests need (ClickHouse, chdb-core), build, and run the whole test suite.
     Test {
         /// Extra arguments passed to `cargo test` (after --).
@@ -184,6 +192,7 @@ fn main() {
             .targets()
             .and_then(|t| deploy::undeploy(t, fleet.identity, fleet.ssh_options, fleet.parallel)),
         Cmd::Bench { quick } => bench::run_bench(quick),
+        Cmd::Docs { check } => docs::run(&setup::root(), check),
         Cmd::DetectEval {
             record,
             normal_minutes,

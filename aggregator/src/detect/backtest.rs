@@ -118,22 +118,8 @@ pub fn csv_samples(path: &std::path::Path, rules: &[Rule]) -> Result<Vec<Sample>
 }
 
 /// The SQL for a rule's series: (table, label columns, value expression).
-fn sql_for(spec: &SeriesSpec) -> (&'static str, &'static [&'static str], String) {
-    let name = spec.name();
-    let col = name.split_once('.').map(|x| x.1).unwrap_or("").to_string();
-    let expr = match (spec.table_name(), col.as_str()) {
-        ("cpu", "busy") => "100 - idle".to_string(),
-        ("memory", "used") => "total - available".into(),
-        ("memory", "available_pct") => "available * 100 / greatest(total, 1)".into(),
-        ("filesystem", "used_pct") => "used_bytes * 100 / greatest(size_bytes, 1)".into(),
-        ("filesystem", "inodes_used_pct") => "inodes_used * 100 / greatest(inodes_total, 1)".into(),
-        ("disk", "r_await") => "r_await_ms".into(),
-        ("disk", "w_await") => "w_await_ms".into(),
-        ("net", "rx_bytes") => "rx_bytes_per_s".into(),
-        ("net", "tx_bytes") => "tx_bytes_per_s".into(),
-        _ => format!("`{col}`"),
-    };
-    (spec.table_name(), spec.label_names(), expr)
+fn sql_for(spec: &SeriesSpec) -> (&'static str, Vec<&'static str>, String) {
+    (spec.table_name(), spec.label_names(), spec.sql())
 }
 
 async fn ch(client: &reqwest::Client, url: &str, cfg: &Config, sql: &str) -> Result<String> {

@@ -24,7 +24,6 @@ use super::rng::Rng;
 use super::rules::{parse_rules, Rule};
 use super::{glob, AlertEvent, Engine};
 use anyhow::{bail, Context, Result};
-use protocol::Decode;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -448,26 +447,16 @@ pub fn read_recording(path: &Path) -> Result<Vec<protocol::Snapshot>> {
     } else {
         raw
     };
-    let mut out = Vec::new();
-    let mut at = 0usize;
-    while at + 4 <= data.len() {
-        let len = u32::from_le_bytes(data[at..at + 4].try_into().unwrap()) as usize;
-        at += 4;
-        if at + len > data.len() {
-            // A recording stopped mid-write: everything before the last snapshot is whole.
-            eprintln!(
-                "evaluate: {}: the last snapshot ({}) is cut short; using the {} before it",
-                path.display(),
-                out.len() + 1,
-                out.len()
-            );
-            break;
-        }
-        let mut r = protocol::Reader::new(&data[at..at + len], protocol::Limits::default());
-        let snap = protocol::Snapshot::decode(&mut r)
-            .map_err(|e| anyhow::anyhow!("{}: snapshot {}: {e}", path.display(), out.len() + 1))?;
-        out.push(snap);
-        at += len;
+    let (out, cut) = protocol::read_recording(&data)
+        .map_err(|(i, e)| anyhow::anyhow!("{}: snapshot {i}: {e}", path.display()))?;
+    if cut {
+        // A recording stopped mid-write: everything before the last snapshot is whole.
+        eprintln!(
+            "evaluate: {}: the last snapshot ({}) is cut short; using the {} before it",
+            path.display(),
+            out.len() + 1,
+            out.len()
+        );
     }
     Ok(out)
 }
@@ -888,20 +877,16 @@ mod tests {
 
     #[test]
     fn recordings_and_labels_read_back_and_bad_input_is_named() {
-        use protocol::Encode;
         let dir = std::env::temp_dir().join(format!("sonde-eval-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         // Three snapshots as `sensor record` writes them, the last one cut short.
-        let mut buf = Vec::new();
+        let mut buf = protocol::recording_header().to_vec();
         for ts in [1000u64, 2000, 3000] {
             let snap = protocol::Snapshot {
                 ts_ms: ts,
                 ..Default::default()
             };
-            let mut enc = Vec::new();
-            snap.encode(&mut enc);
-            buf.extend_from_slice(&(enc.len() as u32).to_le_bytes());
-            buf.extend_from_slice(&enc);
+            protocol::record_snapshot(&snap, &mut buf);
         }
         buf.truncate(buf.len() - 1);
         let rec = dir.join("host.rec");
@@ -913,7 +898,7 @@ mod tests {
         );
         // Garbage inside a snapshot is an error naming the file and the snapshot.
         let mut bad = buf.clone();
-        for b in bad[4..12].iter_mut() {
+        for b in bad[12..20].iter_mut() {
             *b = 0xff;
         }
         std::fs::write(&rec, &bad).unwrap();

@@ -1,108 +1,28 @@
-//! Series selection: `table.column` names (the ClickHouse column names, plus a few derived
-//! ones such as `cpu.busy`) resolved once to accessor functions, and evaluated straight on
-//! decoded snapshots.
+//! Series selection: `table.column` names (the declared columns of a metric table, its
+//! derived columns such as `cpu.busy` and its aliases, all from `protocol::TABLES`)
+//! resolved once to (table, column) indices and evaluated straight on decoded snapshots.
+//! Histograms are selected by statistic: `latency.<source glob>.<p99|mean|...>`.
 
+use protocol::tables::{Kind, TableDef, Val};
 #[cfg(test)]
 use protocol::BucketRec;
-use protocol::{
-    CpuRec, DiskRec, FsRec, LatencyRec, MemoryRec, NetRec, PressureRec, ProbeRec, Snapshot,
-    SystemRec, TcpRec, PRESSURE_RESOURCES,
-};
+use protocol::{LatencyRec, Snapshot, TABLES};
 
-type Acc<T> = fn(&T) -> f64;
-
-macro_rules! cols {
-    ($t:ty; $($name:literal => $f:expr),* $(,)?) => {
-        &[$(($name, { let f: Acc<$t> = $f; f })),*]
-    };
-}
-
-const CPU: &[(&str, Acc<CpuRec>)] = cols!(CpuRec;
-    "user" => |r| r.user as f64, "nice" => |r| r.nice as f64, "system" => |r| r.system as f64,
-    "idle" => |r| r.idle as f64, "iowait" => |r| r.iowait as f64, "irq" => |r| r.irq as f64,
-    "softirq" => |r| r.softirq as f64, "steal" => |r| r.steal as f64, "guest" => |r| r.guest as f64,
-    "busy" => |r| 100.0 - r.idle as f64);
-const SYSTEM: &[(&str, Acc<SystemRec>)] = cols!(SystemRec;
-    "load1" => |r| r.load1 as f64, "load5" => |r| r.load5 as f64, "load15" => |r| r.load15 as f64,
-    "ctxt_per_s" => |r| r.ctxt_per_s as f64, "forks_per_s" => |r| r.forks_per_s as f64,
-    "interrupts_per_s" => |r| r.interrupts_per_s as f64,
-    "procs_running" => |r| r.procs_running as f64, "procs_blocked" => |r| r.procs_blocked as f64);
-const MEMORY: &[(&str, Acc<MemoryRec>)] = cols!(MemoryRec;
-    "total" => |r| r.total as f64, "available" => |r| r.available as f64, "free" => |r| r.free as f64,
-    "buffers" => |r| r.buffers as f64, "cached" => |r| r.cached as f64, "dirty" => |r| r.dirty as f64,
-    "swap_total" => |r| r.swap_total as f64, "swap_free" => |r| r.swap_free as f64,
-    "used" => |r| r.total.saturating_sub(r.available) as f64,
-    "available_pct" => |r| r.available as f64 * 100.0 / (r.total.max(1)) as f64,
-    "page_faults_per_s" => |r| r.page_faults_per_s as f64,
-    "major_faults_per_s" => |r| r.major_faults_per_s as f64,
-    "swap_in_per_s" => |r| r.swap_in_per_s as f64, "swap_out_per_s" => |r| r.swap_out_per_s as f64,
-    "oom_kills_per_s" => |r| r.oom_kills_per_s as f64);
-const PRESSURE: &[(&str, Acc<PressureRec>)] = cols!(PressureRec;
-    "some_avg10" => |r| r.some_avg10 as f64, "some_avg60" => |r| r.some_avg60 as f64,
-    "some_avg300" => |r| r.some_avg300 as f64, "some_stall_pct" => |r| r.some_stall_pct as f64,
-    "full_avg10" => |r| r.full_avg10 as f64, "full_avg60" => |r| r.full_avg60 as f64,
-    "full_avg300" => |r| r.full_avg300 as f64, "full_stall_pct" => |r| r.full_stall_pct as f64);
-const DISK: &[(&str, Acc<DiskRec>)] = cols!(DiskRec;
-    "reads_per_s" => |r| r.reads_per_s as f64, "writes_per_s" => |r| r.writes_per_s as f64,
-    "read_bytes_per_s" => |r| r.read_bytes_per_s as f64,
-    "write_bytes_per_s" => |r| r.write_bytes_per_s as f64,
-    "r_await_ms" => |r| r.r_await_ms as f64, "w_await_ms" => |r| r.w_await_ms as f64,
-    "r_await" => |r| r.r_await_ms as f64, "w_await" => |r| r.w_await_ms as f64,
-    "util_pct" => |r| r.util_pct as f64, "in_flight" => |r| r.in_flight as f64);
-const FS: &[(&str, Acc<FsRec>)] = cols!(FsRec;
-    "size_bytes" => |r| r.size_bytes as f64, "used_bytes" => |r| r.used_bytes as f64,
-    "avail_bytes" => |r| r.avail_bytes as f64, "inodes_total" => |r| r.inodes_total as f64,
-    "inodes_used" => |r| r.inodes_used as f64,
-    "used_pct" => |r| r.used_bytes as f64 * 100.0 / (r.size_bytes.max(1)) as f64,
-    "inodes_used_pct" => |r| r.inodes_used as f64 * 100.0 / (r.inodes_total.max(1)) as f64);
-const NET: &[(&str, Acc<NetRec>)] = cols!(NetRec;
-    "rx_bytes" => |r| r.rx_bytes_per_s as f64, "tx_bytes" => |r| r.tx_bytes_per_s as f64,
-    "rx_bytes_per_s" => |r| r.rx_bytes_per_s as f64, "tx_bytes_per_s" => |r| r.tx_bytes_per_s as f64,
-    "rx_packets_per_s" => |r| r.rx_packets_per_s as f64, "tx_packets_per_s" => |r| r.tx_packets_per_s as f64,
-    "rx_errors_per_s" => |r| r.rx_errors_per_s as f64, "tx_errors_per_s" => |r| r.tx_errors_per_s as f64,
-    "rx_drops_per_s" => |r| r.rx_drops_per_s as f64, "tx_drops_per_s" => |r| r.tx_drops_per_s as f64);
-const TCP: &[(&str, Acc<TcpRec>)] = cols!(TcpRec;
-    "retrans_segs_per_s" => |r| r.retrans_segs_per_s as f64,
-    "active_opens_per_s" => |r| r.active_opens_per_s as f64,
-    "passive_opens_per_s" => |r| r.passive_opens_per_s as f64,
-    "attempt_fails_per_s" => |r| r.attempt_fails_per_s as f64,
-    "estab_resets_per_s" => |r| r.estab_resets_per_s as f64,
-    "out_rsts_per_s" => |r| r.out_rsts_per_s as f64, "in_errs_per_s" => |r| r.in_errs_per_s as f64,
-    "in_segs_per_s" => |r| r.in_segs_per_s as f64, "out_segs_per_s" => |r| r.out_segs_per_s as f64,
-    "curr_estab" => |r| r.curr_estab as f64,
-    "udp_in_datagrams_per_s" => |r| r.udp_in_datagrams_per_s as f64,
-    "udp_out_datagrams_per_s" => |r| r.udp_out_datagrams_per_s as f64,
-    "udp_in_errors_per_s" => |r| r.udp_in_errors_per_s as f64,
-    "udp_rcvbuf_errors_per_s" => |r| r.udp_rcvbuf_errors_per_s as f64,
-    "udp_no_ports_per_s" => |r| r.udp_no_ports_per_s as f64);
-const PROBES: &[(&str, Acc<ProbeRec>)] = cols!(ProbeRec;
-    "execs_per_s" => |r| r.execs_per_s as f64, "exits_per_s" => |r| r.exits_per_s as f64,
-    "short_lived_per_s" => |r| r.short_lived_per_s as f64,
-    "retransmits_per_s" => |r| r.retransmits_per_s as f64,
-    "resets_sent_per_s" => |r| r.resets_sent_per_s as f64,
-    "resets_received_per_s" => |r| r.resets_received_per_s as f64,
-    "oom_kills" => |r| r.oom_kills as f64);
-
-/// Every `table.column` the detector can select (aliases and static columns such as
+/// Every `table.column` the detector can select (aliases and capacities such as
 /// `memory.total` left out), plus per-source latency p99 and mean: what the corpus
 /// evaluation runs each detector on.
 pub fn all_series() -> Vec<String> {
-    fn names<T>(t: &str, cols: &[(&'static str, Acc<T>)], skip: &[&str]) -> Vec<String> {
-        cols.iter()
-            .filter(|c| !skip.contains(&c.0))
-            .map(|c| format!("{t}.{}", c.0))
-            .collect()
-    }
     let mut v = Vec::new();
-    v.extend(names("cpu", CPU, &[]));
-    v.extend(names("system", SYSTEM, &[]));
-    v.extend(names("memory", MEMORY, &["total", "swap_total"]));
-    v.extend(names("pressure", PRESSURE, &[]));
-    v.extend(names("disk", DISK, &["r_await", "w_await"]));
-    v.extend(names("filesystem", FS, &["size_bytes", "inodes_total"]));
-    v.extend(names("net", NET, &["rx_bytes", "tx_bytes"]));
-    v.extend(names("tcp", TCP, &[]));
-    v.extend(names("probes", PROBES, &[]));
+    for t in TABLES.iter().filter(|t| !t.has_histogram()) {
+        for c in t.columns {
+            if c.kind.is_value() && c.kind != Kind::Capacity {
+                v.push(format!("{}.{}", t.name, c.name));
+            }
+        }
+        for d in t.derived {
+            v.push(format!("{}.{}", t.name, d.name));
+        }
+    }
     v.push("latency.*.p99".into());
     v.push("latency.*.mean".into());
     v
@@ -116,32 +36,59 @@ pub enum LatStat {
     Count,
 }
 
+/// A column of a table: stored (index into `columns`) or derived (into `derived`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Col {
+    Stored(usize),
+    Derived(usize),
+}
+
 /// A resolved `table.column`.
 #[derive(Debug, Clone)]
 pub enum SeriesSpec {
-    Cpu(Acc<CpuRec>, String),
-    System(Acc<SystemRec>, String),
-    Memory(Acc<MemoryRec>, String),
-    Pressure(Acc<PressureRec>, String),
-    Disk(Acc<DiskRec>, String),
-    Fs(Acc<FsRec>, String),
-    Net(Acc<NetRec>, String),
-    Tcp(Acc<TcpRec>, String),
-    Probes(Acc<ProbeRec>, String),
-    /// `latency.<source glob>.<p50|p90|p99|p999|mean|count>`
-    Latency {
-        source: String,
-        stat: LatStat,
+    Column {
+        /// Index into `protocol::TABLES`.
+        table: usize,
+        col: Col,
+        /// The name as written (an alias stays an alias).
+        name: String,
     },
+    /// `latency.<source glob>.<p50|p90|p99|p999|mean|count>`
+    Latency { source: String, stat: LatStat },
 }
 
-fn find<T>(cols: &[(&'static str, Acc<T>)], c: &str, table: &str) -> Result<Acc<T>, String> {
-    cols.iter().find(|x| x.0 == c).map(|x| x.1).ok_or_else(|| {
-        format!(
-            "{table} has no column {c:?} (columns: {})",
-            cols.iter().map(|x| x.0).collect::<Vec<_>>().join(", ")
-        )
-    })
+fn table_names() -> String {
+    TABLES
+        .iter()
+        .map(|t| t.name)
+        .filter(|n| *n != "events")
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn find(t: &TableDef, c: &str) -> Result<Col, String> {
+    let target = t.aliases.iter().find(|a| a.0 == c).map_or(c, |a| a.1);
+    if let Some(i) = t.column(target) {
+        if t.columns[i].kind.is_value() && t.columns[i].kind != Kind::Histogram {
+            return Ok(Col::Stored(i));
+        }
+    }
+    if let Some(j) = t.derived.iter().position(|d| d.name == c) {
+        return Ok(Col::Derived(j));
+    }
+    let names: Vec<&str> = t
+        .columns
+        .iter()
+        .filter(|c| c.kind.is_value())
+        .map(|c| c.name)
+        .chain(t.derived.iter().map(|d| d.name))
+        .chain(t.aliases.iter().map(|a| a.0))
+        .collect();
+    Err(format!(
+        "{} has no value column {c:?} (columns: {})",
+        t.name,
+        names.join(", ")
+    ))
 }
 
 pub fn parse_series(s: &str) -> Result<SeriesSpec, String> {
@@ -174,22 +121,14 @@ pub fn parse_series(s: &str) -> Result<SeriesSpec, String> {
     let (t, c) = s
         .split_once('.')
         .ok_or_else(|| format!("{s:?} is not table.column (e.g. cpu.busy, disk.w_await_ms)"))?;
-    let c_owned = c.to_string();
-    Ok(match t {
-        "cpu" => SeriesSpec::Cpu(find(CPU, c, t)?, c_owned),
-        "system" => SeriesSpec::System(find(SYSTEM, c, t)?, c_owned),
-        "memory" => SeriesSpec::Memory(find(MEMORY, c, t)?, c_owned),
-        "pressure" => SeriesSpec::Pressure(find(PRESSURE, c, t)?, c_owned),
-        "disk" => SeriesSpec::Disk(find(DISK, c, t)?, c_owned),
-        "filesystem" => SeriesSpec::Fs(find(FS, c, t)?, c_owned),
-        "net" => SeriesSpec::Net(find(NET, c, t)?, c_owned),
-        "tcp" => SeriesSpec::Tcp(find(TCP, c, t)?, c_owned),
-        "probes" => SeriesSpec::Probes(find(PROBES, c, t)?, c_owned),
-        other => {
-            return Err(format!(
-                "unknown table {other:?} (cpu, system, memory, pressure, disk, filesystem, net, tcp, probes, latency)"
-            ))
-        }
+    let table = TABLES
+        .iter()
+        .position(|d| d.name == t && !d.has_histogram() && d.value_columns() > 0)
+        .ok_or_else(|| format!("unknown table {t:?} ({})", table_names()))?;
+    Ok(SeriesSpec::Column {
+        table,
+        col: find(TABLES[table], c)?,
+        name: s.to_string(),
     })
 }
 
@@ -216,15 +155,7 @@ impl SeriesSpec {
     /// The `table.column` this spec was parsed from.
     pub fn name(&self) -> String {
         match self {
-            SeriesSpec::Cpu(_, c)
-            | SeriesSpec::System(_, c)
-            | SeriesSpec::Memory(_, c)
-            | SeriesSpec::Pressure(_, c)
-            | SeriesSpec::Disk(_, c)
-            | SeriesSpec::Fs(_, c)
-            | SeriesSpec::Net(_, c)
-            | SeriesSpec::Tcp(_, c)
-            | SeriesSpec::Probes(_, c) => format!("{}.{c}", self.table_name()),
+            SeriesSpec::Column { name, .. } => name.clone(),
             SeriesSpec::Latency { source, stat } => {
                 let st = match stat {
                     LatStat::Quantile(q) if *q == 0.5 => "p50".to_string(),
@@ -239,80 +170,68 @@ impl SeriesSpec {
         }
     }
 
-    pub fn table_name(&self) -> &'static str {
+    fn def(&self) -> &'static TableDef {
         match self {
-            SeriesSpec::Cpu(..) => "cpu",
-            SeriesSpec::System(..) => "system",
-            SeriesSpec::Memory(..) => "memory",
-            SeriesSpec::Pressure(..) => "pressure",
-            SeriesSpec::Disk(..) => "disk",
-            SeriesSpec::Fs(..) => "filesystem",
-            SeriesSpec::Net(..) => "net",
-            SeriesSpec::Tcp(..) => "tcp",
-            SeriesSpec::Probes(..) => "probes",
-            SeriesSpec::Latency { .. } => "latency",
+            SeriesSpec::Column { table, .. } => TABLES[*table],
+            SeriesSpec::Latency { .. } => TABLES.iter().find(|t| t.name == "latency").unwrap(),
         }
     }
 
+    pub fn table_name(&self) -> &'static str {
+        self.def().name
+    }
+
     /// Labels (besides host) a series of this table has.
-    pub fn label_names(&self) -> &'static [&'static str] {
+    pub fn label_names(&self) -> Vec<&'static str> {
         match self {
-            SeriesSpec::Cpu(..) => &["cpu"],
-            SeriesSpec::Pressure(..) => &["resource"],
-            SeriesSpec::Disk(..) => &["device"],
-            SeriesSpec::Fs(..) => &["mount", "device", "fstype"],
-            SeriesSpec::Net(..) => &["interface"],
-            SeriesSpec::Latency { .. } => &["source"],
-            _ => &[],
+            SeriesSpec::Latency { .. } => vec!["source"],
+            _ => self.def().label_columns().map(|(_, c)| c.name).collect(),
+        }
+    }
+
+    /// The value as a ClickHouse expression over the table's columns.
+    pub fn sql(&self) -> String {
+        match self {
+            SeriesSpec::Column { table, col, .. } => match col {
+                Col::Stored(i) => format!("`{}`", TABLES[*table].columns[*i].name),
+                Col::Derived(j) => TABLES[*table].derived[*j].sql.to_string(),
+            },
+            SeriesSpec::Latency { .. } => "count".into(),
         }
     }
 
     /// Calls `f(labels, value)` for every series of this spec in `snap`.
     pub fn for_each(&self, snap: &Snapshot, mut f: impl FnMut(&[(&'static str, &str)], f64)) {
         match self {
-            SeriesSpec::Cpu(a, _) => {
-                for r in &snap.cpu {
-                    f(&[("cpu", crate::store::rows::cpu_name(r.cpu))], a(r))
-                }
-            }
-            SeriesSpec::System(a, _) => f(&[], a(&snap.system)),
-            SeriesSpec::Memory(a, _) => f(&[], a(&snap.memory)),
-            SeriesSpec::Pressure(a, _) => {
-                for r in &snap.pressure {
-                    let res = PRESSURE_RESOURCES
-                        .get(r.resource as usize)
-                        .copied()
-                        .unwrap_or("other");
-                    f(&[("resource", res)], a(r))
-                }
-            }
-            SeriesSpec::Disk(a, _) => {
-                for r in &snap.disks {
-                    f(&[("device", &r.device)], a(r))
-                }
-            }
-            SeriesSpec::Fs(a, _) => {
-                for r in &snap.filesystems {
-                    f(
-                        &[
-                            ("mount", &r.mount),
-                            ("device", &r.device),
-                            ("fstype", &r.fstype),
-                        ],
-                        a(r),
-                    )
-                }
-            }
-            SeriesSpec::Net(a, _) => {
-                for r in &snap.nets {
-                    f(&[("interface", &r.interface)], a(r))
-                }
-            }
-            SeriesSpec::Tcp(a, _) => f(&[], a(&snap.tcp)),
-            SeriesSpec::Probes(a, _) => {
-                if let Some(p) = &snap.probes {
-                    f(&[], a(p))
-                }
+            SeriesSpec::Column { table, col, .. } => {
+                let def = TABLES[*table];
+                let nl = def.label_columns().count().min(8);
+                snap.each_of(*table, &mut |r| {
+                    let v = match *col {
+                        Col::Stored(i) => r.val(i).as_f64(),
+                        Col::Derived(j) => r.derived(j),
+                    };
+                    // Numeric labels (a port) are named as text.
+                    let nums: Vec<String> = def
+                        .label_columns()
+                        .filter_map(|(i, _)| match r.val(i) {
+                            Val::Str(_) => None,
+                            x => Some(format!("{}", x.as_f64())),
+                        })
+                        .collect();
+                    let mut labels: [(&'static str, &str); 8] = [("", ""); 8];
+                    let mut k = 0;
+                    for (n, (i, c)) in def.label_columns().take(nl).enumerate() {
+                        labels[n] = match r.val(i) {
+                            Val::Str(s) => (c.name, s),
+                            _ => {
+                                k += 1;
+                                (c.name, nums[k - 1].as_str())
+                            }
+                        };
+                    }
+                    f(&labels[..nl], v);
+                });
             }
             SeriesSpec::Latency { source, stat } => {
                 for l in &snap.latency {
@@ -337,11 +256,22 @@ mod tests {
 
     #[test]
     fn names_resolve_or_explain() {
-        assert!(matches!(parse_series("cpu.busy"), Ok(SeriesSpec::Cpu(..))));
         assert!(matches!(
-            parse_series("disk.w_await"),
-            Ok(SeriesSpec::Disk(..))
+            parse_series("cpu.busy"),
+            Ok(SeriesSpec::Column {
+                col: Col::Derived(0),
+                ..
+            })
         ));
+        let w = parse_series("disk.w_await").unwrap();
+        assert_eq!(w.table_name(), "disk");
+        assert_eq!(w.sql(), "`w_await_ms`");
+        assert_eq!(w.name(), "disk.w_await");
+        assert_eq!(
+            parse_series("filesystem.used_pct").unwrap().label_names(),
+            ["mount", "device", "fstype"]
+        );
+        assert!(parse_series("cpu.cpu").is_err(), "a label is not a value");
         assert!(matches!(
             parse_series("latency.runqueue.p99"),
             Ok(SeriesSpec::Latency { stat: LatStat::Quantile(q), .. }) if q == 0.99
@@ -356,6 +286,49 @@ mod tests {
             .unwrap_err()
             .contains("unknown table"));
         assert!(parse_series("latency.runqueue.p42").is_err());
+        assert!(parse_series("events.pid")
+            .unwrap_err()
+            .contains("unknown table"));
+    }
+
+    #[test]
+    fn values_and_labels_come_from_the_declaration() {
+        let snap = Snapshot {
+            cpu: vec![protocol::CpuRec {
+                cpu: protocol::CPU_TOTAL,
+                idle: 75.0,
+                ..Default::default()
+            }],
+            tcp_ports: vec![protocol::PortRec {
+                port: 443,
+                retransmits: 4,
+            }],
+            tcp: protocol::TcpRec {
+                listen_overflows_per_s: 2.5,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let got = |name: &str| {
+            let mut v = Vec::new();
+            parse_series(name).unwrap().for_each(&snap, |l, x| {
+                v.push((
+                    l.iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>(),
+                    x,
+                ))
+            });
+            v
+        };
+        assert_eq!(got("cpu.busy"), [(vec!["cpu=total".to_string()], 25.0)]);
+        assert_eq!(
+            got("tcp_ports.retransmits"),
+            [(vec!["port=443".to_string()], 4.0)]
+        );
+        assert_eq!(got("tcp.listen_overflows_per_s"), [(vec![], 2.5)]);
+        assert!(all_series().contains(&"tcp.listen_drops_per_s".to_string()));
+        assert!(!all_series().contains(&"memory.total".to_string()));
     }
 
     #[test]

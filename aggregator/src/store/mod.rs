@@ -84,6 +84,30 @@ impl Store {
                 .execute()
                 .await?;
         }
+        // The metric tables follow their declarations: tables declared later are
+        // created, columns declared later are added.
+        #[derive(Row, Deserialize)]
+        struct Col {
+            table: String,
+            name: String,
+        }
+        let cols: Vec<Col> = c
+            .query("SELECT table, name FROM system.columns WHERE database = ?")
+            .bind(&cfg.database)
+            .fetch_all()
+            .await
+            .context("reading system.columns")?;
+        let mut existing: HashMap<String, Vec<String>> = HashMap::new();
+        for col in cols {
+            existing.entry(col.table).or_default().push(col.name);
+        }
+        for stmt in ddl.sync(&existing) {
+            tracing::info!(statement = %stmt.lines().next().unwrap_or(""), "bringing a metric table in line with its declaration");
+            c.query(&stmt)
+                .execute()
+                .await
+                .with_context(|| format!("schema sync failed on:\n{stmt}"))?;
+        }
         tracing::info!(%version, modern, database = %cfg.database, schema = SCHEMA_VERSION, "ClickHouse schema current");
         // Inserts name tables without the database.
         Ok(Store {
@@ -117,6 +141,25 @@ impl Store {
         ins.end()
             .await
             .with_context(|| format!("INSERT INTO {}.{table}", self.db))?;
+        Ok(())
+    }
+
+    /// One metric table's rows, as one RowBinary INSERT naming its columns.
+    async fn insert_rows(&self, t: &rows::TableRows<'_>) -> Result<()> {
+        if t.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "INSERT INTO {}.{} ({}) FORMAT RowBinary",
+            self.db,
+            t.def.name,
+            t.column_list()
+        );
+        let mut ins = self.client.insert_formatted_with(sql);
+        ins.send(bytes::Bytes::copy_from_slice(t.bytes())).await?;
+        ins.end()
+            .await
+            .with_context(|| format!("INSERT INTO {}.{}", self.db, t.def.name))?;
         Ok(())
     }
 
@@ -157,34 +200,16 @@ impl Store {
         self.insert::<rows::IntentRow>("batch_intents", &intents)
             .await?;
         let mut skipped = 0usize;
-        macro_rules! table {
-            ($field:ident, $ty:ty, $name:literal) => {{
-                if !rows_u.$field.is_empty() {
-                    let present = self
-                        .present($name, rows_u.$field.iter().map(|r| (r.host, r.ts)))
-                        .await?;
-                    let before = rows_u.$field.len();
-                    rows_u
-                        .$field
-                        .retain(|r| !present.contains(&(r.host.to_string(), r.ts)));
-                    skipped += before - rows_u.$field.len();
-                    rows.$field.append(&mut rows_u.$field);
-                }
-                self.insert::<$ty>($name, &rows.$field).await?;
-            }};
+        for (t, tu) in rows.tables.iter_mut().zip(rows_u.tables.iter_mut()) {
+            if !tu.is_empty() {
+                let present = self.present(t.def.name, tu.keys()).await?;
+                let before = tu.len();
+                tu.retain(|h, ts| !present.contains(&(h.to_string(), ts)));
+                skipped += before - tu.len();
+                t.append(tu);
+            }
+            self.insert_rows(t).await?;
         }
-        table!(cpu, rows::CpuRow, "cpu");
-        table!(system, rows::SystemRow, "system");
-        table!(memory, rows::MemoryRow, "memory");
-        table!(pressure, rows::PressureRow, "pressure");
-        table!(disk, rows::DiskRow, "disk");
-        table!(filesystem, rows::FilesystemRow, "filesystem");
-        table!(net, rows::NetRow, "net");
-        table!(tcp, rows::TcpRow, "tcp");
-        table!(latency, rows::LatencyRow, "latency");
-        table!(events, rows::EventRow, "events");
-        table!(probes, rows::ProbeRow, "probes");
-        table!(tcp_ports, rows::TcpPortRow, "tcp_ports");
         if skipped > 0 {
             tracing::info!(
                 rows = skipped,

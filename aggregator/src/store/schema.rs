@@ -4,238 +4,13 @@
 //! 18.x-era servers plain types; on current servers LowCardinality label
 //! columns, per-column codecs and a TTL.
 
-/// Column kinds; the SQL type and codec follow from the kind.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Ts,
-    /// A label people filter and group by (host, device, ...).
-    Label,
-    Text,
-    F32,
-    U32,
-    U64,
-    /// Array(UInt64), for histogram buckets.
-    ArrU64,
-}
-
-pub struct Table {
-    pub name: &'static str,
-    pub columns: &'static [(&'static str, Kind)],
-    /// Sort key after `host` and before `ts`.
-    pub key: &'static [&'static str],
-}
-
-use Kind::*;
-
-pub const METRIC_TABLES: &[Table] = &[
-    Table {
-        name: "cpu",
-        columns: &[
-            ("ts", Ts),
-            ("host", Label),
-            ("cpu", Label),
-            ("user", F32),
-            ("nice", F32),
-            ("system", F32),
-            ("idle", F32),
-            ("iowait", F32),
-            ("irq", F32),
-            ("softirq", F32),
-            ("steal", F32),
-            ("guest", F32),
-        ],
-        key: &["cpu"],
-    },
-    Table {
-        name: "system",
-        columns: &[
-            ("ts", Ts),
-            ("host", Label),
-            ("load1", F32),
-            ("load5", F32),
-            ("load15", F32),
-            ("ctxt_per_s", F32),
-            ("forks_per_s", F32),
-            ("interrupts_per_s", F32),
-            ("procs_running", U32),
-            ("procs_blocked", U32),
-        ],
-        key: &[],
-    },
-    Table {
-        name: "memory",
-        columns: &[
-            ("ts", Ts),
-            ("host", Label),
-            ("total", U64),
-            ("available", U64),
-            ("free", U64),
-            ("buffers", U64),
-            ("cached", U64),
-            ("dirty", U64),
-            ("swap_total", U64),
-            ("swap_free", U64),
-            ("page_faults_per_s", F32),
-            ("major_faults_per_s", F32),
-            ("swap_in_per_s", F32),
-            ("swap_out_per_s", F32),
-            ("oom_kills_per_s", F32),
-        ],
-        key: &[],
-    },
-    Table {
-        name: "pressure",
-        columns: &[
-            ("ts", Ts),
-            ("host", Label),
-            ("resource", Label),
-            ("some_avg10", F32),
-            ("some_avg60", F32),
-            ("some_avg300", F32),
-            ("some_stall_pct", F32),
-            ("full_avg10", F32),
-            ("full_avg60", F32),
-            ("full_avg300", F32),
-            ("full_stall_pct", F32),
-        ],
-        key: &["resource"],
-    },
-    Table {
-        name: "disk",
-        columns: &[
-            ("ts", Ts),
-            ("host", Label),
-            ("device", Label),
-            ("reads_per_s", F32),
-            ("writes_per_s", F32),
-            ("read_bytes_per_s", F32),
-            ("write_bytes_per_s", F32),
-            ("r_await_ms", F32),
-            ("w_await_ms", F32),
-            ("util_pct", F32),
-            ("in_flight", U32),
-        ],
-        key: &["device"],
-    },
-    Table {
-        name: "filesystem",
-        columns: &[
-            ("ts", Ts),
-            ("host", Label),
-            ("mount", Label),
-            ("device", Label),
-            ("fstype", Label),
-            ("size_bytes", U64),
-            ("used_bytes", U64),
-            ("avail_bytes", U64),
-            ("inodes_total", U64),
-            ("inodes_used", U64),
-        ],
-        key: &["mount"],
-    },
-    Table {
-        name: "net",
-        columns: &[
-            ("ts", Ts),
-            ("host", Label),
-            ("interface", Label),
-            ("rx_bytes_per_s", F32),
-            ("tx_bytes_per_s", F32),
-            ("rx_packets_per_s", F32),
-            ("tx_packets_per_s", F32),
-            ("rx_errors_per_s", F32),
-            ("tx_errors_per_s", F32),
-            ("rx_drops_per_s", F32),
-            ("tx_drops_per_s", F32),
-        ],
-        key: &["interface"],
-    },
-    Table {
-        name: "tcp",
-        columns: &[
-            ("ts", Ts),
-            ("host", Label),
-            ("retrans_segs_per_s", F32),
-            ("active_opens_per_s", F32),
-            ("passive_opens_per_s", F32),
-            ("attempt_fails_per_s", F32),
-            ("estab_resets_per_s", F32),
-            ("out_rsts_per_s", F32),
-            ("in_errs_per_s", F32),
-            ("in_segs_per_s", F32),
-            ("out_segs_per_s", F32),
-            ("curr_estab", U32),
-            ("udp_in_datagrams_per_s", F32),
-            ("udp_out_datagrams_per_s", F32),
-            ("udp_in_errors_per_s", F32),
-            ("udp_rcvbuf_errors_per_s", F32),
-            ("udp_no_ports_per_s", F32),
-        ],
-        key: &[],
-    },
-];
-
-/// Tables filled by the eBPF probes (migration 2).
-pub const EBPF_TABLES: &[Table] = &[
-    Table {
-        name: "latency",
-        columns: &[
-            ("ts", Ts),
-            ("host", Label),
-            ("source", Label),
-            ("unit", Label),
-            ("count", U64),
-            ("sum", U64),
-            ("bucket_upper", ArrU64),
-            ("bucket_count", ArrU64),
-        ],
-        key: &["source"],
-    },
-    Table {
-        name: "events",
-        columns: &[
-            ("ts", Ts),
-            ("host", Label),
-            ("kind", Label),
-            ("pid", U32),
-            ("comm", Label),
-            ("cgroup", Text),
-            ("detail", Text),
-        ],
-        key: &["kind"],
-    },
-    Table {
-        name: "probes",
-        columns: &[
-            ("ts", Ts),
-            ("host", Label),
-            ("execs_per_s", F32),
-            ("exits_per_s", F32),
-            ("short_lived_per_s", F32),
-            ("retransmits_per_s", F32),
-            ("resets_sent_per_s", F32),
-            ("resets_received_per_s", F32),
-            ("oom_kills", U32),
-        ],
-        key: &[],
-    },
-    Table {
-        name: "tcp_ports",
-        columns: &[
-            ("ts", Ts),
-            ("host", Label),
-            ("port", U32),
-            ("retransmits", U32),
-        ],
-        key: &["port"],
-    },
-];
+use protocol::tables::TableDef;
+use protocol::TABLES;
 
 /// Every table with day partitions (retention drops these on old servers).
 pub fn partitioned_tables() -> impl Iterator<Item = &'static str> {
-    METRIC_TABLES
+    TABLES
         .iter()
-        .chain(EBPF_TABLES)
         .map(|t| t.name)
         .chain(["batches", "alerts", "gaps", "batch_intents"])
 }
@@ -248,20 +23,19 @@ pub fn is_modern(version: &str) -> bool {
     (major, minor) >= (20, 3)
 }
 
-fn col_type(kind: Kind, modern: bool) -> &'static str {
-    match (kind, modern) {
-        (Ts, false) => "DateTime",
-        (Ts, true) => "DateTime CODEC(Delta, ZSTD(1))",
-        (Label, false) | (Text, _) => "String",
-        (Label, true) => "LowCardinality(String)",
-        (F32, false) => "Float32",
-        (F32, true) => "Float32 CODEC(Gorilla, ZSTD(1))",
-        (U32, false) => "UInt32",
-        (U32, true) => "UInt32 CODEC(T64, ZSTD(1))",
-        (U64, false) => "UInt64",
-        (U64, true) => "UInt64 CODEC(T64, ZSTD(1))",
-        (ArrU64, false) => "Array(UInt64)",
-        (ArrU64, true) => "Array(UInt64) CODEC(ZSTD(1))",
+fn label_type(modern: bool) -> &'static str {
+    if modern {
+        "LowCardinality(String)"
+    } else {
+        "String"
+    }
+}
+
+fn ts_type(modern: bool) -> &'static str {
+    if modern {
+        "DateTime CODEC(Delta, ZSTD(1))"
+    } else {
+        "DateTime"
     }
 }
 
@@ -280,11 +54,11 @@ impl Ddl<'_> {
         }
     }
 
-    pub fn metric_table(&self, t: &Table) -> String {
+    pub fn metric_table(&self, t: &TableDef) -> String {
         let cols: Vec<String> = t
-            .columns
+            .stored_columns()
             .iter()
-            .map(|(n, k)| format!("    `{n}` {}", col_type(*k, self.modern)))
+            .map(|c| format!("    `{}` {}", c.name, c.ch_type(self.modern)))
             .collect();
         let mut order = vec!["host"];
         order.extend_from_slice(t.key);
@@ -300,7 +74,7 @@ impl Ddl<'_> {
     }
 
     pub fn hosts(&self) -> String {
-        let l = col_type(Label, self.modern);
+        let l = label_type(self.modern);
         format!(
             "CREATE TABLE IF NOT EXISTS {db}.hosts (\n    `host` {l},\n    `first_seen` DateTime,\n    `last_seen` DateTime,\n    \
              `sensor_version` String,\n    `kernel` String,\n    `os` String,\n    `arch` {l},\n    `cpus` UInt32,\n    \
@@ -310,7 +84,7 @@ impl Ddl<'_> {
     }
 
     pub fn batches(&self) -> String {
-        let l = col_type(Label, self.modern);
+        let l = label_type(self.modern);
         format!(
             "CREATE TABLE IF NOT EXISTS {db}.batches (\n    `host` {l},\n    `sensor_boot_id` String,\n    `seq` UInt64,\n    \
              `received` DateTime,\n    `snapshots` UInt32,\n    `samples` UInt32,\n    `bytes` UInt32\n) ENGINE = MergeTree()\n\
@@ -321,8 +95,8 @@ impl Ddl<'_> {
     }
 
     pub fn alerts(&self) -> String {
-        let l = col_type(Label, self.modern);
-        let ts = col_type(Ts, self.modern);
+        let l = label_type(self.modern);
+        let ts = ts_type(self.modern);
         let (f64c, nf64) = if self.modern {
             (
                 "Float64 CODEC(Gorilla, ZSTD(1))",
@@ -343,7 +117,7 @@ impl Ddl<'_> {
 
     /// Batches a sensor dropped for good (its spool was full), as ranges.
     pub fn gaps(&self) -> String {
-        let l = col_type(Label, self.modern);
+        let l = label_type(self.modern);
         format!(
             "CREATE TABLE IF NOT EXISTS {db}.gaps (\n    `host` {l},\n    `sensor_boot_id` String,\n    `first_seq` UInt64,\n    \
              `last_seq` UInt64,\n    `from_ts` DateTime,\n    `to_ts` DateTime,\n    `batches` UInt64,\n    `samples` UInt64,\n    \
@@ -358,7 +132,7 @@ impl Ddl<'_> {
     /// partly stored (the aggregator died or ClickHouse failed mid-round); its rows
     /// are then checked table by table before they are inserted again.
     pub fn batch_intents(&self) -> String {
-        let l = col_type(Label, self.modern);
+        let l = label_type(self.modern);
         format!(
             "CREATE TABLE IF NOT EXISTS {db}.batch_intents (\n    `host` {l},\n    `sensor_boot_id` String,\n    `seq` UInt64,\n    \
              `created` DateTime\n) ENGINE = MergeTree()\nPARTITION BY toDate(created)\nORDER BY (host, sensor_boot_id, seq){}",
@@ -369,10 +143,11 @@ impl Ddl<'_> {
 
     /// Versioned migrations, applied in order and recorded in `schema_migrations`.
     pub fn migrations(&self) -> Vec<(u32, &'static str, Vec<String>)> {
-        let mut v1: Vec<String> = METRIC_TABLES.iter().map(|t| self.metric_table(t)).collect();
+        let created = |v: u32| TABLES.iter().filter(move |t| t.since == v);
+        let mut v1: Vec<String> = created(1).map(|t| self.metric_table(t)).collect();
         v1.push(self.hosts());
         v1.push(self.batches());
-        let mut v2: Vec<String> = EBPF_TABLES.iter().map(|t| self.metric_table(t)).collect();
+        let mut v2: Vec<String> = created(2).map(|t| self.metric_table(t)).collect();
         v2.push(format!(
             "ALTER TABLE {}.hosts ADD COLUMN probes String",
             self.db
@@ -391,6 +166,51 @@ impl Ddl<'_> {
                 vec![self.gaps(), self.batch_intents()],
             ),
         ]
+        // Metric tables declared later than migration 4 are created by `sync`.
+    }
+
+    /// The metric tables and columns the versioned migrations create (what `sync`
+    /// starts from on a new database).
+    pub fn after_migrations(&self) -> std::collections::HashMap<String, Vec<String>> {
+        TABLES
+            .iter()
+            .filter(|t| t.since <= SCHEMA_VERSION)
+            .map(|t| {
+                let cols = t
+                    .stored_columns()
+                    .iter()
+                    .map(|c| c.name.to_string())
+                    .collect();
+                (t.name.to_string(), cols)
+            })
+            .collect()
+    }
+
+    /// What brings the metric tables in line with their declarations, given the columns
+    /// the server has (`existing`: table → column names; a missing table is absent):
+    /// a CREATE for a declared table that does not exist, an ADD COLUMN for each declared
+    /// column a table lacks. Forward only: nothing is dropped or retyped; old rows read
+    /// an added column as its type's default (0, empty).
+    pub fn sync(&self, existing: &std::collections::HashMap<String, Vec<String>>) -> Vec<String> {
+        let mut out = Vec::new();
+        for t in TABLES {
+            let Some(have) = existing.get(t.name) else {
+                out.push(self.metric_table(t));
+                continue;
+            };
+            for c in t.stored_columns() {
+                if !have.iter().any(|h| h == c.name) {
+                    out.push(format!(
+                        "ALTER TABLE {}.{} ADD COLUMN `{}` {}",
+                        self.db,
+                        t.name,
+                        c.name,
+                        c.ch_type(self.modern)
+                    ));
+                }
+            }
+        }
+        out
     }
 
     pub fn migrations_table(&self) -> String {
@@ -436,13 +256,82 @@ mod tests {
             modern: true,
             retention_days: 30,
         };
-        let cpu = m.metric_table(&METRIC_TABLES[0]);
+        let cpu = m.metric_table(TABLES[0]);
         assert!(
             cpu.contains("LowCardinality(String)")
                 && cpu.contains("TTL ts + INTERVAL 30 DAY")
                 && cpu.contains("ORDER BY (host, cpu, ts)"),
             "{cpu}"
         );
+    }
+
+    #[test]
+    fn sync_creates_missing_tables_and_adds_missing_columns() {
+        let d = Ddl {
+            db: "sonde",
+            modern: false,
+            retention_days: 0,
+        };
+        let mut have = d.after_migrations();
+        assert!(d.sync(&have).is_empty());
+        have.get_mut("tcp")
+            .unwrap()
+            .retain(|c| c != "listen_drops_per_s");
+        have.remove("tcp_ports");
+        let stmts = d.sync(&have);
+        assert_eq!(stmts.len(), 2, "{stmts:?}");
+        assert_eq!(
+            stmts[0],
+            "ALTER TABLE sonde.tcp ADD COLUMN `listen_drops_per_s` Float32"
+        );
+        assert!(stmts[1].starts_with("CREATE TABLE IF NOT EXISTS sonde.tcp_ports"));
+    }
+
+    /// The DDL of the tables that existed before they were declared in one place, as
+    /// the hand-written schema of that release created them: the declarations must keep
+    /// creating exactly these types (existing databases are not retyped).
+    #[test]
+    fn declared_types_match_the_previous_hand_written_schema() {
+        let d = Ddl {
+            db: "s",
+            modern: false,
+            retention_days: 0,
+        };
+        let ddl: String = TABLES.iter().map(|t| d.metric_table(t)).collect();
+        for want in [
+            "`cpu` String",
+            "`user` Float32",
+            "`procs_running` UInt32",
+            "`total` UInt64",
+            "`resource` String",
+            "`in_flight` UInt32",
+            "`inodes_used` UInt64",
+            "`curr_estab` UInt32",
+            "`bucket_upper` Array(UInt64)",
+            "`bucket_count` Array(UInt64)",
+            "`pid` UInt32",
+            "`comm` String",
+            "`detail` String",
+            "`oom_kills` UInt32",
+            "`port` UInt32",
+            "`retransmits` UInt32",
+            "ORDER BY (host, source, ts)",
+            "ORDER BY (host, kind, ts)",
+            "ORDER BY (host, port, ts)",
+        ] {
+            assert!(ddl.contains(want), "{want} missing");
+        }
+        let m = Ddl { modern: true, ..d };
+        let ddl: String = TABLES.iter().map(|t| m.metric_table(t)).collect();
+        for want in [
+            "`cpu` LowCardinality(String)",
+            "`comm` LowCardinality(String)",
+            "`cgroup` String,",
+            "`pid` UInt32 CODEC(T64, ZSTD(1))",
+            "`user` Float32 CODEC(Gorilla, ZSTD(1))",
+        ] {
+            assert!(ddl.contains(want), "{want} missing");
+        }
     }
 
     #[test]

@@ -1,0 +1,520 @@
+//! eBPF probes: loads sonde's tracepoint programs (built by `cargo xtask build-ebpf` and
+//! embedded in the binary), attaches the ones the configuration asks for, and every interval
+//! turns their cumulative per-CPU maps into per-interval histograms and rates.
+//!
+//! Each probe is independent: if the kernel refuses one (missing tracepoint, a field layout
+//! that differs from what the program was compiled for, no CAP_BPF/CAP_PERFMON, verifier
+//! rejection) the reason is kept, logged once, and everything else keeps running.
+//! Dropping [`Probes`] detaches every program and frees every map.
+//!
+//! One file per probe, next to its name and mirroring the sections of sensor-ebpf's
+//! programs: `runqueue.rs`, `block.rs`, `tcp.rs`, `oom.rs`, `process.rs` (each with the
+//! programs it attaches and its share of the collection); `maps.rs` reads the maps with
+//! the raw `bpf(2)` syscall and buffers allocated once, so a steady-state collection
+//! allocates nothing. This file loads, attaches and schedules them.
+
+mod block;
+mod maps;
+mod oom;
+mod process;
+mod runqueue;
+mod tcp;
+mod tracefs;
+
+use tracefs::{check_layout, tracefs};
+
+use crate::filter::Filter;
+use aya::maps::{MapData, RingBuf};
+use aya::programs::{RawTracePoint, TracePoint};
+use aya::{Ebpf, EbpfLoader};
+use block::BlockDev;
+use maps::{take_data, PerCpu};
+use protocol::{EventRec, LatencyRec, PortRec, ProbeRec};
+use sensor_common::{counter, Counters, Hist};
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, RawFd};
+
+/// The object built by `cargo xtask build-ebpf`, embedded at compile time (empty when the
+/// sensor was built without it).
+static EMBEDDED: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sensor-ebpf.o"));
+
+/// Probe names, in the order they are reported.
+pub const PROBE_NAMES: [&str; 5] = ["runqueue", "block", "tcp", "oom", "process"];
+
+/// A tracepoint field the programs read: (name, offset, size). Size 0 = any size (arrays).
+type Field = (&'static str, usize, usize);
+
+struct ProgSpec {
+    /// Function name in the object = program name.
+    prog: &'static str,
+    /// A raw tracepoint (arguments, not the formatted record; `fields` is then empty).
+    raw: bool,
+    category: &'static str,
+    event: &'static str,
+    fields: &'static [Field],
+}
+
+const fn spec(
+    prog: &'static str,
+    category: &'static str,
+    event: &'static str,
+    fields: &'static [Field],
+) -> ProgSpec {
+    ProgSpec {
+        prog,
+        raw: false,
+        category,
+        event,
+        fields,
+    }
+}
+
+const fn raw(prog: &'static str, category: &'static str, event: &'static str) -> ProgSpec {
+    ProgSpec {
+        prog,
+        raw: true,
+        category,
+        event,
+        fields: &[],
+    }
+}
+
+fn probe_programs(probe: &str) -> &'static [ProgSpec] {
+    match probe {
+        "runqueue" => runqueue::PROGRAMS,
+        "block" => block::PROGRAMS,
+        "tcp" => tcp::PROGRAMS,
+        "oom" => oom::PROGRAMS,
+        "process" => process::PROGRAMS,
+        _ => &[],
+    }
+}
+
+/// Which probes to attach and where the object comes from (the `[probes]` config section).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbeConfig {
+    /// Master switch: false = /proc only.
+    pub enabled: bool,
+    pub runqueue: bool,
+    pub block: bool,
+    pub tcp: bool,
+    pub oom: bool,
+    pub process: bool,
+    /// Load the eBPF object from this file instead of the one built into the binary.
+    pub object: Option<std::path::PathBuf>,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        ProbeConfig {
+            enabled: true,
+            runqueue: true,
+            block: true,
+            tcp: true,
+            oom: true,
+            process: true,
+            object: None,
+        }
+    }
+}
+
+impl ProbeConfig {
+    pub fn wants(&self, probe: &str) -> bool {
+        self.enabled
+            && match probe {
+                "runqueue" => self.runqueue,
+                "block" => self.block,
+                "tcp" => self.tcp,
+                "oom" => self.oom,
+                "process" => self.process,
+                _ => false,
+            }
+    }
+}
+
+/// What became of one probe.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProbeStatus {
+    pub name: &'static str,
+    /// "active", "disabled" (by configuration) or "refused".
+    pub state: &'static str,
+    /// Why it is not active.
+    pub reason: String,
+}
+
+/// Loaded and attached probes.
+pub struct Probes {
+    // Programs stay attached while this lives; dropping it detaches them all.
+    _ebpf: Ebpf,
+    active: [bool; 5],
+    counters: Option<PerCpu>,
+    runq: Option<PerCpu>,
+    block: Option<PerCpu>,
+    ports: Option<PerCpu>,
+    events: Option<RingBuf<MapData>>,
+    prev_counters: [u64; counter::COUNT as usize],
+    cur_counters: [u64; counter::COUNT as usize],
+    runq_prev: Hist,
+    runq_cur: Hist,
+    devs: Vec<BlockDev>,
+    dev_names: HashMap<(u32, u32), String>,
+    proc_root: String,
+    disk_filter: Filter,
+    port_prev: HashMap<u32, u64>,
+    pending_events: Vec<EventRec>,
+    primed: bool,
+    warned: u32,
+}
+
+fn index(probe: &str) -> usize {
+    PROBE_NAMES.iter().position(|p| *p == probe).unwrap_or(0)
+}
+
+/// Loads the object and attaches the configured probes. Returns the probes (None when
+/// nothing could be loaded) and the status of every probe either way.
+pub fn load(
+    cfg: &ProbeConfig,
+    proc_root: &str,
+    disk_filter: Filter,
+) -> (Option<Probes>, Vec<ProbeStatus>) {
+    if cfg.wants("oom") {
+        oom::open_kmsg();
+    }
+    let mut status: Vec<ProbeStatus> = PROBE_NAMES
+        .iter()
+        .map(|n| ProbeStatus {
+            name: n,
+            state: if cfg.wants(n) { "refused" } else { "disabled" },
+            reason: if cfg.wants(n) {
+                String::new()
+            } else if !cfg.enabled {
+                "probes.enabled = false".into()
+            } else {
+                format!("probes.{n} = false")
+            },
+        })
+        .collect();
+    let fail_all = |status: &mut Vec<ProbeStatus>, why: String| {
+        for s in status.iter_mut().filter(|s| s.state == "refused") {
+            s.reason = why.clone();
+        }
+    };
+    if !PROBE_NAMES.iter().any(|n| cfg.wants(n)) {
+        return (None, status);
+    }
+    let owned;
+    let bytes: &[u8] = match &cfg.object {
+        Some(p) => match std::fs::read(p) {
+            Ok(b) => {
+                owned = b;
+                &owned
+            }
+            Err(e) => {
+                fail_all(
+                    &mut status,
+                    format!("cannot read eBPF object {}: {e}", p.display()),
+                );
+                return (None, status);
+            }
+        },
+        None => EMBEDDED,
+    };
+    if bytes.is_empty() {
+        fail_all(
+            &mut status,
+            "this sensor was built without its eBPF object (run `cargo xtask build-ebpf`, then rebuild the sensor)".into(),
+        );
+        return (None, status);
+    }
+    let Some(tracefs) = tracefs() else {
+        fail_all(
+            &mut status,
+            "tracefs is not mounted at /sys/kernel/tracing and could not be mounted (needs CAP_SYS_ADMIN once)".into(),
+        );
+        return (None, status);
+    };
+    // Locked memory limits matter only on kernels before 5.11 (memcg accounting since).
+    let rl = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rl) };
+    // Where the GSO segment count sits behind an skb pointer on this kernel (from BTF), so
+    // retransmits are counted in segments like /proc/net/snmp's RetransSegs.
+    let btf = super::btf::Btf::from_sys();
+    let gso_off: u32 = btf
+        .as_ref()
+        .and_then(|b| {
+            Some(
+                b.member_offset("sk_buff", "cb")?
+                    + b.member_offset("tcp_skb_cb", "tcp_gso_segs")?,
+            )
+        })
+        .map(|o| o as u32)
+        .unwrap_or(0);
+    // Where the pid sits in task_struct, for the run-queue raw tracepoints.
+    let pid_off: u32 = btf
+        .as_ref()
+        .and_then(|b| b.member_offset("task_struct", "pid"))
+        .map(|o| o as u32)
+        .unwrap_or(0);
+    drop(btf);
+    if gso_off == 0 && cfg.wants("tcp") {
+        tracing::info!("no kernel BTF for sk_buff/tcp_skb_cb: TCP retransmits are counted per skb, not per segment");
+    }
+    // The programs use no CO-RE relocations: skip loading the kernel's BTF into aya (it
+    // would cost tens of MB of peak memory); offsets come from our small BTF index above.
+    let mut ebpf = match EbpfLoader::new()
+        .btf(None)
+        .override_global("SKB_GSO_SEGS_OFF", &gso_off, true)
+        .override_global("TASK_PID_OFF", &pid_off, true)
+        .load(bytes)
+    {
+        Ok(e) => e,
+        Err(e) => {
+            let mut why = format!("loading the eBPF object failed: {e}");
+            if matches!(
+                std::io::Error::last_os_error().raw_os_error(),
+                Some(libc::EPERM)
+            ) || why.contains("Operation not permitted")
+            {
+                why.push_str(" (needs CAP_BPF and CAP_PERFMON, or root)");
+            }
+            fail_all(&mut status, why);
+            return (None, status);
+        }
+    };
+    let mut active = [false; 5];
+    for (i, name) in PROBE_NAMES.iter().enumerate() {
+        if !cfg.wants(name) {
+            continue;
+        }
+        match attach_probe(&mut ebpf, tracefs, name, pid_off) {
+            Ok(()) => {
+                active[i] = true;
+                status[i].state = "active";
+            }
+            Err(why) => status[i].reason = why,
+        }
+    }
+    if !active.iter().any(|a| *a) {
+        return (None, status);
+    }
+    let ncpu = aya::util::nr_cpus().unwrap_or(1);
+    let mut take = |name: &str, vsize: usize| {
+        ebpf.take_map(name)
+            .and_then(take_data)
+            .map(|d| PerCpu::new(d, vsize, ncpu))
+    };
+    let counters = take("COUNTERS", std::mem::size_of::<Counters>());
+    let runq = take("RUNQ_HIST", std::mem::size_of::<Hist>());
+    let block = take("BLOCK_HIST", std::mem::size_of::<Hist>());
+    let ports = take("TCP_RETRANS_PORT", 8);
+    let events = ebpf
+        .take_map("EVENTS")
+        .and_then(|m| RingBuf::try_from(m).ok());
+    let probes = Probes {
+        _ebpf: ebpf,
+        active,
+        counters,
+        runq,
+        block,
+        ports,
+        events,
+        prev_counters: [0; counter::COUNT as usize],
+        cur_counters: [0; counter::COUNT as usize],
+        runq_prev: Hist::ZERO,
+        runq_cur: Hist::ZERO,
+        devs: Vec::new(),
+        dev_names: HashMap::new(),
+        proc_root: proc_root.to_string(),
+        disk_filter,
+        port_prev: HashMap::new(),
+        pending_events: Vec::new(),
+        primed: false,
+        warned: 0,
+    };
+    (Some(probes), status)
+}
+
+fn attach_probe(
+    ebpf: &mut Ebpf,
+    tracefs: &str,
+    probe: &str,
+    task_pid_off: u32,
+) -> Result<(), String> {
+    let specs = probe_programs(probe);
+    if specs.iter().any(|s| s.raw) && task_pid_off == 0 {
+        return Err("no kernel BTF (/sys/kernel/btf/vmlinux) to locate task_struct.pid".into());
+    }
+    for s in specs {
+        check_layout(tracefs, s)?;
+    }
+    let mut done: Vec<&str> = Vec::new();
+    let mut result = Ok(());
+    for s in specs {
+        let r = (|| -> Result<(), String> {
+            let p = ebpf
+                .program_mut(s.prog)
+                .ok_or_else(|| format!("program {} is missing from the eBPF object", s.prog))?;
+            let refused = |e: aya::programs::ProgramError| {
+                let mut m = format!("the kernel refused to load {}: {e}", s.prog);
+                if format!("{e:?}").contains("EPERM") || m.contains("Operation not permitted") {
+                    m.push_str(" (needs CAP_BPF and CAP_PERFMON, or root)");
+                }
+                m
+            };
+            if s.raw {
+                let prog: &mut RawTracePoint = p
+                    .try_into()
+                    .map_err(|e| format!("program {}: {e}", s.prog))?;
+                prog.load().map_err(refused)?;
+                prog.attach(s.event)
+                    .map_err(|e| format!("attaching to raw tracepoint {} failed: {e}", s.event))?;
+            } else {
+                let prog: &mut TracePoint = p
+                    .try_into()
+                    .map_err(|e| format!("program {}: {e}", s.prog))?;
+                prog.load().map_err(refused)?;
+                prog.attach(s.category, s.event)
+                    .map_err(|e| format!("attaching to {}:{} failed: {e}", s.category, s.event))?;
+            }
+            Ok(())
+        })();
+        match r {
+            Ok(()) => done.push(s.prog),
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    if result.is_err() {
+        // All or nothing per probe: detach what this probe already attached.
+        for p in done {
+            match ebpf.program_mut(p) {
+                Some(aya::programs::Program::TracePoint(t)) => {
+                    let _ = t.unload();
+                }
+                Some(aya::programs::Program::RawTracePoint(t)) => {
+                    let _ = t.unload();
+                }
+                _ => {}
+            }
+        }
+    }
+    result
+}
+
+/// The active probe set, comma-separated in a fixed order (for the `hosts` table).
+pub fn active_list(status: &[ProbeStatus]) -> String {
+    status
+        .iter()
+        .filter(|s| s.state == "active")
+        .map(|s| s.name)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Probes {
+    /// A cumulative counter as of the last collection (for tests and diagnostics).
+    #[cfg(test)]
+    pub fn counter(&self, idx: u32) -> u64 {
+        self.cur_counters[idx as usize]
+    }
+
+    /// Per program: (name, runs, average ns per run), from the kernel's BPF statistics
+    /// (counted only while `kernel.bpf_stats_enabled` is 1).
+    pub fn program_costs(&self) -> Vec<(String, u64, f64)> {
+        self._ebpf
+            .programs()
+            .filter_map(|(name, p)| {
+                let info = p.info().ok()?;
+                let runs = info.run_count();
+                let ns = info.run_time().as_nanos() as f64;
+                Some((
+                    name.to_string(),
+                    runs,
+                    if runs > 0 { ns / runs as f64 } else { 0.0 },
+                ))
+            })
+            .filter(|(_, runs, _)| *runs > 0)
+            .collect()
+    }
+
+    /// The ring buffer's fd, readable when events are waiting.
+    pub fn events_fd(&self) -> Option<RawFd> {
+        self.events.as_ref().map(|r| r.as_raw_fd())
+    }
+
+    fn warn(&mut self, what: &str, e: std::io::Error) {
+        if self.warned < 10 {
+            self.warned += 1;
+            tracing::warn!(map = what, error = %e, "reading an eBPF map failed");
+        }
+    }
+
+    /// Fills the snapshot's eBPF parts for the interval of `secs` (None on the first call,
+    /// which only primes the cumulative values).
+    pub fn collect(
+        &mut self,
+        secs: Option<f64>,
+        probes: &mut Option<ProbeRec>,
+        latency: &mut Vec<LatencyRec>,
+        ports: &mut Vec<PortRec>,
+        events: &mut Vec<EventRec>,
+    ) {
+        self.drain_events();
+        events.clear();
+        events.append(&mut self.pending_events);
+        // Per-host counters (one map shared by the tcp, oom and process probes).
+        if let Some(m) = self.counters.as_mut() {
+            let key = 0u32;
+            match m.sum_into(&key as *const u32 as *const u8, &mut self.cur_counters) {
+                Ok(_) => {}
+                Err(e) => self.warn("COUNTERS", e),
+            }
+        }
+        let d = |i: u32, s: &Self| {
+            s.cur_counters[i as usize].wrapping_sub(s.prev_counters[i as usize]) as f64
+        };
+        if let Some(secs) = secs.filter(|_| self.primed) {
+            let rate = |i: u32| (d(i, self) / secs.max(1e-3)) as f32;
+            let p = probes.get_or_insert_with(ProbeRec::default);
+            *p = ProbeRec::default();
+            if self.active[index("process")] {
+                process::counters(p, rate);
+            }
+            if self.active[index("tcp")] {
+                tcp::counters(p, rate);
+            }
+            if self.active[index("oom")] {
+                oom::counters(p, |i| d(i, self));
+            }
+        }
+        self.prev_counters = self.cur_counters;
+        let mut nlat = 0;
+        self.collect_runqueue(secs, latency, &mut nlat);
+        self.collect_block(secs, latency, &mut nlat);
+        latency.truncate(nlat);
+        self.collect_ports(secs, ports);
+        self.primed = true;
+    }
+}
