@@ -78,7 +78,8 @@ enum Cmd {
         interval: Duration,
     },
     /// Record COUNT consecutive snapshots of this host, one interval apart, to FILE in the
-    /// wire encoding (each prefixed by its u32 LE length). Used by `cargo xtask bench` to
+    /// wire encoding (an 8-byte header, `SREC` and the wire version, then each snapshot
+    /// prefixed by its u32 LE length). Used by `cargo xtask bench` to
     /// study batch size and zstd dictionaries on real data; nothing is sent anywhere.
     Record {
         /// How many snapshots.
