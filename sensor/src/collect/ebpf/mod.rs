@@ -263,10 +263,11 @@ pub fn load(
     if gso_off == 0 && cfg.wants("tcp") {
         tracing::info!("no kernel BTF for sk_buff/tcp_skb_cb: TCP retransmits are counted per skb, not per segment");
     }
-    // The programs use no CO-RE relocations: skip loading the kernel's BTF into aya (it
-    // would cost tens of MB of peak memory); offsets come from our small BTF index above.
-    let mut ebpf = match EbpfLoader::new()
-        .btf(None)
+    // The programs use no CO-RE relocations: aya is not handed the kernel's BTF, and with
+    // `new_without_btf` (vendor/aya/PATCH.md) it does not parse it either (`new()` would:
+    // 5.5 MB read plus the parsed types, the sensor's peak RSS); offsets come from our
+    // small BTF index above.
+    let mut ebpf = match EbpfLoader::new_without_btf()
         .override_global("SKB_GSO_SEGS_OFF", &gso_off, true)
         .override_global("TASK_PID_OFF", &pid_off, true)
         .load(bytes)
