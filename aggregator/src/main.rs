@@ -148,18 +148,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 modern: schema::is_modern(&server_version),
                 retention_days,
             };
-            println!(
-                "CREATE DATABASE IF NOT EXISTS {database};\n{};",
-                ddl.migrations_table()
-            );
-            for (_, _, stmts) in ddl.migrations() {
-                for s in stmts {
-                    println!("{s};");
-                }
-            }
-            for s in ddl.sync(&ddl.after_migrations()) {
-                println!("{s};");
-            }
+            print!("{}", ddl.script(schema::SCHEMA_VERSION));
             Ok(())
         }
         Cmd::CheckRules { file } => {

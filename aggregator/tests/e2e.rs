@@ -508,19 +508,38 @@ fn overflow_a_listen_queue(secs: u64) {
 }
 
 /// The proof that a metric is declared once: `tcp.listen_overflows_per_s` and
-/// `listen_drops_per_s` were added by their declaration and the collector alone. A
-/// database created before they existed gets them on the aggregator's next start, and a
-/// real listen-queue overflow on this host reaches them.
+/// `listen_drops_per_s` were added by their declaration (`since 5`) and the collector
+/// alone. A database created by the previous release (its committed schema script) gets
+/// them from migration 5 on the aggregator's next start, and a real listen-queue overflow
+/// on this host reaches them.
 #[test]
 fn a_declared_column_reaches_an_existing_database_end_to_end() {
     let d = Dir::new("declared");
     certs(&d.0.join("certs"), &["alpha"]);
     let port = free_udp_port();
     let agg = start_aggregator(&d.0, port, "1");
-    // The database as the previous release left it: no listen columns.
+    // The database as the previous release created it: its schema script (migrations 1-4,
+    // committed as that release printed it with `aggregator schema`) and its migration rows.
+    for t in query(
+        &agg,
+        "SELECT name FROM system.tables WHERE database = 'sonde'",
+    )
+    .lines()
+    {
+        query(&agg, &format!("DROP TABLE sonde.{t}"));
+    }
+    let script = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/schema-v4-18.16.sql"
+    ))
+    .unwrap();
+    for stmt in script.split(";\n").map(str::trim).filter(|s| !s.is_empty()) {
+        query(&agg, stmt);
+    }
     query(
         &agg,
-        "ALTER TABLE sonde.tcp DROP COLUMN listen_overflows_per_s, DROP COLUMN listen_drops_per_s",
+        "INSERT INTO sonde.schema_migrations VALUES (1, 'metric tables, hosts, batches', now()), \
+         (2, 'eBPF tables', now()), (3, 'alerts', now()), (4, 'gaps, batch_intents', now())",
     );
     assert_eq!(
         count(
@@ -532,11 +551,20 @@ fn a_declared_column_reaches_an_existing_database_end_to_end() {
     drop(agg);
     let agg = start_aggregator(&d.0, port, "2");
     assert!(
-        agg.proc
-            .log_text()
-            .contains("ALTER TABLE sonde.tcp ADD COLUMN `listen_overflows_per_s` Float32"),
-        "the aggregator did not add the declared column:\n{}",
+        agg.proc.log_text().contains("version=5")
+            && agg
+                .proc
+                .log_text()
+                .contains("tcp.listen_overflows_per_s, tcp.listen_drops_per_s"),
+        "the aggregator did not apply the declared column's migration:\n{}",
         agg.proc.log_text()
+    );
+    assert_eq!(
+        count(
+            &agg,
+            "SELECT count() FROM system.columns WHERE database = 'sonde' AND table = 'tcp' AND name LIKE 'listen%'"
+        ),
+        2
     );
     let _sensor = start_sensor(&d.0, &agg.quic, "alpha", &[]);
     wait_until("tcp rows for alpha", Duration::from_secs(15), || {

@@ -144,9 +144,14 @@ pub fn reference() -> String {
             } else {
                 types.first().cloned().unwrap_or_default()
             };
+            let since = if c.since > 0 {
+                format!(" Added by schema migration {}: older rows read 0.", c.since)
+            } else {
+                String::new()
+            };
             writeln!(
                 s,
-                "| {name} | {types} | {} | {} | {} | {} |",
+                "| {name} | {types} | {} | {} | {} | {}{since} |",
                 c.kind.name(),
                 c.unit,
                 c.kind.rollup().join(", "),

@@ -55,6 +55,7 @@ fn pct(part: f64, whole: f64) -> f64 {
 // The metric tables. This is the only list: the wire records, the aggregator's rows and
 // DDL, the detector's series, `sensor once --json` and the README's table of tables all
 // follow from it (see `tables.rs`). Adding a column: declare it at the end of its table
+// with `since N` (N = the next schema migration number; released migrations are frozen)
 // and fill it in the collector. Table order is wire order; never reorder.
 crate::tables! {
     /// One CPU line of /proc/stat as percentages of the interval (one row per CPU and
@@ -281,10 +282,10 @@ crate::tables! {
         udp_no_ports_per_s: f32 = Rate("1/s"),
         /// Connections dropped because a listen queue (accept backlog) was full
         /// (TcpExt ListenOverflows).
-        listen_overflows_per_s: f32 = Rate("1/s"),
+        listen_overflows_per_s: f32 = Rate("1/s") since 5,
         /// SYNs to a listening socket dropped for any reason, overflows included
         /// (TcpExt ListenDrops).
-        listen_drops_per_s: f32 = Rate("1/s"),
+        listen_drops_per_s: f32 = Rate("1/s") since 5,
     }
     derived {}
     aliases {}

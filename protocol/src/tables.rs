@@ -172,6 +172,9 @@ pub struct Column {
     pub doc: &'static str,
     /// A numeric code on the wire stored as its name (cpu number, PSI resource).
     pub mapped: bool,
+    /// The schema migration that added the column to an existing table (`since N` in the
+    /// declaration); 0 = it came with its table.
+    pub since: u32,
 }
 
 /// A column computed from the stored ones (`cpu.busy = 100 - idle`): selectable by the
@@ -198,8 +201,9 @@ pub struct TableDef {
     pub card: Card,
     /// Sort key after `host`, before `ts`.
     pub key: &'static [&'static str],
-    /// Schema migration that created the table (columns added later are added by the
-    /// declaration sync, see the aggregator's schema module).
+    /// Schema migration that created the table; a column added later says which
+    /// migration added it (`since N`). Released migrations are frozen: a new column or
+    /// table takes the next number (see the aggregator's `store/schema.rs`).
     pub since: u32,
     /// Leading columns a version-1 frame carries (0: the table is newer than version 1).
     pub v1_fields: usize,
@@ -215,6 +219,8 @@ pub struct StoredColumn {
     pub kind: Kind,
     pub wire: WireType,
     pub mapped: bool,
+    /// See [`Column::since`].
+    pub since: u32,
 }
 
 impl StoredColumn {
@@ -250,12 +256,14 @@ impl TableDef {
                 kind: Kind::Time,
                 wire: WireType::U32,
                 mapped: false,
+                since: 0,
             },
             StoredColumn {
                 name: "host",
                 kind: Kind::Label,
                 wire: WireType::Str,
                 mapped: false,
+                since: 0,
             },
         ];
         for c in self.columns {
@@ -268,6 +276,7 @@ impl TableDef {
                             kind: c.kind,
                             wire: WireType::Buckets,
                             mapped: false,
+                            since: c.since,
                         })
                     }
                 }
@@ -276,6 +285,7 @@ impl TableDef {
                     kind: c.kind,
                     wire: c.wire,
                     mapped: c.mapped,
+                    since: c.since,
                 }),
             }
         }
@@ -558,7 +568,7 @@ macro_rules! table {
             key [$($key:ident),*], since $since:literal, v1 $v1:literal {
             $(
                 $(#[doc = $cdoc:literal])*
-                $f:ident : $ft:ty = $kind:ident($unit:literal) $(as $conv:path)?
+                $f:ident : $ft:ty = $kind:ident($unit:literal) $(as $conv:ident)? $(since $csince:literal)?
             ),* $(,)?
         }
         derived { $(
@@ -590,6 +600,7 @@ macro_rules! table {
                     unit: $unit,
                     doc: concat!($($cdoc),*),
                     mapped: $crate::col_mapped!($($conv)?),
+                    since: 0 $(+ $csince)?,
                 }),*],
                 derived: &[$($crate::tables::Derived {
                     name: stringify!($d),
@@ -690,6 +701,16 @@ mod tests {
                 assert!(!d.sql.is_empty() && !d.doc.is_empty());
             }
             assert!(t.v1_fields <= t.columns.len());
+            for c in t.columns {
+                assert!(
+                    c.since == 0 || c.since > t.since,
+                    "{}.{}: since {} is not after its table's {}",
+                    t.name,
+                    c.name,
+                    c.since,
+                    t.since
+                );
+            }
             assert!(!t.doc.is_empty() && t.columns.iter().all(|c| !c.doc.is_empty()));
         }
     }

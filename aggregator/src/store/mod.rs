@@ -73,7 +73,7 @@ impl Store {
             if applied.contains(&v) {
                 continue;
             }
-            tracing::info!(version = v, name, "applying schema migration");
+            tracing::info!(version = v, name = %name, "applying schema migration");
             for s in stmts {
                 c.query(&s)
                     .execute()
@@ -83,30 +83,6 @@ impl Store {
             c.query(&format!("INSERT INTO {}.schema_migrations (version, name, applied) VALUES ({v}, '{name}', now())", cfg.database))
                 .execute()
                 .await?;
-        }
-        // The metric tables follow their declarations: tables declared later are
-        // created, columns declared later are added.
-        #[derive(Row, Deserialize)]
-        struct Col {
-            table: String,
-            name: String,
-        }
-        let cols: Vec<Col> = c
-            .query("SELECT table, name FROM system.columns WHERE database = ?")
-            .bind(&cfg.database)
-            .fetch_all()
-            .await
-            .context("reading system.columns")?;
-        let mut existing: HashMap<String, Vec<String>> = HashMap::new();
-        for col in cols {
-            existing.entry(col.table).or_default().push(col.name);
-        }
-        for stmt in ddl.sync(&existing) {
-            tracing::info!(statement = %stmt.lines().next().unwrap_or(""), "bringing a metric table in line with its declaration");
-            c.query(&stmt)
-                .execute()
-                .await
-                .with_context(|| format!("schema sync failed on:\n{stmt}"))?;
         }
         tracing::info!(%version, modern, database = %cfg.database, schema = SCHEMA_VERSION, "ClickHouse schema current");
         // Inserts name tables without the database.

@@ -54,10 +54,13 @@ impl Ddl<'_> {
         }
     }
 
+    /// The CREATE of a metric table as its migration created it: the columns declared
+    /// with the table (later columns come with their own migration).
     pub fn metric_table(&self, t: &TableDef) -> String {
         let cols: Vec<String> = t
             .stored_columns()
             .iter()
+            .filter(|c| c.since == 0)
             .map(|c| format!("    `{}` {}", c.name, c.ch_type(self.modern)))
             .collect();
         let mut order = vec!["host"];
@@ -142,72 +145,84 @@ impl Ddl<'_> {
     }
 
     /// Versioned migrations, applied in order and recorded in `schema_migrations`.
-    pub fn migrations(&self) -> Vec<(u32, &'static str, Vec<String>)> {
-        let created = |v: u32| TABLES.iter().filter(move |t| t.since == v);
-        let mut v1: Vec<String> = created(1).map(|t| self.metric_table(t)).collect();
-        v1.push(self.hosts());
-        v1.push(self.batches());
-        let mut v2: Vec<String> = created(2).map(|t| self.metric_table(t)).collect();
-        v2.push(format!(
-            "ALTER TABLE {}.hosts ADD COLUMN probes String",
-            self.db
-        ));
-        vec![
-            (1, "metric tables, hosts, batches", v1),
-            (
-                2,
-                "eBPF tables (latency, events, probes, tcp_ports), hosts.probes",
-                v2,
-            ),
-            (3, "alerts", vec![self.alerts()]),
-            (
-                4,
-                "gaps, batch_intents",
-                vec![self.gaps(), self.batch_intents()],
-            ),
-        ]
-        // Metric tables declared later than migration 4 are created by `sync`.
-    }
-
-    /// The metric tables and columns the versioned migrations create (what `sync`
-    /// starts from on a new database).
-    pub fn after_migrations(&self) -> std::collections::HashMap<String, Vec<String>> {
-        TABLES
-            .iter()
-            .filter(|t| t.since <= SCHEMA_VERSION)
-            .map(|t| {
-                let cols = t
-                    .stored_columns()
+    ///
+    /// Frozen once released: migration N creates the tables declared `since N` with the
+    /// columns they were declared with, and adds the columns declared `since N` to the
+    /// tables that existed before; nothing in an earlier migration changes when a column
+    /// or table is declared later (a test holds migrations 1-4 to the DDL that release
+    /// shipped, `aggregator/tests/data/schema-v4-*.sql`).
+    pub fn migrations(&self) -> Vec<(u32, String, Vec<String>)> {
+        let fixed = |v: u32| -> (&'static str, Vec<String>) {
+            match v {
+                1 => (
+                    "metric tables, hosts, batches",
+                    vec![self.hosts(), self.batches()],
+                ),
+                2 => (
+                    "eBPF tables (latency, events, probes, tcp_ports), hosts.probes",
+                    vec![format!(
+                        "ALTER TABLE {}.hosts ADD COLUMN probes String",
+                        self.db
+                    )],
+                ),
+                3 => ("alerts", vec![self.alerts()]),
+                4 => (
+                    "gaps, batch_intents",
+                    vec![self.gaps(), self.batch_intents()],
+                ),
+                _ => ("", Vec::new()),
+            }
+        };
+        (1..=SCHEMA_VERSION)
+            .map(|v| {
+                let (name, extra) = fixed(v);
+                let mut stmts: Vec<String> = TABLES
                     .iter()
-                    .map(|c| c.name.to_string())
+                    .filter(|t| t.since == v)
+                    .map(|t| self.metric_table(t))
                     .collect();
-                (t.name.to_string(), cols)
+                let mut named: Vec<String> = TABLES
+                    .iter()
+                    .filter(|t| t.since == v)
+                    .map(|t| t.name.to_string())
+                    .collect();
+                for t in TABLES.iter().filter(|t| t.since < v) {
+                    for c in t.stored_columns().iter().filter(|c| c.since == v) {
+                        stmts.push(format!(
+                            "ALTER TABLE {}.{} ADD COLUMN `{}` {}",
+                            self.db,
+                            t.name,
+                            c.name,
+                            c.ch_type(self.modern)
+                        ));
+                        named.push(format!("{}.{}", t.name, c.name));
+                    }
+                }
+                stmts.extend(extra);
+                let name = if name.is_empty() {
+                    named.join(", ")
+                } else {
+                    name.to_string()
+                };
+                (v, name, stmts)
             })
             .collect()
     }
 
-    /// What brings the metric tables in line with their declarations, given the columns
-    /// the server has (`existing`: table → column names; a missing table is absent):
-    /// a CREATE for a declared table that does not exist, an ADD COLUMN for each declared
-    /// column a table lacks. Forward only: nothing is dropped or retyped; old rows read
-    /// an added column as its type's default (0, empty).
-    pub fn sync(&self, existing: &std::collections::HashMap<String, Vec<String>>) -> Vec<String> {
-        let mut out = Vec::new();
-        for t in TABLES {
-            let Some(have) = existing.get(t.name) else {
-                out.push(self.metric_table(t));
-                continue;
-            };
-            for c in t.stored_columns() {
-                if !have.iter().any(|h| h == c.name) {
-                    out.push(format!(
-                        "ALTER TABLE {}.{} ADD COLUMN `{}` {}",
-                        self.db,
-                        t.name,
-                        c.name,
-                        c.ch_type(self.modern)
-                    ));
-                }
+    /// The schema script up to migration `upto` (what `aggregator schema` prints).
+    pub fn script(&self, upto: u32) -> String {
+        let mut out = format!(
+            "CREATE DATABASE IF NOT EXISTS {};\n{};\n",
+            self.db,
+            self.migrations_table()
+        );
+        for (v, _, stmts) in self.migrations() {
+            if v > upto {
+                break;
+            }
+            for s in stmts {
+                out.push_str(&s);
+                out.push_str(";\n");
             }
         }
         out
@@ -222,7 +237,27 @@ impl Ddl<'_> {
     }
 }
 
-pub const SCHEMA_VERSION: u32 = 4;
+/// The newest migration: 4 (the last hand-written one) or the highest `since` of a declared
+/// table or column.
+pub const SCHEMA_VERSION: u32 = {
+    let mut v = 4;
+    let mut i = 0;
+    while i < TABLES.len() {
+        if TABLES[i].since > v {
+            v = TABLES[i].since;
+        }
+        let cols = TABLES[i].columns;
+        let mut j = 0;
+        while j < cols.len() {
+            if cols[j].since > v {
+                v = cols[j].since;
+            }
+            j += 1;
+        }
+        i += 1;
+    }
+    v
+};
 
 #[cfg(test)]
 mod tests {
@@ -266,25 +301,56 @@ mod tests {
     }
 
     #[test]
-    fn sync_creates_missing_tables_and_adds_missing_columns() {
+    fn a_declared_column_is_its_own_migration() {
         let d = Ddl {
             db: "sonde",
             modern: false,
             retention_days: 0,
         };
-        let mut have = d.after_migrations();
-        assert!(d.sync(&have).is_empty());
-        have.get_mut("tcp")
-            .unwrap()
-            .retain(|c| c != "listen_drops_per_s");
-        have.remove("tcp_ports");
-        let stmts = d.sync(&have);
-        assert_eq!(stmts.len(), 2, "{stmts:?}");
+        let m = d.migrations();
+        let v5 = m.iter().find(|x| x.0 == 5).expect("migration 5");
+        assert_eq!(v5.1, "tcp.listen_overflows_per_s, tcp.listen_drops_per_s");
         assert_eq!(
-            stmts[0],
-            "ALTER TABLE sonde.tcp ADD COLUMN `listen_drops_per_s` Float32"
+            v5.2,
+            [
+                "ALTER TABLE sonde.tcp ADD COLUMN `listen_overflows_per_s` Float32",
+                "ALTER TABLE sonde.tcp ADD COLUMN `listen_drops_per_s` Float32"
+            ]
         );
-        assert!(stmts[1].starts_with("CREATE TABLE IF NOT EXISTS sonde.tcp_ports"));
+        // Not in the CREATE of migration 1: that one is frozen.
+        assert!(!m[0].2.iter().any(|s| s.contains("listen_")));
+    }
+
+    /// Migrations 1-4 as the release before the declarations shipped them (the output of
+    /// its `aggregator schema` at commit 77408c3, committed): released migrations never
+    /// change. Declaring a column without `since N`, or changing a released column's type,
+    /// fails here.
+    #[test]
+    fn released_migrations_are_frozen() {
+        for (version, file) in [
+            ("18.16.1", "schema-v4-18.16.sql"),
+            ("26.9.1", "schema-v4-26.9.sql"),
+        ] {
+            let path = format!("{}/tests/data/{file}", env!("CARGO_MANIFEST_DIR"));
+            let want = std::fs::read_to_string(&path).unwrap();
+            let d = Ddl {
+                db: "sonde",
+                modern: is_modern(version),
+                retention_days: 30,
+            };
+            // The same statements (the order of independent CREATEs inside one migration
+            // follows the declarations and may differ from that release's).
+            let stmts = |t: &str| {
+                let mut v: Vec<String> = t.split(";\n").map(str::to_string).collect();
+                v.sort();
+                v
+            };
+            assert_eq!(
+                stmts(&d.script(4)),
+                stmts(&want),
+                "migrations 1-4 differ from {file}"
+            );
+        }
     }
 
     /// The DDL of the tables that existed before they were declared in one place, as
