@@ -1,7 +1,7 @@
 //! HTTP: /healthz, /readyz, /metrics, /api/hosts.
 
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::StoreHandle;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json, Response};
@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 #[derive(Clone)]
 pub struct Api {
-    pub store: Store,
+    pub store: StoreHandle,
     pub metrics: Arc<Metrics>,
     /// When set, `/api/*` (and `/metrics` unless `open_metrics`) need `Authorization: Bearer <token>`.
     pub token: Option<Arc<str>>,
@@ -93,7 +93,17 @@ mod tests {
 }
 
 async fn readyz(State(api): State<Api>) -> Response {
-    if api.store.ready().await {
+    let Some(store) = api.store.get() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "ClickHouse not ready (ingest held, sensors spool): {}\n",
+                api.store.why()
+            ),
+        )
+            .into_response();
+    };
+    if store.ready().await {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (
@@ -150,14 +160,21 @@ fn rfc3339(t: u32) -> String {
 }
 
 async fn hosts(State(api): State<Api>) -> Response {
+    let Some(store) = api.store.get() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "error": format!("ClickHouse not ready: {}", api.store.why()) })),
+        )
+            .into_response();
+    };
     let q = format!(
         "SELECT host, toUInt32(min(first_seen)) AS first_ts, toUInt32(max(last_seen)) AS last_ts, \
          argMax(sensor_version, last_seen) AS v, argMax(kernel, last_seen) AS k, \
          argMax(os, last_seen) AS o, argMax(arch, last_seen) AS a, argMax(cpus, last_seen) AS c, \
          argMax(memory_bytes, last_seen) AS m, argMax(probes, last_seen) AS p FROM {}.hosts GROUP BY host ORDER BY host",
-        api.store.db
+        store.db
     );
-    let rows: Vec<HostDbRow> = match api.store.client.query(&q).fetch_all().await {
+    let rows: Vec<HostDbRow> = match store.client.query(&q).fetch_all().await {
         Ok(r) => r,
         Err(e) => {
             return (

@@ -1,7 +1,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use sonde_aggregator::config::Config;
-use sonde_aggregator::store::{managed::Managed, schema, writer, Store};
+use sonde_aggregator::store::{managed::Managed, schema, writer};
 use sonde_aggregator::{api, ingest, metrics::Metrics};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -279,8 +279,14 @@ async fn run(cfg: Config) -> Result<()> {
     } else {
         cfg.clickhouse.url.clone()
     };
-    let store = Store::open(&url, &cfg.clickhouse).await?;
     let metrics = Arc::new(Metrics::default());
+    // Opened (and retried) in the background: the aggregator comes up whatever the start
+    // order, and holds ingest until the database answers.
+    let store = sonde_aggregator::store::open_in_background(
+        url.clone(),
+        cfg.clickhouse.clone(),
+        metrics.clone(),
+    );
 
     let (tx, rx) = tokio::sync::mpsc::channel(cfg.clickhouse.queue_batches);
     let wcfg = writer::WriterConfig {
@@ -294,10 +300,11 @@ async fn run(cfg: Config) -> Result<()> {
     let detect = match rules {
         Some(rules) => {
             let (atx, arx) = tokio::sync::mpsc::channel(10_000);
-            tokio::spawn(sonde_aggregator::detect::live::store_alerts(
-                store.clone(),
-                arx,
-            ));
+            let mut alerts_store = store.clone();
+            tokio::spawn(async move {
+                let s = alerts_store.wait().await;
+                sonde_aggregator::detect::live::store_alerts(s, arx).await
+            });
             let alerter =
                 sonde_aggregator::alert::Alerter::start(&cfg.alerting, Some(atx), metrics.clone());
             let (dtx, drx) = tokio::sync::mpsc::channel(4096);
@@ -355,8 +362,9 @@ async fn run(cfg: Config) -> Result<()> {
             .await;
     });
 
-    let retention_store = store.clone();
+    let mut retention_handle = store.clone();
     let retention = tokio::spawn(async move {
+        let retention_store = retention_handle.wait().await;
         loop {
             if let Err(e) = retention_store.drop_old_partitions().await {
                 tracing::warn!(error = %e, "retention pass failed");
@@ -365,12 +373,12 @@ async fn run(cfg: Config) -> Result<()> {
         }
     });
 
-    tracing::info!(quic = %listen, http = %cfg.http_listen, clickhouse = %url, database = %store.db, "aggregator ready");
+    tracing::info!(quic = %listen, http = %cfg.http_listen, clickhouse = %url, database = %cfg.clickhouse.database, "aggregator ready");
     if let Some(m) = &managed {
         tracing::info!(
             "query with: clickhouse-client --port {} --database {}",
             m.tcp_port,
-            store.db
+            cfg.clickhouse.database
         );
     }
 

@@ -20,6 +20,71 @@ fn now_s() -> u64 {
 
 /// A ClickHouse server of our own (not the aggregator's managed one), on fixed
 /// ports so it can be stopped and started again under the aggregator.
+/// Any start order: the aggregator and a sensor started while ClickHouse is down stay up;
+/// /readyz says why it is not ready, the sensor is held (it spools), and when ClickHouse
+/// starts the schema is created and everything from the first second lands once.
+#[test]
+fn aggregator_started_before_clickhouse_waits_and_loses_nothing() {
+    let d = Dir::new("fault-order");
+    certs(&d.0.join("certs"), &["o1"]);
+    let mut ch = Ch::new(&d.0);
+    ch.stop();
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let (mut agg, http) = start_agg(&d.0, &listen, &ch, "0", false);
+    let mut sensor = start_sensor(&d.0, &listen, "o1", &[]);
+    let started = now_s();
+    let mut why = String::new();
+    wait_until(
+        "/readyz says why",
+        Duration::from_secs(30),
+        || match http_get(&http, "/readyz") {
+            Some((503, body)) => {
+                why = body;
+                why.contains("ClickHouse not ready")
+            }
+            _ => false,
+        },
+    );
+    eprintln!("[start order] /readyz before ClickHouse: {}", why.trim());
+    std::thread::sleep(Duration::from_secs(20));
+    assert!(
+        agg.child.try_wait().unwrap().is_none(),
+        "the aggregator exited while ClickHouse was down:\n{}",
+        agg.log_text()
+    );
+    assert_eq!(metric_at(&http, "sonde_clickhouse_down"), 1);
+    assert_eq!(metric_at(&http, "sonde_batches_stored_total"), 0);
+    ch.start();
+    wait_until(
+        "ready after ClickHouse starts",
+        Duration::from_secs(60),
+        || matches!(http_get(&http, "/readyz"), Some((200, _))),
+    );
+    // Everything the sensor held arrives.
+    wait_until(
+        "the held batches are stored",
+        Duration::from_secs(60),
+        || metric_at(&http, "sonde_batches_stored_total") >= 5,
+    );
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(sensor.stop().success());
+    let (rows, holes, dups) = report("aggregator before ClickHouse", "o1", &ch);
+    let first: u64 = ch
+        .q("SELECT toUInt32(min(ts)) FROM sonde.cpu WHERE host = 'o1'")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        first <= started + 3,
+        "the first stored second is {} s after the sensor started",
+        first as i64 - started as i64
+    );
+    assert!(rows >= 25, "only {rows} seconds");
+    assert_eq!(dups, 0, "duplicated samples");
+    assert!(holes.is_empty(), "missing samples {holes:?}");
+    drop(agg);
+}
+
 struct Ch {
     dir: std::path::PathBuf,
     http: u16,

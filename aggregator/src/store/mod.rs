@@ -14,6 +14,98 @@ use rows::{BatchRow, HostRow, Rows};
 use schema::{Ddl, SCHEMA_VERSION};
 use serde::Deserialize;
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+/// The store once ClickHouse has answered and the schema is current (see
+/// [`open_in_background`]); until then, why not. Tasks that need the database wait on it,
+/// so the aggregator starts in any order with its database.
+#[derive(Clone)]
+pub struct StoreHandle {
+    rx: tokio::sync::watch::Receiver<Option<Store>>,
+    why: Arc<std::sync::Mutex<String>>,
+}
+
+impl StoreHandle {
+    /// The store, if it is open.
+    pub fn get(&self) -> Option<Store> {
+        self.rx.borrow().clone()
+    }
+
+    /// Waits until the store is open.
+    pub async fn wait(&mut self) -> Store {
+        loop {
+            if let Some(s) = self.rx.borrow_and_update().clone() {
+                return s;
+            }
+            if self.rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Why the store is not open yet (empty once it is).
+    pub fn why(&self) -> String {
+        self.why.lock().unwrap().clone()
+    }
+
+    /// A handle to an already open store (tests, tools).
+    pub fn ready(store: Store) -> StoreHandle {
+        let (_tx, rx) = tokio::sync::watch::channel(Some(store));
+        StoreHandle {
+            rx,
+            why: Default::default(),
+        }
+    }
+}
+
+/// Opens the store (connect, create, migrate), retrying every 2 s while ClickHouse cannot
+/// be reached or refuses, so the aggregator does not depend on start order: meanwhile
+/// ingest is held (the writer waits; the bounded queue pushes back on the sensors, which
+/// spool), `/readyz` answers 503 with the reason and `sonde_clickhouse_down` is 1.
+pub fn open_in_background(
+    url: String,
+    cfg: ClickHouseConfig,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> StoreHandle {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    let why = Arc::new(std::sync::Mutex::new(format!(
+        "connecting to ClickHouse at {url}"
+    )));
+    let why2 = why.clone();
+    tokio::spawn(async move {
+        let mut failures = 0u32;
+        loop {
+            match Store::open(&url, &cfg).await {
+                Ok(store) => {
+                    if failures > 0 {
+                        tracing::info!(
+                            attempts = failures + 1,
+                            "ClickHouse answers: schema current, ingest starts"
+                        );
+                    }
+                    metrics.clickhouse_down.store(0, Relaxed);
+                    why2.lock().unwrap().clear();
+                    let _ = tx.send(Some(store));
+                    return;
+                }
+                Err(e) => {
+                    let e = format!("{e:#}");
+                    if failures == 0 {
+                        tracing::warn!(error = %e, "ClickHouse not ready at start; retrying every 2 s (ingest is held, sensors spool)");
+                    } else if failures % 30 == 0 {
+                        tracing::warn!(error = %e, attempts = failures + 1, "ClickHouse still not ready");
+                    }
+                    failures += 1;
+                    metrics.clickhouse_down.store(1, Relaxed);
+                    *why2.lock().unwrap() = e;
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                }
+            }
+        }
+    });
+    StoreHandle { rx, why }
+}
 
 #[derive(Clone)]
 pub struct Store {

@@ -48,11 +48,14 @@ fn now_secs() -> u32 {
 const HOST_ROW_EVERY: Duration = Duration::from_secs(60);
 
 pub async fn run(
-    store: Store,
+    mut store: super::StoreHandle,
     mut rx: mpsc::Receiver<Work>,
     metrics: Arc<Metrics>,
     cfg: WriterConfig,
 ) {
+    // Nothing is written (or acked) before the database is there: the queue fills and
+    // pushes back on the sensors, as during an outage.
+    let store: Store = store.wait().await;
     let mut dedup = Dedup::default();
     match store.recent_batches().await {
         Ok(rows) => {
