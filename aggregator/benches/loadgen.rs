@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-const ALPN: &[u8] = b"sonde/1";
+const ALPN: &[u8] = b"sonde/2";
 const SNAPS_PER_BATCH: u64 = 5;
 
 struct Args {

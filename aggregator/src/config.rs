@@ -93,6 +93,10 @@ pub struct LimitsConfig {
     /// Compressed bytes per second one connection may send on average (bursts of one
     /// second's worth allowed); beyond it its streams are read later. 0 = no limit.
     pub max_bytes_per_second_per_connection: u64,
+    /// Newest wire version accepted and offered to sensors (ALPN `sonde/N`). Sensors of
+    /// this release send what the aggregator offers; 1 makes this aggregator behave like
+    /// the previous release (to try a fleet's downgrade path).
+    pub max_wire_version: u8,
 }
 
 impl Default for Config {
@@ -140,6 +144,7 @@ impl Default for LimitsConfig {
             max_decompressed_bytes: l.max_decompressed,
             max_streams_per_connection: 16,
             max_bytes_per_second_per_connection: 4 << 20,
+            max_wire_version: protocol::VERSION,
         }
     }
 }

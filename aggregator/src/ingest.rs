@@ -13,7 +13,13 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
-pub const ALPN: &[u8] = b"sonde/1";
+/// ALPN names of the wire versions (`sonde/N`), newest first, up to `max`.
+pub fn alpn(max: u8) -> Vec<Vec<u8>> {
+    (protocol::MIN_VERSION..=max.min(protocol::VERSION))
+        .rev()
+        .map(|v| format!("sonde/{v}").into_bytes())
+        .collect()
+}
 
 /// QUIC application error codes the aggregator closes connections with.
 pub const CLOSE_SHUTDOWN: u32 = 0;
@@ -46,7 +52,14 @@ pub fn server_config(
     cert: &Path,
     key: &Path,
     max_streams: u32,
+    max_wire_version: u8,
 ) -> Result<quinn::ServerConfig> {
+    anyhow::ensure!(
+        (protocol::MIN_VERSION..=protocol::VERSION).contains(&max_wire_version),
+        "limits.max_wire_version: {max_wire_version} is not a version this build speaks ({} to {})",
+        protocol::MIN_VERSION,
+        protocol::VERSION
+    );
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for c in load_certs(ca)? {
@@ -82,7 +95,7 @@ pub fn server_config(
                 key.display()
             )
         })?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = alpn(max_wire_version);
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     let mut t = quinn::TransportConfig::default();
@@ -135,6 +148,8 @@ pub struct Ingest {
     pub detect: Option<mpsc::Sender<crate::detect::live::Arrival>>,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
+    /// Frames of a newer wire version are refused (see `limits.max_wire_version`).
+    pub max_wire_version: u8,
     pub in_flight: AtomicUsize,
     /// Per-connection byte rate limit (0 = none).
     pub conn_bytes_per_s: u64,
@@ -282,7 +297,11 @@ async fn stream(
     if buf.get(5) == Some(&(protocol::FrameKind::Gap as u8)) {
         return gap(ingest, conn, host, &buf, send).await;
     }
-    let batch = match decode_batch(&buf, &ingest.limits) {
+    let decoded = match buf.get(4) {
+        Some(&v) if v > ingest.max_wire_version => Err(protocol::Error::UnsupportedVersion(v)),
+        _ => decode_batch(&buf, &ingest.limits),
+    };
+    let batch = match decoded {
         Ok(b) => b,
         Err(e) => {
             ingest.metrics.decode_errors.fetch_add(1, Relaxed);

@@ -254,6 +254,7 @@ async fn run(cfg: Config) -> Result<()> {
         &cfg.cert,
         &cfg.key,
         cfg.limits.max_streams_per_connection,
+        cfg.limits.max_wire_version,
     )?;
     let listen: std::net::SocketAddr = cfg
         .listen
@@ -341,6 +342,7 @@ async fn run(cfg: Config) -> Result<()> {
         detect,
         metrics: metrics.clone(),
         limits: cfg.limits.protocol(),
+        max_wire_version: cfg.limits.max_wire_version,
         in_flight: Default::default(),
         conn_bytes_per_s: cfg.limits.max_bytes_per_second_per_connection,
     });

@@ -604,3 +604,85 @@ fn a_declared_column_reaches_an_existing_database_end_to_end() {
         "stored {ov} overflows / {dr} drops, the kernel counted {overflowed}"
     );
 }
+
+/// Mixed releases, both ways. (1) A sensor of the previous release — its frames are the
+/// committed version-1 fixture, sent with ALPN `sonde/1` — is stored by this aggregator.
+/// (2) This sensor, facing an aggregator that reads only version 1 (`max_wire_version = 1`,
+/// how the previous release behaves), sends version 1: the batches it spooled as version 2
+/// while no aggregator was up included; nothing of the first seconds is lost.
+#[test]
+fn mixed_wire_versions_old_sensor_new_aggregator_and_new_sensor_old_aggregator() {
+    let d = Dir::new("mixed-wire");
+    certs(&d.0.join("certs"), &["web-1", "new-sensor"]);
+    let c = d.0.join("certs");
+    let agg = start_aggregator(&d.0, free_udp_port(), "new");
+    // (1) The previous release's frame (host web-1's certificate).
+    let fixture = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../protocol/tests/data/batch-v1.bin"
+    ))
+    .unwrap();
+    assert_eq!(fixture[4], 1);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let reply = rt.block_on(async {
+        let ep = quic_client(
+            &c.join("ca.pem"),
+            Some((&c.join("hosts/web-1.pem"), &c.join("hosts/web-1-key.pem"))),
+        );
+        send_frame(&ep, &agg.quic, &fixture).await
+    });
+    let reply = reply.expect("the aggregator answers a version-1 frame");
+    assert!(
+        matches!(protocol::decode_ack(&reply), Ok(Ok(9))),
+        "not acked: {reply:?}"
+    );
+    assert_eq!(
+        count(&agg, "SELECT count() FROM sonde.cpu WHERE host = 'web-1'"),
+        9,
+        "3 snapshots × 3 CPU rows of the version-1 batch"
+    );
+    drop(agg);
+
+    // (2) This sensor first spools (no aggregator yet), then meets a version-1 aggregator.
+    let cfg = d.0.join("agg-v1.toml");
+    std::fs::write(&cfg, "[limits]\nmax_wire_version = 1\n").unwrap();
+    let quic_port = free_udp_port();
+    let quic = format!("127.0.0.1:{quic_port}");
+    let mut sensor = start_sensor(&d.0, &quic, "new-sensor", &[]);
+    let started = unix_now() as u64;
+    std::thread::sleep(Duration::from_secs(7));
+    let agg = start_aggregator_with(&d.0, quic_port, "v1", &["--config", cfg.to_str().unwrap()]);
+    wait_until("the sensor's batches", Duration::from_secs(30), || {
+        count(
+            &agg,
+            "SELECT count() FROM sonde.tcp WHERE host = 'new-sensor'",
+        ) >= 12
+    });
+    assert!(sensor.stop().success());
+    assert!(
+        sensor.log_text().contains("reads wire version 1"),
+        "the sensor did not say it downgrades:\n{}",
+        sensor.log_text()
+    );
+    assert_eq!(metric(&agg, "sonde_decode_errors_total"), 0);
+    let first: u64 = query(
+        &agg,
+        "SELECT toUInt32(min(ts)) FROM sonde.tcp WHERE host = 'new-sensor'",
+    )
+    .trim()
+    .parse()
+    .unwrap();
+    assert!(
+        first <= started + 3,
+        "the spooled seconds were lost: first row {} s after the start",
+        first as i64 - started as i64
+    );
+    // Version 1 has no listen columns: they read 0.
+    assert_eq!(
+        count(
+            &agg,
+            "SELECT count() FROM sonde.tcp WHERE host = 'new-sensor' AND listen_drops_per_s != 0"
+        ),
+        0
+    );
+}

@@ -107,8 +107,13 @@ pub fn decode_frame<'a>(buf: &'a [u8], limits: &Limits) -> Result<Frame<'a>> {
 /// written as version 1 so sensors of the previous release still understand the acks
 /// of this aggregator.
 pub fn encode_frame(kind: FrameKind, payload: &[u8], out: &mut Vec<u8>) {
+    let v = if kind == FrameKind::Batch { VERSION } else { 1 };
+    encode_frame_version(kind, v, payload, out)
+}
+
+fn encode_frame_version(kind: FrameKind, version: u8, payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&MAGIC);
-    out.push(if kind == FrameKind::Batch { VERSION } else { 1 });
+    out.push(version);
     out.push(kind as u8);
     out.push(0);
     out.push(0);
@@ -168,6 +173,35 @@ pub fn encode_batch_parts(
     let mut out = Vec::with_capacity(FRAME_HEADER_LEN + compressed.len());
     encode_frame(FrameKind::Batch, &compressed, &mut out);
     out
+}
+
+/// A batch frame in wire version 1, for an aggregator of the previous release (columns and
+/// tables version 1 did not have are left out).
+pub fn encode_batch_v1(batch: &Batch, level: i32) -> Vec<u8> {
+    let mut raw = Vec::new();
+    crate::codec::put_str(&mut raw, &batch.host);
+    crate::codec::put_str(&mut raw, &batch.boot_id);
+    put_varint(&mut raw, batch.seq);
+    batch.info.encode(&mut raw);
+    put_varint(&mut raw, batch.snapshots.len() as u64);
+    for s in &batch.snapshots {
+        s.encode_v1(&mut raw);
+    }
+    let compressed =
+        zstd::bulk::compress(&raw, level).expect("zstd compression of an in-memory buffer");
+    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + compressed.len());
+    encode_frame_version(FrameKind::Batch, 1, &compressed, &mut out);
+    out
+}
+
+/// Rewrites a batch frame of a newer version as version 1 (what a sensor sends to an
+/// aggregator of the previous release); a version-1 frame is returned as it is.
+pub fn downgrade_batch_frame(frame: &[u8], limits: &Limits) -> Result<Vec<u8>> {
+    let h = decode_frame_header(frame, limits)?;
+    if h.version == 1 {
+        return Ok(frame.to_vec());
+    }
+    Ok(encode_batch_v1(&decode_batch(frame, limits)?, 3))
 }
 
 /// Decodes a complete batch frame: header, bounded zstd, records.

@@ -27,9 +27,9 @@ pub mod tables;
 pub use codec::{Decode, Encode, Reader};
 pub use frame::{
     decode_ack, decode_batch, decode_frame, decode_frame_header, decode_gap, decompress_bounded,
-    encode_ack, encode_batch, encode_batch_parts, encode_error, encode_frame, encode_gap,
-    read_recording, record_snapshot, recording_header, BatchParts, Frame, FrameHeader, FrameKind,
-    Gap, FRAME_HEADER_LEN, MAGIC, MIN_VERSION, VERSION,
+    downgrade_batch_frame, encode_ack, encode_batch, encode_batch_parts, encode_batch_v1,
+    encode_error, encode_frame, encode_gap, read_recording, record_snapshot, recording_header,
+    BatchParts, Frame, FrameHeader, FrameKind, Gap, FRAME_HEADER_LEN, MAGIC, MIN_VERSION, VERSION,
 };
 pub use records::*;
 

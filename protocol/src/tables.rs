@@ -326,6 +326,9 @@ pub trait Record: Encode + Decode + Default + Clone + std::fmt::Debug {
     fn derived(&self, j: usize) -> f64;
     /// The record's own time in Unix ms (a `Time` column), if the table has one.
     fn time_ms(&self) -> Option<u64>;
+    /// The version-1 encoding (the first `TABLE.v1_fields` columns, no length prefix), for
+    /// an aggregator of the previous release.
+    fn encode_v1(&self, out: &mut Vec<u8>);
     /// Samples this record carries: one per value column, one per histogram bucket,
     /// at least one.
     fn samples(&self) -> usize {
@@ -354,6 +357,35 @@ impl<R: Record> DynRecord for R {
     }
     fn derived(&self, j: usize) -> f64 {
         Record::derived(self, j)
+    }
+}
+
+/// Version-1 encoding of a snapshot field (a record, a list or an optional record).
+pub trait EncodeV1 {
+    fn encode_v1(&self, out: &mut Vec<u8>);
+}
+impl<R: Record> EncodeV1 for R {
+    fn encode_v1(&self, out: &mut Vec<u8>) {
+        Record::encode_v1(self, out)
+    }
+}
+impl<R: Record> EncodeV1 for Vec<R> {
+    fn encode_v1(&self, out: &mut Vec<u8>) {
+        put_varint(out, self.len() as u64);
+        for r in self {
+            r.encode_v1(out);
+        }
+    }
+}
+impl<R: Record> EncodeV1 for Option<R> {
+    fn encode_v1(&self, out: &mut Vec<u8>) {
+        match self {
+            None => out.push(0),
+            Some(r) => {
+                out.push(1);
+                r.encode_v1(out);
+            }
+        }
     }
 }
 
@@ -458,6 +490,20 @@ macro_rules! tables {
                         return;
                     }
                     _i += 1;
+                )*
+            }
+        }
+
+        impl Snapshot {
+            /// The version-1 encoding: only the tables version 1 had, records as version 1
+            /// wrote them.
+            pub fn encode_v1(&self, out: &mut Vec<u8>) {
+                $crate::Encode::encode(&self.ts_ms, out);
+                $crate::Encode::encode(&self.interval_ms, out);
+                $(
+                    if <$rec as $crate::tables::Record>::TABLE.v1_fields > 0 {
+                        $crate::tables::EncodeV1::encode_v1(&self.$field, out);
+                    }
                 )*
             }
         }
@@ -634,6 +680,17 @@ macro_rules! table {
                     d
                 }),*];
                 F[j](self)
+            }
+
+            #[allow(unused_assignments)]
+            fn encode_v1(&self, out: &mut Vec<u8>) {
+                let mut k = 0usize;
+                $(
+                    if k < $v1 {
+                        $crate::Encode::encode(&self.$f, out);
+                    }
+                    k += 1;
+                )*
             }
 
             #[allow(unreachable_code)]

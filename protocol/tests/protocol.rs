@@ -497,3 +497,24 @@ fn version_1_frames_still_decode() {
     assert_eq!(frame[4], 1, "the fixture is a version-1 frame");
     assert_eq!(decode_batch(&frame, &Limits::default()).unwrap(), b);
 }
+
+/// What a sensor sends an aggregator of the previous release: the v1 encoder produces
+/// exactly the bytes the v1 release wrote (the committed fixture), and a v2 frame
+/// downgrades to it.
+#[test]
+fn version_1_encoder_matches_the_v1_release() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/batch-v1.bin");
+    let fixture = std::fs::read(path).unwrap();
+    let b = sample_batch(9, 3);
+    assert_eq!(encode_batch_v1(&b, 3), fixture);
+    let v2 = encode_batch(&b, 3, &mut Vec::new());
+    assert_eq!(v2[4], VERSION);
+    assert_eq!(
+        downgrade_batch_frame(&v2, &Limits::default()).unwrap(),
+        fixture
+    );
+    assert_eq!(
+        downgrade_batch_frame(&fixture, &Limits::default()).unwrap(),
+        fixture
+    );
+}

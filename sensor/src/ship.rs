@@ -140,8 +140,40 @@ enum SendError {
     Connection(String),
 }
 
-async fn send_one(conn: quinn::Connection, frame: Arc<Vec<u8>>) -> Result<(), SendError> {
+/// The wire version the aggregator chose for this connection (ALPN): 1 for an aggregator
+/// of the previous release, else this build's.
+fn negotiated_version(conn: &quinn::Connection) -> u8 {
+    let proto = conn
+        .handshake_data()
+        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|h| h.protocol);
+    if proto.as_deref() == Some(crate::tls::ALPN_V1) {
+        1
+    } else {
+        protocol::VERSION
+    }
+}
+
+async fn send_one(
+    conn: quinn::Connection,
+    frame: Arc<Vec<u8>>,
+    version: u8,
+) -> Result<(), SendError> {
     let c = |e: &dyn std::fmt::Display| SendError::Connection(e.to_string());
+    // A batch written in a newer version than the aggregator reads is sent as version 1
+    // (what the previous release reads); spooled frames stay as they were written.
+    let is_batch = frame.get(5) == Some(&(protocol::FrameKind::Batch as u8));
+    let frame = if is_batch && version < frame.get(4).copied().unwrap_or(0) {
+        match protocol::downgrade_batch_frame(&frame, &protocol::Limits::default()) {
+            Ok(f) => Arc::new(f),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot rewrite a spooled batch as version 1; sending it as written");
+                frame
+            }
+        }
+    } else {
+        frame
+    };
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| c(&e))?;
     send.write_all(&frame).await.map_err(|e| c(&e))?;
     send.finish().map_err(|e| c(&e))?;
@@ -171,6 +203,9 @@ pub async fn run(
         match connect(&endpoint, addr_s, &cfg.server_name).await {
             Ok(conn) => {
                 tracing::info!(aggregator = %addr_s, pending = outbox.len(), pending_bytes = outbox.bytes(), "connected");
+                if negotiated_version(&conn) < protocol::VERSION {
+                    tracing::warn!(aggregator = %addr_s, "the aggregator reads wire version 1 (an older release): batches are sent as version 1, without the columns and tables added since; upgrade the aggregator");
+                }
                 backoff = Duration::from_millis(100);
                 let reason = serve(&conn, &outbox, cfg.max_in_flight).await;
                 tracing::warn!(aggregator = %addr_s, %reason, pending = outbox.len(), "disconnected; will reconnect");
@@ -203,6 +238,7 @@ async fn connect(
 
 async fn serve(conn: &quinn::Connection, outbox: &Outbox, max_in_flight: usize) -> String {
     outbox.unmark_all();
+    let version = negotiated_version(conn);
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         while tasks.len() < max_in_flight {
@@ -210,7 +246,7 @@ async fn serve(conn: &quinn::Connection, outbox: &Outbox, max_in_flight: usize) 
                 break;
             };
             let conn = conn.clone();
-            tasks.spawn(async move { (seq, send_one(conn, frame).await) });
+            tasks.spawn(async move { (seq, send_one(conn, frame, version).await) });
         }
         tokio::select! {
             Some(res) = tasks.join_next(), if !tasks.is_empty() => {

@@ -5,7 +5,11 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::Path;
 use std::sync::Arc;
 
-pub const ALPN: &[u8] = b"sonde/1";
+/// Wire versions this sensor can send, newest first (ALPN `sonde/N`): the aggregator picks
+/// one; `sonde/1` means an aggregator of the previous release (batches are then sent as
+/// version 1, see `ship.rs`).
+pub const ALPN: [&[u8]; 2] = [b"sonde/2", b"sonde/1"];
+pub const ALPN_V1: &[u8] = b"sonde/1";
 
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let data = std::fs::read(path)
@@ -65,7 +69,7 @@ pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<quinn::Client
                 key.display()
             )
         })?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();
