@@ -5,6 +5,23 @@ use std::path::PathBuf;
 
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
+    // The commit this sensor is built from, for `sensor --version` (what `cargo xtask
+    // deploy` prints per host before and after an upgrade). "unknown" outside a checkout.
+    let git = std::process::Command::new("git")
+        .args(["rev-parse", "--short=9", "HEAD"])
+        .current_dir(&manifest)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=SONDE_GIT={git}");
+    for f in ["../.git/HEAD", "../.git/logs/HEAD"] {
+        if manifest.join(f).exists() {
+            println!("cargo:rerun-if-changed={}", manifest.join(f).display());
+        }
+    }
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("sensor-ebpf.o");
     println!("cargo:rerun-if-env-changed=SONDE_EBPF_OBJECT");
     let src = std::env::var_os("SONDE_EBPF_OBJECT")

@@ -195,6 +195,11 @@ fn deploy_two_hosts_upgrade_in_place_one_unreachable_then_undeploy() {
             .unwrap_or_else(|| panic!("{line}"));
         assert!(secs <= 15.0, "{name} reported after {secs} s");
         assert!(line.contains("supervised"), "{line}");
+        // A fresh host: nothing installed before, this build after.
+        assert!(
+            line.contains("sensor none -> 0.1.0 (commit ") && line.contains(", wire 2)"),
+            "{line}"
+        );
     }
     let bad = out
         .lines()
@@ -242,6 +247,19 @@ fn deploy_two_hosts_upgrade_in_place_one_unreachable_then_undeploy() {
     let (code, out) = xtask(&base(&good));
     let t_done = now_s();
     assert_eq!(code, 0, "upgrade failed:\n{out}");
+    // An upgrade says what ran before and what runs now.
+    for name in ["web-1", "web-2"] {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("ok") && l.contains(name))
+            .unwrap_or_else(|| panic!("no ok line for {name}:\n{out}"));
+        let versions = line.split("; sensor ").nth(1).unwrap_or("");
+        let (before, after) = versions.split_once(" -> ").unwrap_or(("", ""));
+        assert!(
+            before.starts_with("0.1.0 (commit ") && after.starts_with("0.1.0 (commit "),
+            "{line}"
+        );
+    }
     std::thread::sleep(Duration::from_secs(8));
     for name in ["web-1", "web-2"] {
         let boots = query(

@@ -541,6 +541,11 @@ fn a_declared_column_reaches_an_existing_database_end_to_end() {
         "INSERT INTO sonde.schema_migrations VALUES (1, 'metric tables, hosts, batches', now()), \
          (2, 'eBPF tables', now()), (3, 'alerts', now()), (4, 'gaps, batch_intents', now())",
     );
+    // Data the previous release stored.
+    query(
+        &agg,
+        "INSERT INTO sonde.tcp (ts, host, retrans_segs_per_s, curr_estab) VALUES (now() - 60, 'old-host', 1.5, 7)",
+    );
     assert_eq!(
         count(
             &agg,
@@ -565,6 +570,15 @@ fn a_declared_column_reaches_an_existing_database_end_to_end() {
             "SELECT count() FROM system.columns WHERE database = 'sonde' AND table = 'tcp' AND name LIKE 'listen%'"
         ),
         2
+    );
+    // The old rows are still there, the added columns read 0 for them.
+    assert_eq!(
+        query(
+            &agg,
+            "SELECT retrans_segs_per_s, curr_estab, listen_overflows_per_s, listen_drops_per_s FROM sonde.tcp WHERE host = 'old-host'"
+        )
+        .trim(),
+        "1.5\t7\t0\t0"
     );
     let _sensor = start_sensor(&d.0, &agg.quic, "alpha", &[]);
     wait_until("tcp rows for alpha", Duration::from_secs(15), || {

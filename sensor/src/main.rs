@@ -14,6 +14,17 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use config::Config;
 use protocol::{Snapshot, CPU_TOTAL, PRESSURE_RESOURCES};
+
+/// `0.1.0 (commit 1a2b3c4d5, wire 2)`: the release, the commit it was built from and the
+/// newest wire version it sends.
+static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "{} (commit {}, wire {})",
+        env!("CARGO_PKG_VERSION"),
+        env!("SONDE_GIT"),
+        protocol::VERSION
+    )
+});
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,7 +41,7 @@ use std::time::{Duration, Instant};
 /// environment variables, then flags (flags win). See README.md,
 /// "Configuration", for every key.
 #[derive(Parser)]
-#[command(name = "sensor", version, about, long_about, max_term_width = 100)]
+#[command(name = "sensor", version = VERSION.as_str(), about, long_about, max_term_width = 100)]
 struct Cli {
     /// TOML configuration file.
     #[arg(

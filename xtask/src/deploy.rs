@@ -185,6 +185,8 @@ struct Probe {
     arch: String,
     systemd: bool,
     stage: String,
+    /// `sonde-sensor --version` of what is installed, "none" when nothing is.
+    installed: String,
 }
 
 const PROBE: &str = r#"set -e
@@ -192,6 +194,7 @@ uname -m
 hostname
 if [ -d /run/systemd/system ]; then echo systemd; else echo none; fi
 mktemp -d /tmp/sonde-deploy.XXXXXX
+(/usr/local/bin/sonde-sensor --version 2>/dev/null || echo none) | head -n 1
 "#;
 
 fn probe(t: &Target, o: &Opts) -> Result<Probe> {
@@ -205,6 +208,7 @@ fn probe(t: &Target, o: &Opts) -> Result<Probe> {
         hostname: l[1].into(),
         systemd: l[2] == "systemd",
         stage: l[3].into(),
+        installed: version_of(l.get(4).copied().unwrap_or("none")),
     })
 }
 
@@ -371,8 +375,19 @@ fn build_sensor(o: &Opts) -> Result<PathBuf> {
 }
 
 enum Outcome {
-    Ok { name: String, mode: &'static str },
+    Ok {
+        name: String,
+        mode: &'static str,
+        /// Sensor version before and after.
+        versions: (String, String),
+    },
     Failed(String),
+}
+
+/// "0.1.0 (commit …, wire 2)" from a `--version` line ("sensor 0.1.0 (…)").
+fn version_of(line: &str) -> String {
+    let v = line.trim();
+    v.strip_prefix("sensor ").unwrap_or(v).to_string()
 }
 
 fn say(label: &str, msg: &str) {
@@ -381,7 +396,7 @@ fn say(label: &str, msg: &str) {
 
 fn deploy_one(t: &Target, o: &Opts, bin: &Path, issue: &Mutex<()>) -> Outcome {
     let label = t.name.clone().unwrap_or_else(|| t.addr.clone());
-    let r = (|| -> Result<(String, &'static str)> {
+    let r = (|| -> Result<(String, &'static str, String)> {
         say(&label, &format!("connecting to {}", t.label()));
         let p = probe(t, o)?;
         if p.arch != std::env::consts::ARCH {
@@ -445,10 +460,21 @@ fn deploy_one(t: &Target, o: &Opts, bin: &Path, issue: &Mutex<()>) -> Outcome {
         if !out.contains("SONDE_INSTALLED") {
             bail!("install did not finish: {}", out.trim());
         }
-        Ok((name, mode))
+        Ok((name, mode, p.installed))
     })();
     match r {
-        Ok((name, mode)) => Outcome::Ok { name, mode },
+        Ok((name, mode, before)) => {
+            let after = Command::new(bin)
+                .arg("--version")
+                .output()
+                .map(|o| version_of(&String::from_utf8_lossy(&o.stdout)))
+                .unwrap_or_else(|_| "?".into());
+            Outcome::Ok {
+                name,
+                mode,
+                versions: (before, after),
+            }
+        }
         Err(e) => Outcome::Failed(format!("{e:#}")),
     }
 }
@@ -586,9 +612,13 @@ pub fn deploy(o: Opts) -> Result<()> {
     let mut failed = 0;
     for (t, r, done, _) in &outcomes {
         match r {
-            Outcome::Ok { name, mode } => match seen_at.get(name) {
+            Outcome::Ok {
+                name,
+                mode,
+                versions: (before, after),
+            } => match seen_at.get(name) {
                 Some(at) => println!(
-                    "ok      {name:<24} {:<28} {mode}, reporting {:.1} s after install",
+                    "ok      {name:<24} {:<28} {mode}, reporting {:.1} s after install; sensor {before} -> {after}",
                     t.label(),
                     at.saturating_duration_since(*done).as_secs_f64()
                 ),
