@@ -700,3 +700,65 @@ fn mixed_wire_versions_old_sensor_new_aggregator_and_new_sensor_old_aggregator()
         0
     );
 }
+
+/// A sensor upgraded while its spool holds batches the previous release wrote (version-1
+/// frames: `tests/data/spool-v1`, written by the sensor of commit 77408c3 while no
+/// aggregator was up, then stopped) delivers them: every second in them is stored once.
+#[test]
+fn an_upgraded_sensor_delivers_the_previous_release_spool() {
+    let d = Dir::new("old-spool");
+    certs(&d.0.join("certs"), &["upgraded"]);
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/spool-v1");
+    let spool = d.0.join("spool-upgraded");
+    std::fs::create_dir_all(&spool).unwrap();
+    // The seconds the old batches hold, read from their frames.
+    let mut want: Vec<u64> = Vec::new();
+    for e in std::fs::read_dir(&fixture).unwrap() {
+        let p = e.unwrap().path();
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::write(spool.join(p.file_name().unwrap()), &bytes).unwrap();
+        let at = bytes.windows(4).position(|w| w == b"SOND").unwrap();
+        assert_eq!(bytes[at + 4], 1, "{} is a version-1 frame", p.display());
+        let b = protocol::decode_batch(&bytes[at..], &protocol::Limits::default()).unwrap();
+        want.extend(b.snapshots.iter().map(|s| s.ts_ms / 1000));
+    }
+    want.sort();
+    assert!(want.len() >= 10, "{} old snapshots", want.len());
+    let cfg = d.0.join("keep.toml");
+    std::fs::write(&cfg, "[clickhouse]\nretention_days = 0\n").unwrap();
+    let agg = start_aggregator_with(
+        &d.0,
+        free_udp_port(),
+        "new",
+        &["--config", cfg.to_str().unwrap()],
+    );
+    let sensor_cfg = d.0.join("sensor.toml");
+    std::fs::write(&sensor_cfg, "[probes]\nenabled = false\n").unwrap();
+    let mut sensor = start_sensor(
+        &d.0,
+        &agg.quic,
+        "upgraded",
+        &["--config", sensor_cfg.to_str().unwrap()],
+    );
+    let (lo, hi) = (want[0], *want.last().unwrap());
+    let q = format!(
+        "SELECT toUInt32(ts) FROM sonde.cpu WHERE host = 'upgraded' AND cpu = 'total' \
+         AND ts >= toDateTime({lo}) AND ts <= toDateTime({hi}) ORDER BY ts"
+    );
+    wait_until("the old spool is stored", Duration::from_secs(30), || {
+        query(&agg, &q).lines().count() >= want.len()
+    });
+    assert!(sensor.stop().success());
+    let got: Vec<u64> = query(&agg, &q)
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    assert_eq!(got, want, "every old second once");
+    for e in std::fs::read_dir(&fixture).unwrap() {
+        let name = e.unwrap().file_name();
+        assert!(
+            !spool.join(&name).exists(),
+            "{name:?} was acknowledged but is still in the spool"
+        );
+    }
+}

@@ -40,6 +40,6 @@ pub fn host_info(proc: &str) -> HostInfo {
             .unwrap_or(1),
         memory_bytes,
         kernel_boot_id: read(&format!("{proc}/sys/kernel/random/boot_id")),
-        sensor_version: env!("CARGO_PKG_VERSION").to_string(),
+        sensor_version: crate::VERSION.clone(),
     }
 }
