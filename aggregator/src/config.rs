@@ -67,8 +67,14 @@ pub struct ClickHouseConfig {
     pub user: String,
     pub password: String,
     pub database: String,
-    /// Days of data kept (TTL on current servers, partition drops on old ones). 0 keeps everything.
+    /// Days raw (per-interval) rows are kept (TTL on current servers, day partition drops
+    /// on old ones). 0 keeps everything. Also the bookkeeping tables' retention.
     pub retention_days: u32,
+    /// Days the 1-minute rollup tier keeps (`cpu_1m`, ...). 0 keeps everything.
+    pub retention_1m_days: u32,
+    /// Days the 1-hour rollup tier keeps (`cpu_1h`, ...; month partitions on old
+    /// servers). 0 keeps everything.
+    pub retention_1h_days: u32,
     /// For the managed server: the binary and its base configuration.
     pub server_binary: String,
     pub server_config: PathBuf,
@@ -127,6 +133,8 @@ impl Default for ClickHouseConfig {
             password: String::new(),
             database: "sonde".into(),
             retention_days: 30,
+            retention_1m_days: 90,
+            retention_1h_days: 730,
             server_binary: "clickhouse-server".into(),
             server_config: "/etc/clickhouse-server/config.xml".into(),
             insert_max_rows: 500_000,

@@ -72,9 +72,15 @@ enum Cmd {
         /// Database name.
         #[arg(long, default_value = "sonde")]
         database: String,
-        /// Retention in days (TTL on current servers).
+        /// Retention of raw rows in days (TTL on current servers).
         #[arg(long, default_value_t = 30)]
         retention_days: u32,
+        /// Retention of the 1-minute tier in days.
+        #[arg(long, default_value_t = 90)]
+        retention_1m_days: u32,
+        /// Retention of the 1-hour tier in days.
+        #[arg(long, default_value_t = 730)]
+        retention_1h_days: u32,
     },
 }
 
@@ -142,11 +148,14 @@ fn real_main(cli: Cli) -> Result<()> {
             server_version,
             database,
             retention_days,
+            retention_1m_days,
+            retention_1h_days,
         } => {
             let ddl = schema::Ddl {
                 db: &database,
                 modern: schema::is_modern(&server_version),
                 retention_days,
+                tier_days: [retention_1m_days, retention_1h_days],
             };
             print!("{}", ddl.script(schema::SCHEMA_VERSION));
             Ok(())

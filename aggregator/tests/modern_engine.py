@@ -26,8 +26,18 @@ def main():
             s.query(st)
         except Exception as e:
             sys.exit(f"DDL failed on the current engine:\n{st}\n{e}")
-    tables = s.query("SELECT name FROM system.tables WHERE database = 'sonde' ORDER BY name", "TSV").data().split()
+    engines = dict(line.split("\t") for line in s.query(
+        "SELECT name, engine FROM system.tables WHERE database = 'sonde' ORDER BY name", "TSV").data().split("\n") if line)
+    tables = [t for t, e in engines.items() if e not in ("View", "MaterializedView", "AggregatingMergeTree")]
+    views = [t for t, e in engines.items() if e == "View"]
     print("tables", tables)
+    print("tier views", views)
+    for t, e in engines.items():
+        if e == "AggregatingMergeTree":
+            create = s.query(f"SHOW CREATE TABLE sonde.{t}", "TSV").data()
+            for want in ("LowCardinality", "CODEC", "TTL"):
+                if want not in create:
+                    sys.exit(f"modern DDL for tier table {t} lacks {want}:\n{create}")
     for t in tables:
         create = s.query(f"SHOW CREATE TABLE sonde.{t}", "TSV").data()
         if t in ("batches", "batch_intents", "gaps"):
@@ -56,6 +66,11 @@ def main():
             else:
                 exprs.append(f"to{typ.split('(')[0] if '(' not in typ else 'Float64'}(number % 97 + 1) AS {name}")
         s.query(f"INSERT INTO sonde.{t} SELECT {', '.join(exprs)} FROM numbers(600)")
+    for v in views:
+        # Fed by the materialized views on insert into the raw tables above.
+        n = s.query(f"SELECT count() FROM sonde.{v}", "TSV").data().strip()
+        if v.startswith("events") or n == "0":
+            sys.exit(f"tier view {v} has {n} rows after inserts into its raw table")
     queries = [b.split("```")[0].strip() for b in readme.split("```sql\n")[1:]]
     if len(queries) < 3:
         sys.exit("README has fewer than 3 SQL queries")

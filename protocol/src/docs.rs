@@ -154,7 +154,16 @@ pub fn reference() -> String {
                 "| {name} | {types} | {} | {} | {} | {}{since} |",
                 c.kind.name(),
                 c.unit,
-                c.kind.rollup().join(", "),
+                c.kind
+                    .rollup()
+                    .iter()
+                    .map(|r| if r.suffix.is_empty() {
+                        r.describe().to_string()
+                    } else {
+                        format!("`{}{}` {}", c.name, r.suffix, r.describe())
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 cell(c.doc)
             )
             .unwrap();

@@ -62,18 +62,83 @@ impl Kind {
         )
     }
 
-    /// How a coarser tier combines the values of one time bucket, as ClickHouse
-    /// aggregate functions (`c` stands for the column); empty for labels (they are
-    /// the grouping key) and for the row time.
-    pub fn rollup(self) -> &'static [&'static str] {
+    /// What a rollup tier keeps of a column over one time bucket: the tier's column
+    /// `<column><suffix>` is the ClickHouse aggregate `func` of the bucket's samples
+    /// (`argMax` is the last value, by time). Empty for labels (they are the grouping
+    /// key) and for the row time (tables with one are not rolled up).
+    pub fn rollup(self) -> &'static [Rollup] {
         match self {
-            Kind::Gauge => &["avg", "min", "max"],
-            Kind::Rate => &["avg", "max"],
-            Kind::Counter => &["sum"],
-            Kind::Capacity => &["max"],
-            Kind::Histogram => &["sumForEach"],
-            Kind::Text => &["any"],
+            Kind::Gauge => &[
+                Rollup {
+                    suffix: "",
+                    func: "avg",
+                },
+                Rollup {
+                    suffix: "_min",
+                    func: "min",
+                },
+                Rollup {
+                    suffix: "_max",
+                    func: "max",
+                },
+                Rollup {
+                    suffix: "_last",
+                    func: "argMax",
+                },
+            ],
+            // A rate times its interval is a count: `_total` is the exact number of
+            // events in the bucket at the default 1 s interval (multiply by the
+            // interval in seconds otherwise).
+            Kind::Rate => &[
+                Rollup {
+                    suffix: "",
+                    func: "avg",
+                },
+                Rollup {
+                    suffix: "_max",
+                    func: "max",
+                },
+                Rollup {
+                    suffix: "_total",
+                    func: "sum",
+                },
+            ],
+            Kind::Counter => &[Rollup {
+                suffix: "",
+                func: "sum",
+            }],
+            Kind::Capacity => &[Rollup {
+                suffix: "",
+                func: "max",
+            }],
+            // Buckets are sparse (only non-empty ones are stored): merged by bucket bound.
+            Kind::Histogram => &[Rollup {
+                suffix: "",
+                func: "sumMap",
+            }],
+            Kind::Text => &[Rollup {
+                suffix: "",
+                func: "any",
+            }],
             Kind::Label | Kind::Time => &[],
+        }
+    }
+}
+
+/// One aggregate of a column in a rollup tier (see [`Kind::rollup`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rollup {
+    pub suffix: &'static str,
+    pub func: &'static str,
+}
+
+impl Rollup {
+    /// How the docs name it: `last` for `argMax`.
+    pub fn describe(&self) -> &'static str {
+        match self.func {
+            "argMax" => "last",
+            "sumMap" => "sum per bucket",
+            f => f,
         }
     }
 }
@@ -211,6 +276,14 @@ pub struct TableDef {
     pub derived: &'static [Derived],
     /// Other accepted names for columns: (alias, column).
     pub aliases: &'static [(&'static str, &'static str)],
+}
+
+impl TableDef {
+    /// Whether the table has rollup tiers: every table but those whose rows carry their
+    /// own time (`events`: discrete, not a series).
+    pub fn rolled_up(&self) -> bool {
+        !self.columns.iter().any(|c| c.kind == Kind::Time)
+    }
 }
 
 /// A ClickHouse column of a table: name and kind, with the wire type it comes from.

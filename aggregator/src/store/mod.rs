@@ -4,6 +4,7 @@
 pub mod managed;
 pub mod rows;
 pub mod schema;
+pub mod tiers;
 pub mod writer;
 
 use crate::config::ClickHouseConfig;
@@ -114,6 +115,7 @@ pub struct Store {
     pub version: String,
     pub modern: bool,
     pub retention_days: u32,
+    pub tier_days: [u32; 2],
 }
 
 pub fn client(url: &str, cfg: &ClickHouseConfig) -> Client {
@@ -143,6 +145,7 @@ impl Store {
             version: version.clone(),
             modern,
             retention_days: cfg.retention_days,
+            tier_days: [cfg.retention_1m_days, cfg.retention_1h_days],
         };
         c.query(&format!("CREATE DATABASE IF NOT EXISTS {}", cfg.database))
             .execute()
@@ -189,6 +192,7 @@ impl Store {
             db: &self.db,
             modern: self.modern,
             retention_days: self.retention_days,
+            tier_days: self.tier_days,
         }
     }
 

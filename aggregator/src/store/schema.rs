@@ -43,6 +43,8 @@ pub struct Ddl<'a> {
     pub db: &'a str,
     pub modern: bool,
     pub retention_days: u32,
+    /// Days the 1-minute and 1-hour tiers keep (see `tiers.rs`); 0 keeps everything.
+    pub tier_days: [u32; 2],
 }
 
 impl Ddl<'_> {
@@ -199,6 +201,10 @@ impl Ddl<'_> {
                     }
                 }
                 stmts.extend(extra);
+                stmts.extend(self.tier_migration(v));
+                if v == super::tiers::TIERS_SINCE {
+                    named.insert(0, "rollup tiers 1m and 1h".into());
+                }
                 let name = if name.is_empty() {
                     named.join(", ")
                 } else {
@@ -237,10 +243,10 @@ impl Ddl<'_> {
     }
 }
 
-/// The newest migration: 4 (the last hand-written one) or the highest `since` of a declared
+/// The newest migration: 6 (the rollup tiers) or the highest `since` of a declared
 /// table or column.
 pub const SCHEMA_VERSION: u32 = {
-    let mut v = 4;
+    let mut v = super::tiers::TIERS_SINCE;
     let mut i = 0;
     while i < TABLES.len() {
         if TABLES[i].since > v {
@@ -277,6 +283,7 @@ mod tests {
             db: "sonde",
             modern: false,
             retention_days: 30,
+            tier_days: [90, 730],
         };
         for (_, _, stmts) in d.migrations() {
             for s in stmts {
@@ -290,6 +297,7 @@ mod tests {
             db: "sonde",
             modern: true,
             retention_days: 30,
+            tier_days: [90, 730],
         };
         let cpu = m.metric_table(TABLES[0]);
         assert!(
@@ -306,6 +314,7 @@ mod tests {
             db: "sonde",
             modern: false,
             retention_days: 0,
+            tier_days: [0, 0],
         };
         let m = d.migrations();
         let v5 = m.iter().find(|x| x.0 == 5).expect("migration 5");
@@ -337,6 +346,7 @@ mod tests {
                 db: "sonde",
                 modern: is_modern(version),
                 retention_days: 30,
+                tier_days: [90, 730],
             };
             // The same statements (the order of independent CREATEs inside one migration
             // follows the declarations and may differ from that release's).
@@ -362,6 +372,7 @@ mod tests {
             db: "s",
             modern: false,
             retention_days: 0,
+            tier_days: [0, 0],
         };
         let ddl: String = TABLES.iter().map(|t| d.metric_table(t)).collect();
         for want in [
@@ -406,6 +417,7 @@ mod tests {
             db: "x",
             modern: false,
             retention_days: 0,
+            tier_days: [0, 0],
         };
         let m = d.migrations();
         assert!(m.windows(2).all(|w| w[0].0 < w[1].0));
