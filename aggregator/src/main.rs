@@ -81,6 +81,10 @@ enum Cmd {
         /// Retention of the 1-hour tier in days.
         #[arg(long, default_value_t = 730)]
         retention_1h_days: u32,
+        /// Stop after this schema migration (default: the newest) — the database an
+        /// earlier release created.
+        #[arg(long, value_name = "N")]
+        upto: Option<u32>,
     },
 }
 
@@ -150,6 +154,7 @@ fn real_main(cli: Cli) -> Result<()> {
             retention_days,
             retention_1m_days,
             retention_1h_days,
+            upto,
         } => {
             let ddl = schema::Ddl {
                 db: &database,
@@ -157,7 +162,14 @@ fn real_main(cli: Cli) -> Result<()> {
                 retention_days,
                 tier_days: [retention_1m_days, retention_1h_days],
             };
-            print!("{}", ddl.script(schema::SCHEMA_VERSION));
+            let upto = upto.unwrap_or(schema::SCHEMA_VERSION);
+            if upto > schema::SCHEMA_VERSION {
+                anyhow::bail!(
+                    "--upto {upto}: this build's newest schema migration is {}",
+                    schema::SCHEMA_VERSION
+                );
+            }
+            print!("{}", ddl.script(upto));
             Ok(())
         }
         Cmd::CheckRules { file } => {
@@ -376,6 +388,17 @@ async fn run(cfg: Config) -> Result<()> {
     let mut retention_handle = store.clone();
     let retention = tokio::spawn(async move {
         let retention_store = retention_handle.wait().await;
+        // Tiers created by this start's migration are filled from the raw rows stored
+        // before they existed (retried after a minute on failure; resumes after a restart).
+        loop {
+            match retention_store.backfill_tiers().await {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "rollup tier backfill failed; retrying in 60 s");
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+            }
+        }
         loop {
             if let Err(e) = retention_store.drop_old_partitions().await {
                 tracing::warn!(error = %e, "retention pass failed");

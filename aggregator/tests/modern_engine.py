@@ -6,6 +6,7 @@ Usage: modern_engine.py DDL_FILE README.md
 Exits non-zero naming the statement that failed."""
 import sys
 import tempfile
+import time
 
 from chdb import session
 
@@ -13,6 +14,44 @@ LABELS = {"cpu": "total", "resource": "memory", "device": "vda", "interface": "e
           "mount": "/", "fstype": "ext4", "sensor_boot_id": "b1", "source": "runqueue",
           "unit": "us", "kind": "oom_kill", "state": "resolved", "severity": "critical",
           "rule": "cpu busy"}
+
+
+def check_known_series(s):
+    """The tiers of a chosen series hold exactly its per-minute/hour aggregates, also when
+    its rows arrive in several late, out-of-order blocks (same series as tests/tiers.rs)."""
+    t0 = (int(time.time()) // 3600 - 3) * 3600  # recent: older rows fall to the TTLs
+    n = 7200
+    keep = "NOT (number % 600 >= 100 AND number % 600 < 130)"
+    for part in ("number >= 3600", "number < 3600 AND number % 2 = 1", "number < 3600 AND number % 2 = 0"):
+        s.query(f"INSERT INTO sonde.cpu (ts, host, cpu, user) SELECT toDateTime({t0} + number), 'k', 'total', "
+                f"((number * 37) % 101) / 4 FROM numbers({n}) WHERE {keep} AND ({part})")
+        s.query(f"INSERT INTO sonde.latency (ts, host, source, unit, count, sum, bucket_upper, bucket_count) "
+                f"SELECT toDateTime({t0} + number), 'k', 'runqueue', 'us', 1, number, [1, pow(2, 1 + number % 5), 1024], "
+                f"[1 + number % 3, 2, 1 + number % 7] FROM numbers({n}) WHERE {part}")
+    for tier, width in (("1m", 60), ("1h", 3600)):
+        want = {}
+        for i in range(n):
+            if 100 <= i % 600 < 130:
+                continue
+            v = ((i * 37) % 101) / 4
+            b = want.setdefault(i // width, [])
+            b.append(v)
+        rows = s.query(f"SELECT toUInt32(ts), samples, user, user_min, user_max, user_last FROM sonde.cpu_{tier} "
+                       f"WHERE host = 'k' ORDER BY ts", "TSV").data().strip().split("\n")
+        if len(rows) != len(want):
+            sys.exit(f"cpu_{tier}: {len(rows)} buckets, want {len(want)}")
+        for line in rows:
+            f = [float(x) for x in line.split("\t")]
+            v = want[(int(f[0]) - t0) // width]
+            exp = [len(v), sum(v) / len(v), min(v), max(v), v[-1]]
+            if any(abs(a - b) > 1e-6 for a, b in zip(f[1:], exp)):
+                sys.exit(f"cpu_{tier} bucket {line} != expected {exp}")
+        rng = f"host = 'k' AND ts >= {t0} AND ts < {t0 + n}"
+        raw = s.query(f"SELECT sumMap(bucket_upper, bucket_count) FROM sonde.latency WHERE {rng}", "TSV").data()
+        got = s.query(f"SELECT sumMap(bucket_upper, bucket_count) FROM sonde.latency_{tier} WHERE {rng}", "TSV").data()
+        if raw != got:
+            sys.exit(f"latency_{tier} buckets {got} != raw {raw}")
+    print("known series: tiers exact on the current engine")
 
 
 def main():
@@ -71,6 +110,7 @@ def main():
         n = s.query(f"SELECT count() FROM sonde.{v}", "TSV").data().strip()
         if v.startswith("events") or n == "0":
             sys.exit(f"tier view {v} has {n} rows after inserts into its raw table")
+    check_known_series(s)
     queries = [b.split("```")[0].strip() for b in readme.split("```sql\n")[1:]]
     if len(queries) < 3:
         sys.exit("README has fewer than 3 SQL queries")

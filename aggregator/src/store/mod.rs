@@ -169,6 +169,12 @@ impl Store {
                 continue;
             }
             tracing::info!(version = v, name = %name, "applying schema migration");
+            if v == tiers::TIERS_SINCE {
+                // Ingest is held while migrations run: what the raw tables hold now is
+                // exactly what the new tiers' views will not see. Keep it aside for the
+                // background backfill (hard links, instant).
+                store.snapshot_for_backfill().await?;
+            }
             for s in stmts {
                 c.query(&s)
                     .execute()
@@ -179,6 +185,7 @@ impl Store {
                 .execute()
                 .await?;
         }
+        store.apply_ttl().await?;
         tracing::info!(%version, modern, database = %cfg.database, schema = SCHEMA_VERSION, "ClickHouse schema current");
         // Inserts name tables without the database.
         Ok(Store {
@@ -434,33 +441,271 @@ impl Store {
         Ok(rows.into_iter().map(|r| (r.host, r.first)).collect())
     }
 
-    /// Retention on servers without TTL: drop day partitions older than the limit.
-    pub async fn drop_old_partitions(&self) -> Result<usize> {
-        if self.modern || self.retention_days == 0 {
-            return Ok(0);
-        }
+    /// Active partitions of the given tables: (table, partition as printed).
+    async fn partitions(&self, tables: &[String]) -> Result<Vec<(String, String)>> {
         #[derive(Row, Deserialize)]
         struct P {
             table: String,
             partition: String,
         }
-        let tables: Vec<String> = schema::partitioned_tables()
-            .map(|t| format!("'{t}'"))
+        if tables.is_empty() {
+            return Ok(Vec::new());
+        }
+        let q = "SELECT DISTINCT table, partition FROM system.parts WHERE database = ? AND active \
+             AND has(?, table) ORDER BY table, partition";
+        let parts: Vec<P> = self
+            .client
+            .query(q)
+            .bind(&self.db)
+            .bind(tables)
+            .fetch_all()
+            .await
+            .context("listing partitions")?;
+        Ok(parts.into_iter().map(|p| (p.table, p.partition)).collect())
+    }
+
+    /// The tier backfill copies: (raw table, tier, `<table>_backfill_<tier>`).
+    fn backfill_copies() -> Vec<(&'static protocol::tables::TableDef, tiers::Tier, String)> {
+        tiers::tier_tables()
+            .map(|(t, tier, _)| (t, tier, format!("{}_backfill_{}", t.name, tier.name)))
+            .collect()
+    }
+
+    /// Copies every raw table that gets tiers into `<table>_backfill_<tier>`, one copy per
+    /// tier (partition by partition, as hard links: instant, no extra space).
+    /// [`Store::backfill_tiers`] aggregates the copies into the tiers in the background.
+    async fn snapshot_for_backfill(&self) -> Result<()> {
+        let raw: Vec<String> = protocol::TABLES
+            .iter()
+            .filter(|t| t.rolled_up())
+            .map(|t| t.name.to_string())
             .collect();
-        let q = format!(
-            "SELECT DISTINCT table, partition FROM system.parts WHERE database = '{}' AND active \
-             AND table IN ({}) AND toDate(partition) < today() - {}",
-            self.db,
-            tables.join(","),
-            self.retention_days
+        let parts = self.partitions(&raw).await?;
+        let db = &self.db;
+        for (t, _, copy) in Self::backfill_copies() {
+            let t = t.name;
+            let mine: Vec<&String> = parts
+                .iter()
+                .filter(|(pt, _)| pt == t)
+                .map(|(_, p)| p)
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            self.client
+                .query(&format!(
+                    "CREATE TABLE IF NOT EXISTS {db}.{copy} AS {db}.{t}"
+                ))
+                .execute()
+                .await
+                .with_context(|| format!("creating {copy}"))?;
+            for p in &mine {
+                self.client
+                    .query(&format!(
+                        "ALTER TABLE {db}.{copy} REPLACE PARTITION '{p}' FROM {db}.{t}"
+                    ))
+                    .execute()
+                    .await
+                    .with_context(|| {
+                        format!("copying partition {p} of {t} for the tier backfill")
+                    })?;
+            }
+            tracing::info!(table = %t, %copy, days = mine.len(), "rollup tiers: raw rows kept aside for the backfill");
+        }
+        Ok(())
+    }
+
+    /// Fills the tiers from the raw rows stored before they existed (the copies made by
+    /// migration 6), one day of one table and tier at a time, logging progress; ingest
+    /// goes on meanwhile (new rows reach the tiers through their views). A day leaves its
+    /// copy as soon as its tier rows are written, so a restart resumes where this
+    /// stopped (only a crash between that insert and that drop would count the day
+    /// twice in that tier). Returns the raw rows aggregated.
+    pub async fn backfill_tiers(&self) -> Result<u64> {
+        let copies = Self::backfill_copies();
+        let names: Vec<String> = copies.iter().map(|c| c.2.clone()).collect();
+        let present: Vec<String> = self
+            .client
+            .query("SELECT name FROM system.tables WHERE database = ? AND has(?, name)")
+            .bind(&self.db)
+            .bind(&names)
+            .fetch_all()
+            .await
+            .context("looking for tier backfill copies")?;
+        if present.is_empty() {
+            return Ok(0);
+        }
+        let parts = self.partitions(&present).await?;
+        let total = parts.len();
+        tracing::info!(
+            copies = present.len(),
+            chunks = total,
+            "rollup tiers: backfilling from raw rows stored before the tiers existed"
         );
-        let parts: Vec<P> = self.client.query(&q).fetch_all().await?;
+        let started = std::time::Instant::now();
+        let mut rows_done = 0u64;
+        let db = &self.db;
+        let ddl = self.ddl();
+        for (i, (copy, p)) in parts.iter().enumerate() {
+            let (t, tier, _) = copies.iter().find(|c| c.2 == *copy).expect("a known copy");
+            let filter = format!("toDate(ts) = toDate('{p}')");
+            let rows: u64 = self
+                .client
+                .query(&format!("SELECT count() FROM {db}.{copy} WHERE {filter}"))
+                .fetch_one()
+                .await?;
+            let sql = format!(
+                "INSERT INTO {db}.{}_{}_agg ({}) {}",
+                t.name,
+                tier.name,
+                ddl.tier_columns(t, SCHEMA_VERSION),
+                ddl.tier_select(t, tier, SCHEMA_VERSION, copy, &filter)
+            );
+            self.client
+                .query(&sql)
+                .execute()
+                .await
+                .with_context(|| format!("tier backfill of {} {p} into {}", t.name, tier.name))?;
+            self.client
+                .query(&format!("ALTER TABLE {db}.{copy} DROP PARTITION '{p}'"))
+                .execute()
+                .await?;
+            rows_done += rows;
+            tracing::info!(
+                table = t.name,
+                tier = tier.name,
+                day = %p,
+                rows,
+                progress = format!("{}/{total}", i + 1),
+                elapsed_s = started.elapsed().as_secs(),
+                "rollup tiers: backfilled"
+            );
+        }
+        for copy in &present {
+            self.client
+                .query(&format!("DROP TABLE IF EXISTS {db}.{copy}"))
+                .execute()
+                .await?;
+        }
+        tracing::info!(
+            raw_rows = rows_done,
+            chunks = total,
+            secs = started.elapsed().as_secs(),
+            "rollup tiers: backfill done"
+        );
+        Ok(rows_done)
+    }
+
+    /// Every table with a retention: (table, time column, days, monthly partitions).
+    fn retained_tables(&self) -> Vec<(String, &'static str, u32, bool)> {
+        let mut v: Vec<(String, &'static str, u32, bool)> = schema::partitioned_tables()
+            .map(|t| {
+                let col = match t {
+                    "batches" => "received",
+                    "gaps" => "from_ts",
+                    "batch_intents" => "created",
+                    _ => "ts",
+                };
+                (t.to_string(), col, self.retention_days, false)
+            })
+            .collect();
+        let ddl = self.ddl();
+        for (_, tier, name) in tiers::tier_tables() {
+            v.push((name, "bucket", ddl.tier_days(&tier), tier.monthly()));
+        }
+        v
+    }
+
+    /// On current servers, makes each table's TTL what the configuration says (a changed
+    /// retention applies on the next start; ClickHouse rewrites the parts it affects).
+    async fn apply_ttl(&self) -> Result<()> {
+        if !self.modern {
+            return Ok(());
+        }
+        #[derive(Row, Deserialize)]
+        struct T {
+            name: String,
+            engine_full: String,
+        }
+        let have: Vec<T> = self
+            .client
+            .query("SELECT name, engine_full FROM system.tables WHERE database = ?")
+            .bind(&self.db)
+            .fetch_all()
+            .await
+            .context("reading table TTLs")?;
+        for (table, col, days, _) in self.retained_tables() {
+            let Some(t) = have.iter().find(|t| t.name == table) else {
+                continue;
+            };
+            let current = t
+                .engine_full
+                .split(" TTL ")
+                .nth(1)
+                .and_then(|x| x.split("toIntervalDay(").nth(1))
+                .and_then(|x| x.split(')').next())
+                .and_then(|x| x.parse::<u32>().ok())
+                .unwrap_or(0);
+            if current == days {
+                continue;
+            }
+            let sql = if days == 0 {
+                format!("ALTER TABLE {}.{table} REMOVE TTL", self.db)
+            } else {
+                format!(
+                    "ALTER TABLE {}.{table} MODIFY TTL {col} + INTERVAL {days} DAY",
+                    self.db
+                )
+            };
+            tracing::info!(%table, from_days = current, to_days = days, "retention changed: applying the new TTL");
+            self.client
+                .query(&sql)
+                .execute()
+                .await
+                .with_context(|| format!("changing the retention of {table}"))?;
+        }
+        Ok(())
+    }
+
+    /// Retention on servers without TTL: drop day (or, for the 1-hour tier, month)
+    /// partitions wholly older than each table's limit.
+    pub async fn drop_old_partitions(&self) -> Result<usize> {
+        if self.modern {
+            return Ok(0);
+        }
+        let tables = self.retained_tables();
+        let names: Vec<String> = tables
+            .iter()
+            .filter(|t| t.2 > 0)
+            .map(|t| t.0.clone())
+            .collect();
+        let today = (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+            / 86400) as i64;
+        struct P {
+            table: String,
+            partition: String,
+        }
+        let parts: Vec<P> = self
+            .partitions(&names)
+            .await?
+            .into_iter()
+            .filter(|(t, p)| {
+                let (_, _, days, monthly) = tables.iter().find(|x| &x.0 == t).unwrap();
+                partition_expired(p, *monthly, *days, today)
+            })
+            .map(|(table, partition)| P { table, partition })
+            .collect();
         for p in &parts {
             tracing::info!(table = %p.table, partition = %p.partition, "retention: dropping partition");
             self.client
                 .query(&format!(
-                    "ALTER TABLE {}.{} DROP PARTITION '{}'",
-                    self.db, p.table, p.partition
+                    "ALTER TABLE {}.{} DROP PARTITION {}",
+                    self.db,
+                    p.table,
+                    partition_literal(&p.partition)
                 ))
                 .execute()
                 .await?;
@@ -531,9 +776,77 @@ impl Dedup {
     }
 }
 
+/// A partition value as SQL: a month (`toYYYYMM`, a number) bare, a day quoted.
+fn partition_literal(p: &str) -> String {
+    if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) {
+        p.to_string()
+    } else {
+        format!("'{}'", p.replace(['\\', '\''], ""))
+    }
+}
+
+/// Days since 1970-01-01 of a civil date.
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146097 + doe - 719468
+}
+
+/// Whether every row of a partition (`YYYY-MM-DD` day, or `YYYYMM` month) is older than
+/// `days` before `today` (days since the epoch). Unknown names are kept.
+fn partition_expired(p: &str, monthly: bool, days: u32, today: i64) -> bool {
+    if days == 0 {
+        return false;
+    }
+    let num = |s: &str| s.parse::<i64>().ok();
+    // First day after the partition.
+    let end = if monthly {
+        match (p.get(0..4).and_then(num), p.get(4..6).and_then(num)) {
+            (Some(y), Some(m)) if p.len() == 6 => {
+                if m == 12 {
+                    days_from_civil(y + 1, 1, 1)
+                } else {
+                    days_from_civil(y, m + 1, 1)
+                }
+            }
+            _ => return false,
+        }
+    } else {
+        let f: Vec<Option<i64>> = p.split('-').map(num).collect();
+        match f.as_slice() {
+            [Some(y), Some(m), Some(d)] => days_from_civil(*y, *m, *d) + 1,
+            _ => return false,
+        }
+    };
+    end <= today - days as i64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partitions_expire_whole() {
+        let today = days_from_civil(2026, 11, 30);
+        assert_eq!(days_from_civil(1970, 1, 1), 0);
+        // Day partitions: 30 days kept means 2026-10-31 and later stay.
+        assert!(partition_expired("2026-10-30", false, 30, today));
+        assert!(!partition_expired("2026-10-31", false, 30, today));
+        // Month partitions go only when their last day is past the limit.
+        // September's last day is 61 days back.
+        assert!(partition_expired("202609", true, 60, today));
+        assert!(!partition_expired("202609", true, 61, today));
+        assert!(!partition_expired("202610", true, 40, today));
+        assert!(!partition_expired("202612", true, 730, today));
+        assert!(partition_expired("202410", true, 730, today));
+        assert!(!partition_expired("202411", true, 730, today));
+        assert!(!partition_expired("garbage", false, 1, today));
+        assert!(!partition_expired("2020-01-01", false, 0, today));
+    }
 
     #[test]
     fn seq_window() {
