@@ -82,6 +82,8 @@ fn aggregator_started_before_clickhouse_waits_and_loses_nothing() {
     assert!(rows >= 25, "only {rows} seconds");
     assert_eq!(dups, 0, "duplicated samples");
     assert!(holes.is_empty(), "missing samples {holes:?}");
+    // Late batches (held 20 s) joined their minute's state in the tiers, once.
+    assert_tiers_agree(&ch, "o1");
     drop(agg);
 }
 
@@ -231,6 +233,25 @@ fn report(name: &str, host: &str, ch: &Ch) -> (u64, Vec<(u64, u64)>, u64) {
     (rows, holes, dups)
 }
 
+/// The rollup tiers saw every stored second once: per minute and per hour, the tier's
+/// `samples` equal the raw rows (a resent or recovered batch counted twice in a tier, or a
+/// late one missed, shows here).
+fn assert_tiers_agree(ch: &Ch, host: &str) {
+    for (tier, f) in [("1m", "toStartOfMinute"), ("1h", "toStartOfHour")] {
+        let raw = ch.q(&format!(
+            "SELECT toUInt32({f}(ts)) AS b, count() FROM sonde.cpu WHERE host = '{host}' AND cpu = 'total' GROUP BY b ORDER BY b FORMAT TabSeparated"
+        ));
+        let tier_rows = ch.q(&format!(
+            "SELECT toUInt32(ts), samples FROM sonde.cpu_{tier} WHERE host = '{host}' AND cpu = 'total' ORDER BY ts FORMAT TabSeparated"
+        ));
+        assert!(!raw.trim().is_empty(), "{host}: no rows");
+        assert_eq!(
+            tier_rows, raw,
+            "{host}: cpu_{tier} samples differ from the raw rows per bucket"
+        );
+    }
+}
+
 /// Waits until the aggregator has stored at least `want_batches` batches since it started.
 fn wait_drained(http: &str, want_batches: u64, timeout: Duration) {
     wait_until("batches stored", timeout, || {
@@ -275,6 +296,7 @@ fn aggregator_killed_repeatedly_three_sensors_nothing_missing_or_doubled() {
         assert!(rows >= 60, "{h}: only {rows} seconds stored");
         assert_eq!(dups, 0, "{h}: duplicated samples");
         assert!(holes.is_empty(), "{h}: missing samples {holes:?}");
+        assert_tiers_agree(&ch, h);
     }
     let dup_batches = ch.q("SELECT count() FROM (SELECT host, sensor_boot_id, seq FROM sonde.batches GROUP BY host, sensor_boot_id, seq HAVING count() > 1)");
     assert_eq!(dup_batches.trim(), "0", "a batch recorded twice");
@@ -329,6 +351,7 @@ fn clickhouse_down_for_a_minute_nothing_missing_memory_bounded() {
         assert!(rows >= 70, "{h}: only {rows} seconds");
         assert_eq!(dups, 0, "{h}: duplicated samples");
         assert!(holes.is_empty(), "{h}: missing samples {holes:?}");
+        assert_tiers_agree(&ch, h);
     }
     drop(agg);
 }
