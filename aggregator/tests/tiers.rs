@@ -306,6 +306,69 @@ fn tiers_hold_exact_aggregates_from_backfill_and_live_inserts_and_keep_their_ret
         }
     }
 
+    // Backtest over a tier: one sample per bucket, the bucket's average.
+    let rules = d.0.join("rules.toml");
+    std::fs::write(
+        &rules,
+        "[[rule]]\nname = \"busy\"\nkind = \"threshold\"\nseries = \"cpu.busy\"\nlabels = { cpu = \"total\" }\nwarning = 99\n",
+    )
+    .unwrap();
+    let ports = std::fs::read_to_string(agg.data.join("clickhouse/ports")).unwrap();
+    let http_port = ports
+        .lines()
+        .find_map(|l| l.strip_prefix("http_port="))
+        .unwrap();
+    for (tier, want) in [
+        ("1m", expected(60)),
+        ("1h", expected(3600)),
+        ("raw", expected(1)),
+    ] {
+        let scores = d.0.join(format!("scores-{tier}.csv"));
+        let out = std::process::Command::new(bin("aggregator"))
+            .arg("backtest")
+            .arg("--rules")
+            .arg(&rules)
+            .args([
+                "--host",
+                "live",
+                "--from",
+                &t0.to_string(),
+                "--to",
+                &(t0 + SECONDS).to_string(),
+            ])
+            .args([
+                "--tier",
+                tier,
+                "--clickhouse-url",
+                &format!("http://127.0.0.1:{http_port}"),
+            ])
+            .arg("--scores")
+            .arg(&scores)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "backtest --tier {tier}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let csv = std::fs::read_to_string(&scores).unwrap();
+        let rows: Vec<&str> = csv.lines().skip(1).collect();
+        assert_eq!(
+            rows.len(),
+            want.len(),
+            "backtest --tier {tier}: one sample per bucket"
+        );
+        // cpu.busy = 100 - idle; idle was 100 - user, so busy is the bucket's user average.
+        for (row, w) in rows.iter().zip(want.values()) {
+            let value: f64 = row.split(',').nth(4).unwrap().parse().unwrap();
+            assert!(
+                (value - w.avg).abs() < 1e-3,
+                "backtest --tier {tier}: {row} vs avg {}",
+                w.avg
+            );
+        }
+    }
+
     // Retention (18.16: partition drops, run after the backfill): raw keeps 30 days, the
     // minute tier 90, the hour tier 730.
     wait_until("raw retention", Duration::from_secs(30), || {

@@ -29,6 +29,11 @@ pub struct Args {
     /// ClickHouse HTTP URL (default: the config's; needed when the config uses a managed server).
     #[arg(long, value_name = "URL")]
     pub clickhouse_url: Option<String>,
+    /// Read ClickHouse history from a rollup tier instead of the raw rows: `1m` or `1h`
+    /// (one sample per bucket: a gauge's or rate's average, a counter's sum, histograms
+    /// merged), for ranges longer than the raw retention or faster over weeks.
+    #[arg(long, value_name = "TIER", default_value = "raw", value_parser = ["raw", "1m", "1h"])]
+    pub tier: String,
     /// Write one row per input sample and rule (timestamp,rule,host,labels,value,score,norm;
     /// warm-up rows included with score 0 and norm 0) to this CSV.
     #[arg(long, value_name = "OUT.csv")]
@@ -164,6 +169,18 @@ pub async fn clickhouse_samples(args: &Args, cfg: &Config, rules: &[Rule]) -> Re
     }
     let db = &cfg.clickhouse.database;
     let client = reqwest::Client::new();
+    // On 18.x servers a view's WHERE reaches its table only with this setting.
+    let url = if args.tier == "raw" {
+        url
+    } else {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{sep}enable_optimize_predicate_expression=1")
+    };
+    let suffix = if args.tier == "raw" {
+        String::new()
+    } else {
+        format!("_{}", args.tier)
+    };
     let mut out = Vec::new();
     for (ri, r) in rules.iter().enumerate() {
         let Some(spec) = &r.series else { continue };
@@ -182,7 +199,7 @@ pub async fn clickhouse_samples(args: &Args, cfg: &Config, rules: &[Rule]) -> Re
         if let SeriesSpec::Latency { .. } = spec {
             // Rebuild the histograms and let the live code compute the statistic.
             let sql = format!(
-                "SELECT toUInt32(ts), source, unit, count, sum, bucket_upper, bucket_count FROM {db}.latency WHERE {window} ORDER BY ts FORMAT TabSeparated"
+                "SELECT toUInt32(ts), source, unit, count, sum, bucket_upper, bucket_count FROM {db}.latency{suffix} WHERE {window} ORDER BY ts FORMAT TabSeparated"
             );
             let text = ch(&client, &url, cfg, &sql).await?;
             for line in text.lines() {
@@ -229,7 +246,7 @@ pub async fn clickhouse_samples(args: &Args, cfg: &Config, rules: &[Rule]) -> Re
             .map(|l| format!(", toString(`{l}`)"))
             .collect();
         let sql = format!(
-            "SELECT toUInt32(ts){label_sql}, toFloat64({expr}) FROM {db}.{table} WHERE {window} ORDER BY ts FORMAT TabSeparated"
+            "SELECT toUInt32(ts){label_sql}, toFloat64({expr}) FROM {db}.{table}{suffix} WHERE {window} ORDER BY ts FORMAT TabSeparated"
         );
         let text = ch(&client, &url, cfg, &sql).await?;
         for line in text.lines() {
