@@ -62,6 +62,11 @@ enum Cmd {
     /// xtask/scripts/inject-incidents.sh); the synthetic part is generated from fixed seeds.
     /// `cargo xtask detect-eval` runs this and writes docs/DETECTION.md.
     Evaluate(sonde_aggregator::detect::eval::Args),
+    /// Store a `sensor record` file in ClickHouse under a host name, through the same insert
+    /// path as live batches (its rollup tiers fill too): offline analysis of a recorded
+    /// host, or real data for trying queries and the console. Importing the same file twice
+    /// is refused.
+    Import(sonde_aggregator::store::import::Args),
     /// Print the built-in default rules (a starting point for your own rules file).
     DefaultRules,
     /// Print the DDL this build would create, for a given server version.
@@ -199,6 +204,10 @@ fn real_main(cli: Cli) -> Result<()> {
             print!("{}", sonde_aggregator::detect::DEFAULT_RULES);
             Ok(())
         }
+        Cmd::Import(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(sonde_aggregator::store::import::run(args, &cfg)),
         Cmd::Backtest(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?

@@ -132,7 +132,13 @@ pub fn reference() -> String {
                     sc.name == c.name
                         || (c.kind == Kind::Histogram && sc.name.starts_with("bucket_"))
                 })
-                .map(|sc| format!("`{}` / `{}`", sc.ch_type(false), sc.ch_type(true)))
+                .map(|sc| {
+                    format!(
+                        "`{}` / `{}`",
+                        sc.ch_type(false),
+                        sc.ch_type_at(true, u32::MAX)
+                    )
+                })
                 .collect();
             let name = if c.kind == Kind::Histogram {
                 "`bucket_upper`, `bucket_count`".to_string()

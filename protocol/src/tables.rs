@@ -278,6 +278,10 @@ pub struct TableDef {
     pub aliases: &'static [(&'static str, &'static str)],
 }
 
+/// The schema migration that moved value columns on current servers to the codecs chosen
+/// by measurement (see [`StoredColumn::ch_type_at`]).
+pub const CODECS_SINCE: u32 = 7;
+
 impl TableDef {
     /// Whether the table has rollup tiers: every table but those whose rows carry their
     /// own time (`events`: discrete, not a series).
@@ -297,8 +301,27 @@ pub struct StoredColumn {
 }
 
 impl StoredColumn {
+    /// The ClickHouse type a column has after schema migration `migration`: from
+    /// [`CODECS_SINCE`] on, current servers compress values with the codecs chosen by
+    /// measurement on a recorded host (docs/STORAGE.md: plain ZSTD(3) beat Gorilla and T64
+    /// for gauges and capacities; T64 stays for counters); before it, as [`Self::ch_type`].
+    pub fn ch_type_at(&self, modern: bool, migration: u32) -> &'static str {
+        if !modern || migration < CODECS_SINCE {
+            return self.ch_type(modern);
+        }
+        match (self.kind, self.wire) {
+            (Kind::Label | Kind::Time | Kind::Text, _) => self.ch_type(modern),
+            (Kind::Counter, WireType::U32) => "UInt32 CODEC(T64, ZSTD(1))",
+            (Kind::Counter, WireType::U64) => "UInt64 CODEC(T64, ZSTD(1))",
+            (_, WireType::F32) => "Float32 CODEC(ZSTD(3))",
+            (_, WireType::U32) => "UInt32 CODEC(ZSTD(3))",
+            (_, WireType::U64) => "UInt64 CODEC(ZSTD(3))",
+            _ => self.ch_type(modern),
+        }
+    }
+
     /// The ClickHouse type on an old (18.x: plain types) or current (≥ 20.3: labels
-    /// LowCardinality, codecs per value type) server.
+    /// LowCardinality, codecs per value type) server, as the first migrations created it.
     pub fn ch_type(&self, modern: bool) -> &'static str {
         let string_label = self.kind == Kind::Label && (self.wire == WireType::Str || self.mapped);
         match (self.kind, self.wire, modern) {

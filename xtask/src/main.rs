@@ -54,6 +54,11 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Measure storage on real data: the detection corpus's recorded host stored through the
+    /// live insert path, bytes per sample for raw rows and each rollup tier on ClickHouse
+    /// 18.16 and a current engine (chdb-core), and a codec study per column kind. Writes
+    /// docs/STORAGE.md (`cargo xtask bench` reports the same section).
+    Storage,
     /// Measure detection quality: every detector kind and the default rules over the
     /// labelled corpus (aggregator/corpus: a recording of a real host with injected
     /// incidents, plus generated synthetic series), through the live engine. Prints the
@@ -192,6 +197,7 @@ fn main() {
             .targets()
             .and_then(|t| deploy::undeploy(t, fleet.identity, fleet.ssh_options, fleet.parallel)),
         Cmd::Bench { quick } => bench::run_bench(quick),
+        Cmd::Storage => bench::run_storage(),
         Cmd::Docs { check } => docs::run(&setup::root(), check),
         Cmd::DetectEval {
             record,

@@ -1,6 +1,7 @@
 //! Store stage: the ClickHouse schema (created and migrated on start),
 //! batched inserts, duplicate suppression and retention.
 
+pub mod import;
 pub mod managed;
 pub mod rows;
 pub mod schema;

@@ -63,7 +63,7 @@ impl Ddl<'_> {
             .stored_columns()
             .iter()
             .filter(|c| c.since == 0)
-            .map(|c| format!("    `{}` {}", c.name, c.ch_type(self.modern)))
+            .map(|c| format!("    `{}` {}", c.name, c.ch_type_at(self.modern, t.since)))
             .collect();
         let mut order = vec!["host"];
         order.extend_from_slice(t.key);
@@ -172,6 +172,10 @@ impl Ddl<'_> {
                     "gaps, batch_intents",
                     vec![self.gaps(), self.batch_intents()],
                 ),
+                7 => (
+                    "value codecs chosen by measurement (current servers)",
+                    self.recodec(),
+                ),
                 _ => ("", Vec::new()),
             }
         };
@@ -195,7 +199,7 @@ impl Ddl<'_> {
                             self.db,
                             t.name,
                             c.name,
-                            c.ch_type(self.modern)
+                            c.ch_type_at(self.modern, v)
                         ));
                         named.push(format!("{}.{}", t.name, c.name));
                     }
@@ -213,6 +217,29 @@ impl Ddl<'_> {
                 (v, name, stmts)
             })
             .collect()
+    }
+
+    /// Migration 7 on current servers: value columns of the tables created before it take
+    /// the codecs chosen by measurement (new parts; merges rewrite old ones). Nothing on
+    /// 18.x, which has no codecs.
+    fn recodec(&self) -> Vec<String> {
+        if !self.modern {
+            return Vec::new();
+        }
+        let v = protocol::tables::CODECS_SINCE;
+        let mut out = Vec::new();
+        for t in TABLES.iter().filter(|t| t.since < v) {
+            for c in t.stored_columns().iter().filter(|c| c.since < v) {
+                let (old, new) = (c.ch_type_at(true, v - 1), c.ch_type_at(true, v));
+                if old != new {
+                    out.push(format!(
+                        "ALTER TABLE {}.{} MODIFY COLUMN `{}` {new}",
+                        self.db, t.name, c.name
+                    ));
+                }
+            }
+        }
+        out
     }
 
     /// The schema script up to migration `upto` (what `aggregator schema` prints).
@@ -243,10 +270,10 @@ impl Ddl<'_> {
     }
 }
 
-/// The newest migration: 6 (the rollup tiers) or the highest `since` of a declared
+/// The newest migration: 7 (codecs by measurement) or the highest `since` of a declared
 /// table or column.
 pub const SCHEMA_VERSION: u32 = {
-    let mut v = super::tiers::TIERS_SINCE;
+    let mut v = protocol::tables::CODECS_SINCE;
     let mut i = 0;
     while i < TABLES.len() {
         if TABLES[i].since > v {

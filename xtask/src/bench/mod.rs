@@ -18,12 +18,15 @@ mod ingest;
 mod overhead;
 mod report;
 mod storage;
+mod tiers;
 use detect::*;
 use ebpf::*;
 use ingest::*;
 use overhead::*;
 use report::*;
 use storage::*;
+pub use tiers::run_storage;
+use tiers::*;
 
 struct Proc {
     child: Child,
@@ -263,33 +266,9 @@ fn machine() -> Value {
     })
 }
 
-pub fn run_bench(quick: bool) -> Result<()> {
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("the benchmark needs root (eBPF probes, loop devices)");
-    }
-    let root = root();
-    crate::setup::ensure_clickhouse()?;
-    ensure_tools()?;
-    crate::ebpf::build()?;
-    step("building release binaries");
-    run(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "-p",
-        "sonde-sensor",
-        "-p",
-        "sonde-aggregator",
-    ]))?;
-    let dir = root.join("target/bench");
-    let _ = std::fs::remove_dir_all(dir.join("agg"));
-    std::fs::create_dir_all(&dir)?;
-    crate::certs::run(
-        &dir.join("certs"),
-        &["bench-proc".into(), "bench-ebpf".into()],
-        &[],
-        false,
-    )?;
-    let bin = root.join("target/release");
+/// Starts the aggregator (managed ClickHouse) with its state under `dir/agg` and the
+/// certificates in `dir/certs`.
+fn start_env(dir: &Path, bin: PathBuf) -> Result<(Proc, Env)> {
     let quic = format!("127.0.0.1:{}", free_port());
     let http_addr = format!("127.0.0.1:{}", free_port());
     let c = dir.join("certs");
@@ -326,12 +305,43 @@ pub fn run_bench(quick: bool) -> Result<()> {
         .find_map(|l| l.strip_prefix("http_port="))
         .context("clickhouse port")?;
     let env = Env {
-        dir: dir.clone(),
+        dir: dir.to_path_buf(),
         bin,
         agg_quic: quic,
         agg_http: http_addr,
         ch_http: format!("127.0.0.1:{ch_port}"),
     };
+    Ok((agg, env))
+}
+
+pub fn run_bench(quick: bool) -> Result<()> {
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the benchmark needs root (eBPF probes, loop devices)");
+    }
+    let root = root();
+    crate::setup::ensure_clickhouse()?;
+    ensure_tools()?;
+    crate::ebpf::build()?;
+    step("building release binaries");
+    run(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "sonde-sensor",
+        "-p",
+        "sonde-aggregator",
+    ]))?;
+    let dir = root.join("target/bench");
+    let _ = std::fs::remove_dir_all(dir.join("agg"));
+    std::fs::create_dir_all(&dir)?;
+    crate::certs::run(
+        &dir.join("certs"),
+        &["bench-proc".into(), "bench-ebpf".into()],
+        &[],
+        false,
+    )?;
+    let bin = root.join("target/release");
+    let (agg, env) = start_env(&dir, bin)?;
     let _ = &env.agg_http;
     let date = Command::new("date")
         .args(["-u", "+%Y-%m-%d %H:%M UTC"])
@@ -355,6 +365,7 @@ pub fn run_bench(quick: bool) -> Result<()> {
     let wire = wire_study(&rec).unwrap_or_else(|e| json!({"error": e.to_string()}));
     let ebpf = ebpf_overhead(&env, if quick { 3 } else { 9 }, quick)?;
     let storage = storage_and_queries(&env, quick)?;
+    let tier_storage = tier_storage(&env).unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
     let ingest = ingest(&env, agg.child.id(), quick)?;
     drop(agg);
     // The generated history is large (GBs for the full run): do not leave it behind.
@@ -367,6 +378,7 @@ pub fn run_bench(quick: bool) -> Result<()> {
         "overhead": overhead,
         "ebpf": ebpf,
         "storage": storage,
+        "tier_storage": tier_storage,
         "ingest": ingest,
         "wire_study": wire,
         "detect": detect,

@@ -168,6 +168,9 @@ pub(super) fn markdown(r: &Value, quick: bool) -> String {
             f(&st["modern"]["hours"]),
             f(&st["modern"]["bytes_per_sample"]),
         ));
+        if let Some(t) = r.get("tier_storage") {
+            s.push_str(&super::tiers::tier_markdown(t));
+        }
         s.push_str(&format!(
             "\n## 6. Query speed\n\nMethod: every README query over the generated {} hosts × {} h on ClickHouse 18.16 (`FORMAT Null`), three runs, median (range).\n\n\
              | query (first line) | table | median ms | range ms |\n|---|---|---|---|\n",

@@ -179,7 +179,11 @@ pub(super) fn modern_storage(env: &Env, hosts: u64, secs: u64) -> Value {
         script.push_str(&format!("s.query({i:?})\n"));
     }
     script.push_str("s.query('OPTIMIZE TABLE sonde.cpu FINAL')\n");
-    script.push_str("b = int(s.query(\"SELECT sum(data_compressed_bytes) FROM system.parts WHERE database='sonde' AND active\", 'TSV').data().strip() or 0)\n");
+    let names: Vec<String> = GEN.iter().map(|g| format!("'{}'", g.0)).collect();
+    script.push_str(&format!(
+        "b = int(s.query(\"SELECT sum(data_compressed_bytes) FROM system.parts WHERE database='sonde' AND active AND table IN ({})\", 'TSV').data().strip() or 0)\n",
+        names.join(",")
+    ));
     script.push_str("print(b, samples, s.query('SELECT version()', 'TSV').data().strip())\n");
     let path = env.dir.join("modern_storage.py");
     if std::fs::write(&path, script).is_err() {
