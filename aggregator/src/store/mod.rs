@@ -639,14 +639,7 @@ impl Store {
             let Some(t) = have.iter().find(|t| t.name == table) else {
                 continue;
             };
-            let current = t
-                .engine_full
-                .split(" TTL ")
-                .nth(1)
-                .and_then(|x| x.split("toIntervalDay(").nth(1))
-                .and_then(|x| x.split(')').next())
-                .and_then(|x| x.parse::<u32>().ok())
-                .unwrap_or(0);
+            let current = ttl_days(&t.engine_full);
             if current == days {
                 continue;
             }
@@ -777,6 +770,18 @@ impl Dedup {
     }
 }
 
+/// The retention in days of a table's TTL as `system.tables.engine_full` prints it
+/// (`… TTL ts + toIntervalDay(30) SETTINGS …`); 0 without one.
+fn ttl_days(engine_full: &str) -> u32 {
+    engine_full
+        .split(" TTL ")
+        .nth(1)
+        .and_then(|x| x.split("toIntervalDay(").nth(1))
+        .and_then(|x| x.split(')').next())
+        .and_then(|x| x.trim().parse::<u32>().ok())
+        .unwrap_or(0)
+}
+
 /// A partition value as SQL: a month (`toYYYYMM`, a number) bare, a day quoted.
 fn partition_literal(p: &str) -> String {
     if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) {
@@ -829,6 +834,19 @@ fn partition_expired(p: &str, monthly: bool, days: u32, today: i64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ttl_days_read_from_engine_full() {
+        // As ClickHouse 26.9 prints them (chdb), before and after ALTER … MODIFY/REMOVE TTL.
+        assert_eq!(ttl_days("MergeTree PARTITION BY toDate(ts) ORDER BY ts TTL ts + toIntervalDay(30) SETTINGS index_granularity = 8192"), 30);
+        assert_eq!(ttl_days("AggregatingMergeTree PARTITION BY toYYYYMM(bucket) ORDER BY (host, bucket) TTL bucket + toIntervalDay(730) SETTINGS index_granularity = 8192"), 730);
+        assert_eq!(
+            ttl_days(
+                "MergeTree PARTITION BY toDate(ts) ORDER BY ts SETTINGS index_granularity = 8192"
+            ),
+            0
+        );
+    }
 
     #[test]
     fn partitions_expire_whole() {

@@ -6,7 +6,6 @@
 //! column kind is also tried with several codecs.
 
 use super::*;
-use protocol::tables::{Kind, WireType};
 
 const DB: &str = "sonde_rec";
 
@@ -14,13 +13,26 @@ fn recording() -> PathBuf {
     root().join("aggregator/corpus/recorded/host.rec.zst")
 }
 
-/// Value columns per raw table (what one sample is), from the declarations.
-fn value_columns(t: &protocol::tables::TableDef) -> u64 {
-    t.columns
-        .iter()
-        .filter(|c| c.kind.is_value())
-        .map(|c| if c.wire == WireType::Buckets { 2 } else { 1 })
-        .count() as u64
+/// Samples in a raw table, counted as the wire counts them (one per value column and one
+/// per histogram bucket, per row).
+fn samples_in(env: &Env, t: &protocol::tables::TableDef) -> Result<u64> {
+    let buckets = if t.has_histogram() {
+        "sum(length(bucket_count))"
+    } else {
+        "0"
+    };
+    let r = ch(
+        env,
+        &format!(
+            "SELECT count(), {buckets} FROM {DB}.{} FORMAT TabSeparated",
+            t.name
+        ),
+    )?;
+    let f: Vec<u64> = r
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    Ok(f.first().copied().unwrap_or(0) * t.value_columns() as u64 + f.get(1).copied().unwrap_or(0))
 }
 
 /// Bytes on disk of each table of `db` (18.16 over HTTP).
@@ -102,7 +114,7 @@ pub(super) fn tier_storage(env: &Env) -> Result<Value> {
         let (hb, hrows) = get(&old, "_1h_agg");
         let m = &modern["sizes"];
         let g26 = |s: &str| m[format!("{}{s}", t.name)].as_u64().unwrap_or(0);
-        let n = rows * value_columns(t);
+        let n = samples_in(env, t)?;
         samples += n;
         raw_b += rb;
         m1_b += mb;
@@ -197,7 +209,6 @@ fn modern_tiers(env: &Env, native: &Path, tables: &[&protocol::tables::TableDef]
             .collect();
         kinds.insert(t.name.to_string(), Value::Array(cols));
     }
-    let _ = Kind::Gauge;
     let script = format!(
         r#"
 import json, sys, tempfile
@@ -325,7 +336,8 @@ pub(super) fn tier_markdown(t: &Value) -> String {
     }
     if let Some(c) = t["codecs"].as_object() {
         s.push_str("\nCodec study (current engine, the raw rows above): compressed bytes of every value column of one kind, under each candidate; \
-                    the first candidate is what the DDL uses, **bold** is the smallest.\n\n| column kind | candidates (bytes) |\n|---|---|\n");
+                    **bold** is the smallest, ✓ what schema migration 7 chose for current servers (before it: Gorilla + ZSTD(1) for floats, \
+                    T64 + ZSTD(1) for integers). Kinds as declared (`docs/TABLES.md`); histogram arrays and labels are not in the study.\n\n| column kind | candidates (bytes) |\n|---|---|\n");
         for (kind, m) in c {
             let Some(m) = m.as_object() else { continue };
             let best = m.values().filter_map(|v| v.as_u64()).min().unwrap_or(0);
@@ -333,10 +345,16 @@ pub(super) fn tier_markdown(t: &Value) -> String {
                 .iter()
                 .map(|(codec, v)| {
                     let n = v.as_u64().unwrap_or(0);
-                    if n == best {
-                        format!("**{codec}: {n}**")
+                    let chosen = if kind.starts_with("counter") {
+                        "T64, ZSTD(1)"
                     } else {
-                        format!("{codec}: {n}")
+                        "ZSTD(3)"
+                    };
+                    let mark = if codec == chosen { " ✓" } else { "" };
+                    if n == best {
+                        format!("**{codec}: {n}**{mark}")
+                    } else {
+                        format!("{codec}: {n}{mark}")
                     }
                 })
                 .collect();
