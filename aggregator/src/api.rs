@@ -18,6 +18,29 @@ pub struct Api {
     /// When set, `/api/*` (and `/metrics` unless `open_metrics`) need `Authorization: Bearer <token>`.
     pub token: Option<Arc<str>>,
     pub open_metrics: bool,
+    /// Console sessions (cookie id -> expiry), created by `POST /login` with the token.
+    pub sessions: Arc<std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>>,
+}
+
+/// How long a console session lasts.
+const SESSION_TTL: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
+const SESSION_COOKIE: &str = "sonde_session";
+
+impl Api {
+    fn session_valid(&self, cookies: Option<&str>) -> bool {
+        let Some(id) = cookies.and_then(|c| {
+            c.split(';')
+                .filter_map(|kv| kv.trim().split_once('='))
+                .find(|(k, _)| *k == SESSION_COOKIE)
+                .map(|(_, v)| v.to_string())
+        }) else {
+            return false;
+        };
+        let now = std::time::Instant::now();
+        let s = self.sessions.lock().unwrap();
+        s.iter()
+            .any(|(k, exp)| same(k.as_bytes(), id.as_bytes()) && *exp > now)
+    }
 }
 
 /// Constant-time comparison, so a wrong token's timing tells nothing about the right one.
@@ -45,12 +68,17 @@ async fn auth(
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
+    let cookie = req
+        .headers()
+        .get(axum::http::header::COOKIE)
+        .and_then(|v| v.to_str().ok());
     if authorized(
         api.token.as_deref(),
         api.open_metrics,
         req.uri().path(),
         header,
-    ) {
+    ) || (req.uri().path().starts_with("/api/") && api.session_valid(cookie))
+    {
         next.run(req).await
     } else {
         (
@@ -64,12 +92,85 @@ async fn auth(
 
 pub fn router(api: Api) -> Router {
     Router::new()
+        .route("/", get(console_page))
+        .route("/login", axum::routing::post(login))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/hosts", get(hosts))
+        .route("/api/hosts/{host}/series", get(crate::console::series))
+        .route("/api/hosts/{host}/heatmap", get(crate::console::heatmap))
+        .route("/api/alerts", get(crate::console::alerts))
+        .route("/api/fleet/series", get(crate::console::fleet_series))
+        .route("/api/rules", get(crate::console::rules))
         .layer(axum::middleware::from_fn_with_state(api.clone(), auth))
         .with_state(api)
+}
+
+/// The console: one embedded page (no data in it; it reads `/api/*`).
+async fn console_page() -> Response {
+    (
+        [
+            ("content-type", "text/html; charset=utf-8"),
+            ("cache-control", "no-cache"),
+            (
+                "content-security-policy",
+                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:",
+            ),
+            ("x-frame-options", "DENY"),
+        ],
+        include_str!("console/index.html"),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct LoginBody {
+    token: String,
+}
+
+/// `POST /login {"token": "…"}`: with the API token, a session cookie for the console
+/// (HttpOnly, SameSite=Strict, 12 h). A wrong token waits half a second.
+async fn login(State(api): State<Api>, body: axum::body::Bytes) -> Response {
+    let Some(token) = api.token.as_deref() else {
+        return (StatusCode::OK, "no token configured\n").into_response();
+    };
+    let given = serde_json::from_slice::<LoginBody>(&body)
+        .map(|b| b.token)
+        .unwrap_or_default();
+    if !same(given.trim().as_bytes(), token.as_bytes()) {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        return (StatusCode::UNAUTHORIZED, "wrong token\n").into_response();
+    }
+    let mut raw = [0u8; 32];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut raw))
+        .is_err()
+    {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "no randomness\n").into_response();
+    }
+    let id: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    {
+        let now = std::time::Instant::now();
+        let mut s = api.sessions.lock().unwrap();
+        s.retain(|_, exp| *exp > now);
+        if s.len() >= 10_000 {
+            return (StatusCode::SERVICE_UNAVAILABLE, "too many sessions\n").into_response();
+        }
+        s.insert(id.clone(), now + SESSION_TTL);
+    }
+    (
+        StatusCode::OK,
+        [(
+            "set-cookie",
+            format!(
+                "{SESSION_COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+                SESSION_TTL.as_secs()
+            ),
+        )],
+        "ok\n",
+    )
+        .into_response()
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 pub mod alert;
 pub mod api;
 pub mod config;
+pub mod console;
 pub mod detect;
 pub mod ingest;
 pub mod metrics;

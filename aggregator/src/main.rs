@@ -384,6 +384,7 @@ async fn run(cfg: Config) -> Result<()> {
         metrics: metrics.clone(),
         token: token.map(Into::into),
         open_metrics: !cfg.api.protect_metrics,
+        sessions: Default::default(),
     });
     let mut http_stop = stop_rx.clone();
     let http_task = tokio::spawn(async move {

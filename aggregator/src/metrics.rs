@@ -43,6 +43,8 @@ pub struct Metrics {
     pub alert_latency_us: Mutex<std::collections::VecDeque<u64>>,
     /// Last time (Unix seconds) each host's batch was stored.
     pub last_seen: Mutex<HashMap<String, u32>>,
+    /// The detection engine's rules and their state, refreshed every second (`/api/rules`).
+    pub rules: Mutex<Vec<serde_json::Value>>,
 }
 
 impl Metrics {

@@ -110,7 +110,8 @@ pub fn ensure_chdb() -> Result<()> {
 }
 
 /// Tools the tests drive: load (stress-ng), packet drops (iptables), offload settings
-/// (ethtool), a real Alertmanager, openssl (checks webhook signatures independently).
+/// (ethtool), a real Alertmanager, openssl (checks webhook signatures independently),
+/// Chromium and its WebDriver (the console's browser tests).
 pub fn ensure_test_tools() -> Result<()> {
     let missing: Vec<&str> = [
         ("stress-ng", "stress-ng"),
@@ -122,6 +123,8 @@ pub fn ensure_test_tools() -> Result<()> {
         ("openssl", "openssl"),
         ("sshd", "openssh-server"),
         ("ssh", "openssh-client"),
+        ("chromium", "chromium"),
+        ("chromedriver", "chromium-driver"),
     ]
     .iter()
     .filter(|(cmd, _)| !have(cmd) && !std::path::Path::new(&format!("/usr/sbin/{cmd}")).exists())
@@ -129,7 +132,7 @@ pub fn ensure_test_tools() -> Result<()> {
     .collect();
     if missing.is_empty() {
         step(
-            "test tools (stress-ng, iptables, ethtool, iproute2, alertmanager, openssl, openssh): installed",
+            "test tools (stress-ng, iptables, ethtool, iproute2, alertmanager, openssl, openssh, chromium): installed",
         );
         return Ok(());
     }

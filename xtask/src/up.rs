@@ -167,6 +167,7 @@ pub fn run(data_dir: &Path, listen: &str, http_listen: &str, release: bool) -> R
         .to_string();
     println!();
     println!("sonde is up.");
+    println!("  console:     http://{http_listen}/");
     println!("  sensor ({host}) -> aggregator QUIC {listen} -> ClickHouse database `sonde`");
     println!("  aggregator:  http://{http_listen}/metrics   http://{http_listen}/api/hosts");
     println!("  logs:        {}", logs.display());

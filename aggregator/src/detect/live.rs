@@ -53,6 +53,7 @@ pub async fn run(
                 let (n, b) = engine.state_size();
                 metrics.detect_series.store(n as u64, Relaxed);
                 metrics.detect_state_bytes.store(b as u64, Relaxed);
+                *metrics.rules.lock().unwrap() = engine.rule_status();
                 None
             }
             r = reload.recv() => {

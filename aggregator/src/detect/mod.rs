@@ -575,6 +575,40 @@ impl Engine {
         out.extend(fired);
     }
 
+    /// Per rule: name, kind, series, and how many series it tracks, pending and firing
+    /// (the console's rules page).
+    pub fn rule_status(&self) -> Vec<serde_json::Value> {
+        let mut counts = vec![(0usize, 0usize, 0usize); self.rules.len()];
+        for s in self.series.values().chain(self.host_alerts.values()) {
+            if let Some(c) = counts.get_mut(s.rule) {
+                c.0 += 1;
+                match s.phase {
+                    Phase::Pending { .. } => c.1 += 1,
+                    Phase::Firing { .. } => c.2 += 1,
+                    Phase::Inactive => {}
+                }
+            }
+        }
+        self.rules
+            .iter()
+            .zip(counts)
+            .map(|(r, (n, p, f))| {
+                let kind = format!("{:?}", r.kind);
+                serde_json::json!({
+                    "name": r.name,
+                    "kind": kind.split([' ', '{', '(']).next().unwrap_or(""),
+                    "series": r.series.as_ref().map(|s| s.name()),
+                    "labels": r.labels,
+                    "for_s": r.for_.as_secs_f64(),
+                    "summary": r.summary,
+                    "series_tracked": n,
+                    "pending": p,
+                    "firing": f,
+                })
+            })
+            .collect()
+    }
+
     /// Number of series with state, and their approximate memory.
     pub fn state_size(&self) -> (usize, usize) {
         let n = self.series.len() + self.host_alerts.len();

@@ -95,6 +95,27 @@ pub async fn run(args: Args, cfg: &Config) -> Result<()> {
         );
     }
     let total = snaps.len();
+    let (first_ts, last_ts) = (
+        (snaps.iter().map(|s| s.ts_ms).min().unwrap_or(0) / 1000) as u32,
+        (snaps.iter().map(|s| s.ts_ms).max().unwrap_or(0) / 1000) as u32,
+    );
+    let probes: Vec<&str> = {
+        // What the recording shows was attached.
+        let any = |f: &dyn Fn(&protocol::Snapshot) -> bool| snaps.iter().any(f);
+        let mut v = Vec::new();
+        if any(&|s| s.latency.iter().any(|l| l.source == "runqueue")) {
+            v.push("runqueue");
+        }
+        if any(&|s| s.latency.iter().any(|l| l.source.starts_with("disk:"))) {
+            v.push("block");
+        }
+        if any(&|s| s.probes.is_some()) {
+            v.extend(["tcp", "oom", "process"]);
+        }
+        v
+    };
+    let probes = probes.join(",");
+    let version = format!("imported: {}", args.recording.display());
     let started = std::time::Instant::now();
     let mut samples = 0u64;
     let now = std::time::SystemTime::now()
@@ -121,7 +142,20 @@ pub async fn run(args: Args, cfg: &Config) -> Result<()> {
         store
             .write(
                 &[(&args.host, &b, 0)],
-                &[],
+                &[super::rows::HostRow {
+                    host: &args.host,
+                    first_seen: first_ts,
+                    last_seen: last_ts,
+                    sensor_version: &version,
+                    kernel: "",
+                    os: "",
+                    arch: "",
+                    cpus: 0,
+                    memory_bytes: 0,
+                    kernel_boot_id: "",
+                    sensor_boot_id: &boot_id,
+                    probes: &probes,
+                }],
                 now,
                 &std::collections::HashSet::new(),
             )

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod console;
 mod detect;
 mod ebpf;
 mod ingest;
@@ -19,6 +20,7 @@ mod overhead;
 mod report;
 mod storage;
 mod tiers;
+use console::*;
 use detect::*;
 use ebpf::*;
 use ingest::*;
@@ -365,6 +367,12 @@ pub fn run_bench(quick: bool) -> Result<()> {
     let wire = wire_study(&rec).unwrap_or_else(|e| json!({"error": e.to_string()}));
     let ebpf = ebpf_overhead(&env, if quick { 3 } else { 9 }, quick)?;
     let storage = storage_and_queries(&env, quick)?;
+    let console = console_bench(
+        &env,
+        "gen-0",
+        storage["hosts"].as_u64().unwrap_or(0),
+        storage["hours"].as_u64().unwrap_or(1),
+    );
     let tier_storage = tier_storage(&env).unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
     let ingest = ingest(&env, agg.child.id(), quick)?;
     drop(agg);
@@ -379,6 +387,7 @@ pub fn run_bench(quick: bool) -> Result<()> {
         "ebpf": ebpf,
         "storage": storage,
         "tier_storage": tier_storage,
+        "console": console,
         "ingest": ingest,
         "wire_study": wire,
         "detect": detect,

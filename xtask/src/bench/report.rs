@@ -186,6 +186,27 @@ pub(super) fn markdown(r: &Value, quick: bool) -> String {
             ));
         }
     }
+    if let Some(c) = r.get("console") {
+        s.push_str(&format!(
+            "\n## 7. Console API\n\nMethod: the requests the console's pages make (read from the page), one after another against the generated history \
+             through the aggregator (wall time per request, summed; bytes of the JSON bodies). Targets: host page over 24 h of 1 s data ≤ 300 ms and ≤ 1 MB; \
+             fleet page of 1,000 hosts ≤ 1 s.\n\n| page | range | requests | server time ms | bytes |\n|---|---|---|---|---|\n\
+             | host (`{}`) | {} h | {} | {} | {} |\n| fleet ({} hosts) | 1 h sparklines | {} | {} | {} |\n{}",
+            c["host"].as_str().unwrap_or(""),
+            c["hours"],
+            c["host_calls"],
+            f(&c["host_page_ms"]),
+            c["host_page_bytes"],
+            c["fleet_hosts"],
+            c["fleet_calls"],
+            f(&c["fleet_page_ms"]),
+            c["fleet_page_bytes"],
+            match c["failed"].as_array() {
+                Some(v) if !v.is_empty() => format!("\nFailed requests: {v:?}\n"),
+                _ => String::new(),
+            }
+        ));
+    }
     if let Some(d) = r["detect"].as_array() {
         s.push_str("\n## Detection\n\nMethod: the engine's own code on one core (series lookup, detector, alert lifecycle), 10,000 series unless named, after warm-up (`aggregator/benches/detect.rs`). State per series includes the engine's per-series record (labels, lifecycle). Detection quality is in [DETECTION.md](DETECTION.md).\n\n\
                     | detector | series | evaluations/s | ns per evaluation | state bytes per series |\n|---|---|---|---|---|\n");
