@@ -53,6 +53,20 @@ fn now_s() -> u64 {
         .as_secs()
 }
 
+/// A value rounded to f32's shortest decimal form: seven significant digits are plenty for
+/// a chart and roughly halve the JSON.
+fn short(v: f64) -> f64 {
+    if !v.is_finite() {
+        return 0.0;
+    }
+    ryu_like(v as f32).parse().unwrap_or(v)
+}
+
+fn ryu_like(v: f32) -> String {
+    // `Display` for f32 prints the shortest string that reads back as the same f32.
+    format!("{v}")
+}
+
 /// A host name as sensors' certificates carry them.
 fn valid_host(h: &str) -> bool {
     !h.is_empty()
@@ -344,9 +358,9 @@ pub async fn series(
     for p in rows {
         let s = series.entry(p.labels).or_default();
         s.0.push(p.t);
-        s.1.push(p.v);
-        s.2.push(p.lo);
-        s.3.push(p.hi);
+        s.1.push(short(p.v));
+        s.2.push(short(p.lo));
+        s.3.push(short(p.hi));
     }
     let out: Vec<serde_json::Value> = series
         .into_iter()
@@ -431,21 +445,30 @@ pub async fn fleet_series(
         Ok(r) => r,
         Err(e) => return unavailable(format!("ClickHouse: {e}")),
     };
-    let mut hosts: BTreeMap<String, (Vec<u32>, Vec<f64>)> = BTreeMap::new();
-    for p in rows {
-        let h = hosts.entry(p.host).or_default();
-        h.0.push(p.t);
-        h.1.push(p.v);
-    }
-    let unit = r.unit();
-    let hosts: serde_json::Map<String, serde_json::Value> = hosts
-        .into_iter()
-        .map(|(h, (t, v))| (h, json!({ "t": t, "v": v, "unit": unit })))
+    // One time axis for all hosts (bucket starts over the window); each host's values
+    // aligned to it, null where it has none: the time stamps are not repeated per host.
+    let first = (w.from / r.step) * r.step;
+    let t: Vec<u64> = (0..)
+        .map(|i| first + i * r.step)
+        .take_while(|x| *x < w.to)
         .collect();
+    let mut hosts: BTreeMap<String, Vec<Option<f64>>> = BTreeMap::new();
+    for p in rows {
+        let slot = ((p.t as u64).saturating_sub(first) / r.step) as usize;
+        if slot >= t.len() {
+            continue;
+        }
+        let h = hosts.entry(p.host).or_insert_with(|| vec![None; t.len()]);
+        h[slot] = Some(short(p.v));
+    }
+    let hosts: serde_json::Map<String, serde_json::Value> =
+        hosts.into_iter().map(|(h, v)| (h, json!(v))).collect();
     Json(json!({
         "metric": q.get("metric"),
         "source": format!("{}{}", r.def.name, r.tier),
         "step": r.step,
+        "unit": r.unit(),
+        "t": t,
         "hosts": hosts,
         "server_ms": started.elapsed().as_secs_f64() * 1000.0,
     }))
