@@ -138,6 +138,7 @@ pub(super) fn tier_storage(env: &Env) -> Result<Value> {
         },
         "tables": per_table,
         "codecs": modern["codecs"].clone(),
+        "order": modern["order"].clone(),
         "engine": modern["engine"].clone(),
     }))
 }
@@ -211,7 +212,7 @@ fn modern_tiers(env: &Env, native: &Path, tables: &[&protocol::tables::TableDef]
     }
     let script = format!(
         r#"
-import json, sys, tempfile
+import json, re, sys, tempfile
 from chdb import session
 s = session.Session(tempfile.mkdtemp(prefix='sonde-tiers-'))
 ddl = {ddl:?}
@@ -265,7 +266,25 @@ for t, cols in kinds.items():
             res.setdefault(key, {{}}).setdefault(codec, 0)
             res[key][codec] += int(b)
         q(f'DROP TABLE sonde.{{name}}')
-print(json.dumps({{'engine': q('SELECT version()').strip(), 'sizes': sizes, 'codecs': res}}))
+# Sort order study: the label before the time (this DDL) or the time before the label.
+order = {{}}
+for t in kinds:
+    key = q(f"SELECT sorting_key FROM system.tables WHERE database='sonde' AND name='{{t}}'").strip()
+    parts = [x.strip() for x in key.split(',')]
+    if len(parts) < 3:
+        continue
+    alt = ', '.join([parts[0], parts[-1]] + parts[1:-1])
+    for name, k in (('label_then_ts', key), ('ts_then_label', alt)):
+        create = q(f'SHOW CREATE TABLE sonde.{{t}}').replace('\\n', '\n').replace("\\'", "'")
+        create = re.sub(r'CREATE TABLE sonde\.' + t + r'\b', f'CREATE TABLE sonde.os_{{t}}', create, count=1)
+        create = re.sub(r'ORDER BY \([^)]*\)', f'ORDER BY ({{k}})', create, count=1)
+        q(create)
+        q(f'INSERT INTO sonde.os_{{t}} SELECT * FROM sonde.{{t}}')
+        q(f'OPTIMIZE TABLE sonde.os_{{t}} FINAL')
+        b = int(q(f"SELECT sum(data_compressed_bytes) FROM system.parts WHERE database='sonde' AND table='os_{{t}}' AND active").strip() or 0)
+        order.setdefault(t, {{}})[name] = b
+        q(f'DROP TABLE sonde.os_{{t}}')
+print(json.dumps({{'engine': q('SELECT version()').strip(), 'sizes': sizes, 'codecs': res, 'order': order}}))
 "#,
         ddl = String::from_utf8_lossy(&ddl.stdout),
         kinds = Value::Object(kinds).to_string(),
@@ -333,6 +352,16 @@ pub(super) fn tier_markdown(t: &Value) -> String {
             x["tier_1h_18"],
             x["tier_1h_26"],
         ));
+    }
+    if let Some(o) = t["order"].as_object().filter(|o| !o.is_empty()) {
+        s.push_str("\nSort order study (current engine, same rows): bytes of each labelled table sorted with its label before the time \
+                    (`ORDER BY (host, label, ts)`, the DDL) or after it (`ORDER BY (host, ts, label)`).\n\n| table | label, then ts | ts, then label |\n|---|---|---|\n");
+        for (table, v) in o {
+            s.push_str(&format!(
+                "| {table} | {} | {} |\n",
+                v["label_then_ts"], v["ts_then_label"]
+            ));
+        }
     }
     if let Some(c) = t["codecs"].as_object() {
         s.push_str("\nCodec study (current engine, the raw rows above): compressed bytes of every value column of one kind, under each candidate; \
