@@ -95,6 +95,7 @@ struct Browser {
     _driver: Proc,
     addr: String,
     session: String,
+    profile: std::path::PathBuf,
 }
 
 impl Browser {
@@ -132,6 +133,7 @@ impl Browser {
             _driver: driver,
             addr,
             session,
+            profile,
         }
     }
 
@@ -205,6 +207,11 @@ impl Drop for Browser {
             None,
             &[],
         );
+        // Chromium outlives a killed chromedriver: end whatever runs on this test's profile.
+        let _ = Command::new("pkill")
+            .arg("-f")
+            .arg(self.profile.display().to_string())
+            .status();
     }
 }
 
