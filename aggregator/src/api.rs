@@ -251,6 +251,8 @@ struct HostJson {
     memory_bytes: u64,
     /// Active eBPF probes, comma-separated.
     probes: String,
+    /// The host's labels (its sensor's `labels`), as of its latest batch that carried them.
+    labels: std::collections::BTreeMap<String, String>,
 }
 
 fn rfc3339(t: u32) -> String {
@@ -285,11 +287,34 @@ async fn hosts(State(api): State<Api>) -> Response {
                 .into_response()
         }
     };
+    #[derive(Row, Deserialize)]
+    struct LabelsRow {
+        host: String,
+        names: Vec<String>,
+        values: Vec<String>,
+    }
+    let lq = format!(
+        "SELECT toString(host) AS h, groupArray(name) AS names, groupArray(value) AS vals FROM {db}.host_labels \
+         WHERE (host, ts) IN (SELECT host, max(ts) FROM {db}.host_labels GROUP BY host) GROUP BY h",
+        db = store.db
+    );
+    let mut labels: std::collections::HashMap<String, std::collections::BTreeMap<String, String>> =
+        match store.client.query(&lq).fetch_all::<LabelsRow>().await {
+            Ok(rows) => rows
+                .into_iter()
+                .map(|r| (r.host, r.names.into_iter().zip(r.values).collect()))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading host labels");
+                Default::default()
+            }
+        };
     let live = api.metrics.last_seen.lock().unwrap().clone();
     let out: Vec<HostJson> = rows
         .into_iter()
         .map(|r| {
             let last = live.get(&r.host).copied().unwrap_or(0).max(r.last_seen);
+            let host_labels = labels.remove(&r.host).unwrap_or_default();
             HostJson {
                 first_seen: rfc3339(r.first_seen),
                 last_seen: rfc3339(last),
@@ -302,6 +327,7 @@ async fn hosts(State(api): State<Api>) -> Response {
                 cpus: r.cpus,
                 memory_bytes: r.memory_bytes,
                 probes: r.probes,
+                labels: host_labels,
             }
         })
         .collect();

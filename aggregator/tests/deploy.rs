@@ -175,7 +175,11 @@ fn deploy_two_hosts_upgrade_in_place_one_unreachable_then_undeploy() {
         );
         v
     };
-    let good = [format!("root@{}", h1.addr), format!("root@{}", h2.addr)];
+    // web-1 gets labels, as a hosts file's label column would give them.
+    let good = [
+        format!("root@{} env=test,role=web", h1.addr),
+        format!("root@{}", h2.addr),
+    ];
     // 1. Two good hosts and one nobody answers: the good ones report within 15 s, the
     //    bad one fails with its reason, the exit status says something failed.
     let mut all = good.to_vec();
@@ -240,6 +244,30 @@ fn deploy_two_hosts_upgrade_in_place_one_unreachable_then_undeploy() {
                 .to_string()
         })
         .collect();
+
+    // The labels reached the sensor's configuration and, through its batches, ClickHouse.
+    let cfg = std::fs::read_to_string(h1.root.join("etc/sonde/sensor.toml")).unwrap();
+    assert!(
+        cfg.contains("labels = { env = \"test\", role = \"web\" }"),
+        "{cfg}"
+    );
+    wait_until(
+        "web-1's labels in host_labels",
+        Duration::from_secs(20),
+        || {
+            query(
+            &agg,
+            "SELECT DISTINCT name, value FROM sonde.host_labels WHERE host = 'web-1' ORDER BY name FORMAT TabSeparated",
+        ) == "env\ttest\nrole\tweb\n"
+        },
+    );
+    assert_eq!(
+        count(
+            &agg,
+            "SELECT count() FROM sonde.host_labels WHERE host = 'web-2'"
+        ),
+        0
+    );
 
     // 2. Deploy again: an upgrade in place, no gap in sequences, no duplicate.
     std::thread::sleep(Duration::from_secs(6));

@@ -762,3 +762,111 @@ fn an_upgraded_sensor_delivers_the_previous_release_spool() {
         );
     }
 }
+
+/// Host labels: from a sensor's `labels`, through its batches, into `host_labels`,
+/// `/api/hosts`, and rules that select on them; a bad label stops the sensor at start
+/// with a message naming it.
+#[test]
+fn host_labels_reach_clickhouse_the_api_and_rules() {
+    let d = Dir::new("labels");
+    certs(&d.0.join("certs"), &["alpha", "beta"]);
+    let rules = d.0.join("rules.toml");
+    std::fs::write(
+        &rules,
+        "[[rule]]\nname = \"prod runnable\"\nkind = \"threshold\"\nseries = \"system.procs_running\"\n\
+         labels = { env = \"prod\" }\ndirection = \"above\"\nwarning = -1\n",
+    )
+    .unwrap();
+    let agg = start_aggregator_with(
+        &d.0,
+        free_udp_port(),
+        "1",
+        &["--rules", rules.to_str().unwrap()],
+    );
+    let mut sensors = Vec::new();
+    for (host, env) in [("alpha", "prod"), ("beta", "dev")] {
+        let cfg = d.0.join(format!("{host}.toml"));
+        std::fs::write(
+            &cfg,
+            format!("labels = {{ env = \"{env}\", team = \"sre \\\"core\\\"\" }}\n"),
+        )
+        .unwrap();
+        sensors.push(start_sensor(
+            &d.0,
+            &agg.quic,
+            host,
+            &["--config", cfg.to_str().unwrap(), "--batch-interval", "1s"],
+        ));
+    }
+    wait_until("labels of both hosts", Duration::from_secs(20), || {
+        count(&agg, "SELECT uniqExact(host) FROM sonde.host_labels") == 2
+    });
+    assert_eq!(
+        query(
+            &agg,
+            "SELECT DISTINCT host, name, value FROM sonde.host_labels WHERE name = 'env' ORDER BY host FORMAT TabSeparated"
+        ),
+        "alpha\tenv\tprod\nbeta\tenv\tdev\n"
+    );
+    // Once per batch, not once per second.
+    let rows = count(
+        &agg,
+        "SELECT count() FROM sonde.host_labels WHERE host = 'alpha'",
+    );
+    let batches = count(
+        &agg,
+        "SELECT count() FROM sonde.batches WHERE host = 'alpha'",
+    );
+    assert!(
+        rows <= 2 * batches,
+        "{rows} label rows for {batches} batches"
+    );
+    // The API carries them.
+    let (_, body) = http_get(&agg.http, "/api/hosts").unwrap();
+    let hosts: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let alpha = hosts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host"] == "alpha")
+        .unwrap();
+    assert_eq!(alpha["labels"]["env"], "prod", "{body}");
+    assert_eq!(alpha["labels"]["team"], "sre \"core\"", "{body}");
+    // The rule selects the prod host only.
+    wait_until("the prod alert", Duration::from_secs(20), || {
+        count(
+            &agg,
+            "SELECT count() FROM sonde.alerts WHERE rule = 'prod runnable' AND host = 'alpha' AND state = 'firing'",
+        ) > 0
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        count(
+            &agg,
+            "SELECT count() FROM sonde.alerts WHERE rule = 'prod runnable' AND host = 'beta'"
+        ),
+        0
+    );
+    for s in &mut sensors {
+        assert!(s.stop().success());
+    }
+    // A label that would name the host is refused at start, with the reason.
+    let bad = d.0.join("bad.toml");
+    std::fs::write(&bad, "labels = { host = \"other\" }\n").unwrap();
+    let out = std::process::Command::new(bin("sensor"))
+        .args([
+            "run",
+            "--config",
+            bad.to_str().unwrap(),
+            "--aggregator",
+            &agg.quic,
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("labels") && err.contains("certificate"),
+        "{err}"
+    );
+}

@@ -13,7 +13,7 @@ from chdb import session
 LABELS = {"cpu": "total", "resource": "memory", "device": "vda", "interface": "eth0",
           "mount": "/", "fstype": "ext4", "sensor_boot_id": "b1", "source": "runqueue",
           "unit": "us", "kind": "oom_kill", "state": "resolved", "severity": "critical",
-          "rule": "cpu busy"}
+          "rule": "cpu busy", "name": "env", "value": "prod"}
 
 
 def check_known_series(s):

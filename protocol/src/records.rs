@@ -359,6 +359,19 @@ crate::tables! {
     }
     derived {}
     aliases {}
+
+    /// The host's labels from its sensor's configuration (`labels = { env = "prod" }`),
+    /// sent with the first snapshot of each batch (one row per label and batch): what the
+    /// console filters on, what rules select with `labels = { env = "prod" }`, and what
+    /// queries join on. Never the host name: that comes from the certificate.
+    table host_labels (host_labels: Many HostLabelRec) from "sensor configuration: labels", key [name], since 8, v1 0 {
+        /// Label name.
+        name: String = Label(""),
+        /// Label value.
+        value: String = Label(""),
+    }
+    derived {}
+    aliases {}
 }
 
 wire_struct! {

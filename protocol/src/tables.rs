@@ -283,10 +283,11 @@ pub struct TableDef {
 pub const CODECS_SINCE: u32 = 7;
 
 impl TableDef {
-    /// Whether the table has rollup tiers: every table but those whose rows carry their
-    /// own time (`events`: discrete, not a series).
+    /// Whether the table has rollup tiers: every table with values, but not those whose
+    /// rows carry their own time (`events`: discrete, not a series).
     pub fn rolled_up(&self) -> bool {
         !self.columns.iter().any(|c| c.kind == Kind::Time)
+            && self.columns.iter().any(|c| c.kind.is_value())
     }
 }
 
@@ -778,7 +779,7 @@ macro_rules! table {
                 F[j](self)
             }
 
-            #[allow(unused_assignments)]
+            #[allow(unused_assignments, unused_comparisons)]
             fn encode_v1(&self, out: &mut Vec<u8>) {
                 let mut k = 0usize;
                 $(

@@ -82,6 +82,15 @@ fn sample_batch(seq: u64, snaps: usize) -> Batch {
             cgroup: "/x".into(),
             detail: "anon_rss_kb=1".into(),
         }],
+        // Labels travel with the first snapshot of a batch only.
+        host_labels: if i == 0 {
+            vec![HostLabelRec {
+                name: "env".into(),
+                value: "prod".into(),
+            }]
+        } else {
+            Vec::new()
+        },
     };
     Batch {
         host: "web-1".into(),
@@ -495,7 +504,12 @@ fn version_1_frames_still_decode() {
     }
     let frame = std::fs::read(path).unwrap();
     assert_eq!(frame[4], 1, "the fixture is a version-1 frame");
-    assert_eq!(decode_batch(&frame, &Limits::default()).unwrap(), b);
+    // Version 1 had no host labels (added later, inside the delimited snapshot).
+    let mut want = b;
+    for s in &mut want.snapshots {
+        s.host_labels.clear();
+    }
+    assert_eq!(decode_batch(&frame, &Limits::default()).unwrap(), want);
 }
 
 /// What a sensor sends an aggregator of the previous release: the v1 encoder produces

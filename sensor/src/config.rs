@@ -53,6 +53,11 @@ pub struct Config {
     /// Started as root: become this user once probes are loaded ("" = stay root,
     /// but without capabilities).
     pub user: String,
+    /// Labels of this host (`labels = { env = "prod", role = "db" }`): stored in the
+    /// `host_labels` table, shown and filtered on in the console, selectable in rules.
+    /// Names: lower-case letters, digits and `_`, not `host` (the host name always comes
+    /// from the certificate); values: up to 256 printable characters; at most 32 labels.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -106,6 +111,7 @@ impl Default for Config {
             probes: Default::default(),
             log_format: "text".into(),
             user: String::new(),
+            labels: Default::default(),
         }
     }
 }
@@ -145,13 +151,70 @@ impl Config {
                 self.log_format
             );
         }
+        if self.labels.len() > 32 {
+            bail!("labels: {} labels (at most 32)", self.labels.len());
+        }
+        for (k, v) in &self.labels {
+            let name_ok = !k.is_empty()
+                && k.len() <= 64
+                && k.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+                && k.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            if !name_ok {
+                bail!("labels: name {k:?}: use lower-case letters, digits and '_' (not starting with a digit, at most 64)");
+            }
+            if k == "host" {
+                bail!("labels: \"host\" is not a label: the host name comes from the certificate");
+            }
+            if v.len() > 256 || v.chars().any(|c| c.is_control()) {
+                bail!("labels: {k} = {v:?}: at most 256 printable characters");
+            }
+        }
         Ok(())
+    }
+
+    /// The labels as the records sent with each batch.
+    pub fn label_records(&self) -> Vec<protocol::HostLabelRec> {
+        self.labels
+            .iter()
+            .map(|(name, value)| protocol::HostLabelRec {
+                name: name.clone(),
+                value: value.clone(),
+            })
+            .collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_are_checked() {
+        let mut c = Config {
+            aggregator: vec!["a:1".into()],
+            ..Default::default()
+        };
+        c.labels.insert("env".into(), "prod".into());
+        c.labels.insert("rack_2".into(), "b 7".into());
+        c.validate().unwrap();
+        assert_eq!(c.label_records().len(), 2);
+        for (k, v, want) in [
+            ("host", "x", "host name comes from the certificate"),
+            ("Env", "x", "lower-case"),
+            ("2x", "x", "lower-case"),
+            ("a-b", "x", "lower-case"),
+            ("ok", "line\nbreak", "printable"),
+        ] {
+            let mut bad = c.clone();
+            bad.labels.insert(k.into(), v.into());
+            let e = bad.validate().unwrap_err().to_string();
+            assert!(
+                e.contains(want) && e.starts_with("labels"),
+                "{k}={v:?}: {e}"
+            );
+        }
+    }
 
     #[test]
     fn parses_and_rejects_unknown_keys() {

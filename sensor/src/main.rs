@@ -260,6 +260,8 @@ async fn run(
     collector.probes = probes;
     let mut batcher = ship::Batcher::new(&cfg, info, boot_id);
     let mut snap = Snapshot::default();
+    // The host's labels travel with the first snapshot of each batch.
+    let labels = cfg.label_records();
     // Ticks fall 20 ms after a multiple of the interval on the wall clock, so
     // every host samples at the same instants and a sample's whole-second
     // timestamp never collides with its neighbour's.
@@ -277,6 +279,11 @@ async fn run(
         tokio::select! {
             _ = tick.tick() => {
                 if collector.collect(&mut snap) {
+                    if batcher.is_empty() {
+                        snap.host_labels.clone_from(&labels);
+                    } else {
+                        snap.host_labels.clear();
+                    }
                     batcher.push(&snap);
                 }
                 if batcher.due(Instant::now()) {

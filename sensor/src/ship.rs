@@ -89,6 +89,11 @@ impl Batcher {
 
     /// True once the open batch holds a batch interval's worth of snapshots,
     /// is big enough, or is older than the batch interval (collections were skipped).
+    /// No snapshot in the batch being built yet.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
     pub fn due(&self, now: Instant) -> bool {
         self.count >= self.per_batch
             || self.snaps.len() >= self.max_bytes

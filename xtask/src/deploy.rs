@@ -17,18 +17,36 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// One target: `[name=]user@addr[:port]`.
+/// One target: `[name=]user@addr[:port] [label=value ...]`.
 #[derive(Clone, Debug)]
 pub struct Target {
     pub name: Option<String>,
     pub user: String,
     pub addr: String,
     pub port: u16,
+    /// The host's labels (written into its sensor's configuration).
+    pub labels: Vec<(String, String)>,
 }
 
 impl Target {
-    pub fn parse(s: &str) -> Result<Target> {
-        let s = s.trim();
+    pub fn parse(line: &str) -> Result<Target> {
+        // The target, then labels (`env=prod role=db`, or comma-separated).
+        let mut words = line.split_whitespace();
+        let s = words.next().unwrap_or("");
+        let mut labels = Vec::new();
+        for w in words.flat_map(|w| w.split(',')).filter(|w| !w.is_empty()) {
+            let (k, v) = w
+                .split_once('=')
+                .with_context(|| format!("{line:?}: label {w:?}: expected name=value"))?;
+            let ok = k.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+                && k.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                && k != "host";
+            if !ok || v.is_empty() {
+                bail!("{line:?}: label {w:?}: names are lower-case letters, digits and '_' (not `host`), values not empty");
+            }
+            labels.push((k.to_string(), v.to_string()));
+        }
         let (name, rest) = match s.split_once('=') {
             Some((n, r)) => (Some(n.trim().to_string()), r.trim()),
             None => (None, s),
@@ -70,6 +88,7 @@ impl Target {
             user: user.to_string(),
             addr,
             port,
+            labels,
         })
     }
 
@@ -325,15 +344,36 @@ if getent group sonde >/dev/null 2>&1; then groupdel sonde 2>/dev/null || true; 
 echo SONDE_REMOVED
 "#;
 
-fn sensor_config(o: &Opts) -> String {
+fn sensor_config(o: &Opts, t: &Target) -> String {
     let aggs: Vec<String> = o.aggregators.iter().map(|a| format!("{a:?}")).collect();
+    let labels: Vec<String> = t
+        .labels
+        .iter()
+        .map(|(k, v)| format!("{k} = {}", toml_str(v)))
+        .collect();
     format!(
         "# Written by `cargo xtask deploy`; deploying again overwrites it.\n\
          aggregator = [{}]\nserver_name = {:?}\nca = \"/etc/sonde/ca.pem\"\ncert = \"/etc/sonde/sensor.pem\"\n\
-         key = \"/etc/sonde/sensor-key.pem\"\nspool_dir = \"/var/lib/sonde/spool\"\nuser = \"sonde\"\n",
+         key = \"/etc/sonde/sensor-key.pem\"\nspool_dir = \"/var/lib/sonde/spool\"\nuser = \"sonde\"\nlabels = {{ {} }}\n",
         aggs.join(", "),
-        o.server_name
+        o.server_name,
+        labels.join(", ")
     )
+}
+
+/// A TOML basic string.
+fn toml_str(v: &str) -> String {
+    let mut out = String::from("\"");
+    for c in v.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// The release sensor with its eBPF object, stripped for shipping.
@@ -423,7 +463,7 @@ fn deploy_one(t: &Target, o: &Opts, bin: &Path, issue: &Mutex<()>) -> Outcome {
         };
         let stage = root().join("target/deploy").join(&name);
         std::fs::create_dir_all(&stage)?;
-        std::fs::write(stage.join("sensor.toml"), sensor_config(o))?;
+        std::fs::write(stage.join("sensor.toml"), sensor_config(o, t))?;
         std::fs::write(stage.join("sonde-sensor.service"), UNIT)?;
         std::fs::write(stage.join("supervise"), SUPERVISOR)?;
         std::fs::copy(o.certs.join("ca.pem"), stage.join("ca.pem"))?;
@@ -712,6 +752,17 @@ mod tests {
         let t = Target::parse("root@[fd00::1]:22").unwrap();
         assert_eq!(t.addr, "fd00::1");
         assert!(Target::parse("no-user-here").is_err());
+        let t = Target::parse("db1=root@10.0.0.7 env=prod,role=db  rack=r\"7").unwrap();
+        assert_eq!(t.name.as_deref(), Some("db1"));
+        assert_eq!(
+            t.labels,
+            [("env", "prod"), ("role", "db"), ("rack", "r\"7")]
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+        );
+        assert_eq!(toml_str("r\"7\\"), "\"r\\\"7\\\\\"");
+        assert!(Target::parse("root@x host=evil").is_err());
+        assert!(Target::parse("root@x Env=prod").is_err());
+        assert!(Target::parse("root@x env").is_err());
         assert!(Target::parse("a b=root@x").is_err());
         assert!(Target::parse("root@x:notaport").is_err());
     }

@@ -162,6 +162,8 @@ pub struct Engine {
     /// Host → (last batch time ms, the host_silent alert states per rule).
     hosts: HashMap<String, u64>,
     host_alerts: HashMap<(usize, String), SeriesState>,
+    /// Host → its labels, from the latest batch that carried them.
+    host_labels: HashMap<String, Vec<(String, String)>>,
     pub evaluations: u64,
 }
 
@@ -192,15 +194,25 @@ fn alert_id(rule: &str, labels: &[(String, String)], start: u64) -> String {
     format!("{:016x}", h.finish())
 }
 
-fn matches(rule: &Rule, host: &str, labels: &[(&str, &str)]) -> bool {
+/// Whether a rule's label matchers select this series: `host` is the host name (from the
+/// certificate); any other name is the series' own label, or else one of the host's labels
+/// (the sensor's `labels`, e.g. `env`).
+fn matches(
+    rule: &Rule,
+    host: &str,
+    labels: &[(&str, &str)],
+    host_labels: Option<&Vec<(String, String)>>,
+) -> bool {
     rule.labels.iter().all(|(k, pat)| {
         if k == "host" {
             return glob(pat, host);
         }
-        labels
-            .iter()
-            .find(|(n, _)| n == k)
-            .is_some_and(|(_, v)| glob(pat, v))
+        match labels.iter().find(|(n, _)| n == k) {
+            Some((_, v)) => glob(pat, v),
+            None => host_labels
+                .and_then(|hl| hl.iter().find(|(n, _)| n == k))
+                .is_some_and(|(_, v)| glob(pat, v)),
+        }
     })
 }
 
@@ -211,6 +223,7 @@ impl Engine {
             series: HashMap::new(),
             hosts: HashMap::new(),
             host_alerts: HashMap::new(),
+            host_labels: HashMap::new(),
             evaluations: 0,
         }
     }
@@ -356,7 +369,7 @@ impl Engine {
         out: &mut Vec<AlertEvent>,
     ) -> Option<Verdict> {
         let rule = &self.rules[rule_idx];
-        if !matches(rule, host, labels) {
+        if !matches(rule, host, labels, self.host_labels.get(host)) {
             return None;
         }
         let key = series_key(rule, host, labels);
@@ -404,7 +417,27 @@ impl Engine {
         out: &mut Vec<AlertEvent>,
     ) -> Option<Verdict> {
         let rule = &self.rules[rule_idx];
-        if !rule.labels.get("host").is_none_or(|p| glob(p, host)) {
+        // Matchers naming a label of one of the series select the series' values (done by
+        // the caller); the others are the host name or the host's labels.
+        let series_labels: Vec<&str> = rule
+            .series
+            .iter()
+            .chain(rule.more_series.iter())
+            .flat_map(|sp| sp.label_names())
+            .collect();
+        let host_labels = self.host_labels.get(host);
+        let selected = rule.labels.iter().all(|(k, pat)| {
+            if k == "host" {
+                glob(pat, host)
+            } else if series_labels.contains(&k.as_str()) {
+                true
+            } else {
+                host_labels
+                    .and_then(|hl| hl.iter().find(|(n, _)| n == k))
+                    .is_some_and(|(_, v)| glob(pat, v))
+            }
+        });
+        if !selected {
             return None;
         }
         let key = series_key(rule, host, &[]);
@@ -457,6 +490,17 @@ impl Engine {
         snap: &protocol::Snapshot,
         out: &mut Vec<AlertEvent>,
     ) {
+        if !snap.host_labels.is_empty() {
+            let labels: Vec<(String, String)> = snap
+                .host_labels
+                .iter()
+                .filter(|l| l.name != "host")
+                .map(|l| (l.name.clone(), l.value.clone()))
+                .collect();
+            if self.host_labels.get(host) != Some(&labels) {
+                self.host_labels.insert(host.to_string(), labels);
+            }
+        }
         let mut samples: Vec<(usize, Vec<(&'static str, String)>, f64)> = Vec::new();
         let mut vectors: Vec<(usize, Vec<f64>)> = Vec::new();
         for (i, r) in self.rules.iter().enumerate() {
@@ -527,7 +571,7 @@ impl Engine {
             match rule.kind {
                 RuleKind::HostSilent { severity } => {
                     for (host, &last) in &self.hosts {
-                        if !matches(rule, host, &[]) {
+                        if !matches(rule, host, &[], self.host_labels.get(host)) {
                             continue;
                         }
                         let silent = now_ms.saturating_sub(last) >= rule.for_.as_millis() as u64;
@@ -756,6 +800,73 @@ mod tests {
         e.observe(0, "h", &[("cpu", "total")], 22_000, 95.0, &mut out);
         assert_eq!(out.len(), before + 1);
         assert_eq!(out.last().unwrap().rule, "a");
+    }
+
+    #[test]
+    fn rules_select_hosts_by_their_labels() {
+        let mut e = Engine::new(rules(
+            "[[rule]]\nname = \"prod load\"\nkind = \"threshold\"\nseries = \"system.procs_running\"\nlabels = { env = \"prod\" }\nwarning = 5\n\n\
+             [[rule]]\nname = \"db silent\"\nkind = \"host_silent\"\nlabels = { role = \"d*\" }\nfor = \"10s\"\n",
+        ));
+        let mut out = Vec::new();
+        let snap = |ts: u64, labels: &[(&str, &str)]| protocol::Snapshot {
+            ts_ms: ts,
+            system: protocol::SystemRec {
+                procs_running: 9,
+                ..Default::default()
+            },
+            host_labels: labels
+                .iter()
+                .map(|(n, v)| protocol::HostLabelRec {
+                    name: n.to_string(),
+                    value: v.to_string(),
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let batch = |snaps: Vec<protocol::Snapshot>| protocol::Batch {
+            snapshots: snaps,
+            ..Default::default()
+        };
+        // Labels come with the first snapshot of a batch and hold for the later ones.
+        for (host, labels) in [
+            ("web1", &[("env", "prod"), ("role", "web")][..]),
+            ("web2", &[("env", "dev"), ("role", "web")][..]),
+            ("db1", &[("env", "prod"), ("role", "db")][..]),
+            ("bare", &[][..]),
+        ] {
+            e.observe_batch(
+                host,
+                &batch(vec![snap(1000, labels), snap(2000, &[])]),
+                2000,
+                &mut out,
+            );
+        }
+        let firing: Vec<&str> = out
+            .iter()
+            .filter(|a| a.state == "firing" && a.rule == "prod load")
+            .map(|a| a.host.as_str())
+            .collect();
+        assert_eq!(firing, ["web1", "db1"]);
+        // host_silent with a host-label matcher: only the db host.
+        out.clear();
+        e.tick(20_000, &mut out);
+        let silent: Vec<&str> = out
+            .iter()
+            .filter(|a| a.rule == "db silent")
+            .map(|a| a.host.as_str())
+            .collect();
+        assert_eq!(silent, ["db1"]);
+        // Labels change with the next batch that carries them.
+        e.observe_batch(
+            "web2",
+            &batch(vec![snap(30_000, &[("env", "prod")])]),
+            30_000,
+            &mut out,
+        );
+        assert!(out
+            .iter()
+            .any(|a| a.host == "web2" && a.rule == "prod load" && a.state == "firing"));
     }
 
     #[test]

@@ -519,12 +519,17 @@ pub fn parse_rules(origin: &str, text: &str) -> anyhow::Result<Vec<Rule>> {
                 let known = std::iter::once(sp)
                     .chain(more_series.iter())
                     .any(|s| s.label_names().contains(&k.as_str()));
-                if k != "host" && !known {
+                // Any other name selects on the host's labels (the sensor's `labels`),
+                // except a label of another table: that is a mistake, not a host label.
+                let other_table_label = protocol::TABLES.iter().any(|t| {
+                    t.name != "host_labels" && t.label_columns().any(|(_, c)| c.name == k.as_str())
+                });
+                if k != "host" && !known && other_table_label {
                     return Err(at(
                         r.name.span(),
                         "labels",
                         format!(
-                            "`{k}` is not a label of {} (labels: host{})",
+                            "`{k}` is not a label of {} (labels: host{}, or a host label from the sensors' `labels`)",
                             sp.table_name(),
                             sp.label_names()
                                 .iter()
