@@ -431,6 +431,7 @@ fn console_pages_draw_real_data_in_chromium_and_the_token_guards_them() {
         .iter()
         .find(|r| r[0] == "console test alert")
         .expect("the rule on the rules page");
+    assert_eq!(row[1], "threshold");
     assert_eq!(row[2], "system.procs_running");
     assert!(
         row[5].parse::<u64>().unwrap() >= 1 && row[7].parse::<u64>().unwrap() >= 1,

@@ -640,7 +640,18 @@ impl Engine {
                 let kind = format!("{:?}", r.kind);
                 serde_json::json!({
                     "name": r.name,
-                    "kind": kind.split([' ', '{', '(']).next().unwrap_or(""),
+                    // As rules files spell it: `Threshold` -> threshold, `HostSilent` -> host_silent.
+                    "kind": kind
+                        .split([' ', '{', '('])
+                        .next()
+                        .unwrap_or("")
+                        .chars()
+                        .enumerate()
+                        .flat_map(|(i, c)| {
+                            let sep = (i > 0 && c.is_ascii_uppercase()).then_some('_');
+                            sep.into_iter().chain(std::iter::once(c.to_ascii_lowercase()))
+                        })
+                        .collect::<String>(),
                     "series": r.series.as_ref().map(|s| s.name()),
                     "labels": r.labels,
                     "for_s": r.for_.as_secs_f64(),

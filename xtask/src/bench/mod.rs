@@ -373,7 +373,8 @@ pub fn run_bench(quick: bool) -> Result<()> {
         storage["hosts"].as_u64().unwrap_or(0),
         storage["hours"].as_u64().unwrap_or(1),
     );
-    let tier_storage = tier_storage(&env).unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
+    let tier_storage =
+        tier_storage(&env, !quick).unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
     let ingest = ingest(&env, agg.child.id(), quick)?;
     drop(agg);
     // The generated history is large (GBs for the full run): do not leave it behind.

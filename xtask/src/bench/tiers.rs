@@ -52,7 +52,8 @@ fn sizes(env: &Env, db: &str) -> Result<std::collections::HashMap<String, (u64, 
     .collect())
 }
 
-pub(super) fn tier_storage(env: &Env) -> Result<Value> {
+/// `studies`: also the codec and sort-order studies (skipped by `bench --quick`).
+pub(super) fn tier_storage(env: &Env, studies: bool) -> Result<Value> {
     let rec = recording();
     step(&format!(
         "storage per tier on real data: importing {} (aggregator import)",
@@ -101,7 +102,7 @@ pub(super) fn tier_storage(env: &Env) -> Result<Value> {
         std::fs::write(native.join(format!("{}.native", t.name)), body)?;
     }
     step("storage per tier on real data: the same rows on a current engine, and the codec study");
-    let modern = modern_tiers(env, &native, &tables)?;
+    let modern = modern_tiers(env, &native, &tables, studies)?;
     let mut per_table = Vec::new();
     let (mut samples, mut raw_b, mut m1_b, mut h1_b) = (0u64, 0u64, 0u64, 0u64);
     let (mut raw_b26, mut m1_b26, mut h1_b26) = (0u64, 0u64, 0u64);
@@ -188,7 +189,12 @@ const CODECS: &[(&str, &[&str])] = &[
     ),
 ];
 
-fn modern_tiers(env: &Env, native: &Path, tables: &[&protocol::tables::TableDef]) -> Result<Value> {
+fn modern_tiers(
+    env: &Env,
+    native: &Path,
+    tables: &[&protocol::tables::TableDef],
+    studies: bool,
+) -> Result<Value> {
     let ddl = Command::new(env.bin.join("aggregator"))
         .args([
             "schema",
@@ -235,7 +241,7 @@ for line in q("SELECT table, sum(data_compressed_bytes) FROM system.parts WHERE 
         sizes[a] = int(b)
 # Codec study: every value column of every table under each candidate, per kind.
 res = {{}}
-for t, cols in kinds.items():
+for t, cols in (kinds.items() if {studies} else []):
     types = dict(l.split('\t') for l in q(f"SELECT name, type FROM system.columns WHERE database='sonde' AND table='{{t}}'").strip().split('\n'))
     for i in range(max(len(v) for v in codecs.values())):
         name = f'cs_{{t}}_{{i}}'
@@ -268,7 +274,7 @@ for t, cols in kinds.items():
         q(f'DROP TABLE sonde.{{name}}')
 # Sort order study: the label before the time (this DDL) or the time before the label.
 order = {{}}
-for t in kinds:
+for t in (kinds if {studies} else []):
     key = q(f"SELECT sorting_key FROM system.tables WHERE database='sonde' AND name='{{t}}'").strip()
     parts = [x.strip() for x in key.split(',')]
     if len(parts) < 3:
@@ -294,6 +300,7 @@ print(json.dumps({{'engine': q('SELECT version()').strip(), 'sizes': sizes, 'cod
             .collect::<serde_json::Map<_, _>>())
         .to_string(),
         native = native.display().to_string(),
+        studies = if studies { "True" } else { "False" },
     );
     let path = env.dir.join("tier_storage.py");
     std::fs::write(&path, script)?;
@@ -409,7 +416,7 @@ pub fn run_storage() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     crate::certs::run(&dir.join("certs"), &[], &[], false)?;
     let (agg, env) = start_env(&dir, root.join("target/release"))?;
-    let t = tier_storage(&env)?;
+    let t = tier_storage(&env, true)?;
     drop(agg);
     let _ = std::fs::remove_dir_all(dir.join("agg"));
     std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(&t)?)?;
