@@ -87,6 +87,17 @@ pub struct ClickHouseConfig {
     pub queue_batches: usize,
 }
 
+impl ClickHouseConfig {
+    /// The server a command-line tool (backtest, import) talks to: `--clickhouse-url`, else
+    /// the configured one; a managed server has no fixed URL, so it must be given.
+    pub fn url_for_tools(&self, flag: Option<&str>) -> anyhow::Result<String> {
+        flag.filter(|u| !u.is_empty())
+            .map(str::to_string)
+            .or_else(|| Some(self.url.clone()).filter(|u| !u.is_empty()))
+            .context("no ClickHouse URL: pass --clickhouse-url (a managed server's port is in DATA_DIR/clickhouse/ports)")
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {

@@ -247,6 +247,23 @@ pub fn query(agg: &Aggregator, sql: &str) -> String {
         .unwrap_or_else(|e| panic!("query failed: {e}\n{sql}"))
 }
 
+/// Replaces the aggregator's database with one built by `script` (the output of an
+/// `aggregator schema`), as an earlier release left it.
+#[allow(dead_code)]
+pub fn rebuild_database(agg: &Aggregator, script: &str) {
+    for t in query(
+        agg,
+        "SELECT name FROM system.tables WHERE database = 'sonde'",
+    )
+    .lines()
+    {
+        query(agg, &format!("DROP TABLE sonde.{t}"));
+    }
+    for stmt in script.split(";\n").map(str::trim).filter(|s| !s.is_empty()) {
+        query(agg, stmt);
+    }
+}
+
 pub fn ch_query(addr: &str, sql: &str) -> Result<String, String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;

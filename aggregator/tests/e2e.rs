@@ -55,7 +55,15 @@ fn pipeline_all_tables_cpu_matches_proc_stat_and_readme_queries_run() {
     certs(&d.0.join("certs"), &["alpha"]);
     let agg = start_aggregator(&d.0, free_udp_port(), "1");
     let started = Instant::now();
-    let _sensor = start_sensor(&d.0, &agg.quic, "alpha", &[]);
+    // Labelled like a production host, so the README's label join has rows too.
+    let labels = d.0.join("alpha.toml");
+    std::fs::write(&labels, "labels = { env = \"prod\" }\n").unwrap();
+    let _sensor = start_sensor(
+        &d.0,
+        &agg.quic,
+        "alpha",
+        &["--config", labels.to_str().unwrap()],
+    );
 
     wait_until(
         "rows for host alpha in every subsystem table",
@@ -520,22 +528,12 @@ fn a_declared_column_reaches_an_existing_database_end_to_end() {
     let agg = start_aggregator(&d.0, port, "1");
     // The database as the previous release created it: its schema script (migrations 1-4,
     // committed as that release printed it with `aggregator schema`) and its migration rows.
-    for t in query(
-        &agg,
-        "SELECT name FROM system.tables WHERE database = 'sonde'",
-    )
-    .lines()
-    {
-        query(&agg, &format!("DROP TABLE sonde.{t}"));
-    }
     let script = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/data/schema-v4-18.16.sql"
     ))
     .unwrap();
-    for stmt in script.split(";\n").map(str::trim).filter(|s| !s.is_empty()) {
-        query(&agg, stmt);
-    }
+    rebuild_database(&agg, &script);
     query(
         &agg,
         "INSERT INTO sonde.schema_migrations VALUES (1, 'metric tables, hosts, batches', now()), \

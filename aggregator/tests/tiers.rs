@@ -187,14 +187,6 @@ fn tiers_hold_exact_aggregates_from_backfill_and_live_inserts_and_keep_their_ret
     let port = free_udp_port();
     let agg = start_aggregator(&d.0, port, "1");
     // A database as the previous release left it (migrations 1-5), with data in it.
-    for t in query(
-        &agg,
-        "SELECT name FROM system.tables WHERE database = 'sonde'",
-    )
-    .lines()
-    {
-        query(&agg, &format!("DROP TABLE sonde.{t}"));
-    }
     let out = std::process::Command::new(bin("aggregator"))
         .args(["schema", "--upto", "5"])
         .output()
@@ -202,9 +194,7 @@ fn tiers_hold_exact_aggregates_from_backfill_and_live_inserts_and_keep_their_ret
     assert!(out.status.success());
     let script = String::from_utf8(out.stdout).unwrap();
     assert!(!script.contains("_1m"), "migration 5 has no tiers");
-    for stmt in script.split(";\n").map(str::trim).filter(|s| !s.is_empty()) {
-        query(&agg, stmt);
-    }
+    rebuild_database(&agg, &script);
     query(
         &agg,
         "INSERT INTO sonde.schema_migrations VALUES (1, 'm', now()), (2, 'm', now()), (3, 'm', now()), (4, 'm', now()), (5, 'm', now())",

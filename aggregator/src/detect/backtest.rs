@@ -152,12 +152,9 @@ fn parse_array(s: &str) -> Vec<u64> {
 }
 
 pub async fn clickhouse_samples(args: &Args, cfg: &Config, rules: &[Rule]) -> Result<Vec<Sample>> {
-    let url = args
-        .clickhouse_url
-        .clone()
-        .filter(|u| !u.is_empty())
-        .or_else(|| Some(cfg.clickhouse.url.clone()).filter(|u| !u.is_empty()))
-        .context("no ClickHouse URL: pass --clickhouse-url (a managed server's port is in DATA_DIR/clickhouse/ports)")?;
+    let url = cfg
+        .clickhouse
+        .url_for_tools(args.clickhouse_url.as_deref())?;
     let host = args.host.as_deref().unwrap();
     if host.contains('\'') || host.contains('\\') {
         bail!("--host: {host:?} contains a quote");

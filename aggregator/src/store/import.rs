@@ -39,12 +39,9 @@ pub async fn run(args: Args, cfg: &Config) -> Result<()> {
             args.host
         );
     }
-    let url = args
-        .clickhouse_url
-        .clone()
-        .filter(|u| !u.is_empty())
-        .or_else(|| Some(cfg.clickhouse.url.clone()).filter(|u| !u.is_empty()))
-        .context("no ClickHouse URL: pass --clickhouse-url (a managed server's port is in DATA_DIR/clickhouse/ports)")?;
+    let url = cfg
+        .clickhouse
+        .url_for_tools(args.clickhouse_url.as_deref())?;
     let raw = std::fs::read(&args.recording)
         .with_context(|| format!("cannot read {}", args.recording.display()))?;
     let mut snaps = crate::detect::eval::read_recording(&args.recording)?;
