@@ -53,18 +53,14 @@ fn now_s() -> u64 {
         .as_secs()
 }
 
-/// A value rounded to f32's shortest decimal form: seven significant digits are plenty for
-/// a chart and roughly halve the JSON.
+/// A value rounded to f32's shortest decimal form (f32's `Display` is the shortest string
+/// that reads back as the same f32): seven significant digits are plenty for a chart and
+/// roughly halve the JSON.
 fn short(v: f64) -> f64 {
     if !v.is_finite() {
         return 0.0;
     }
-    ryu_like(v as f32).parse().unwrap_or(v)
-}
-
-fn ryu_like(v: f32) -> String {
-    // `Display` for f32 prints the shortest string that reads back as the same f32.
-    format!("{v}")
+    (v as f32).to_string().parse().unwrap_or(v)
 }
 
 /// A host name as sensors' certificates carry them.
@@ -484,20 +480,17 @@ struct HeatRow {
     counts: Vec<u64>,
 }
 
-/// The bucket bound holding quantile `q` of one histogram.
+/// The bucket bound holding quantile `q` of one merged histogram (the detector's rule).
 fn quantile(uppers: &[u64], counts: &[u64], q: f64) -> Option<u64> {
     let total: u64 = counts.iter().sum();
     if total == 0 {
         return None;
     }
-    let mut acc = 0;
-    for (u, c) in uppers.iter().zip(counts) {
-        acc += c;
-        if acc as f64 >= q * total as f64 {
-            return Some(*u);
-        }
-    }
-    uppers.last().copied()
+    crate::detect::series::bucket_quantile(
+        uppers.iter().copied().zip(counts.iter().copied()),
+        total,
+        q,
+    )
 }
 
 /// `GET /api/hosts/{host}/heatmap?source=runqueue&from=&to=&points=`: per time bucket the

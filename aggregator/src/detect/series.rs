@@ -134,15 +134,29 @@ pub fn parse_series(s: &str) -> Result<SeriesSpec, String> {
 
 /// Upper bound of the bucket holding quantile `q` of a histogram (same rule as the README's SQL).
 pub fn hist_quantile(l: &LatencyRec, q: f64) -> f64 {
-    let target = (l.count as f64 * q).ceil().max(1.0) as u64;
+    let buckets = l
+        .buckets
+        .iter()
+        .map(|b| (1u64.checked_shl(b.index).unwrap_or(u64::MAX), b.count));
+    bucket_quantile(buckets, l.count, q).unwrap_or(0) as f64
+}
+
+/// Upper bound of the bucket holding quantile `q` of `total` values, given (upper bound,
+/// count) buckets in increasing order; None when no bucket reaches it.
+pub fn bucket_quantile(
+    buckets: impl Iterator<Item = (u64, u64)>,
+    total: u64,
+    q: f64,
+) -> Option<u64> {
+    let target = (total as f64 * q).ceil().max(1.0) as u64;
     let mut acc = 0;
-    for b in &l.buckets {
-        acc += b.count;
+    for (upper, count) in buckets {
+        acc += count;
         if acc >= target {
-            return 1u64.checked_shl(b.index).unwrap_or(u64::MAX) as f64;
+            return Some(upper);
         }
     }
-    0.0
+    None
 }
 
 impl PartialEq for SeriesSpec {
