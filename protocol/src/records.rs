@@ -372,6 +372,145 @@ crate::tables! {
     }
     derived {}
     aliases {}
+
+    /// One cgroup (container, pod, systemd unit, or any other group of processes) each
+    /// interval, from the v2 tree where the cgroup has one and the v1 controllers otherwise
+    /// (hybrid hosts use both: v1 for cpu quota, memory, blkio and pids, v2 for pressure).
+    /// At most `max_cgroups` (sensor config `[cgroups]`), chosen by path globs; the
+    /// hierarchy roots themselves are the host tables. Counters of a cgroup are
+    /// hierarchical (its descendants included), as the kernel keeps them.
+    table cgroups (cgroups: Many CgroupRec) from "/sys/fs/cgroup: cpu.stat, cpuacct.*, cpu.max|cfs_*, memory.*, io.stat|blkio.throttle.*, pids.*, *.pressure", key [cgroup], since 9, v1 0 {
+        /// Path below the hierarchy root (`/system.slice/nginx.service`).
+        cgroup: String = Label(""),
+        /// Resolved from the path: `docker:<12 hex>` (`containerd:`, `crio:`, `podman:`,
+        /// `container:` for a bare id), a systemd unit (`nginx.service`), or empty.
+        container: String = Label(""),
+        /// Kubernetes pod UID from kubelet's layout, or empty.
+        pod: String = Label(""),
+        /// CPU used, in percent of one CPU (200 = two CPUs' worth).
+        cpu_pct: f32 = Gauge("%"),
+        /// CPU used in user mode, percent of one CPU.
+        cpu_user_pct: f32 = Gauge("%"),
+        /// CPU used in the kernel, percent of one CPU.
+        cpu_system_pct: f32 = Gauge("%"),
+        /// CPU limit from the CFS quota in CPUs (quota / period); 0 = none.
+        cpu_limit: f32 = Capacity("cpus"),
+        /// CFS enforcement periods that had runnable tasks, in the interval.
+        cpu_periods: u32 = Counter("periods"),
+        /// Of those, periods in which the group hit its quota and was throttled.
+        cpu_throttled_periods: u32 = Counter("periods"),
+        /// Time the group was held back by the quota, summed over CPUs as the kernel
+        /// counts it (so above 1000 ms/s when it is throttled on several CPUs at once).
+        cpu_throttled_ms_per_s: f32 = Rate("ms/s"),
+        /// Memory charged to the group (v2 memory.current, v1 usage_in_bytes): what the
+        /// limit is compared against; includes page cache.
+        memory_usage: u64 = Gauge("bytes"),
+        /// Usage minus inactive file cache: what cannot be reclaimed easily (the
+        /// kubelet's and cAdvisor's working set).
+        memory_working_set: u64 = Gauge("bytes"),
+        /// Anonymous memory (v2 anon, v1 total_rss).
+        memory_rss: u64 = Gauge("bytes"),
+        /// Page cache (v2 file, v1 total_cache).
+        memory_cache: u64 = Gauge("bytes"),
+        /// Swap used by the group (v2 memory.swap.current, v1 total_swap).
+        memory_swap: u64 = Gauge("bytes"),
+        /// Memory limit (v2 memory.max, v1 limit_in_bytes); 0 = none.
+        memory_limit: u64 = Capacity("bytes"),
+        /// Times usage went over memory.high and was throttled (v2 only).
+        memory_high_events: u32 = Counter("events"),
+        /// Times usage hit the limit (v2 memory.events max, v1 failcnt).
+        memory_max_events: u32 = Counter("events"),
+        /// Times the group went out of memory (v2 only; v1: see oom_kills).
+        oom_events: u32 = Counter("events"),
+        /// Processes killed by the OOM killer in the group.
+        oom_kills: u32 = Counter("kills"),
+        /// Bytes read from block devices (all devices; per device in `cgroup_io`).
+        read_bytes_per_s: f32 = Rate("bytes/s"),
+        /// Bytes written to block devices.
+        write_bytes_per_s: f32 = Rate("bytes/s"),
+        /// Read requests.
+        reads_per_s: f32 = Rate("1/s"),
+        /// Write requests.
+        writes_per_s: f32 = Rate("1/s"),
+        /// Processes and threads in the group (pids.current).
+        pids: u32 = Gauge("tasks"),
+        /// Their limit (pids.max); 0 = none.
+        pids_limit: u32 = Capacity("tasks"),
+        /// Some tasks stalled on CPU, share of the interval (v2 cpu.pressure).
+        cpu_some_pct: f32 = Gauge("%"),
+        /// Some tasks stalled on memory, share of the interval.
+        memory_some_pct: f32 = Gauge("%"),
+        /// All tasks stalled on memory, share of the interval.
+        memory_full_pct: f32 = Gauge("%"),
+        /// Some tasks stalled on I/O, share of the interval.
+        io_some_pct: f32 = Gauge("%"),
+        /// All tasks stalled on I/O, share of the interval.
+        io_full_pct: f32 = Gauge("%"),
+    }
+    derived {
+        /// Share of CFS periods throttled.
+        cpu_throttled_pct = Gauge("%") sql "cpu_throttled_periods * 100 / greatest(cpu_periods, 1)" |r| pct(r.cpu_throttled_periods as f64, r.cpu_periods as f64),
+        /// CPU used as a share of the CPU limit (0 without a limit).
+        cpu_pct_of_limit = Gauge("%") sql "if(cpu_limit > 0, cpu_pct / cpu_limit, 0)" |r| if r.cpu_limit > 0.0 { r.cpu_pct as f64 / r.cpu_limit as f64 } else { 0.0 },
+        /// Working set as a share of the memory limit (0 without a limit).
+        memory_used_pct_of_limit = Gauge("%") sql "if(memory_limit > 0, memory_working_set * 100 / memory_limit, 0)" |r| if r.memory_limit > 0 { pct(r.memory_working_set as f64, r.memory_limit as f64) } else { 0.0 },
+    }
+    aliases {}
+
+    /// Block I/O of one cgroup on one device, over the interval (devices the cgroup has
+    /// done I/O on; hierarchical like `cgroups`).
+    table cgroup_io (cgroup_io: Many CgroupIoRec) from "/sys/fs/cgroup: io.stat (v2), blkio.throttle.io_service*_recursive (v1)", key [cgroup, device], since 9, v1 0 {
+        /// Path below the hierarchy root.
+        cgroup: String = Label(""),
+        /// Device name (`major:minor` when the kernel has no name for it).
+        device: String = Label(""),
+        /// Bytes read.
+        read_bytes_per_s: f32 = Rate("bytes/s"),
+        /// Bytes written.
+        write_bytes_per_s: f32 = Rate("bytes/s"),
+        /// Read requests.
+        reads_per_s: f32 = Rate("1/s"),
+        /// Write requests.
+        writes_per_s: f32 = Rate("1/s"),
+    }
+    derived {}
+    aliases {}
+
+    /// The busiest processes each interval: the union of the top `top_processes` (sensor
+    /// config `[processes]`, default 10) by CPU, by resident memory and by I/O bytes, plus
+    /// one row `pid` 0 / `comm` `other` summing every other process, so the rows add up
+    /// to the host's processes (CPU of processes that exited within the interval is not in
+    /// any row: the kernel hands it to their parent only when reaped).
+    table processes (processes: Many ProcessRec) from "/proc/[pid]/stat, io, cmdline, status, cgroup", key [pid], since 9, v1 0 {
+        /// Process id; 0 for the `other` row.
+        pid: u32 = Label(""),
+        /// Command name (`comm`), `other` for the rest.
+        comm: String = Label(""),
+        /// Owner (user name, or the uid when it has none).
+        user: String = Label(""),
+        /// The process's cgroup (v2 path, or the v1 cpu controller's on v1-only hosts).
+        cgroup: String = Label(""),
+        /// Command line, arguments separated by spaces, at most 256 bytes.
+        cmdline: String = Text(""),
+        /// CPU used, percent of one CPU.
+        cpu_pct: f32 = Gauge("%"),
+        /// CPU in user mode, percent of one CPU.
+        cpu_user_pct: f32 = Gauge("%"),
+        /// CPU in the kernel, percent of one CPU.
+        cpu_system_pct: f32 = Gauge("%"),
+        /// Resident memory.
+        rss: u64 = Gauge("bytes"),
+        /// Bytes the process caused to be read from storage.
+        read_bytes_per_s: f32 = Rate("bytes/s"),
+        /// Bytes the process caused to be written to storage.
+        write_bytes_per_s: f32 = Rate("bytes/s"),
+        /// Threads.
+        threads: u32 = Gauge("threads"),
+        /// Processes the row stands for: 1, or how many `other` sums.
+        processes: u32 = Gauge("processes"),
+    }
+    derived {}
+    aliases {}
 }
 
 wire_struct! {

@@ -91,6 +91,43 @@ fn sample_batch(seq: u64, snaps: usize) -> Batch {
         } else {
             Vec::new()
         },
+        cgroups: vec![CgroupRec {
+            cgroup: "/system.slice/nginx.service".into(),
+            container: "nginx.service".into(),
+            cpu_pct: 42.5,
+            cpu_limit: 0.5,
+            cpu_periods: 10,
+            cpu_throttled_periods: 3,
+            memory_usage: 100 << 20,
+            memory_limit: 200 << 20,
+            ..Default::default()
+        }],
+        cgroup_io: vec![CgroupIoRec {
+            cgroup: "/system.slice/nginx.service".into(),
+            device: "vda".into(),
+            read_bytes_per_s: 4096.0,
+            ..Default::default()
+        }],
+        processes: vec![
+            ProcessRec {
+                pid: 4242,
+                comm: "nginx".into(),
+                user: "www-data".into(),
+                cgroup: "/system.slice/nginx.service".into(),
+                cmdline: "nginx: worker process".into(),
+                cpu_pct: 40.0,
+                rss: 30 << 20,
+                threads: 1,
+                processes: 1,
+                ..Default::default()
+            },
+            ProcessRec {
+                comm: "other".into(),
+                cpu_pct: 3.0,
+                processes: 120,
+                ..Default::default()
+            },
+        ],
     };
     Batch {
         host: "web-1".into(),
@@ -504,10 +541,14 @@ fn version_1_frames_still_decode() {
     }
     let frame = std::fs::read(path).unwrap();
     assert_eq!(frame[4], 1, "the fixture is a version-1 frame");
-    // Version 1 had no host labels (added later, inside the delimited snapshot).
+    // Version 1 had no host labels, cgroups or processes (added later, inside the
+    // delimited snapshot).
     let mut want = b;
     for s in &mut want.snapshots {
         s.host_labels.clear();
+        s.cgroups.clear();
+        s.cgroup_io.clear();
+        s.processes.clear();
     }
     assert_eq!(decode_batch(&frame, &Limits::default()).unwrap(), want);
 }

@@ -58,6 +58,63 @@ pub struct Config {
     /// Names: lower-case letters, digits and `_`, not `host` (the host name always comes
     /// from the certificate); values: up to 256 printable characters; at most 32 labels.
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Per-cgroup metrics (containers, pods, systemd units): tables `cgroups`, `cgroup_io`.
+    pub cgroups: CgroupConfig,
+    /// The busiest processes: table `processes`.
+    pub processes: ProcessConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CgroupConfig {
+    pub enabled: bool,
+    /// Where the hierarchies are mounted ("" = `<sys_root>/fs/cgroup`); every cgroup v1
+    /// and cgroup2 mount at or below it is read.
+    pub root: String,
+    /// At most this many cgroups are reported (the first by path beyond it, with a warning).
+    pub max_cgroups: usize,
+    /// Path globs (`/system.slice/*`, `/kubepods*`): if non-empty, only matching cgroups.
+    pub include: Vec<String>,
+    /// Path globs never reported.
+    pub exclude: Vec<String>,
+    /// The list of cgroups is rebuilt when the kernel's cgroup counts change, when a
+    /// tracked cgroup vanishes, and at least this often.
+    #[serde(with = "humantime_serde")]
+    pub rescan: Duration,
+}
+
+impl Default for CgroupConfig {
+    fn default() -> Self {
+        CgroupConfig {
+            enabled: true,
+            root: String::new(),
+            max_cgroups: 500,
+            include: Vec::new(),
+            exclude: Vec::new(),
+            rescan: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessConfig {
+    pub enabled: bool,
+    /// N: the union of the top N by CPU, by resident memory and by I/O is reported,
+    /// plus one `other` row for the rest.
+    pub top: usize,
+    /// Command lines are cut to this many bytes.
+    pub cmdline_max: usize,
+}
+
+impl Default for ProcessConfig {
+    fn default() -> Self {
+        ProcessConfig {
+            enabled: true,
+            top: 10,
+            cmdline_max: 256,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -112,6 +169,8 @@ impl Default for Config {
             log_format: "text".into(),
             user: String::new(),
             labels: Default::default(),
+            cgroups: Default::default(),
+            processes: Default::default(),
         }
     }
 }
@@ -169,6 +228,30 @@ impl Config {
             if v.len() > 256 || v.chars().any(|c| c.is_control()) {
                 bail!("labels: {k} = {v:?}: at most 256 printable characters");
             }
+        }
+        if self.cgroups.max_cgroups == 0 || self.cgroups.max_cgroups > 100_000 {
+            bail!(
+                "cgroups.max_cgroups: {} is outside 1..100000 (turn collection off with cgroups.enabled = false)",
+                self.cgroups.max_cgroups
+            );
+        }
+        if self.cgroups.rescan < Duration::from_secs(1) {
+            bail!(
+                "cgroups.rescan: {:?} is too short (minimum 1s)",
+                self.cgroups.rescan
+            );
+        }
+        if self.processes.top == 0 || self.processes.top > 1000 {
+            bail!(
+                "processes.top: {} is outside 1..1000 (turn it off with processes.enabled = false)",
+                self.processes.top
+            );
+        }
+        if self.processes.cmdline_max > 4096 {
+            bail!(
+                "processes.cmdline_max: {} is over 4096",
+                self.processes.cmdline_max
+            );
         }
         Ok(())
     }

@@ -251,7 +251,7 @@ async fn run(
         Err(e) => return Err(e.context("dropping privileges")),
     }
     let shipper = tokio::spawn(ship::run(cfg.clone(), client, outbox.clone()));
-    let mut collector = collect::Collector::new(&cfg.proc_root, &cfg.sys_root, &cfg.filters);
+    let mut collector = collect::Collector::new(&cfg);
     let events_fd = probes.as_ref().and_then(|p| p.events_fd()).and_then(|fd| {
         // SAFETY: the ring buffer's fd lives in `collector.probes`, which outlives this
         // registration (declared before it, so dropped after it).
@@ -396,7 +396,7 @@ fn probes_cmd(cfg: &Config, json: bool, measure: Option<Duration>) -> Result<()>
 
 fn record(cfg: &Config, count: u32, interval: Duration, out: &std::path::Path) -> Result<()> {
     use std::io::Write;
-    let mut c = collect::Collector::new(&cfg.proc_root, &cfg.sys_root, &cfg.filters);
+    let mut c = collect::Collector::new(&cfg);
     let (probes, _) = collect::ebpf::load(&cfg.probes, &cfg.proc_root, cfg.filters.disks.clone());
     c.probes = probes;
     let mut snap = Snapshot::default();
@@ -493,7 +493,7 @@ fn snapshot_json(snap: &Snapshot) -> serde_json::Value {
 }
 
 fn once(cfg: &Config, json: bool, interval: Duration) -> Result<()> {
-    let mut c = collect::Collector::new(&cfg.proc_root, &cfg.sys_root, &cfg.filters);
+    let mut c = collect::Collector::new(&cfg);
     // Probes too when this process may load them (root); silently /proc only otherwise.
     let (probes, status) =
         collect::ebpf::load(&cfg.probes, &cfg.proc_root, cfg.filters.disks.clone());

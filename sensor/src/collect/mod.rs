@@ -2,6 +2,8 @@
 //! `Collector::collect` fills a reused `Snapshot` in place.
 
 pub mod btf;
+pub mod cgnames;
+pub mod cgroup;
 pub mod cpu;
 pub mod disk;
 pub mod ebpf;
@@ -11,10 +13,11 @@ pub mod filesystem;
 pub mod host;
 pub mod memory;
 pub mod net;
+pub mod processes;
 pub mod psi;
 pub mod tcp;
 
-use crate::config::Filters;
+use crate::config::Config;
 use protocol::Snapshot;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -26,14 +29,52 @@ pub struct Collector {
     fs: filesystem::Filesystem,
     net: net::Net,
     tcp: tcp::Tcp,
+    pub cgroups: Option<cgroup::Cgroups>,
+    pub processes: Option<processes::Processes>,
     pub probes: Option<ebpf::Probes>,
     last: Option<Instant>,
     errors_logged: u32,
 }
 
 impl Collector {
-    pub fn new(proc: &str, sys: &str, f: &Filters) -> Self {
+    pub fn new(cfg: &Config) -> Self {
+        let (proc, sys, f) = (cfg.proc_root.as_str(), cfg.sys_root.as_str(), &cfg.filters);
+        let cgroups = cfg.cgroups.enabled.then(|| {
+            let root = if cfg.cgroups.root.is_empty() {
+                format!("{sys}/fs/cgroup")
+            } else {
+                cfg.cgroups.root.clone()
+            };
+            let mounts = std::fs::read_to_string(format!("{proc}/self/mounts")).unwrap_or_default();
+            let roots = cgroup::Roots::from_mounts(&mounts, &root);
+            if roots.is_empty() {
+                tracing::info!(
+                    root,
+                    "no cgroup hierarchy mounted there: no per-cgroup metrics"
+                );
+                return None;
+            }
+            tracing::debug!(?roots, "cgroup hierarchies");
+            Some(cgroup::Cgroups::new(
+                proc,
+                roots,
+                cgroup::Options {
+                    max_cgroups: cfg.cgroups.max_cgroups,
+                    filter: crate::filter::Filter {
+                        include: cfg.cgroups.include.clone(),
+                        exclude: cfg.cgroups.exclude.clone(),
+                    },
+                    rescan: cfg.cgroups.rescan,
+                },
+            ))
+        });
+        let processes = cfg
+            .processes
+            .enabled
+            .then(|| processes::Processes::new(proc, cfg.processes.top, cfg.processes.cmdline_max));
         Collector {
+            cgroups: cgroups.flatten(),
+            processes,
             cpu: cpu::Cpu::new(proc),
             memory: memory::Memory::new(proc),
             psi: psi::Psi::new(proc),
@@ -79,6 +120,17 @@ impl Collector {
         }
         self.psi.collect(secs, &mut snap.pressure);
         self.fs.collect(&mut snap.filesystems);
+        if let Some(c) = self.cgroups.as_mut() {
+            c.collect(secs, &mut snap.cgroups, &mut snap.cgroup_io);
+        }
+        if let Some(p) = self.processes.as_mut() {
+            if let Err(e) = p.collect(secs, &mut snap.processes) {
+                if self.errors_logged < 10 {
+                    self.errors_logged += 1;
+                    tracing::warn!(source = "/proc/[pid]", error = %e, "process collector failed");
+                }
+            }
+        }
         match self.probes.as_mut() {
             Some(p) => p.collect(
                 secs,

@@ -1,0 +1,403 @@
+//! Top processes: each interval the union of the top N by CPU, by resident memory and by
+//! I/O bytes, plus one `other` row summing the rest.
+//!
+//! Cost control (measured by `cargo xtask bench`, section "processes"): per process and
+//! interval one read of `/proc/PID/stat` (CPU, RSS, threads, start time); `/proc/PID/io`
+//! is read only for processes whose CPU time moved since their last I/O read (a process
+//! that ran no code issued no I/O; writeback is charged to the writer when it dirtied
+//! the pages), and its rate is over the time since that read. Command line, user and
+//! cgroup are read once per process, and only when it first makes the top list.
+
+use crate::procfile::{fields, parse_u64, set_str, slot};
+use protocol::ProcessRec;
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::time::Instant;
+
+struct Proc {
+    /// Start time in ticks after boot: a reused pid has another.
+    start: u64,
+    utime: u64,
+    stime: u64,
+    /// CPU ticks at the last /proc/PID/io read, its values and when.
+    io_cpu: u64,
+    io: (u64, u64),
+    io_at: Option<Instant>,
+    /// This interval's figures.
+    d_user: u64,
+    d_system: u64,
+    rss: u64,
+    threads: u32,
+    rbps: f32,
+    wbps: f32,
+    comm: String,
+    /// Filled once, when it first makes the list.
+    detail: Option<(String, String, String)>,
+    seen: bool,
+}
+
+pub struct Processes {
+    proc: PathBuf,
+    top: usize,
+    cmdline_max: usize,
+    procs: HashMap<u32, Proc>,
+    buf: Vec<u8>,
+    page: u64,
+    hz: f64,
+    users: Option<HashMap<u32, String>>,
+    order: Vec<u32>,
+    /// Processes seen at the last collection (for tests and the bench).
+    pub count: usize,
+    /// /proc/PID/io reads at the last collection.
+    pub io_reads: usize,
+}
+
+impl Processes {
+    pub fn new(proc: &str, top: usize, cmdline_max: usize) -> Self {
+        Processes {
+            proc: proc.into(),
+            top,
+            cmdline_max,
+            procs: HashMap::new(),
+            buf: Vec::with_capacity(4096),
+            page: 4096,
+            hz: 100.0,
+            users: None,
+            order: Vec::new(),
+            count: 0,
+            io_reads: 0,
+        }
+    }
+
+    fn read(&mut self, pid: u32, file: &str) -> std::io::Result<()> {
+        self.buf.clear();
+        let mut p = self.proc.clone();
+        p.push(itoa(pid));
+        p.push(file);
+        std::fs::File::open(p)?.read_to_end(&mut self.buf)?;
+        Ok(())
+    }
+
+    pub fn collect(&mut self, secs: Option<f64>, out: &mut Vec<ProcessRec>) -> std::io::Result<()> {
+        let now = Instant::now();
+        for p in self.procs.values_mut() {
+            p.seen = false;
+        }
+        let mut pids = Vec::with_capacity(self.procs.len() + 16);
+        for e in std::fs::read_dir(&self.proc)?.flatten() {
+            if let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) {
+                pids.push(pid);
+            }
+        }
+        self.io_reads = 0;
+        for pid in pids {
+            if self.read(pid, "stat").is_err() {
+                continue; // exited meanwhile
+            }
+            let Some((comm, v)) = parse_stat(&self.buf) else {
+                continue;
+            };
+            let (utime, stime, threads, start, rss) = (v[11], v[12], v[17], v[19], v[21]);
+            let p = self.procs.entry(pid).or_insert_with(|| Proc {
+                start,
+                utime,
+                stime,
+                io_cpu: u64::MAX,
+                io: (0, 0),
+                io_at: None,
+                d_user: 0,
+                d_system: 0,
+                rss: 0,
+                threads: 0,
+                rbps: 0.0,
+                wbps: 0.0,
+                comm: String::new(),
+                detail: None,
+                seen: false,
+            });
+            if p.start != start {
+                // The pid was reused: a new process.
+                *p = Proc {
+                    start,
+                    utime,
+                    stime,
+                    io_cpu: u64::MAX,
+                    io: (0, 0),
+                    io_at: None,
+                    d_user: 0,
+                    d_system: 0,
+                    rss: 0,
+                    threads: 0,
+                    rbps: 0.0,
+                    wbps: 0.0,
+                    comm: String::new(),
+                    detail: None,
+                    seen: false,
+                };
+            }
+            p.seen = true;
+            p.d_user = utime.saturating_sub(p.utime);
+            p.d_system = stime.saturating_sub(p.stime);
+            (p.utime, p.stime) = (utime, stime);
+            p.rss = rss * self.page;
+            p.threads = threads as u32;
+            if p.comm != comm {
+                p.comm = comm;
+            }
+            let cpu = utime + stime;
+            let want_io = p.io_cpu != cpu;
+            if !want_io {
+                p.rbps = 0.0;
+                p.wbps = 0.0;
+                continue;
+            }
+            self.io_reads += 1;
+            let io = if self.read(pid, "io").is_ok() {
+                let (mut r, mut w) = (0, 0);
+                for l in self.buf.split(|b| *b == b'\n') {
+                    if let Some(x) = l.strip_prefix(b"read_bytes: ") {
+                        r = parse_u64(x);
+                    } else if let Some(x) = l.strip_prefix(b"write_bytes: ") {
+                        w = parse_u64(x);
+                    }
+                }
+                Some((r, w))
+            } else {
+                None // another user's process without CAP_SYS_PTRACE
+            };
+            let p = self.procs.get_mut(&pid).unwrap();
+            p.io_cpu = cpu;
+            match (io, p.io_at) {
+                (Some((r, w)), Some(at)) => {
+                    let dt = now.duration_since(at).as_secs_f64().max(1e-3);
+                    p.rbps = (r.saturating_sub(p.io.0) as f64 / dt) as f32;
+                    p.wbps = (w.saturating_sub(p.io.1) as f64 / dt) as f32;
+                    p.io = (r, w);
+                    p.io_at = Some(now);
+                }
+                (Some(rw), None) => {
+                    p.io = rw;
+                    p.io_at = Some(now);
+                    (p.rbps, p.wbps) = (0.0, 0.0);
+                }
+                (None, _) => (p.rbps, p.wbps) = (0.0, 0.0),
+            }
+        }
+        self.procs.retain(|_, p| p.seen);
+        self.count = self.procs.len();
+        let Some(s) = secs else {
+            out.clear();
+            return Ok(());
+        };
+        // The union of the top N by CPU, RSS and I/O.
+        self.order.clear();
+        self.order.extend(self.procs.keys().copied());
+        let mut chosen: Vec<u32> = Vec::with_capacity(self.top * 3);
+        let procs = &self.procs;
+        let mut pick = |key: &dyn Fn(&Proc) -> f64, order: &mut Vec<u32>| {
+            order.sort_unstable_by(|a, b| key(&procs[b]).total_cmp(&key(&procs[a])).then(a.cmp(b)));
+            for pid in order.iter().take(self.top) {
+                if key(&procs[pid]) > 0.0 && !chosen.contains(pid) {
+                    chosen.push(*pid);
+                }
+            }
+        };
+        pick(&|p| (p.d_user + p.d_system) as f64, &mut self.order);
+        pick(&|p| p.rss as f64, &mut self.order);
+        pick(&|p| (p.rbps + p.wbps) as f64, &mut self.order);
+        let tick_pct = 100.0 / (self.hz * s);
+        let mut n = 0;
+        for pid in &chosen {
+            if self.procs[pid].detail.is_none() {
+                let d = self.detail(*pid);
+                self.procs.get_mut(pid).unwrap().detail = Some(d);
+            }
+            let p = &self.procs[pid];
+            let r = slot(out, n);
+            n += 1;
+            r.pid = *pid;
+            set_str(&mut r.comm, p.comm.as_bytes());
+            let (cmd, user, cg) = p.detail.as_ref().unwrap();
+            set_str(&mut r.cmdline, cmd.as_bytes());
+            set_str(&mut r.user, user.as_bytes());
+            set_str(&mut r.cgroup, cg.as_bytes());
+            r.cpu_user_pct = (p.d_user as f64 * tick_pct) as f32;
+            r.cpu_system_pct = (p.d_system as f64 * tick_pct) as f32;
+            r.cpu_pct = r.cpu_user_pct + r.cpu_system_pct;
+            r.rss = p.rss;
+            r.read_bytes_per_s = p.rbps;
+            r.write_bytes_per_s = p.wbps;
+            r.threads = p.threads;
+            r.processes = 1;
+        }
+        // Everything else as one row.
+        let (mut u, mut sy, mut rss, mut rb, mut wb, mut th, mut cnt) = (0, 0, 0, 0f64, 0f64, 0, 0);
+        for (pid, p) in &self.procs {
+            if chosen.contains(pid) {
+                continue;
+            }
+            u += p.d_user;
+            sy += p.d_system;
+            rss += p.rss;
+            rb += p.rbps as f64;
+            wb += p.wbps as f64;
+            th += p.threads;
+            cnt += 1;
+        }
+        let r = slot(out, n);
+        n += 1;
+        r.pid = 0;
+        set_str(&mut r.comm, b"other");
+        r.cmdline.clear();
+        r.user.clear();
+        r.cgroup.clear();
+        r.cpu_user_pct = (u as f64 * tick_pct) as f32;
+        r.cpu_system_pct = (sy as f64 * tick_pct) as f32;
+        r.cpu_pct = r.cpu_user_pct + r.cpu_system_pct;
+        r.rss = rss;
+        r.read_bytes_per_s = rb as f32;
+        r.write_bytes_per_s = wb as f32;
+        r.threads = th;
+        r.processes = cnt;
+        out.truncate(n);
+        Ok(())
+    }
+
+    /// (command line, user, cgroup) of a process, read once.
+    fn detail(&mut self, pid: u32) -> (String, String, String) {
+        let mut cmd = String::new();
+        if self.read(pid, "cmdline").is_ok() {
+            let max = self.cmdline_max.min(self.buf.len());
+            let mut end = max;
+            while end > 0 && end < self.buf.len() && (self.buf[end] & 0xC0) == 0x80 {
+                end -= 1; // do not cut a UTF-8 character
+            }
+            cmd = String::from_utf8_lossy(&self.buf[..end])
+                .trim_end_matches('\0')
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect();
+        }
+        let mut p = self.proc.clone();
+        p.push(itoa(pid));
+        let uid = std::fs::metadata(&p).map(|m| m.uid()).ok();
+        let user = match uid {
+            Some(uid) => {
+                let users = self.users.get_or_insert_with(read_passwd);
+                users.get(&uid).cloned().unwrap_or_else(|| uid.to_string())
+            }
+            None => String::new(),
+        };
+        let mut cg = String::new();
+        if self.read(pid, "cgroup").is_ok() {
+            // v2 line "0::/path" when the process has one; else the cpu controller's.
+            let text = String::from_utf8_lossy(&self.buf);
+            let mut v1 = None;
+            for l in text.lines() {
+                let mut f = l.splitn(3, ':');
+                let (Some(id), Some(ctl), Some(path)) = (f.next(), f.next(), f.next()) else {
+                    continue;
+                };
+                if id == "0" && ctl.is_empty() && path != "/" {
+                    cg = path.to_string();
+                    break;
+                }
+                if ctl.split(',').any(|c| c == "cpu" || c == "memory")
+                    && path != "/"
+                    && v1.is_none()
+                {
+                    v1 = Some(path.to_string());
+                }
+            }
+            if cg.is_empty() {
+                cg = v1.unwrap_or_else(|| "/".into());
+            }
+        }
+        (cmd, user, cg)
+    }
+}
+
+fn itoa(pid: u32) -> String {
+    pid.to_string()
+}
+
+/// `comm` and the numeric fields after it: index 0 is state (field 3 of proc(5)), so
+/// utime (14) is index 11, stime 12, num_threads 17, starttime 19, rss 21.
+fn parse_stat(buf: &[u8]) -> Option<(String, [u64; 22])> {
+    let (comm, rest) = split_stat(buf)?;
+    let mut v = [0u64; 22];
+    for (i, x) in fields(rest).take(22).enumerate() {
+        v[i] = parse_u64(x);
+    }
+    Some((String::from_utf8_lossy(comm).into_owned(), v))
+}
+
+/// `comm` (between the first '(' and the last ')') and the fields after it.
+fn split_stat(buf: &[u8]) -> Option<(&[u8], &[u8])> {
+    let open = buf.iter().position(|b| *b == b'(')?;
+    let close = buf.iter().rposition(|b| *b == b')')?;
+    (close > open).then(|| (&buf[open + 1..close], buf.get(close + 2..).unwrap_or(&[])))
+}
+
+fn read_passwd() -> HashMap<u32, String> {
+    let mut m = HashMap::new();
+    if let Ok(t) = std::fs::read_to_string("/etc/passwd") {
+        for l in t.lines() {
+            let f: Vec<&str> = l.split(':').collect();
+            if f.len() > 2 {
+                if let Ok(uid) = f[2].parse() {
+                    m.entry(uid).or_insert_with(|| f[0].to_string());
+                }
+            }
+        }
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_with_hostile_comm() {
+        let (c, rest) = split_stat(b"42 (a) b) (c) S 1 42 42 0 -1 4194560 10 0 0 0 7 3").unwrap();
+        assert_eq!(c, b"a) b) (c");
+        assert!(rest.starts_with(b"S 1"));
+        assert!(split_stat(b"garbage").is_none());
+    }
+
+    /// This very process, made busy, is found with its pid and name; the rows add up.
+    #[test]
+    fn finds_a_busy_thread_of_its_own() {
+        let mut p = Processes::new("/proc", 3, 256);
+        let mut out = Vec::new();
+        p.collect(None, &mut out).unwrap();
+        assert!(out.is_empty());
+        let t0 = Instant::now();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s2 = stop.clone();
+        let spin = std::thread::spawn(move || {
+            let mut x = 0u64;
+            while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+                x = x.wrapping_add(1);
+            }
+            x
+        });
+        std::thread::sleep(std::time::Duration::from_millis(600));
+        let secs = t0.elapsed().as_secs_f64();
+        p.collect(Some(secs), &mut out).unwrap();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        spin.join().unwrap();
+        let me = std::process::id();
+        let first = &out[0];
+        assert_eq!(first.pid, me, "{out:?}");
+        assert!(first.cpu_pct > 50.0, "{first:?}");
+        assert!(first.processes == 1 && first.threads >= 2);
+        let other = out.last().unwrap();
+        assert_eq!((other.pid, other.comm.as_str()), (0, "other"));
+        let listed: u32 = out.iter().map(|r| r.processes).sum();
+        assert_eq!(listed as usize, p.count);
+    }
+}
