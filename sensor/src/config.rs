@@ -81,6 +81,11 @@ pub struct CgroupConfig {
     /// tracked cgroup vanishes, and at least this often.
     #[serde(with = "humantime_serde")]
     pub rescan: Duration,
+    /// A cgroup that used no CPU in its last 3 reads has only its CPU usage read each
+    /// interval and everything else every this many intervals (1 = all, every
+    /// interval); its rows in between repeat the last gauges with zero rates, and the
+    /// next full read counts over the time since the previous one.
+    pub idle_stride: u32,
 }
 
 impl Default for CgroupConfig {
@@ -92,6 +97,7 @@ impl Default for CgroupConfig {
             include: Vec::new(),
             exclude: Vec::new(),
             rescan: Duration::from_secs(30),
+            idle_stride: 5,
         }
     }
 }
@@ -105,6 +111,11 @@ pub struct ProcessConfig {
     pub top: usize,
     /// Command lines are cut to this many bytes.
     pub cmdline_max: usize,
+    /// A process that used no CPU in its last 3 reads is re-read every this many
+    /// intervals only (1 = every process every interval); what it used in between is
+    /// averaged over the time since its previous read. Most processes sleep: this is
+    /// what keeps the cost with hundreds of them low.
+    pub idle_stride: u32,
 }
 
 impl Default for ProcessConfig {
@@ -113,6 +124,7 @@ impl Default for ProcessConfig {
             enabled: true,
             top: 10,
             cmdline_max: 256,
+            idle_stride: 5,
         }
     }
 }
@@ -241,10 +253,22 @@ impl Config {
                 self.cgroups.rescan
             );
         }
+        if !(1..=60).contains(&self.cgroups.idle_stride) {
+            bail!(
+                "cgroups.idle_stride: {} is outside 1..60",
+                self.cgroups.idle_stride
+            );
+        }
         if self.processes.top == 0 || self.processes.top > 1000 {
             bail!(
                 "processes.top: {} is outside 1..1000 (turn it off with processes.enabled = false)",
                 self.processes.top
+            );
+        }
+        if !(1..=60).contains(&self.processes.idle_stride) {
+            bail!(
+                "processes.idle_stride: {} is outside 1..60",
+                self.processes.idle_stride
             );
         }
         if self.processes.cmdline_max > 4096 {

@@ -17,7 +17,6 @@ use crate::filter::Filter;
 use crate::procfile::{counter_delta, fields, lines, parse_u64, set_str, slot};
 use protocol::{CgroupIoRec, CgroupRec};
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -92,25 +91,61 @@ pub struct Options {
     pub max_cgroups: usize,
     pub filter: Filter,
     pub rescan: Duration,
+    /// A cgroup without CPU time for 3 reads has only its CPU file read, and the rest
+    /// every this many intervals (1 = everything every interval).
+    pub idle_stride: u32,
 }
 
-/// Which file each metric group is read from, decided when the cgroup is found.
+/// What one kept file of a cgroup holds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Metric {
+    /// v2 `cpu.stat`: usage/user/system µs, throttling when the cpu controller is on.
+    V2Cpu,
+    /// `cpuacct.usage_all`: user and system ns per CPU (usage, user and system exact, in
+    /// one file).
+    CpuacctAll,
+    CpuacctUsage,
+    CpuacctStat,
+    /// v1 cpu `cpu.stat`: throttling (read only for a cgroup with its own quota).
+    V1CpuStat,
+    V2MemCurrent,
+    V2MemStat,
+    V2MemSwap,
+    V2MemEvents,
+    V1MemUsage,
+    V1MemStat,
+    /// v1 `memory.failcnt` (read only for a cgroup with its own limit).
+    V1Failcnt,
+    V1OomControl,
+    V2Io,
+    V1BlkioBytes,
+    V1BlkioOps,
+    Pids,
+    /// `{cpu,memory,io}.pressure` (0, 1, 2).
+    Psi(usize),
+}
+
+/// A file kept open and re-read with `pread` (one syscall per interval), or, once the
+/// descriptor budget is spent, its path (open, read, close each time).
+enum Handle {
+    Open(std::fs::File),
+    Closed(PathBuf),
+}
+
+struct Source {
+    metric: Metric,
+    handle: Handle,
+}
+
+/// The cgroup's directory in each hierarchy that has it.
 #[derive(Default)]
-struct Sources {
-    /// v2 `cpu.stat` (usage/user/system µs; throttling when the cpu controller is on).
-    v2_cpu: Option<PathBuf>,
-    /// v1 cpuacct directory (`cpuacct.usage`, `cpuacct.stat`).
+struct Dirs {
+    v2: Option<PathBuf>,
+    cpu: Option<PathBuf>,
     cpuacct: Option<PathBuf>,
-    /// v1 cpu `cpu.stat` (throttling).
-    v1_cpu_stat: Option<PathBuf>,
-    /// v2 memory directory, or v1 memory directory.
-    v2_mem: Option<PathBuf>,
-    v1_mem: Option<PathBuf>,
-    v2_io: Option<PathBuf>,
-    v1_blkio: Option<PathBuf>,
+    memory: Option<PathBuf>,
+    blkio: Option<PathBuf>,
     pids: Option<PathBuf>,
-    /// v2 directory with `{cpu,memory,io}.pressure`.
-    psi: Option<PathBuf>,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -133,7 +168,7 @@ struct Cg {
     path: String,
     container: String,
     pod: String,
-    src: Sources,
+    sources: Vec<Source>,
     cpu_limit: f32,
     memory_limit: u64,
     pids_limit: u32,
@@ -141,6 +176,12 @@ struct Cg {
     /// (device number, [rbytes, wbytes, rios, wios]) at the last read.
     io_prev: Vec<(u64, [u64; 4])>,
     primed: bool,
+    /// Seconds of intervals skipped since the last full read, consecutive full reads
+    /// without CPU time, and the
+    /// gauges of the last full read (usage, working set, rss, cache, swap, pids).
+    pending: f64,
+    idle: u32,
+    last: [u64; 6],
 }
 
 pub struct Cgroups {
@@ -152,9 +193,15 @@ pub struct Cgroups {
     /// Fingerprint of the hierarchy sizes at the last scan.
     fingerprint: Vec<u64>,
     last_scan: Option<Instant>,
-    buf: Vec<u8>,
+    buf: Buf,
     devnames: HashMap<u64, String>,
     user_hz: f64,
+    idle_stride: u64,
+    round: u64,
+    watch: Option<Watch>,
+    /// Descriptors kept open, and how many may be.
+    open_fds: usize,
+    fd_budget: usize,
     pub truncated_logged: bool,
     /// Cgroups found at the last scan before the limit (for the log and tests).
     pub found: usize,
@@ -166,6 +213,7 @@ fn devnum(maj: u64, min: u64) -> u64 {
 
 impl Cgroups {
     pub fn new(proc: &str, roots: Roots, opts: Options) -> Self {
+        let idle_stride = opts.idle_stride.max(1) as u64;
         Cgroups {
             roots,
             opts,
@@ -174,9 +222,14 @@ impl Cgroups {
             cgs: Vec::new(),
             fingerprint: Vec::new(),
             last_scan: None,
-            buf: Vec::with_capacity(8192),
+            buf: Buf::new(),
             devnames: HashMap::new(),
             user_hz: 100.0,
+            open_fds: 0,
+            fd_budget: super::fd_budget() / 2,
+            idle_stride,
+            round: 0,
+            watch: Watch::new(),
             truncated_logged: false,
             found: 0,
         }
@@ -188,10 +241,8 @@ impl Cgroups {
     }
 
     /// Reads `path` into the shared buffer.
-    fn read(buf: &mut Vec<u8>, path: &Path) -> std::io::Result<()> {
-        buf.clear();
-        std::fs::File::open(path)?.read_to_end(buf)?;
-        Ok(())
+    fn read(buf: &mut Buf, path: &Path) -> std::io::Result<()> {
+        read_file(&std::fs::File::open(path)?, buf)
     }
 
     fn fingerprint(&mut self) -> Vec<u64> {
@@ -220,7 +271,7 @@ impl Cgroups {
         // Every cgroup path in every hierarchy, below the roots.
         let mut paths: Vec<String> = Vec::new();
         for root in self.roots.all() {
-            walk(root, root, &mut paths);
+            walk(root, root, &mut paths, self.watch.as_ref());
         }
         paths.sort_unstable();
         paths.dedup();
@@ -249,43 +300,128 @@ impl Cgroups {
                         path: p,
                         container,
                         pod,
-                        src: Sources::default(),
+                        sources: Vec::new(),
                         cpu_limit: 0.0,
                         memory_limit: 0,
                         pids_limit: 0,
                         prev: Counters::default(),
                         io_prev: Vec::new(),
                         primed: false,
+                        pending: 0.0,
+                        idle: 0,
+                        last: [0; 6],
                     }
                 }
             };
-            cg.src = self.sources(&cg.path);
-            self.read_limits(&mut cg);
+            let dirs = self.dirs(&cg.path);
+            self.read_limits(&mut cg, &dirs);
+            // Close the old descriptors before opening the new ones.
+            self.open_fds -= cg
+                .sources
+                .iter()
+                .filter(|s| matches!(s.handle, Handle::Open(_)))
+                .count();
+            cg.sources.clear();
+            self.open_sources(&mut cg, &dirs);
             self.cgs.push(cg);
         }
         // `old` now holds the cgroups that are gone: dropped with their state.
+        for c in old.values() {
+            self.open_fds -= c
+                .sources
+                .iter()
+                .filter(|s| matches!(s.handle, Handle::Open(_)))
+                .count();
+        }
     }
 
-    fn sources(&self, rel: &str) -> Sources {
-        let at = |root: &Option<PathBuf>, file: &str| -> Option<PathBuf> {
+    fn dirs(&self, rel: &str) -> Dirs {
+        let at = |root: &Option<PathBuf>| -> Option<PathBuf> {
             let dir = root.as_ref()?.join(rel.trim_start_matches('/'));
-            dir.join(file).exists().then_some(dir)
+            dir.is_dir().then_some(dir)
         };
-        let v2_cpu = at(&self.roots.v2, "cpu.stat").map(|d| d.join("cpu.stat"));
-        Sources {
-            v2_cpu,
-            cpuacct: at(&self.roots.cpuacct, "cpuacct.usage"),
-            v1_cpu_stat: at(&self.roots.cpu, "cpu.stat").map(|d| d.join("cpu.stat")),
-            v2_mem: at(&self.roots.v2, "memory.current").filter(|_| self.roots.memory.is_none()),
-            v1_mem: at(&self.roots.memory, "memory.usage_in_bytes"),
-            v2_io: at(&self.roots.v2, "io.stat").filter(|_| self.roots.blkio.is_none()),
-            v1_blkio: at(
-                &self.roots.blkio,
-                "blkio.throttle.io_service_bytes_recursive",
-            ),
-            pids: at(&self.roots.pids, "pids.current")
-                .or_else(|| at(&self.roots.v2, "pids.current")),
-            psi: at(&self.roots.v2, "cpu.pressure"),
+        Dirs {
+            v2: at(&self.roots.v2),
+            cpu: at(&self.roots.cpu),
+            cpuacct: at(&self.roots.cpuacct),
+            memory: at(&self.roots.memory),
+            blkio: at(&self.roots.blkio),
+            pids: at(&self.roots.pids),
+        }
+    }
+
+    /// Chooses and opens the files read each interval: per metric group the v1
+    /// controller's when one is mounted, else the v2 tree's; files that only matter
+    /// with a limit (throttling, failcnt) only when the cgroup has one.
+    fn open_sources(&mut self, cg: &mut Cg, d: &Dirs) {
+        use Metric::*;
+        let mut want: Vec<(Metric, PathBuf)> = Vec::new();
+        let has =
+            |d: &Option<PathBuf>, f: &str| d.as_ref().map(|d| d.join(f)).filter(|p| p.exists());
+        if let Some(p) = has(&d.cpuacct, "cpuacct.usage_all") {
+            want.push((CpuacctAll, p));
+        } else if let Some(p) = has(&d.cpuacct, "cpuacct.usage") {
+            want.push((CpuacctUsage, p));
+            if let Some(p) = has(&d.cpuacct, "cpuacct.stat") {
+                want.push((CpuacctStat, p));
+            }
+        } else if let Some(p) = has(&d.v2, "cpu.stat") {
+            want.push((V2Cpu, p));
+        }
+        if cg.cpu_limit > 0.0 {
+            if let Some(p) = has(&d.cpu, "cpu.stat") {
+                want.push((V1CpuStat, p));
+            }
+        }
+        if self.roots.memory.is_some() {
+            if let Some(p) = has(&d.memory, "memory.usage_in_bytes") {
+                want.push((V1MemUsage, p));
+                want.extend(has(&d.memory, "memory.stat").map(|p| (V1MemStat, p)));
+                want.extend(has(&d.memory, "memory.oom_control").map(|p| (V1OomControl, p)));
+                if cg.memory_limit > 0 {
+                    want.extend(has(&d.memory, "memory.failcnt").map(|p| (V1Failcnt, p)));
+                }
+            }
+        } else if let Some(p) = has(&d.v2, "memory.current") {
+            want.push((V2MemCurrent, p));
+            want.extend(has(&d.v2, "memory.stat").map(|p| (V2MemStat, p)));
+            want.extend(has(&d.v2, "memory.events").map(|p| (V2MemEvents, p)));
+            want.extend(has(&d.v2, "memory.swap.current").map(|p| (V2MemSwap, p)));
+        }
+        if self.roots.blkio.is_some() {
+            if let Some(p) = has(&d.blkio, "blkio.throttle.io_service_bytes_recursive") {
+                want.push((V1BlkioBytes, p));
+                want.extend(
+                    has(&d.blkio, "blkio.throttle.io_serviced_recursive").map(|p| (V1BlkioOps, p)),
+                );
+            }
+        } else if let Some(p) = has(&d.v2, "io.stat") {
+            want.push((V2Io, p));
+        }
+        if let Some(p) = has(&d.pids, "pids.current").or_else(|| has(&d.v2, "pids.current")) {
+            want.push((Pids, p));
+        }
+        for (i, f) in ["cpu.pressure", "memory.pressure", "io.pressure"]
+            .iter()
+            .enumerate()
+        {
+            if let Some(p) = has(&d.v2, f) {
+                want.push((Psi(i), p));
+            }
+        }
+        for (metric, path) in want {
+            let handle = if self.open_fds < self.fd_budget {
+                match std::fs::File::open(&path) {
+                    Ok(f) => {
+                        self.open_fds += 1;
+                        Handle::Open(f)
+                    }
+                    Err(_) => Handle::Closed(path),
+                }
+            } else {
+                Handle::Closed(path)
+            };
+            cg.sources.push(Source { metric, handle });
         }
     }
 
@@ -305,11 +441,11 @@ impl Cgroups {
         }
     }
 
-    fn read_limits(&mut self, cg: &mut Cg) {
+    fn read_limits(&mut self, cg: &mut Cg, dirs: &Dirs) {
         let buf = &mut self.buf;
-        let first = |buf: &mut Vec<u8>, p: PathBuf| -> Option<String> {
+        let first = |buf: &mut Buf, p: PathBuf| -> Option<String> {
             Self::read(buf, &p).ok()?;
-            Some(String::from_utf8_lossy(buf).trim().to_string())
+            Some(String::from_utf8_lossy(&buf[..]).trim().to_string())
         };
         cg.cpu_limit = 0.0;
         let v2_max = self
@@ -324,8 +460,7 @@ impl Cgroups {
                     cg.cpu_limit = (q / p.max(1.0)) as f32;
                 }
             }
-        } else if let Some(cpu) = &self.roots.cpu {
-            let d = cpu.join(cg.path.trim_start_matches('/'));
+        } else if let Some(d) = &dirs.cpu {
             let q = first(buf, d.join("cpu.cfs_quota_us")).and_then(|s| s.parse::<i64>().ok());
             let p = first(buf, d.join("cpu.cfs_period_us")).and_then(|s| s.parse::<i64>().ok());
             if let (Some(q), Some(p)) = (q, p) {
@@ -341,17 +476,21 @@ impl Cgroups {
                 _ => 0,
             }
         };
-        cg.memory_limit = if let Some(d) = &cg.src.v2_mem {
-            bytes(first(buf, d.join("memory.max")))
-        } else if let Some(d) = &cg.src.v1_mem {
-            bytes(first(buf, d.join("memory.limit_in_bytes")))
+        cg.memory_limit = if self.roots.memory.is_some() {
+            dirs.memory
+                .as_ref()
+                .map(|d| bytes(first(buf, d.join("memory.limit_in_bytes"))))
+                .unwrap_or(0)
         } else {
-            0
+            dirs.v2
+                .as_ref()
+                .map(|d| bytes(first(buf, d.join("memory.max"))))
+                .unwrap_or(0)
         };
-        cg.pids_limit = cg
-            .src
+        cg.pids_limit = dirs
             .pids
             .as_ref()
+            .or(dirs.v2.as_ref())
             .and_then(|d| first(buf, d.join("pids.max")))
             .and_then(|s| s.parse::<u32>().ok())
             .unwrap_or(0);
@@ -368,11 +507,13 @@ impl Cgroups {
         let due = self
             .last_scan
             .is_none_or(|t| t.elapsed() >= self.opts.rescan);
-        if due || fp != self.fingerprint {
+        let created = self.watch.as_ref().is_some_and(|w| w.changed());
+        if due || created || fp != self.fingerprint {
             self.scan();
             self.fingerprint = fp;
             self.last_scan = Some(Instant::now());
         }
+        self.round += 1;
         let (mut n, mut nio) = (0, 0);
         let mut vanished = false;
         let mut i = 0;
@@ -385,6 +526,11 @@ impl Cgroups {
                 }
                 Ok(false) => out[n] = rec,
                 Err(_) => {
+                    self.open_fds -= self.cgs[i]
+                        .sources
+                        .iter()
+                        .filter(|s| matches!(s.handle, Handle::Open(_)))
+                        .count();
                     // Gone since the scan: its last interval was already reported; drop
                     // its state now and look for newcomers next time.
                     out[n] = rec;
@@ -420,222 +566,258 @@ impl Cgroups {
             pod: std::mem::take(&mut rec.pod),
             ..Default::default()
         };
-        // CPU usage.
-        if let Some(p) = &cg.src.v2_cpu {
-            Self::read(buf, p)?;
-            for l in lines(buf) {
-                let mut f = fields(l);
-                let (Some(k), Some(v)) = (f.next(), f.next()) else {
+        let mut devs: Vec<(u64, [u64; 4])> = Vec::new();
+        let mut inactive_file = 0u64;
+        let (mut acct_user, mut acct_system) = (None, None);
+        // v1: OOM and limit counters only move under a limit (own or an ancestor's, as
+        // memory.stat's hierarchical_memory_limit says); ops only when bytes moved.
+        let mut limited = cg.memory_limit > 0;
+        let mut bytes_moved = true;
+        let due =
+            self.idle_stride <= 1 || (self.round + cg.path.len() as u64) % self.idle_stride == 0;
+        let mut skipped = false;
+        for (k, src) in cg.sources.iter().enumerate() {
+            if k == 1
+                && cg.idle >= 3
+                && !due
+                && matches!(
+                    cg.sources[0].metric,
+                    Metric::V2Cpu | Metric::CpuacctAll | Metric::CpuacctUsage
+                )
+                && cur.usage_us == cg.prev.usage_us
+            {
+                // Idle (no CPU time for 3 reads and none now): the rest is read every
+                // idle_stride-th interval only.
+                skipped = true;
+                break;
+            }
+            match src.metric {
+                Metric::V1OomControl if !limited => continue,
+                Metric::V1BlkioOps if !bytes_moved => {
+                    for (dev, v) in devs.iter_mut() {
+                        if let Some((_, p)) = cg.io_prev.iter().find(|(d, _)| d == dev) {
+                            (v[2], v[3]) = (p[2], p[3]);
+                        }
+                    }
                     continue;
-                };
-                let v = parse_u64(v);
-                match k {
-                    b"usage_usec" => cur.usage_us = v,
-                    b"user_usec" => cur.user_us = v,
-                    b"system_usec" => cur.system_us = v,
-                    b"nr_periods" => cur.periods = v,
-                    b"nr_throttled" => cur.throttled = v,
-                    b"throttled_usec" => cur.throttled_us = v,
-                    _ => {}
+                }
+                _ => {}
+            }
+            read_handle(&src.handle, buf)?;
+            let kv = || {
+                lines(buf).filter_map(|l| {
+                    let mut f = fields(l);
+                    Some((f.next()?, parse_u64(f.next()?)))
+                })
+            };
+            match src.metric {
+                Metric::V2Cpu => {
+                    for (k, v) in kv() {
+                        match k {
+                            b"usage_usec" => cur.usage_us = v,
+                            b"user_usec" => cur.user_us = v,
+                            b"system_usec" => cur.system_us = v,
+                            b"nr_periods" => cur.periods = v,
+                            b"nr_throttled" => cur.throttled = v,
+                            b"throttled_usec" => cur.throttled_us = v,
+                            _ => {}
+                        }
+                    }
+                }
+                Metric::CpuacctAll => {
+                    let (mut u, mut sy) = (0u64, 0u64);
+                    for l in lines(buf).skip(1) {
+                        let mut f = fields(l).skip(1);
+                        u += f.next().map(parse_u64).unwrap_or(0);
+                        sy += f.next().map(parse_u64).unwrap_or(0);
+                    }
+                    cur.user_us = u / 1000;
+                    cur.system_us = sy / 1000;
+                    cur.usage_us = (u + sy) / 1000;
+                }
+                Metric::CpuacctUsage => cur.usage_us = parse_u64(buf) / 1000,
+                Metric::CpuacctStat => {
+                    for (k, v) in kv() {
+                        match k {
+                            b"user" => acct_user = Some(v),
+                            b"system" => acct_system = Some(v),
+                            _ => {}
+                        }
+                    }
+                }
+                Metric::V1CpuStat => {
+                    for (k, v) in kv() {
+                        match k {
+                            b"nr_periods" => cur.periods = v,
+                            b"nr_throttled" => cur.throttled = v,
+                            b"throttled_time" => cur.throttled_us = v / 1000,
+                            _ => {}
+                        }
+                    }
+                }
+                Metric::V2MemCurrent | Metric::V1MemUsage => rec.memory_usage = parse_u64(buf),
+                Metric::V2MemStat => {
+                    for (k, v) in kv() {
+                        match k {
+                            b"anon" => rec.memory_rss = v,
+                            b"file" => rec.memory_cache = v,
+                            b"inactive_file" => inactive_file = v,
+                            _ => {}
+                        }
+                    }
+                }
+                Metric::V1MemStat => {
+                    for (k, v) in kv() {
+                        match k {
+                            b"total_rss" => rec.memory_rss = v,
+                            b"total_cache" => rec.memory_cache = v,
+                            b"total_swap" => rec.memory_swap = v,
+                            b"total_inactive_file" => inactive_file = v,
+                            b"hierarchical_memory_limit" => limited |= v < (1 << 60),
+                            _ => {}
+                        }
+                    }
+                }
+                Metric::V2MemSwap => rec.memory_swap = parse_u64(buf),
+                Metric::V2MemEvents => {
+                    for (k, v) in kv() {
+                        match k {
+                            b"high" => cur.high = v,
+                            b"max" => cur.max = v,
+                            b"oom" => cur.oom = v,
+                            b"oom_kill" => cur.oom_kill = v,
+                            _ => {}
+                        }
+                    }
+                }
+                Metric::V1Failcnt => cur.max = parse_u64(buf),
+                Metric::V1OomControl => {
+                    for (k, v) in kv() {
+                        if k == b"oom_kill" {
+                            cur.oom_kill = v;
+                        }
+                    }
+                }
+                Metric::Pids => rec.pids = parse_u64(buf) as u32,
+                Metric::Psi(r) => {
+                    for l in lines(buf) {
+                        let mut f = fields(l);
+                        let which = match f.next() {
+                            Some(b"some") => 0,
+                            Some(b"full") => 1,
+                            _ => continue,
+                        };
+                        for x in f {
+                            if let Some(v) = x.strip_prefix(b"total=") {
+                                cur.psi[r * 2 + which] = parse_u64(v);
+                            }
+                        }
+                    }
+                }
+                Metric::V2Io => {
+                    for l in lines(buf) {
+                        let mut f = fields(l);
+                        let Some(dev) = f.next().and_then(parse_dev) else {
+                            continue;
+                        };
+                        let mut v = [0u64; 4];
+                        for x in f {
+                            let mut kv = x.splitn(2, |b| *b == b'=');
+                            let (Some(k), Some(n)) = (kv.next(), kv.next()) else {
+                                continue;
+                            };
+                            let i = match k {
+                                b"rbytes" => 0,
+                                b"wbytes" => 1,
+                                b"rios" => 2,
+                                b"wios" => 3,
+                                _ => continue,
+                            };
+                            v[i] = parse_u64(n);
+                        }
+                        devs.push((dev, v));
+                    }
+                }
+                Metric::V1BlkioBytes | Metric::V1BlkioOps => {
+                    let off = if src.metric == Metric::V1BlkioBytes {
+                        0
+                    } else {
+                        2
+                    };
+                    for l in lines(buf) {
+                        let mut f = fields(l);
+                        let (Some(dev), Some(op), Some(v)) = (f.next(), f.next(), f.next()) else {
+                            continue;
+                        };
+                        let Some(dev) = parse_dev(dev) else { continue };
+                        let i = match op {
+                            b"Read" => off,
+                            b"Write" => off + 1,
+                            _ => continue,
+                        };
+                        let e = match devs.iter().position(|(d, _)| *d == dev) {
+                            Some(e) => e,
+                            None => {
+                                devs.push((dev, [0; 4]));
+                                devs.len() - 1
+                            }
+                        };
+                        devs[e].1[i] = parse_u64(v);
+                    }
+                    if src.metric == Metric::V1BlkioBytes {
+                        bytes_moved = devs.len() != cg.io_prev.len()
+                            || devs
+                                .iter()
+                                .zip(&cg.io_prev)
+                                .any(|(a, b)| a.0 != b.0 || a.1[0] != b.1[0] || a.1[1] != b.1[1]);
+                    }
                 }
             }
         }
-        if let Some(d) = &cg.src.cpuacct {
-            // v1 cpuacct first: on a hybrid host it is the controller the tasks are
-            // accounted in (the v2 tree there has every cgroup's `cpu.stat`, but tasks
-            // may not be in the same v2 cgroup); pure v2 hosts have no cpuacct.
-            Self::read(buf, &d.join("cpuacct.usage"))?;
-            cur.usage_us = parse_u64(String::from_utf8_lossy(buf).trim().as_bytes()) / 1000;
-            Self::read(buf, &d.join("cpuacct.stat"))?;
-            // user/system in USER_HZ ticks: split the exact usage in their proportion.
-            let (mut u, mut s) = (0u64, 0u64);
-            for l in lines(buf) {
-                let mut f = fields(l);
-                match (f.next(), f.next()) {
-                    (Some(b"user"), Some(v)) => u = parse_u64(v),
-                    (Some(b"system"), Some(v)) => s = parse_u64(v),
-                    _ => {}
-                }
-            }
+        rec.memory_working_set = rec.memory_usage.saturating_sub(inactive_file);
+        if let (Some(u), Some(s)) = (acct_user, acct_system) {
+            // cpuacct.stat is in USER_HZ ticks: split the exact usage in their proportion.
             cur.user_us = (u as f64 * 1e6 / self.user_hz) as u64;
             cur.system_us = (s as f64 * 1e6 / self.user_hz) as u64;
         }
-        if let Some(p) = &cg.src.v1_cpu_stat {
-            Self::read(buf, p)?;
-            for l in lines(buf) {
-                let mut f = fields(l);
-                let (Some(k), Some(v)) = (f.next(), f.next()) else {
-                    continue;
-                };
-                match k {
-                    b"nr_periods" => cur.periods = parse_u64(v),
-                    b"nr_throttled" => cur.throttled = parse_u64(v),
-                    b"throttled_time" => cur.throttled_us = parse_u64(v) / 1000,
-                    _ => {}
-                }
-            }
+        if skipped {
+            cg.idle += 1;
+            cg.pending += secs.unwrap_or(0.0);
+            set_str(&mut rec.cgroup, cg.path.as_bytes());
+            set_str(&mut rec.container, cg.container.as_bytes());
+            set_str(&mut rec.pod, cg.pod.as_bytes());
+            (rec.cpu_limit, rec.memory_limit, rec.pids_limit) =
+                (cg.cpu_limit, cg.memory_limit, cg.pids_limit);
+            [
+                rec.memory_usage,
+                rec.memory_working_set,
+                rec.memory_rss,
+                rec.memory_cache,
+                rec.memory_swap,
+            ] = [cg.last[0], cg.last[1], cg.last[2], cg.last[3], cg.last[4]];
+            rec.pids = cg.last[5] as u32;
+            return Ok(secs.is_some());
         }
-        // Memory.
-        if let Some(d) = &cg.src.v2_mem {
-            Self::read(buf, &d.join("memory.current"))?;
-            rec.memory_usage = parse_u64(buf);
-            let mut inactive_file = 0;
-            if Self::read(buf, &d.join("memory.stat")).is_ok() {
-                for l in lines(buf) {
-                    let mut f = fields(l);
-                    let (Some(k), Some(v)) = (f.next(), f.next()) else {
-                        continue;
-                    };
-                    match k {
-                        b"anon" => rec.memory_rss = parse_u64(v),
-                        b"file" => rec.memory_cache = parse_u64(v),
-                        b"inactive_file" => inactive_file = parse_u64(v),
-                        _ => {}
-                    }
-                }
-            }
-            rec.memory_working_set = rec.memory_usage.saturating_sub(inactive_file);
-            if Self::read(buf, &d.join("memory.swap.current")).is_ok() {
-                rec.memory_swap = parse_u64(buf);
-            }
-            if Self::read(buf, &d.join("memory.events")).is_ok() {
-                for l in lines(buf) {
-                    let mut f = fields(l);
-                    let (Some(k), Some(v)) = (f.next(), f.next()) else {
-                        continue;
-                    };
-                    match k {
-                        b"high" => cur.high = parse_u64(v),
-                        b"max" => cur.max = parse_u64(v),
-                        b"oom" => cur.oom = parse_u64(v),
-                        b"oom_kill" => cur.oom_kill = parse_u64(v),
-                        _ => {}
-                    }
-                }
-            }
-        } else if let Some(d) = &cg.src.v1_mem {
-            Self::read(buf, &d.join("memory.usage_in_bytes"))?;
-            rec.memory_usage = parse_u64(buf);
-            let mut inactive_file = 0;
-            if Self::read(buf, &d.join("memory.stat")).is_ok() {
-                for l in lines(buf) {
-                    let mut f = fields(l);
-                    let (Some(k), Some(v)) = (f.next(), f.next()) else {
-                        continue;
-                    };
-                    match k {
-                        b"total_rss" => rec.memory_rss = parse_u64(v),
-                        b"total_cache" => rec.memory_cache = parse_u64(v),
-                        b"total_swap" => rec.memory_swap = parse_u64(v),
-                        b"total_inactive_file" => inactive_file = parse_u64(v),
-                        _ => {}
-                    }
-                }
-            }
-            rec.memory_working_set = rec.memory_usage.saturating_sub(inactive_file);
-            if Self::read(buf, &d.join("memory.failcnt")).is_ok() {
-                cur.max = parse_u64(buf);
-            }
-            if Self::read(buf, &d.join("memory.oom_control")).is_ok() {
-                for l in lines(buf) {
-                    let mut f = fields(l);
-                    if let (Some(b"oom_kill"), Some(v)) = (f.next(), f.next()) {
-                        cur.oom_kill = parse_u64(v);
-                    }
-                }
-            }
-        }
-        // Pids.
-        if let Some(d) = &cg.src.pids {
-            if Self::read(buf, &d.join("pids.current")).is_ok() {
-                rec.pids = parse_u64(buf) as u32;
-            }
-        }
-        // Pressure (v2).
-        if let Some(d) = &cg.src.psi {
-            for (r, file) in ["cpu.pressure", "memory.pressure", "io.pressure"]
-                .iter()
-                .enumerate()
-            {
-                if Self::read(buf, &d.join(file)).is_err() {
-                    continue;
-                }
-                for l in lines(buf) {
-                    let mut f = fields(l);
-                    let which = match f.next() {
-                        Some(b"some") => 0,
-                        Some(b"full") => 1,
-                        _ => continue,
-                    };
-                    for kv in f {
-                        if let Some(v) = kv.strip_prefix(b"total=") {
-                            cur.psi[r * 2 + which] = parse_u64(v);
-                        }
-                    }
-                }
-            }
-        }
-        // I/O per device: (dev, [rbytes, wbytes, rios, wios]).
-        let mut devs: Vec<(u64, [u64; 4])> = Vec::new();
-        if let Some(d) = &cg.src.v2_io {
-            if Self::read(buf, &d.join("io.stat")).is_ok() {
-                for l in lines(buf) {
-                    let mut f = fields(l);
-                    let Some(dev) = f.next().and_then(parse_dev) else {
-                        continue;
-                    };
-                    let mut v = [0u64; 4];
-                    for kv in f {
-                        let mut s = kv.splitn(2, |b| *b == b'=');
-                        let (Some(k), Some(x)) = (s.next(), s.next()) else {
-                            continue;
-                        };
-                        let i = match k {
-                            b"rbytes" => 0,
-                            b"wbytes" => 1,
-                            b"rios" => 2,
-                            b"wios" => 3,
-                            _ => continue,
-                        };
-                        v[i] = parse_u64(x);
-                    }
-                    devs.push((dev, v));
-                }
-            }
-        } else if let Some(d) = &cg.src.v1_blkio {
-            for (file, off) in [
-                ("blkio.throttle.io_service_bytes_recursive", 0),
-                ("blkio.throttle.io_serviced_recursive", 2),
-            ] {
-                if Self::read(buf, &d.join(file)).is_err() {
-                    continue;
-                }
-                for l in lines(buf) {
-                    let mut f = fields(l);
-                    let (Some(dev), Some(op), Some(v)) = (f.next(), f.next(), f.next()) else {
-                        continue;
-                    };
-                    let Some(dev) = parse_dev(dev) else { continue };
-                    let i = match op {
-                        b"Read" => off,
-                        b"Write" => off + 1,
-                        _ => continue,
-                    };
-                    let e = match devs.iter().position(|(d, _)| *d == dev) {
-                        Some(e) => e,
-                        None => {
-                            devs.push((dev, [0; 4]));
-                            devs.len() - 1
-                        }
-                    };
-                    devs[e].1[i] = parse_u64(v);
-                }
-            }
-        }
+        cg.idle = if cur.usage_us == cg.prev.usage_us && cg.primed {
+            cg.idle + 1
+        } else {
+            0
+        };
+        cg.last = [
+            rec.memory_usage,
+            rec.memory_working_set,
+            rec.memory_rss,
+            rec.memory_cache,
+            rec.memory_swap,
+            rec.pids as u64,
+        ];
         let prev = std::mem::replace(&mut cg.prev, cur);
         let primed = std::mem::replace(&mut cg.primed, true);
         let io_prev = std::mem::replace(&mut cg.io_prev, devs);
-        let Some(s) = secs.filter(|_| primed) else {
+        // Rates over the time since this cgroup's previous read: the interval, plus the
+        // intervals skipped while it was idle.
+        let window = secs.map(|s| s + std::mem::take(&mut cg.pending));
+        let Some(s) = window.filter(|w| primed && *w > 0.0) else {
             return Ok(false);
         };
         let d = |a: u64, b: u64| counter_delta(a, b);
@@ -658,7 +840,11 @@ impl Cgroups {
         rec.oom_kills = d(prev.oom_kill, cur.oom_kill) as u32;
         rec.pids_limit = cg.pids_limit;
         let psi = |k: usize| (d(prev.psi[k], cur.psi[k]) as f64 / (s * 1e4)).min(100.0) as f32;
-        if cg.src.psi.is_some() {
+        if cg
+            .sources
+            .iter()
+            .any(|s| matches!(s.metric, Metric::Psi(_)))
+        {
             rec.cpu_some_pct = psi(0);
             rec.memory_some_pct = psi(2);
             rec.memory_full_pct = psi(3);
@@ -698,6 +884,65 @@ impl Cgroups {
     }
 }
 
+/// Reads a kept file (one `pread` at offset 0) or opens, reads and closes it.
+fn read_handle(h: &Handle, buf: &mut Buf) -> std::io::Result<()> {
+    match h {
+        Handle::Open(f) => read_file(f, buf),
+        Handle::Closed(p) => read_file(&std::fs::File::open(p)?, buf),
+    }
+}
+
+/// A read buffer zeroed once and reused: `Deref` gives the bytes of the last read.
+pub struct Buf {
+    data: Vec<u8>,
+    n: usize,
+}
+
+impl Buf {
+    pub fn new() -> Buf {
+        Buf {
+            data: vec![0; 16384],
+            n: 0,
+        }
+    }
+}
+
+impl std::ops::Deref for Buf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.data[..self.n]
+    }
+}
+
+/// The whole file from offset 0 into `buf` (one `pread` for files smaller than the
+/// buffer: cgroup and proc files are generated whole, so a short read is the end).
+pub fn read_file(f: &std::fs::File, buf: &mut Buf) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut len = 0;
+    loop {
+        if buf.data.len() < len + 4096 {
+            let l = buf.data.len();
+            buf.data.resize(l * 2, 0);
+        }
+        match f.read_at(&mut buf.data[len..], len as u64) {
+            Ok(0) => break,
+            Ok(n) => {
+                len += n;
+                if len < buf.data.len() {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                buf.n = 0;
+                return Err(e);
+            }
+        }
+    }
+    buf.n = len;
+    Ok(())
+}
+
 fn parse_dev(f: &[u8]) -> Option<u64> {
     let mut s = f.splitn(2, |b| *b == b':');
     let (maj, min) = (s.next()?, s.next()?);
@@ -708,7 +953,10 @@ fn parse_dev(f: &[u8]) -> Option<u64> {
 }
 
 /// Appends the cgroup directories below `root` (not `root` itself) as `/a/b` paths.
-fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+fn walk(root: &Path, dir: &Path, out: &mut Vec<String>, watch: Option<&Watch>) {
+    if let Some(w) = watch {
+        w.add(dir);
+    }
     let Ok(rd) = std::fs::read_dir(dir) else {
         return;
     };
@@ -720,7 +968,60 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
         if let Ok(rel) = p.strip_prefix(root) {
             out.push(format!("/{}", rel.to_string_lossy()));
         }
-        walk(root, &p, out);
+        walk(root, &p, out, watch);
+    }
+}
+
+/// An inotify instance watching every cgroup directory for children created or removed
+/// (mkdir and rmdir on cgroupfs raise IN_CREATE / IN_DELETE like on any filesystem): a
+/// new cgroup is found at the next collection, whatever the kernel's counts say.
+struct Watch {
+    fd: std::os::fd::OwnedFd,
+    /// Watches refused (the user's inotify limit): the counts and `rescan` still apply.
+    refused: std::cell::Cell<bool>,
+}
+
+impl Watch {
+    fn new() -> Option<Watch> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: inotify_init1 returns a new descriptor we own, or -1.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        (fd >= 0).then(|| Watch {
+            fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
+            refused: std::cell::Cell::new(false),
+        })
+    }
+
+    fn add(&self, dir: &Path) {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+            return;
+        };
+        let mask = libc::IN_CREATE
+            | libc::IN_DELETE
+            | libc::IN_MOVED_TO
+            | libc::IN_MOVED_FROM
+            | libc::IN_ONLYDIR;
+        // SAFETY: a valid descriptor and a NUL-terminated path.
+        if unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), mask) } < 0 {
+            self.refused.set(true);
+        }
+    }
+
+    /// Whether anything happened since the last call (drains the queue).
+    fn changed(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut buf = [0u8; 4096];
+        let mut any = false;
+        loop {
+            // SAFETY: reading into a local buffer of the given size.
+            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                return any;
+            }
+            any = true;
+        }
     }
 }
 
@@ -738,6 +1039,7 @@ mod tests {
             max_cgroups: 500,
             filter: Filter::default(),
             rescan: Duration::from_secs(3600),
+            idle_stride: 5,
         }
     }
 
@@ -852,7 +1154,10 @@ mod tests {
         assert_eq!(r.derived(1), 50.0);
         assert_eq!(r.derived(2).round(), 36.0);
         // The cgroup vanishes: no row for it, its state is gone, the parent stays.
+        // (Here plain files: an open one stays readable, so the count in cgroup.stat is
+        // what tells; on cgroupfs a read of a removed cgroup also fails, see cgroup_tests.)
         std::fs::remove_dir_all(&cg).unwrap();
+        w(&root.join("fs"), "cgroup.stat", "nr_descendants 1\n");
         c.collect(Some(1.0), &mut out, &mut io);
         assert_eq!(
             out.len(),

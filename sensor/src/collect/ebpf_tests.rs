@@ -9,10 +9,9 @@ use super::ebpf::{load, ProbeConfig, Probes};
 use crate::filter::Filter;
 use protocol::{EventRec, LatencyRec, PortRec, ProbeRec};
 use std::process::Command;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-static SERIAL: Mutex<()> = Mutex::new(());
+use super::TEST_SERIAL as SERIAL;
 
 fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }

@@ -4,11 +4,47 @@
 pub mod btf;
 pub mod cgnames;
 pub mod cgroup;
+#[cfg(test)]
+mod cgroup_tests;
 pub mod cpu;
 pub mod disk;
 pub mod ebpf;
 #[cfg(test)]
 mod ebpf_tests;
+
+/// How many descriptors the collectors may keep open (cgroup files, /proc/PID/stat): a
+/// quarter of the soft RLIMIT_NOFILE (raised to the hard limit at start), leaving the rest
+/// to connections, the spool and the probes. Beyond it they open, read and close.
+pub fn fd_budget() -> usize {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
+        return 256;
+    }
+    (rl.rlim_cur.min(1 << 20) as usize / 4).max(64)
+}
+
+/// Raises the soft descriptor limit to the hard one (kept cgroup and /proc files).
+pub fn raise_nofile() {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 && rl.rlim_cur < rl.rlim_max {
+            rl.rlim_cur = rl.rlim_max.min(1 << 20);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &rl);
+        }
+    }
+}
+
+/// Tests that measure the real kernel share one lock: load from one would disturb another.
+#[cfg(test)]
+pub(crate) static TEST_SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 pub mod filesystem;
 pub mod host;
 pub mod memory;
@@ -38,6 +74,7 @@ pub struct Collector {
 
 impl Collector {
     pub fn new(cfg: &Config) -> Self {
+        raise_nofile();
         let (proc, sys, f) = (cfg.proc_root.as_str(), cfg.sys_root.as_str(), &cfg.filters);
         let cgroups = cfg.cgroups.enabled.then(|| {
             let root = if cfg.cgroups.root.is_empty() {
@@ -65,13 +102,18 @@ impl Collector {
                         exclude: cfg.cgroups.exclude.clone(),
                     },
                     rescan: cfg.cgroups.rescan,
+                    idle_stride: cfg.cgroups.idle_stride,
                 },
             ))
         });
-        let processes = cfg
-            .processes
-            .enabled
-            .then(|| processes::Processes::new(proc, cfg.processes.top, cfg.processes.cmdline_max));
+        let processes = cfg.processes.enabled.then(|| {
+            processes::Processes::new(
+                proc,
+                cfg.processes.top,
+                cfg.processes.cmdline_max,
+                cfg.processes.idle_stride,
+            )
+        });
         Collector {
             cgroups: cgroups.flatten(),
             processes,

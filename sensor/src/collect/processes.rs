@@ -8,15 +8,22 @@
 //! the pages), and its rate is over the time since that read. Command line, user and
 //! cgroup are read once per process, and only when it first makes the top list.
 
+use super::cgroup::{read_file, Buf};
 use crate::procfile::{fields, parse_u64, set_str, slot};
 use protocol::ProcessRec;
 use std::collections::HashMap;
-use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::time::Instant;
 
 struct Proc {
+    /// When /proc/PID/stat was last read, and the time the CPU deltas cover.
+    read_at: Option<Instant>,
+    window: f64,
+    /// Consecutive reads without CPU time.
+    idle: u32,
+    /// `/proc/PID/stat`, kept open (one `pread` per interval) while descriptors last.
+    stat: Option<std::fs::File>,
     /// Start time in ticks after boot: a reused pid has another.
     start: u64,
     utime: u64,
@@ -43,11 +50,22 @@ pub struct Processes {
     top: usize,
     cmdline_max: usize,
     procs: HashMap<u32, Proc>,
-    buf: Vec<u8>,
+    buf: Buf,
     page: u64,
+    open_fds: usize,
+    fd_budget: usize,
     hz: f64,
     users: Option<HashMap<u32, String>>,
     order: Vec<u32>,
+    idle_stride: u64,
+    round: u64,
+    /// /proc/PID/stat reads at the last collection.
+    pub stat_reads: usize,
+    /// The last pid allocated at the last listing of /proc, and how many listings.
+    last_pid: Option<u64>,
+    pub listings: usize,
+    /// A descriptor just opened by `read_stat`, for the entry being filled.
+    kept: Option<std::fs::File>,
     /// Processes seen at the last collection (for tests and the bench).
     pub count: usize,
     /// /proc/PID/io reads at the last collection.
@@ -55,28 +73,62 @@ pub struct Processes {
 }
 
 impl Processes {
-    pub fn new(proc: &str, top: usize, cmdline_max: usize) -> Self {
+    pub fn new(proc: &str, top: usize, cmdline_max: usize, idle_stride: u32) -> Self {
         Processes {
             proc: proc.into(),
             top,
             cmdline_max,
             procs: HashMap::new(),
-            buf: Vec::with_capacity(4096),
+            buf: Buf::new(),
             page: 4096,
+            open_fds: 0,
+            fd_budget: super::fd_budget() / 2,
             hz: 100.0,
             users: None,
             order: Vec::new(),
             count: 0,
             io_reads: 0,
+            kept: None,
+            last_pid: None,
+            listings: 0,
+            idle_stride: idle_stride.max(1) as u64,
+            round: 0,
+            stat_reads: 0,
         }
     }
 
-    fn read(&mut self, pid: u32, file: &str) -> std::io::Result<()> {
-        self.buf.clear();
+    fn path_of(&self, file: &str) -> PathBuf {
+        self.proc.join(file)
+    }
+
+    fn path(&self, pid: u32, file: &str) -> PathBuf {
         let mut p = self.proc.clone();
         p.push(itoa(pid));
         p.push(file);
-        std::fs::File::open(p)?.read_to_end(&mut self.buf)?;
+        p
+    }
+
+    fn read(&mut self, pid: u32, file: &str) -> std::io::Result<()> {
+        read_file(&std::fs::File::open(self.path(pid, file))?, &mut self.buf)
+    }
+
+    /// `/proc/PID/stat` through the kept descriptor, opening (and keeping) it if needed.
+    fn read_stat(&mut self, pid: u32) -> std::io::Result<()> {
+        if let Some(p) = self.procs.get_mut(&pid) {
+            if let Some(f) = p.stat.as_ref() {
+                if read_file(f, &mut self.buf).is_ok() {
+                    return Ok(());
+                }
+                // The process it pointed at is gone (the pid may be reused): reopen.
+                p.stat = None;
+                self.open_fds -= 1;
+            }
+        }
+        let f = std::fs::File::open(self.path(pid, "stat"))?;
+        read_file(&f, &mut self.buf)?;
+        if self.open_fds < self.fd_budget {
+            self.kept = Some(f);
+        }
         Ok(())
     }
 
@@ -85,22 +137,66 @@ impl Processes {
         for p in self.procs.values_mut() {
             p.seen = false;
         }
-        let mut pids = Vec::with_capacity(self.procs.len() + 16);
-        for e in std::fs::read_dir(&self.proc)?.flatten() {
-            if let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) {
-                pids.push(pid);
+        // Listing /proc is a fifth of the cost: skip it while no pid was allocated since
+        // the last listing (the last field of /proc/loadavg); processes that exited fail
+        // their read and are dropped.
+        let last_pid = std::fs::File::open(self.path_of("loadavg"))
+            .and_then(|f| read_file(&f, &mut self.buf))
+            .ok()
+            .and_then(|_| fields(&self.buf).nth(4).map(parse_u64));
+        let mut pids = std::mem::take(&mut self.order);
+        pids.clear();
+        if last_pid.is_some() && last_pid == self.last_pid {
+            pids.extend(self.procs.keys().copied());
+        } else {
+            for e in std::fs::read_dir(&self.proc)?.flatten() {
+                if let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) {
+                    pids.push(pid);
+                }
             }
+            self.listings += 1;
         }
+        self.last_pid = last_pid;
         self.io_reads = 0;
-        for pid in pids {
-            if self.read(pid, "stat").is_err() {
+        self.round += 1;
+        self.stat_reads = 0;
+        for &pid in &pids {
+            // A process idle for 3 reads is re-read every `idle_stride`-th interval only
+            // (spread by pid); the CPU it used meanwhile counts over the time since its
+            // last read.
+            if let Some(p) = self.procs.get_mut(&pid) {
+                if self.idle_stride > 1
+                    && p.idle >= 3
+                    && (self.round + pid as u64) % self.idle_stride != 0
+                {
+                    p.seen = true;
+                    (p.d_user, p.d_system, p.rbps, p.wbps) = (0, 0, 0.0, 0.0);
+                    continue;
+                }
+            }
+            self.stat_reads += 1;
+            self.kept = None;
+            if self.read_stat(pid).is_err() {
                 continue; // exited meanwhile
             }
             let Some((comm, v)) = parse_stat(&self.buf) else {
                 continue;
             };
+            let comm_changed = self
+                .procs
+                .get(&pid)
+                .is_none_or(|p| p.comm.as_bytes() != comm);
+            let comm = if comm_changed {
+                String::from_utf8_lossy(comm).into_owned()
+            } else {
+                String::new()
+            };
             let (utime, stime, threads, start, rss) = (v[11], v[12], v[17], v[19], v[21]);
             let p = self.procs.entry(pid).or_insert_with(|| Proc {
+                stat: None,
+                read_at: None,
+                window: 0.0,
+                idle: 0,
                 start,
                 utime,
                 stime,
@@ -118,8 +214,16 @@ impl Processes {
                 seen: false,
             });
             if p.start != start {
-                // The pid was reused: a new process.
+                // The pid was reused: a new process (the kept descriptor pointed at the
+                // old one and would have failed; a fresh one was opened).
+                if p.stat.take().is_some() {
+                    self.open_fds -= 1;
+                }
                 *p = Proc {
+                    stat: None,
+                    read_at: None,
+                    window: 0.0,
+                    idle: 0,
                     start,
                     utime,
                     stime,
@@ -138,12 +242,28 @@ impl Processes {
                 };
             }
             p.seen = true;
+            if let Some(f) = self.kept.take() {
+                if p.stat.is_none() {
+                    p.stat = Some(f);
+                    self.open_fds += 1;
+                }
+            }
             p.d_user = utime.saturating_sub(p.utime);
             p.d_system = stime.saturating_sub(p.stime);
+            p.window = p
+                .read_at
+                .map(|t| now.duration_since(t).as_secs_f64())
+                .unwrap_or(0.0);
+            p.read_at = Some(now);
+            p.idle = if p.d_user + p.d_system == 0 {
+                p.idle + 1
+            } else {
+                0
+            };
             (p.utime, p.stime) = (utime, stime);
             p.rss = rss * self.page;
             p.threads = threads as u32;
-            if p.comm != comm {
+            if comm_changed {
                 p.comm = comm;
             }
             let cpu = utime + stime;
@@ -185,28 +305,45 @@ impl Processes {
                 (None, _) => (p.rbps, p.wbps) = (0.0, 0.0),
             }
         }
-        self.procs.retain(|_, p| p.seen);
+        let mut closed = 0;
+        self.procs.retain(|_, p| {
+            if !p.seen && p.stat.is_some() {
+                closed += 1;
+            }
+            p.seen
+        });
+        self.open_fds -= closed;
         self.count = self.procs.len();
         let Some(s) = secs else {
             out.clear();
             return Ok(());
         };
-        // The union of the top N by CPU, RSS and I/O.
-        self.order.clear();
-        self.order.extend(self.procs.keys().copied());
+        // The union of the top N by CPU, RSS and I/O (partial selection, no full sort).
         let mut chosen: Vec<u32> = Vec::with_capacity(self.top * 3);
-        let procs = &self.procs;
-        let mut pick = |key: &dyn Fn(&Proc) -> f64, order: &mut Vec<u32>| {
-            order.sort_unstable_by(|a, b| key(&procs[b]).total_cmp(&key(&procs[a])).then(a.cmp(b)));
-            for pid in order.iter().take(self.top) {
-                if key(&procs[pid]) > 0.0 && !chosen.contains(pid) {
-                    chosen.push(*pid);
+        let mut keyed: Vec<(f64, u32)> = Vec::with_capacity(self.procs.len());
+        for crit in 0..3 {
+            keyed.clear();
+            keyed.extend(self.procs.iter().map(|(pid, p)| {
+                let k = match crit {
+                    0 => (p.d_user + p.d_system) as f64,
+                    1 => p.rss as f64,
+                    _ => (p.rbps + p.wbps) as f64,
+                };
+                (k, *pid)
+            }));
+            let by = |a: &(f64, u32), b: &(f64, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+            let top = self.top.min(keyed.len());
+            if top < keyed.len() {
+                keyed.select_nth_unstable_by(top, by);
+            }
+            keyed[..top].sort_unstable_by(by);
+            for &(k, pid) in &keyed[..top] {
+                if k > 0.0 && !chosen.contains(&pid) {
+                    chosen.push(pid);
                 }
             }
-        };
-        pick(&|p| (p.d_user + p.d_system) as f64, &mut self.order);
-        pick(&|p| p.rss as f64, &mut self.order);
-        pick(&|p| (p.rbps + p.wbps) as f64, &mut self.order);
+        }
+        self.order = pids;
         let tick_pct = 100.0 / (self.hz * s);
         let mut n = 0;
         for pid in &chosen {
@@ -223,8 +360,9 @@ impl Processes {
             set_str(&mut r.cmdline, cmd.as_bytes());
             set_str(&mut r.user, user.as_bytes());
             set_str(&mut r.cgroup, cg.as_bytes());
-            r.cpu_user_pct = (p.d_user as f64 * tick_pct) as f32;
-            r.cpu_system_pct = (p.d_system as f64 * tick_pct) as f32;
+            let per = pct_per_tick(p, self.hz, tick_pct);
+            r.cpu_user_pct = (p.d_user as f64 * per) as f32;
+            r.cpu_system_pct = (p.d_system as f64 * per) as f32;
             r.cpu_pct = r.cpu_user_pct + r.cpu_system_pct;
             r.rss = p.rss;
             r.read_bytes_per_s = p.rbps;
@@ -233,13 +371,15 @@ impl Processes {
             r.processes = 1;
         }
         // Everything else as one row.
-        let (mut u, mut sy, mut rss, mut rb, mut wb, mut th, mut cnt) = (0, 0, 0, 0f64, 0f64, 0, 0);
+        let (mut u, mut sy, mut rss, mut rb, mut wb, mut th, mut cnt) =
+            (0f64, 0f64, 0, 0f64, 0f64, 0, 0);
         for (pid, p) in &self.procs {
             if chosen.contains(pid) {
                 continue;
             }
-            u += p.d_user;
-            sy += p.d_system;
+            let per = pct_per_tick(p, self.hz, tick_pct);
+            u += p.d_user as f64 * per;
+            sy += p.d_system as f64 * per;
             rss += p.rss;
             rb += p.rbps as f64;
             wb += p.wbps as f64;
@@ -253,8 +393,8 @@ impl Processes {
         r.cmdline.clear();
         r.user.clear();
         r.cgroup.clear();
-        r.cpu_user_pct = (u as f64 * tick_pct) as f32;
-        r.cpu_system_pct = (sy as f64 * tick_pct) as f32;
+        r.cpu_user_pct = u as f32;
+        r.cpu_system_pct = sy as f32;
         r.cpu_pct = r.cpu_user_pct + r.cpu_system_pct;
         r.rss = rss;
         r.read_bytes_per_s = rb as f32;
@@ -319,19 +459,29 @@ impl Processes {
     }
 }
 
+/// Percent of one CPU per clock tick of `p`: over the time since its previous read when
+/// it was skipped while idle, else over the interval.
+fn pct_per_tick(p: &Proc, hz: f64, tick_pct: f64) -> f64 {
+    if p.window > 0.0 {
+        100.0 / (hz * p.window)
+    } else {
+        tick_pct
+    }
+}
+
 fn itoa(pid: u32) -> String {
     pid.to_string()
 }
 
 /// `comm` and the numeric fields after it: index 0 is state (field 3 of proc(5)), so
 /// utime (14) is index 11, stime 12, num_threads 17, starttime 19, rss 21.
-fn parse_stat(buf: &[u8]) -> Option<(String, [u64; 22])> {
+fn parse_stat(buf: &[u8]) -> Option<(&[u8], [u64; 22])> {
     let (comm, rest) = split_stat(buf)?;
     let mut v = [0u64; 22];
     for (i, x) in fields(rest).take(22).enumerate() {
         v[i] = parse_u64(x);
     }
-    Some((String::from_utf8_lossy(comm).into_owned(), v))
+    Some((comm, v))
 }
 
 /// `comm` (between the first '(' and the last ')') and the fields after it.
@@ -371,7 +521,7 @@ mod tests {
     /// This very process, made busy, is found with its pid and name; the rows add up.
     #[test]
     fn finds_a_busy_thread_of_its_own() {
-        let mut p = Processes::new("/proc", 3, 256);
+        let mut p = Processes::new("/proc", 3, 256, 5);
         let mut out = Vec::new();
         p.collect(None, &mut out).unwrap();
         assert!(out.is_empty());
