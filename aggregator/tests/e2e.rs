@@ -49,9 +49,81 @@ fn align(ms: f64) -> u64 {
     target.floor() as u64
 }
 
+/// A cgroup with a CPU quota (0.5) and a memory limit (512 MiB) holding one sleeping
+/// process, in the v1 cpu and memory controllers (this hybrid host) or the v2 tree when
+/// it is the only one; removed on drop. So the cgroups table, and the README's queries
+/// on limits and throttling, have a row to show.
+struct LimitedCgroup {
+    dirs: Vec<std::path::PathBuf>,
+    rel: String,
+    child: std::process::Child,
+}
+
+impl LimitedCgroup {
+    fn new() -> LimitedCgroup {
+        let rel = format!("sonde-e2e-{}", std::process::id());
+        let root = std::path::Path::new("/sys/fs/cgroup");
+        let (dirs, writes): (Vec<_>, Vec<(&str, String)>) = if root.join("memory").is_dir() {
+            (
+                vec![root.join("cpu").join(&rel), root.join("memory").join(&rel)],
+                vec![
+                    ("cpu.cfs_period_us", "100000".into()),
+                    ("cpu.cfs_quota_us", "50000".into()),
+                    ("memory.limit_in_bytes", (512u64 << 20).to_string()),
+                ],
+            )
+        } else {
+            (
+                vec![root.join(&rel)],
+                vec![
+                    ("cpu.max", "50000 100000".into()),
+                    ("memory.max", (512u64 << 20).to_string()),
+                ],
+            )
+        };
+        for d in &dirs {
+            std::fs::create_dir_all(d).unwrap_or_else(|e| panic!("mkdir {}: {e}", d.display()));
+        }
+        for (f, v) in writes {
+            let d = dirs.iter().find(|d| d.join(f).exists()).unwrap();
+            std::fs::write(d.join(f), v).unwrap();
+        }
+        let mut script = String::new();
+        for d in &dirs {
+            script.push_str(&format!("echo $$ > {}/cgroup.procs; ", d.display()));
+        }
+        script.push_str("exec sleep 600");
+        let child = std::process::Command::new("sh")
+            .args(["-c", &script])
+            .spawn()
+            .unwrap();
+        LimitedCgroup {
+            dirs,
+            rel: format!("/{rel}"),
+            child,
+        }
+    }
+}
+
+impl Drop for LimitedCgroup {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for d in &self.dirs {
+            for _ in 0..50 {
+                if std::fs::remove_dir(d).is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
 #[test]
 fn pipeline_all_tables_cpu_matches_proc_stat_and_readme_queries_run() {
     let d = Dir::new("pipeline");
+    let limited = LimitedCgroup::new();
     certs(&d.0.join("certs"), &["alpha"]);
     let agg = start_aggregator(&d.0, free_udp_port(), "1");
     let started = Instant::now();
@@ -226,6 +298,36 @@ fn pipeline_all_tables_cpu_matches_proc_stat_and_readme_queries_run() {
             ) > 0
         );
     }
+
+    // The cgroup made above, with its limits; top processes with the `other` row.
+    wait_until("the limited cgroup's rows", Duration::from_secs(15), || {
+        count(
+            &agg,
+            &format!(
+                "SELECT count() FROM sonde.cgroups WHERE host = 'alpha' AND cgroup = '{}'",
+                limited.rel
+            ),
+        ) > 0
+    });
+    let r = query(
+        &agg,
+        &format!(
+            "SELECT any(cpu_limit), any(memory_limit), max(pids) FROM sonde.cgroups WHERE host = 'alpha' AND cgroup = '{}'",
+            limited.rel
+        ),
+    );
+    let f: Vec<&str> = r.split_whitespace().collect();
+    assert_eq!(f[..2], ["0.5", &(512u64 << 20).to_string()], "{r}");
+    let r = query(
+        &agg,
+        "SELECT count(), countIf(pid = 0 AND comm = 'other'), uniqExact(ts) FROM sonde.processes WHERE host = 'alpha'",
+    );
+    let f: Vec<u64> = r.split_whitespace().map(|x| x.parse().unwrap()).collect();
+    assert!(
+        f[0] > f[1] && f[1] > 0,
+        "process rows and one 'other' row per snapshot: {r}"
+    );
+    assert_eq!(f[1], f[2], "one 'other' row per snapshot: {r}");
 
     // The host is known, with facts from the sensor.
     let (code, body) = http_get(&agg.http, "/api/hosts").unwrap();

@@ -933,6 +933,56 @@ mod tests {
         assert_eq!(last.summary, "h1: unusual mix");
     }
 
+    /// The default rules for containers: a cgroup throttled in 40 % of its periods for
+    /// over 5 minutes and one at 95 % of its memory limit fire, named by their cgroup and
+    /// container; a cgroup without a limit (0 % of limit) and an unthrottled one do not.
+    #[test]
+    fn default_container_rules_fire_per_cgroup() {
+        let mut e = Engine::new(rules(DEFAULT_RULES));
+        let mut out = Vec::new();
+        for i in 0..400u64 {
+            let cg = |path: &str, container: &str, throttled: u32, ws: u64, limit: u64| {
+                protocol::CgroupRec {
+                    cgroup: path.into(),
+                    container: container.into(),
+                    cpu_periods: 10,
+                    cpu_throttled_periods: throttled,
+                    memory_working_set: ws,
+                    memory_limit: limit,
+                    ..Default::default()
+                }
+            };
+            let snap = protocol::Snapshot {
+                ts_ms: 1_000_000 + i * 1000,
+                cgroups: vec![
+                    cg("/docker/a", "docker:aaaaaaaaaaaa", 4, 100, 1000),
+                    cg("/system.slice/db.service", "db.service", 0, 950, 1000),
+                    cg("/system.slice/free.service", "free.service", 0, 1 << 30, 0),
+                ],
+                ..Default::default()
+            };
+            e.observe_snapshot("h1", &snap, &mut out);
+        }
+        let fired = |rule: &str| -> Vec<String> {
+            out.iter()
+                .filter(|a| a.rule == rule && a.state == "firing")
+                .map(|a| a.summary.clone())
+                .collect()
+        };
+        let thr = fired("container cpu throttled");
+        assert_eq!(thr.len(), 1, "{thr:?}");
+        assert!(
+            thr[0].contains("/docker/a docker:aaaaaaaaaaaa throttled in 40 %"),
+            "{thr:?}"
+        );
+        let mem = fired("container memory near limit");
+        assert_eq!(mem.len(), 1, "{mem:?}");
+        assert!(
+            mem[0].contains("/system.slice/db.service db.service working set at 95 %"),
+            "{mem:?}"
+        );
+    }
+
     #[test]
     fn globs() {
         assert!(glob("web-*", "web-12"));

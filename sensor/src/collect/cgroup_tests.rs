@@ -158,6 +158,8 @@ fn v1_quota_memory_and_oom() {
         "stress-ng is needed (cargo xtask test installs it)"
     );
     let base = format!("/sonde-test-{}", std::process::id());
+    // Declared first, so removed last (after the cgroups below it).
+    let _base = TestCg::new(&base, &[cpu, acct, mem]);
     let mut cg = TestCg::new(&format!("{base}/quota"), &[cpu, acct, mem]);
     cg.write("cpu.cfs_period_us", "100000");
     cg.write("cpu.cfs_quota_us", "50000");
@@ -243,6 +245,7 @@ fn v2_usage_and_pressure() {
         return;
     }
     let base = format!("/sonde-test2-{}", std::process::id());
+    let _base = TestCg::new(&base, &[&v2]);
     let mut cg = TestCg::new(&format!("{base}/hogs"), &[&v2]);
     // Three CPU hogs on this host's CPUs: they wait for each other (pressure).
     let ncpu = std::thread::available_parallelism().unwrap().get();
