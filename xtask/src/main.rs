@@ -53,6 +53,10 @@ enum Cmd {
         /// A short version of each benchmark (a few minutes: every section, shorter), as CI runs it.
         #[arg(long)]
         quick: bool,
+        /// Run one section only and print it (target/bench/BENCHMARKS-<section>.md):
+        /// `containers`.
+        #[arg(long, value_name = "SECTION")]
+        only: Option<String>,
     },
     /// Measure storage on real data: the detection corpus's recorded host stored through the
     /// live insert path, bytes per sample for raw rows and each rollup tier on ClickHouse
@@ -196,7 +200,7 @@ fn main() {
         Cmd::Undeploy { fleet } => fleet
             .targets()
             .and_then(|t| deploy::undeploy(t, fleet.identity, fleet.ssh_options, fleet.parallel)),
-        Cmd::Bench { quick } => bench::run_bench(quick),
+        Cmd::Bench { quick, only } => bench::run_bench(quick, only.as_deref()),
         Cmd::Storage => bench::run_storage(),
         Cmd::Docs { check } => docs::run(&setup::root(), check),
         Cmd::DetectEval {

@@ -101,9 +101,6 @@ pub struct Options {
 enum Metric {
     /// v2 `cpu.stat`: usage/user/system µs, throttling when the cpu controller is on.
     V2Cpu,
-    /// `cpuacct.usage_all`: user and system ns per CPU (usage, user and system exact, in
-    /// one file).
-    CpuacctAll,
     CpuacctUsage,
     CpuacctStat,
     /// v1 cpu `cpu.stat`: throttling (read only for a cgroup with its own quota).
@@ -181,6 +178,8 @@ struct Cg {
     /// gauges of the last full read (usage, working set, rss, cache, swap, pids).
     pending: f64,
     idle: u32,
+    /// Spreads the full reads of idle cgroups over the stride (from the path).
+    spread: u64,
     last: [u64; 6],
 }
 
@@ -296,6 +295,9 @@ impl Cgroups {
                 Some(c) => c,
                 None => {
                     let (container, pod) = cgnames::resolve(&p);
+                    let spread = p
+                        .bytes()
+                        .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
                     Cg {
                         path: p,
                         container,
@@ -309,6 +311,7 @@ impl Cgroups {
                         primed: false,
                         pending: 0.0,
                         idle: 0,
+                        spread,
                         last: [0; 6],
                     }
                 }
@@ -358,9 +361,9 @@ impl Cgroups {
         let mut want: Vec<(Metric, PathBuf)> = Vec::new();
         let has =
             |d: &Option<PathBuf>, f: &str| d.as_ref().map(|d| d.join(f)).filter(|p| p.exists());
-        if let Some(p) = has(&d.cpuacct, "cpuacct.usage_all") {
-            want.push((CpuacctAll, p));
-        } else if let Some(p) = has(&d.cpuacct, "cpuacct.usage") {
+        // cpuacct.usage is exact (ns); user/system (cpuacct.stat, usage_all) are the
+        // kernel's tick-based cputime, used only to split it.
+        if let Some(p) = has(&d.cpuacct, "cpuacct.usage") {
             want.push((CpuacctUsage, p));
             if let Some(p) = has(&d.cpuacct, "cpuacct.stat") {
                 want.push((CpuacctStat, p));
@@ -517,14 +520,33 @@ impl Cgroups {
         let (mut n, mut nio) = (0, 0);
         let mut vanished = false;
         let mut i = 0;
+        // Cgroups are in path order, so ancestors come first: when an ancestor's CPU time
+        // (hierarchical) did not move this interval, neither did any descendant's, and
+        // an idle descendant is not even read (unless due for its full read).
+        let mut idle_anc: Vec<usize> = Vec::new();
         while i < self.cgs.len() {
-            let mut rec = std::mem::take(slot(out, n));
-            match self.read_one(i, secs, &mut rec, io, &mut nio) {
-                Ok(true) => {
-                    out[n] = rec;
-                    n += 1;
+            while let Some(&j) = idle_anc.last() {
+                let (a, b) = (&self.cgs[j], &self.cgs[i]);
+                let below = b.path.len() > a.path.len()
+                    && b.path.starts_with(a.path.as_str())
+                    && b.path.as_bytes()[a.path.len()] == b'/'
+                    && a.sources.first().map(|s| s.metric) == b.sources.first().map(|s| s.metric);
+                if below {
+                    break;
                 }
-                Ok(false) => out[n] = rec,
+                idle_anc.pop();
+            }
+            let mut rec = std::mem::take(slot(out, n));
+            match self.read_one(i, secs, !idle_anc.is_empty(), &mut rec, io, &mut nio) {
+                Ok((reported, idle_now)) => {
+                    out[n] = rec;
+                    if reported {
+                        n += 1;
+                    }
+                    if idle_now {
+                        idle_anc.push(i);
+                    }
+                }
                 Err(_) => {
                     self.open_fds -= self.cgs[i]
                         .sources
@@ -535,7 +557,7 @@ impl Cgroups {
                     // its state now and look for newcomers next time.
                     out[n] = rec;
                     vanished = true;
-                    self.cgs.swap_remove(i);
+                    self.cgs.remove(i);
                     continue;
                 }
             }
@@ -553,10 +575,11 @@ impl Cgroups {
         &mut self,
         i: usize,
         secs: Option<f64>,
+        ancestor_idle: bool,
         rec: &mut CgroupRec,
         io: &mut Vec<CgroupIoRec>,
         nio: &mut usize,
-    ) -> std::io::Result<bool> {
+    ) -> std::io::Result<(bool, bool)> {
         let buf = &mut self.buf;
         let cg = &mut self.cgs[i];
         let mut cur = cg.prev;
@@ -573,17 +596,17 @@ impl Cgroups {
         // memory.stat's hierarchical_memory_limit says); ops only when bytes moved.
         let mut limited = cg.memory_limit > 0;
         let mut bytes_moved = true;
-        let due =
-            self.idle_stride <= 1 || (self.round + cg.path.len() as u64) % self.idle_stride == 0;
-        let mut skipped = false;
+        let due = self.idle_stride <= 1 || (self.round + cg.spread) % self.idle_stride == 0;
+        // Idle below an ancestor that was idle this interval: nothing to read.
+        let mut skipped = ancestor_idle && cg.idle >= 3 && !due && cg.primed;
         for (k, src) in cg.sources.iter().enumerate() {
+            if skipped {
+                break;
+            }
             if k == 1
                 && cg.idle >= 3
                 && !due
-                && matches!(
-                    cg.sources[0].metric,
-                    Metric::V2Cpu | Metric::CpuacctAll | Metric::CpuacctUsage
-                )
+                && matches!(cg.sources[0].metric, Metric::V2Cpu | Metric::CpuacctUsage)
                 && cur.usage_us == cg.prev.usage_us
             {
                 // Idle (no CPU time for 3 reads and none now): the rest is read every
@@ -623,17 +646,6 @@ impl Cgroups {
                             _ => {}
                         }
                     }
-                }
-                Metric::CpuacctAll => {
-                    let (mut u, mut sy) = (0u64, 0u64);
-                    for l in lines(buf).skip(1) {
-                        let mut f = fields(l).skip(1);
-                        u += f.next().map(parse_u64).unwrap_or(0);
-                        sy += f.next().map(parse_u64).unwrap_or(0);
-                    }
-                    cur.user_us = u / 1000;
-                    cur.system_us = sy / 1000;
-                    cur.usage_us = (u + sy) / 1000;
                 }
                 Metric::CpuacctUsage => cur.usage_us = parse_u64(buf) / 1000,
                 Metric::CpuacctStat => {
@@ -775,8 +787,9 @@ impl Cgroups {
             }
         }
         rec.memory_working_set = rec.memory_usage.saturating_sub(inactive_file);
+        let ticks = acct_user.is_some();
         if let (Some(u), Some(s)) = (acct_user, acct_system) {
-            // cpuacct.stat is in USER_HZ ticks: split the exact usage in their proportion.
+            // cpuacct.stat is in USER_HZ ticks: kept as µs, used below only for the split.
             cur.user_us = (u as f64 * 1e6 / self.user_hz) as u64;
             cur.system_us = (s as f64 * 1e6 / self.user_hz) as u64;
         }
@@ -796,7 +809,7 @@ impl Cgroups {
                 rec.memory_swap,
             ] = [cg.last[0], cg.last[1], cg.last[2], cg.last[3], cg.last[4]];
             rec.pids = cg.last[5] as u32;
-            return Ok(secs.is_some());
+            return Ok((secs.is_some(), true));
         }
         cg.idle = if cur.usage_us == cg.prev.usage_us && cg.primed {
             cg.idle + 1
@@ -817,8 +830,9 @@ impl Cgroups {
         // Rates over the time since this cgroup's previous read: the interval, plus the
         // intervals skipped while it was idle.
         let window = secs.map(|s| s + std::mem::take(&mut cg.pending));
+        let idle_now = cg.idle > 0;
         let Some(s) = window.filter(|w| primed && *w > 0.0) else {
-            return Ok(false);
+            return Ok((false, idle_now));
         };
         let d = |a: u64, b: u64| counter_delta(a, b);
         let per = |us: u64| (us as f64 / (s * 1e4)) as f32; // µs in the interval -> % of one CPU
@@ -828,6 +842,13 @@ impl Cgroups {
         rec.cpu_pct = per(d(prev.usage_us, cur.usage_us));
         rec.cpu_user_pct = per(d(prev.user_us, cur.user_us));
         rec.cpu_system_pct = per(d(prev.system_us, cur.system_us));
+        if ticks {
+            // v1: the exact usage split in the proportion of the tick-based user/system.
+            let (u, sy) = (rec.cpu_user_pct as f64, rec.cpu_system_pct as f64);
+            let share = if u + sy > 0.0 { u / (u + sy) } else { 1.0 };
+            rec.cpu_user_pct = (rec.cpu_pct as f64 * share) as f32;
+            rec.cpu_system_pct = rec.cpu_pct - rec.cpu_user_pct;
+        }
         rec.cpu_limit = cg.cpu_limit;
         rec.cpu_periods = d(prev.periods, cur.periods) as u32;
         rec.cpu_throttled_periods = d(prev.throttled, cur.throttled) as u32;
@@ -880,7 +901,7 @@ impl Cgroups {
                 e.writes_per_s,
             ) = (rates[0], rates[1], rates[2], rates[3]);
         }
-        Ok(true)
+        Ok((true, idle_now))
     }
 }
 

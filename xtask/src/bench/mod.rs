@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod console;
+mod containers;
 mod detect;
 mod ebpf;
 mod ingest;
@@ -21,6 +22,7 @@ mod report;
 mod storage;
 mod tiers;
 use console::*;
+use containers::*;
 use detect::*;
 use ebpf::*;
 use ingest::*;
@@ -316,7 +318,10 @@ fn start_env(dir: &Path, bin: PathBuf) -> Result<(Proc, Env)> {
     Ok((agg, env))
 }
 
-pub fn run_bench(quick: bool) -> Result<()> {
+pub fn run_bench(quick: bool, only: Option<&str>) -> Result<()> {
+    if let Some(o) = only.filter(|o| *o != "containers") {
+        bail!("--only {o}: the sections that run alone are: containers");
+    }
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmark needs root (eBPF probes, loop devices)");
     }
@@ -338,7 +343,13 @@ pub fn run_bench(quick: bool) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     crate::certs::run(
         &dir.join("certs"),
-        &["bench-proc".into(), "bench-ebpf".into()],
+        &[
+            "bench-proc".into(),
+            "bench-ebpf".into(),
+            "bench-cg-off".into(),
+            "bench-cg-on".into(),
+            "bench-cg-all".into(),
+        ],
         &[],
         false,
     )?;
@@ -350,6 +361,19 @@ pub fn run_bench(quick: bool) -> Result<()> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
+    if only.is_some() {
+        let c = containers(&env, if quick { 10 } else { 30 })?;
+        drop(agg);
+        let md = format!(
+            "# sonde benchmarks: containers and processes only ({date})\n{}",
+            containers_md(&c)
+        );
+        let doc = dir.join("BENCHMARKS-containers.md");
+        std::fs::write(&doc, &md)?;
+        println!("{md}");
+        step(&format!("results: {}", doc.display()));
+        return Ok(());
+    }
     let secs = if quick { 15 } else { 60 };
     // Real snapshots of this host for the batch-size / dictionary study, recorded while
     // the overhead window runs (one more light process on the machine).
@@ -365,6 +389,8 @@ pub fn run_bench(quick: bool) -> Result<()> {
     let mut recorder = recorder;
     let _ = recorder.child.wait();
     let wire = wire_study(&rec).unwrap_or_else(|e| json!({"error": e.to_string()}));
+    let containers = containers(&env, if quick { 10 } else { 30 })
+        .unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
     let ebpf = ebpf_overhead(&env, if quick { 3 } else { 9 }, quick)?;
     let storage = storage_and_queries(&env, quick)?;
     let console = console_bench(
@@ -389,6 +415,7 @@ pub fn run_bench(quick: bool) -> Result<()> {
         "storage": storage,
         "tier_storage": tier_storage,
         "console": console,
+        "containers": containers,
         "ingest": ingest,
         "wire_study": wire,
         "detect": detect,

@@ -207,6 +207,9 @@ pub(super) fn markdown(r: &Value, quick: bool) -> String {
             }
         ));
     }
+    if let Some(c) = r.get("containers") {
+        s.push_str(&containers_md(c));
+    }
     if let Some(d) = r["detect"].as_array() {
         s.push_str("\n## Detection\n\nMethod: the engine's own code on one core (series lookup, detector, alert lifecycle), 10,000 series unless named, after warm-up (`aggregator/benches/detect.rs`). State per series includes the engine's per-series record (labels, lifecycle). Detection quality is in [DETECTION.md](DETECTION.md).\n\n\
                     | detector | series | evaluations/s | ns per evaluation | state bytes per series |\n|---|---|---|---|---|\n");
@@ -220,6 +223,58 @@ pub(super) fn markdown(r: &Value, quick: bool) -> String {
                 x["state_bytes_per_series"]
             ));
         }
+    }
+    s
+}
+
+/// Section 8 (also what `cargo xtask bench --only containers` prints).
+pub(super) fn containers_md(c: &Value) -> String {
+    let mut s = String::new();
+    if c.get("rows").is_none() {
+        s.push_str(&format!(
+            "\n## 8. Containers and processes\n\nNot measured: {}\n",
+            c["error"]
+        ));
+        return s;
+    }
+    s.push_str(&format!(
+        "\n## 8. Containers and processes\n\nMethod: {} cgroups (every v1 controller, or the v2 tree) and {} processes on the host \
+         ({} of them light workers waking 100 times a second, the rest sleeping, spread over the cgroups); all below run at once for {} s; \
+         CPU per second of the process (tree), steady RSS the largest VmRSS sampled, peak RSS VmHWM. The sensor at 1 s three ways: \
+         without its cgroup and process collectors, with them (defaults: idle cgroups and processes read in full every 5th interval), \
+         and with everything read every interval. collectd 5.12 reads every cgroup's cpuacct (cgroups plugin) and every process \
+         (processes plugin, one `ProcessMatch` for all); Netdata 1.37 runs its cgroups.plugin and apps.plugin by default. \
+         Target: sensor ≤ 1.5 ms CPU per collection and ≤ 12 MB steady RSS with them.\n\n\
+         | process | CPU ms per s | % of one core | steady RSS MB | peak RSS MB |\n|---|---|---|---|---|\n",
+        c["cgroups"],
+        c["processes"],
+        c["busy_processes"],
+        f(&c["secs"])
+    ));
+    for p in c["rows"].as_array().into_iter().flatten() {
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} |\n",
+            p["name"].as_str().unwrap_or(""),
+            f(&p["cpu_ms_per_s"]),
+            f(&p["cpu_pct_of_one_core"]),
+            f(&p["steady_rss_mb"]),
+            f(&p["peak_rss_mb"]),
+        ));
+    }
+    let w = &c["wire"];
+    if w.get("bytes_per_new_sample").is_some() {
+        s.push_str(&format!(
+            "\nWire (a `sensor record` of this host with the load above, batches of 5 snapshots, zstd 3): per snapshot {} cgroups rows, \
+             {} cgroup_io rows, {} processes rows = {} samples; a batch is {} bytes per snapshot with them and {} without: \
+             **{} bytes per sample** of the new tables.\n",
+            w["rows_per_snapshot"]["cgroups"],
+            w["rows_per_snapshot"]["cgroup_io"],
+            w["rows_per_snapshot"]["processes"],
+            f(&w["new_samples_per_snapshot"]),
+            f(&w["bytes_per_snapshot_with"]),
+            f(&w["bytes_per_snapshot_without"]),
+            f(&w["bytes_per_new_sample"]),
+        ));
     }
     s
 }
