@@ -179,7 +179,7 @@ fn v1_quota_memory_and_oom() {
     let r = find(&out, &cg.rel);
     eprintln!("quota cgroup: {r:?}; cpuacct says {own:.1} %");
     assert!(
-        (r.cpu_pct as f64 - own).abs() < 3.0,
+        (r.cpu_pct as f64 - own).abs() < 1.5,
         "reported {} vs cpuacct {own}",
         r.cpu_pct
     );
