@@ -100,6 +100,7 @@ pub fn router(api: Api) -> Router {
         .route("/api/hosts", get(hosts))
         .route("/api/hosts/{host}/series", get(crate::console::series))
         .route("/api/hosts/{host}/heatmap", get(crate::console::heatmap))
+        .route("/api/hosts/{host}/forecast", get(crate::console::forecast))
         .route("/api/alerts", get(crate::console::alerts))
         .route("/api/fleet/series", get(crate::console::fleet_series))
         .route("/api/rules", get(crate::console::rules))

@@ -286,11 +286,26 @@ fn resolve(
 }
 
 /// The window, the store and the resolved metric of a series request.
-fn prepare(api: &Api, q: &HashMap<String, String>) -> Result<(Window, Store, Resolved), Response> {
+fn prepare(
+    api: &Api,
+    q: &HashMap<String, String>,
+    extra_params: &[&str],
+) -> Result<(Window, Store, Resolved), Response> {
     let w = window(q).map_err(bad)?;
     let store = store(api)?;
-    let r = resolve(q, &store, &w, &[])?;
+    let r = resolve(q, &store, &w, extra_params)?;
     Ok((w, store, r))
+}
+
+/// `top=N` (1..50): only the N label sets with the highest average over the window.
+fn top_param(q: &HashMap<String, String>) -> Result<Option<u32>, Response> {
+    match q.get("top") {
+        None => Ok(None),
+        Some(t) => match t.parse::<u32>() {
+            Ok(n) if (1..=50).contains(&n) => Ok(Some(n)),
+            _ => Err(bad(format!("top={t:?}: expected a number from 1 to 50"))),
+        },
+    }
 }
 
 /// Runs a series query: binds the host (when there is one), the window and the label
@@ -305,18 +320,36 @@ async fn fetch<T>(
 where
     T: clickhouse::RowOwned + clickhouse::RowRead,
 {
+    fetch_n(store, sql, host, w, r, 1).await
+}
+
+/// As [`fetch`], with the same parameters bound `times` times (a query that repeats its
+/// WHERE in a subquery).
+async fn fetch_n<T>(
+    store: &Store,
+    sql: &str,
+    host: Option<&str>,
+    w: &Window,
+    r: &Resolved,
+    times: usize,
+) -> Result<Vec<T>, Response>
+where
+    T: clickhouse::RowOwned + clickhouse::RowRead,
+{
     let mut query = store
         .client
         .clone()
         // On 18.x a view's WHERE reaches its table only with this (tier views).
         .with_setting("enable_optimize_predicate_expression", "1")
         .query(sql);
-    if let Some(h) = host {
-        query = query.bind(h);
-    }
-    query = query.bind(w.from as u32).bind(w.to as u32);
-    for (_, v) in &r.filters {
-        query = query.bind(v);
+    for _ in 0..times {
+        if let Some(h) = host {
+            query = query.bind(h);
+        }
+        query = query.bind(w.from as u32).bind(w.to as u32);
+        for (_, v) in &r.filters {
+            query = query.bind(v);
+        }
     }
     query
         .fetch_all()
@@ -333,8 +366,9 @@ struct Point {
     hi: f64,
 }
 
-/// `GET /api/hosts/{host}/series?metric=cpu.busy&from=&to=&points=&cpu=total`: one series
-/// per label set, at most `points` buckets each, with the bucket's min and max.
+/// `GET /api/hosts/{host}/series?metric=cpu.busy&from=&to=&points=&cpu=total&top=`: one
+/// series per label set, at most `points` buckets each, with the bucket's min and max;
+/// with `top=N`, only the N label sets with the highest average (containers, processes).
 pub async fn series(
     State(api): State<Api>,
     Path(host): Path<String>,
@@ -344,15 +378,35 @@ pub async fn series(
     if !valid_host(&host) {
         return bad(format!("host {host:?}: not a host name"));
     }
-    let (w, store, r) = match prepare(&api, &q) {
+    let (w, store, r) = match prepare(&api, &q, &["top"]) {
         Ok(x) => x,
         Err(e) => return e,
+    };
+    let top = match top_param(&q) {
+        Ok(t) => t,
+        Err(e) => return e,
+    };
+    let where_sql = format!(
+        "WHERE host = ? AND ts >= toDateTime(?) AND ts < toDateTime(?){}",
+        r.filter_sql()
+    );
+    let top_sql = match top {
+        None => String::new(),
+        Some(n) => format!(
+            " AND {label_sql} IN (SELECT labels FROM (SELECT {label_sql} AS labels, avg({v}) AS a \
+             FROM {db}.{table}{tier} {where_sql} GROUP BY labels ORDER BY a DESC LIMIT {n}))",
+            label_sql = r.label_sql(),
+            v = r.v,
+            db = store.db,
+            table = r.def.name,
+            tier = r.tier,
+        ),
     };
     let sql = format!(
         "SELECT toUInt32(intDiv(toUInt32(ts), {step}) * {step}) AS t, labels, toFloat64({agg}) AS v, \
          toFloat64(min(lo)) AS lo, toFloat64(max(hi)) AS hi FROM (\
          SELECT ts, {label_sql} AS labels, {v} AS v, {lo} AS lo, {hi} AS hi FROM {db}.{table}{tier} \
-         WHERE host = ? AND ts >= toDateTime(?) AND ts < toDateTime(?){filter_sql}) \
+         {where_sql}{top_sql}) \
          GROUP BY t, labels ORDER BY labels, t",
         step = r.step,
         agg = r.agg(),
@@ -363,9 +417,9 @@ pub async fn series(
         db = store.db,
         table = r.def.name,
         tier = r.tier,
-        filter_sql = r.filter_sql(),
     );
-    let rows: Vec<Point> = match fetch(&store, &sql, Some(&host), &w, &r).await {
+    let times = if top.is_some() { 2 } else { 1 };
+    let rows: Vec<Point> = match fetch_n(&store, &sql, Some(&host), &w, &r, times).await {
         Ok(rows) => rows,
         Err(e) => return e,
     };
@@ -420,7 +474,7 @@ pub async fn fleet_series(
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     let started = std::time::Instant::now();
-    let (w, store, r) = match prepare(&api, &q) {
+    let (w, store, r) = match prepare(&api, &q, &[]) {
         Ok(x) => x,
         Err(e) => return e,
     };
@@ -491,6 +545,108 @@ fn quantile(uppers: &[u64], counts: &[u64], q: f64) -> Option<u64> {
         total,
         q,
     )
+}
+
+/// `GET /api/hosts/{host}/forecast?metric=filesystem.used_pct&window=1800&limit=100&<label>=`:
+/// per label set, the trend the `forecast` detector fits (Theil–Sen over the last `window`
+/// seconds before `to`, the detector's own code) and when it reaches `limit`: `eta_s`
+/// (null when not approaching), the fitted line's ends for drawing.
+pub async fn forecast(
+    State(api): State<Api>,
+    Path(host): Path<String>,
+    Query(mut q): Query<HashMap<String, String>>,
+) -> Response {
+    if !valid_host(&host) {
+        return bad(format!("host {host:?}: not a host name"));
+    }
+    let secs = match q.remove("window").map(|v| v.parse::<u64>()) {
+        None => 1800,
+        Some(Ok(s)) if (60..=7 * 86400).contains(&s) => s,
+        Some(_) => return bad("window: expected seconds from 60 to 604800"),
+    };
+    let limit = match q.remove("limit").map(|v| v.parse::<f64>()) {
+        None => 100.0,
+        Some(Ok(l)) if l.is_finite() => l,
+        Some(_) => return bad("limit: expected a number"),
+    };
+    let to = match window(&q) {
+        Ok(w) => w.to,
+        Err(e) => return bad(e),
+    };
+    q.insert("from".into(), (to - secs).to_string());
+    q.insert("to".into(), to.to_string());
+    q.insert("points".into(), "600".into());
+    let (w, store, r) = match prepare(&api, &q, &[]) {
+        Ok(x) => x,
+        Err(e) => return e,
+    };
+    let sql = format!(
+        "SELECT toUInt32(intDiv(toUInt32(ts), {step}) * {step}) AS t, {label_sql} AS labels, toFloat64(avg({v})) AS v, \
+         toFloat64(0) AS lo, toFloat64(0) AS hi FROM {db}.{table}{tier} \
+         WHERE host = ? AND ts >= toDateTime(?) AND ts < toDateTime(?){filter_sql} \
+         GROUP BY t, labels ORDER BY labels, t",
+        step = r.step,
+        label_sql = r.label_sql(),
+        v = r.v,
+        db = store.db,
+        table = r.def.name,
+        tier = r.tier,
+        filter_sql = r.filter_sql(),
+    );
+    let rows: Vec<Point> = match fetch(&store, &sql, Some(&host), &w, &r).await {
+        Ok(rows) => rows,
+        Err(e) => return e,
+    };
+    let mut fits: BTreeMap<Vec<String>, crate::detect::forecast::Forecast> = BTreeMap::new();
+    let mut last: BTreeMap<Vec<String>, (u32, f64)> = BTreeMap::new();
+    let mut first: BTreeMap<Vec<String>, u32> = BTreeMap::new();
+    let mut eta: BTreeMap<Vec<String>, f64> = BTreeMap::new();
+    for p in rows {
+        let f = fits.entry(p.labels.clone()).or_insert_with(|| {
+            crate::detect::forecast::Forecast::new(
+                limit,
+                true,
+                f64::INFINITY,
+                secs * 1000,
+                crate::detect::detectors::Severity::Warning,
+            )
+        });
+        let verdict = f.eval(p.t as u64 * 1000, p.v);
+        eta.insert(p.labels.clone(), verdict.score);
+        first.entry(p.labels.clone()).or_insert(p.t);
+        last.insert(p.labels, (p.t, p.v));
+    }
+    let out: Vec<serde_json::Value> = fits
+        .iter()
+        .map(|(l, f)| {
+            let labels: serde_json::Map<String, serde_json::Value> = r
+                .labels
+                .iter()
+                .zip(l)
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect();
+            let (t1, v_now) = last[l];
+            let t0 = first[l];
+            match f.trend() {
+                Some((slope, icpt)) => {
+                    let at = |t: u32| short(icpt + slope * t as f64);
+                    let e = eta[l];
+                    json!({
+                        "labels": labels, "value": short(v_now),
+                        "slope_per_hour": short(slope * 3600.0),
+                        "eta_s": if e >= 0.0 { json!(e.round()) } else { json!(null) },
+                        "line": { "t": [t0, t1], "v": [at(t0), at(t1)] },
+                    })
+                }
+                None => json!({ "labels": labels, "value": short(v_now), "slope_per_hour": null, "eta_s": null, "line": null }),
+            }
+        })
+        .collect();
+    Json(json!({
+        "host": host, "metric": q.get("metric"), "window_s": secs, "limit": limit,
+        "source": format!("{}{}", r.def.name, r.tier), "series": out,
+    }))
+    .into_response()
 }
 
 /// `GET /api/hosts/{host}/heatmap?source=runqueue&from=&to=&points=`: per time bucket the

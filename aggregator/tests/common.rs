@@ -347,3 +347,76 @@ pub fn rss_kb(pid: u32) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// A cgroup with a CPU quota (0.5) and a memory limit (512 MiB) holding one sleeping
+/// process, in the v1 cpu and memory controllers (this hybrid host) or the v2 tree when
+/// it is the only one; removed on drop. So the cgroups table, and the README's queries
+/// on limits and throttling, have a row to show.
+#[allow(dead_code)]
+pub struct LimitedCgroup {
+    dirs: Vec<std::path::PathBuf>,
+    pub rel: String,
+    child: std::process::Child,
+}
+
+impl LimitedCgroup {
+    #[allow(dead_code)]
+    pub fn new() -> LimitedCgroup {
+        let rel = format!("sonde-e2e-{}", std::process::id());
+        let root = std::path::Path::new("/sys/fs/cgroup");
+        let (dirs, writes): (Vec<_>, Vec<(&str, String)>) = if root.join("memory").is_dir() {
+            (
+                vec![root.join("cpu").join(&rel), root.join("memory").join(&rel)],
+                vec![
+                    ("cpu.cfs_period_us", "100000".into()),
+                    ("cpu.cfs_quota_us", "50000".into()),
+                    ("memory.limit_in_bytes", (512u64 << 20).to_string()),
+                ],
+            )
+        } else {
+            (
+                vec![root.join(&rel)],
+                vec![
+                    ("cpu.max", "50000 100000".into()),
+                    ("memory.max", (512u64 << 20).to_string()),
+                ],
+            )
+        };
+        for d in &dirs {
+            std::fs::create_dir_all(d).unwrap_or_else(|e| panic!("mkdir {}: {e}", d.display()));
+        }
+        for (f, v) in writes {
+            let d = dirs.iter().find(|d| d.join(f).exists()).unwrap();
+            std::fs::write(d.join(f), v).unwrap();
+        }
+        let mut script = String::new();
+        for d in &dirs {
+            script.push_str(&format!("echo $$ > {}/cgroup.procs; ", d.display()));
+        }
+        script.push_str("exec sleep 600");
+        let child = std::process::Command::new("sh")
+            .args(["-c", &script])
+            .spawn()
+            .unwrap();
+        LimitedCgroup {
+            dirs,
+            rel: format!("/{rel}"),
+            child,
+        }
+    }
+}
+
+impl Drop for LimitedCgroup {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for d in &self.dirs {
+            for _ in 0..50 {
+                if std::fs::remove_dir(d).is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}

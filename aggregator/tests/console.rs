@@ -193,7 +193,9 @@ impl Browser {
         assert!(png.starts_with(b"\x89PNG"), "not a PNG");
         std::fs::write(dir.join(format!("{name}.png")), &png).unwrap();
         if let Ok(out) = std::env::var("SONDE_SCREENSHOTS") {
-            std::fs::write(std::path::Path::new(&out).join(format!("{name}.png")), &png).unwrap();
+            // Relative to the workspace root (tests run in aggregator/).
+            let out = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/..")).join(out);
+            std::fs::write(out.join(format!("{name}.png")), &png).unwrap();
         }
     }
 }
@@ -281,6 +283,8 @@ fn now_s() -> u64 {
 #[test]
 fn console_pages_draw_real_data_in_chromium_and_the_token_guards_them() {
     let d = Dir::new("console");
+    // A container-like cgroup with limits, so the live host's container charts have one.
+    let limited = LimitedCgroup::new();
     certs(&d.0.join("certs"), &["web1"]);
     let rules = d.0.join("rules.toml");
     std::fs::write(
@@ -383,13 +387,18 @@ fn console_pages_draw_real_data_in_chromium_and_the_token_guards_them() {
     );
     let charts: serde_json::Map<String, Value> =
         serde_json::from_value(b.js("return window.sonde.charts")).unwrap();
-    assert!(charts.len() >= 12, "{charts:?}");
+    assert!(charts.len() >= 17, "{charts:?}");
     for (title, n) in &charts {
+        // The recording predates the cgroups and processes tables.
+        let newer = title.starts_with("Containers") || title.starts_with("Top processes");
         assert!(
-            n.as_u64().unwrap_or(0) > 0,
+            newer || n.as_u64().unwrap_or(0) > 0,
             "chart {title:?} drew nothing on the recorded host: {charts:?}"
         );
     }
+    // The filesystem chart carries the forecast detector's trend for each mount.
+    let fc = b.js("return [...document.querySelectorAll('.chart')].map(c => +(c.dataset.forecasts || 0)).reduce((a, b) => a + b, 0)");
+    assert!(fc.as_u64().unwrap() >= 1, "no forecast trend drawn: {fc}");
     let legend = b.js("return document.querySelector('.chart .legend').innerText");
     assert!(
         legend.as_str().unwrap().contains("cpu_1m"),
@@ -413,6 +422,10 @@ fn console_pages_draw_real_data_in_chromium_and_the_token_guards_them() {
         "Memory",
         "Network",
         "heatmap runqueue",
+        "Containers: CPU (top 8, % of one CPU)",
+        "Containers: memory working set (top 8)",
+        "Top processes: CPU (% of one CPU)",
+        "Top processes: resident memory",
     ] {
         assert!(
             charts[title].as_u64().unwrap_or(0) > 0,
@@ -461,6 +474,48 @@ fn console_pages_draw_real_data_in_chromium_and_the_token_guards_them() {
     );
     b.screenshot(&shots, "console-rules");
 
+    // top=N keeps the N busiest label sets: the processes API with top=2 has two series,
+    // the busiest first by average (the stress-ng workers ran in this window).
+    let (code, body) = http_get(
+        &agg.http,
+        &format!(
+            "/api/hosts/web1/series?metric=processes.cpu_pct&top=2&from={}",
+            now_s() - 600
+        ),
+    )
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["series"].as_array().unwrap().len(), 2, "{body}");
+    // The forecast API: the detector's trend for the recorded host's filesystems.
+    let (code, body) = http_get(
+        &agg.http,
+        "/api/hosts/rec/forecast?metric=filesystem.used_pct&window=1800",
+    )
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        v["series"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["line"].is_object() && s["slope_per_hour"].is_number()),
+        "{body}"
+    );
+    // The limited cgroup is on the live host with its limit.
+    let (_, body) = http_get(
+        &agg.http,
+        &format!(
+            "/api/hosts/web1/series?metric=cgroups.memory_limit&cgroup={}",
+            limited.rel
+        ),
+    )
+    .unwrap();
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let limit = v["series"][0]["v"][0].as_f64().unwrap_or(0.0);
+    assert!((limit - 536870912.0).abs() < 1e3, "{body}"); // f32 precision in the API
+
     // Hostile parameters: refused with a message, nothing run.
     for bad in [
         "/api/hosts/x'%20OR%201=1/series?metric=cpu.busy",
@@ -468,6 +523,10 @@ fn console_pages_draw_real_data_in_chromium_and_the_token_guards_them() {
         "/api/hosts/web1/series?metric=cpu.busy&from=abc",
         "/api/hosts/web1/series?metric=cpu.busy&cpu%3D%27x=1",
         "/api/alerts?state=firing'--",
+        "/api/hosts/web1/series?metric=cgroups.cpu_pct&top=0",
+        "/api/hosts/web1/series?metric=cgroups.cpu_pct&top=8)%20OR%20(1",
+        "/api/hosts/web1/forecast?metric=filesystem.used_pct&window=1",
+        "/api/hosts/web1/forecast?metric=filesystem.used_pct&limit=x",
     ] {
         let (code, body) = http_get(&agg.http, bad).unwrap();
         assert_eq!(code, 400, "{bad}: {body}");

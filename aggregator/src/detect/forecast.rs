@@ -144,6 +144,11 @@ impl Forecast {
     pub fn state_bytes(&self) -> usize {
         std::mem::size_of::<Forecast>() + self.points.capacity() * 24
     }
+
+    /// The current fit: (slope per second, value at t = 0 s), None before enough points.
+    pub fn trend(&self) -> Option<(f64, f64)> {
+        self.fit
+    }
 }
 
 /// "3 h 10 m", "12 m", "45 s".
