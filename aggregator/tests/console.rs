@@ -376,6 +376,16 @@ fn console_pages_draw_real_data_in_chromium_and_the_token_guards_them() {
     );
     assert!(b.errors().is_empty(), "fleet page errors: {:?}", b.errors());
     b.screenshot(&shots, "console-fleet");
+    // Live pages refresh themselves (here every 2 s): the stamp moves, the rows come back.
+    assert_eq!(b.open(&base, "#/?refresh=2"), "1");
+    let stamp = || b.js("return document.querySelector('#refreshed').innerText");
+    let first = stamp();
+    assert!(first.as_str().unwrap().contains("every 2 s"), "{first}");
+    std::thread::sleep(Duration::from_millis(3500));
+    let later = stamp();
+    assert_ne!(first, later, "the fleet did not refresh");
+    let rows = b.js("return document.querySelectorAll('#fleet tbody tr').length");
+    assert!(rows.as_u64().unwrap() >= 2, "rows after a refresh: {rows}");
 
     // A host over 24 hours: the recorded history comes from the 1-minute tier, every chart
     // has plotted points, the heatmap has cells.
