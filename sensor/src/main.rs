@@ -567,6 +567,52 @@ fn once(cfg: &Config, json: bool, interval: Duration) -> Result<()> {
         "tcp      estab {}  retrans/s {:.2}  resets/s {:.2}",
         snap.tcp.curr_estab, snap.tcp.retrans_segs_per_s, snap.tcp.out_rsts_per_s
     );
+    // The busiest cgroups by CPU (of how many), then the top processes by CPU.
+    let mut cgs: Vec<&protocol::CgroupRec> = snap.cgroups.iter().collect();
+    cgs.sort_by(|a, b| b.cpu_pct.total_cmp(&a.cpu_pct));
+    for c in cgs.iter().take(5) {
+        let limit = if c.memory_limit > 0 {
+            format!(" of {} MiB", c.memory_limit >> 20)
+        } else {
+            String::new()
+        };
+        println!(
+            "cgroup   {:<40} {} cpu {:.1}%  throttled {}/{}  mem {} MiB{limit}  pids {}",
+            c.cgroup,
+            if c.container.is_empty() {
+                "-"
+            } else {
+                &c.container
+            },
+            c.cpu_pct,
+            c.cpu_throttled_periods,
+            c.cpu_periods,
+            c.memory_working_set >> 20,
+            c.pids
+        );
+    }
+    if snap.cgroups.len() > 5 {
+        println!(
+            "cgroup   ... {} cgroups in all (--json for every one)",
+            snap.cgroups.len()
+        );
+    }
+    let mut ps: Vec<&protocol::ProcessRec> = snap.processes.iter().collect();
+    ps.sort_by(|a, b| b.cpu_pct.total_cmp(&a.cpu_pct));
+    for p in ps.iter().take(5) {
+        println!(
+            "process  {:>7} {:<16} {:<10} cpu {:.1}%  rss {} MiB  io {:.0}/{:.0} B/s  ({} process{})",
+            p.pid,
+            p.comm,
+            p.user,
+            p.cpu_pct,
+            p.rss >> 20,
+            p.read_bytes_per_s,
+            p.write_bytes_per_s,
+            p.processes,
+            if p.processes == 1 { "" } else { "es" }
+        );
+    }
     if info.probes.is_empty() {
         println!("ebpf     no probes attached (see `sensor probes`)");
     } else {
