@@ -5,12 +5,16 @@
 //! when one is mounted for it (hybrid hosts: cpu, cpuacct, memory, blkio, pids are v1
 //! there) and from the v2 tree otherwise (pure v2 hosts; pressure always).
 //!
-//! Cost control: the list of cgroups is rebuilt only when it may have changed (the
-//! kernel's per-hierarchy count in /proc/cgroups or the v2 root's `nr_descendants` moved,
-//! a tracked cgroup vanished, or `rescan` passed); limits are re-read then too. Each
-//! interval reads one small file per metric group with one open/read/close through a
-//! shared buffer: no descriptor or buffer per cgroup, so memory is bounded by
-//! `max_cgroups` and a vanished cgroup leaves nothing behind.
+//! Cost control (measured: `cargo xtask bench`, section 8): the list of cgroups is rebuilt
+//! only when it may have changed — a cgroup directory was created or removed (inotify on
+//! every cgroup directory), the kernel's per-hierarchy counts in /proc/cgroups or the v2
+//! root's `nr_descendants` moved, a tracked cgroup vanished, or `rescan` passed; limits are
+//! re-read then too. Each cgroup's files are kept open and re-read with one `pread` each
+//! into one shared buffer (beyond the descriptor budget: open, read, close). A cgroup with
+//! no CPU time for three reads has only its CPU file read, the rest every `idle_stride`
+//! intervals, and is not read at all while an ancestor's (hierarchical) CPU time did not
+//! move. State is per tracked cgroup only, bounded by `max_cgroups`; a vanished cgroup
+//! leaves nothing behind.
 
 use super::cgnames;
 use crate::filter::Filter;
