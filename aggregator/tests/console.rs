@@ -544,6 +544,44 @@ fn console_pages_draw_real_data_in_chromium_and_the_token_guards_them() {
     }
     assert!(count(&agg, "SELECT count() FROM sonde.cpu") > 0);
 
+    // A fleet of 1,000 more hosts (an hour of CPU each, at one row a minute): the page
+    // lists every one, and sparklines are drawn as rows scroll into view.
+    query(
+        &agg,
+        "INSERT INTO sonde.hosts (host, first_seen, last_seen, sensor_version, kernel, os, arch, cpus, memory_bytes) \
+         SELECT concat('gen-', toString(number)), now() - 3600, now(), 'gen', '6.1', 'Debian', 'x86_64', 4, 8000000000 FROM numbers(1000)",
+    );
+    query(
+        &agg,
+        "INSERT INTO sonde.cpu (ts, host, cpu, idle) SELECT now() - (number % 60) * 60, \
+         concat('gen-', toString(intDiv(number, 60))), 'total', toFloat32(50 + 40 * sin(number / 7)) FROM numbers(60000)",
+    );
+    let t0 = Instant::now();
+    assert_eq!(b.open(&base, "#/?refresh=0"), "1", "{:?}", b.errors());
+    let ready = t0.elapsed();
+    let rows = b.js("return document.querySelectorAll('#fleet tbody tr').length");
+    assert!(rows.as_u64().unwrap() >= 1002, "fleet rows: {rows}");
+    b.js("window.scrollTo(0, document.body.scrollHeight); return 1");
+    let drawn = || {
+        b.js("const c = [...document.querySelectorAll('#fleet tbody tr')].slice(-20).map(r => r.querySelector('canvas.spark')).filter(c => c && +c.dataset.points > 0); return c.length")
+            .as_u64()
+            .unwrap()
+    };
+    wait_until(
+        "sparklines of the last rows after scrolling",
+        Duration::from_secs(20),
+        || drawn() > 0,
+    );
+    eprintln!(
+        "fleet page with {rows} hosts ready in {:.2} s (browser, debug aggregator); last rows' sparklines drawn after scrolling",
+        ready.as_secs_f64()
+    );
+    assert!(
+        b.errors().is_empty(),
+        "1,000-host fleet errors: {:?}",
+        b.errors()
+    );
+
     // With a token: the console asks for it, refuses without it, works after login.
     assert!(sensor.stop().success());
     drop(b);
