@@ -396,7 +396,7 @@ fn probes_cmd(cfg: &Config, json: bool, measure: Option<Duration>) -> Result<()>
 
 fn record(cfg: &Config, count: u32, interval: Duration, out: &std::path::Path) -> Result<()> {
     use std::io::Write;
-    let mut c = collect::Collector::new(&cfg);
+    let mut c = collect::Collector::new(cfg);
     let (probes, _) = collect::ebpf::load(&cfg.probes, &cfg.proc_root, cfg.filters.disks.clone());
     c.probes = probes;
     let mut snap = Snapshot::default();
@@ -493,7 +493,7 @@ fn snapshot_json(snap: &Snapshot) -> serde_json::Value {
 }
 
 fn once(cfg: &Config, json: bool, interval: Duration) -> Result<()> {
-    let mut c = collect::Collector::new(&cfg);
+    let mut c = collect::Collector::new(cfg);
     // Probes too when this process may load them (root); silently /proc only otherwise.
     let (probes, status) =
         collect::ebpf::load(&cfg.probes, &cfg.proc_root, cfg.filters.disks.clone());

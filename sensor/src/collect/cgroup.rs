@@ -600,7 +600,8 @@ impl Cgroups {
         // memory.stat's hierarchical_memory_limit says); ops only when bytes moved.
         let mut limited = cg.memory_limit > 0;
         let mut bytes_moved = true;
-        let due = self.idle_stride <= 1 || (self.round + cg.spread) % self.idle_stride == 0;
+        let due =
+            self.idle_stride <= 1 || (self.round + cg.spread).is_multiple_of(self.idle_stride);
         // Idle below an ancestor that was idle this interval: nothing to read.
         let mut skipped = ancestor_idle && cg.idle >= 3 && !due && cg.primed;
         for (k, src) in cg.sources.iter().enumerate() {

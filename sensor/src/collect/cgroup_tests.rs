@@ -387,7 +387,10 @@ fn top_processes_add_up() {
         "{first:?}"
     );
     assert!(first.cpu_pct > 60.0, "{first:?}");
-    assert!(first.user.len() > 0 && first.cmdline == "yes", "{first:?}");
+    assert!(
+        !first.user.is_empty() && first.cmdline == "yes",
+        "{first:?}"
+    );
     // Host: user + nice + system + irq + softirq ticks over the same two seconds, as % of
     // all CPUs; the rows' sum, as % of one CPU, divided by the CPU count.
     let d = |i: usize| (s1[i] - s0[i]) as f64;

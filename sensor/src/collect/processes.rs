@@ -167,7 +167,7 @@ impl Processes {
             if let Some(p) = self.procs.get_mut(&pid) {
                 if self.idle_stride > 1
                     && p.idle >= 3
-                    && (self.round + pid as u64) % self.idle_stride != 0
+                    && !(self.round + pid as u64).is_multiple_of(self.idle_stride)
                 {
                     p.seen = true;
                     (p.d_user, p.d_system, p.rbps, p.wbps) = (0, 0, 0.0, 0.0);

@@ -119,9 +119,6 @@ pub(super) fn containers(env: &Env, secs: u64) -> Result<Value> {
     step(&format!(
         "containers and processes: {CGROUPS} cgroups and {PROCESSES} processes on the host; sensor without / with its cgroup and process collectors, collectd (cgroups + processes plugins), netdata — {secs} s side by side"
     ));
-    if !have("collectd") && !Path::new("/usr/sbin/collectd").exists() {
-        apt_install(&["collectd-core"])?;
-    }
     let l = load()?;
     let procs = processes_now();
     let variants = [

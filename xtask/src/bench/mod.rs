@@ -224,13 +224,14 @@ fn ensure_tools() -> Result<()> {
         ("netdata", "netdata"),
         ("fio", "fio"),
         ("perf", "linux-perf"),
+        ("collectd", "collectd-core"),
     ] {
         if !have(cmd) && !Path::new(&format!("/usr/sbin/{cmd}")).exists() {
             missing.push(pkg);
         }
     }
     if missing.is_empty() {
-        step("benchmark peers and tools (node_exporter, netdata, fio, perf): installed");
+        step("benchmark peers and tools (node_exporter, netdata, fio, perf, collectd): installed");
         return Ok(());
     }
     apt_install(&missing)
