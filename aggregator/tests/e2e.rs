@@ -837,19 +837,23 @@ fn host_labels_reach_clickhouse_the_api_and_rules() {
         ),
         "alpha\tenv\tprod\nbeta\tenv\tdev\n"
     );
-    // Once per batch, not once per second.
+    // Once per batch, not once per snapshot. A batch's `batches` row can land a moment
+    // after its metric rows (separate inserts): wait for the audit to catch up.
     let rows = count(
         &agg,
         "SELECT count() FROM sonde.host_labels WHERE host = 'alpha'",
     );
-    let batches = count(
-        &agg,
-        "SELECT count() FROM sonde.batches WHERE host = 'alpha'",
-    );
-    assert!(
-        rows <= 2 * batches,
-        "{rows} label rows for {batches} batches"
-    );
+    let batches = || {
+        count(
+            &agg,
+            "SELECT count() FROM sonde.batches WHERE host = 'alpha'",
+        )
+    };
+    wait_until("the batches audited", Duration::from_secs(10), || {
+        batches() >= 1
+    });
+    let b = batches();
+    assert!(rows <= 2 * b, "{rows} label rows for {b} batches");
     // The API carries them.
     let (_, body) = http_get(&agg.http, "/api/hosts").unwrap();
     let hosts: serde_json::Value = serde_json::from_str(&body).unwrap();
