@@ -1194,4 +1194,66 @@ mod tests {
         assert_eq!(c.tracked(), 1);
         std::fs::remove_dir_all(&root).unwrap();
     }
+
+    /// Idle cgroups: after 3 reads without CPU time only the CPU file is read; rows in
+    /// between repeat the last gauges with zero rates; the next full read (within
+    /// `idle_stride` intervals) reports what moved over all the intervals since the last.
+    #[test]
+    fn idle_cgroups_are_read_in_full_every_stride() {
+        let root = std::env::temp_dir().join(format!("sonde-cgidle-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let proc = root.join("proc");
+        w(&proc, "cgroups", "");
+        w(&proc, "diskstats", "   8       0 sda 1 2 3\n");
+        let cg = root.join("fs/idle");
+        let write = |mem: u64, rbytes: u64| {
+            w(
+                &cg,
+                "cpu.stat",
+                "usage_usec 1000\nuser_usec 600\nsystem_usec 400\n",
+            );
+            w(&cg, "memory.current", &format!("{mem}\n"));
+            w(
+                &cg,
+                "io.stat",
+                &format!("8:0 rbytes={rbytes} wbytes=0 rios=0 wios=0\n"),
+            );
+        };
+        write(100, 0);
+        let roots = Roots {
+            v2: Some(root.join("fs")),
+            ..Default::default()
+        };
+        let mut c = Cgroups::new(proc.to_str().unwrap(), roots, opts());
+        let (mut out, mut io) = (Vec::new(), Vec::new());
+        c.collect(None, &mut out, &mut io);
+        for _ in 0..3 {
+            c.collect(Some(1.0), &mut out, &mut io);
+            assert_eq!(out[0].memory_usage, 100);
+        }
+        // Idle now. Memory and I/O move while CPU does not.
+        write(200, 6000);
+        let mut skipped = 0;
+        let mut full = None;
+        for k in 1..=5 {
+            c.collect(Some(1.0), &mut out, &mut io);
+            let r = &out[0];
+            if r.memory_usage == 100 {
+                assert_eq!(r.read_bytes_per_s, 0.0, "a skipped interval has zero rates");
+                skipped += 1;
+            } else {
+                assert_eq!(r.memory_usage, 200);
+                full = Some((k, r.read_bytes_per_s));
+                break;
+            }
+        }
+        let (k, rate) = full.expect("a full read within idle_stride (5) intervals");
+        assert!(
+            skipped >= 1 && skipped == k - 1,
+            "skipped {skipped} before read {k}"
+        );
+        // 6000 bytes over the k intervals since the last full read.
+        assert_eq!(rate, 6000.0 / k as f32);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }
