@@ -183,6 +183,15 @@ impl Resolved {
             .collect()
     }
 
+    /// A series' label values as a JSON object keyed by the label names.
+    fn label_map(&self, values: &[String]) -> serde_json::Map<String, serde_json::Value> {
+        self.labels
+            .iter()
+            .zip(values)
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect()
+    }
+
     fn unit(&self) -> String {
         if self.kind == Kind::Counter {
             format!("{}/s", self.unit)
@@ -435,12 +444,7 @@ pub async fn series(
     let out: Vec<serde_json::Value> = series
         .into_iter()
         .map(|(l, (t, v, lo, hi))| {
-            let labels: serde_json::Map<String, serde_json::Value> = r
-                .labels
-                .iter()
-                .zip(l)
-                .map(|(k, v)| (k.to_string(), json!(v)))
-                .collect();
+            let labels = r.label_map(&l);
             json!({ "labels": labels, "t": t, "v": v, "min": lo, "max": hi })
         })
         .collect();
@@ -619,12 +623,7 @@ pub async fn forecast(
     let out: Vec<serde_json::Value> = fits
         .iter()
         .map(|(l, f)| {
-            let labels: serde_json::Map<String, serde_json::Value> = r
-                .labels
-                .iter()
-                .zip(l)
-                .map(|(k, v)| (k.to_string(), json!(v)))
-                .collect();
+            let labels = r.label_map(l);
             let (t1, v_now) = last[l];
             let t0 = first[l];
             match f.trend() {

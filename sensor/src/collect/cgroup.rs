@@ -205,9 +205,7 @@ pub struct Cgroups {
     /// Descriptors kept open, and how many may be.
     open_fds: usize,
     fd_budget: usize,
-    pub truncated_logged: bool,
-    /// Cgroups found at the last scan before the limit (for the log and tests).
-    pub found: usize,
+    truncated_logged: bool,
 }
 
 fn devnum(maj: u64, min: u64) -> u64 {
@@ -234,7 +232,6 @@ impl Cgroups {
             round: 0,
             watch: Watch::new(),
             truncated_logged: false,
-            found: 0,
         }
     }
 
@@ -279,7 +276,6 @@ impl Cgroups {
         paths.sort_unstable();
         paths.dedup();
         paths.retain(|p| self.opts.filter.allows(p));
-        self.found = paths.len();
         if paths.len() > self.opts.max_cgroups {
             if !self.truncated_logged {
                 self.truncated_logged = true;

@@ -45,6 +45,33 @@ struct Proc {
     seen: bool,
 }
 
+impl Proc {
+    /// A process first seen with these start time and CPU counters.
+    fn new(start: u64, utime: u64, stime: u64) -> Proc {
+        Proc {
+            stat: None,
+            read_at: None,
+            window: 0.0,
+            idle: 0,
+            start,
+            utime,
+            stime,
+            io_cpu: u64::MAX,
+            io: (0, 0),
+            io_at: None,
+            d_user: 0,
+            d_system: 0,
+            rss: 0,
+            threads: 0,
+            rbps: 0.0,
+            wbps: 0.0,
+            comm: String::new(),
+            detail: None,
+            seen: false,
+        }
+    }
+}
+
 pub struct Processes {
     proc: PathBuf,
     top: usize,
@@ -59,17 +86,12 @@ pub struct Processes {
     order: Vec<u32>,
     idle_stride: u64,
     round: u64,
-    /// /proc/PID/stat reads at the last collection.
-    pub stat_reads: usize,
-    /// The last pid allocated at the last listing of /proc, and how many listings.
+    /// The last pid allocated at the last listing of /proc.
     last_pid: Option<u64>,
-    pub listings: usize,
     /// A descriptor just opened by `read_stat`, for the entry being filled.
     kept: Option<std::fs::File>,
     /// Processes seen at the last collection (for tests and the bench).
     pub count: usize,
-    /// /proc/PID/io reads at the last collection.
-    pub io_reads: usize,
 }
 
 impl Processes {
@@ -87,13 +109,10 @@ impl Processes {
             users: None,
             order: Vec::new(),
             count: 0,
-            io_reads: 0,
             kept: None,
             last_pid: None,
-            listings: 0,
             idle_stride: idle_stride.max(1) as u64,
             round: 0,
-            stat_reads: 0,
         }
     }
 
@@ -154,12 +173,9 @@ impl Processes {
                     pids.push(pid);
                 }
             }
-            self.listings += 1;
         }
         self.last_pid = last_pid;
-        self.io_reads = 0;
         self.round += 1;
-        self.stat_reads = 0;
         for &pid in &pids {
             // A process idle for 3 reads is re-read every `idle_stride`-th interval only
             // (spread by pid); the CPU it used meanwhile counts over the time since its
@@ -174,7 +190,6 @@ impl Processes {
                     continue;
                 }
             }
-            self.stat_reads += 1;
             self.kept = None;
             if self.read_stat(pid).is_err() {
                 continue; // exited meanwhile
@@ -192,54 +207,17 @@ impl Processes {
                 String::new()
             };
             let (utime, stime, threads, start, rss) = (v[11], v[12], v[17], v[19], v[21]);
-            let p = self.procs.entry(pid).or_insert_with(|| Proc {
-                stat: None,
-                read_at: None,
-                window: 0.0,
-                idle: 0,
-                start,
-                utime,
-                stime,
-                io_cpu: u64::MAX,
-                io: (0, 0),
-                io_at: None,
-                d_user: 0,
-                d_system: 0,
-                rss: 0,
-                threads: 0,
-                rbps: 0.0,
-                wbps: 0.0,
-                comm: String::new(),
-                detail: None,
-                seen: false,
-            });
+            let p = self
+                .procs
+                .entry(pid)
+                .or_insert_with(|| Proc::new(start, utime, stime));
             if p.start != start {
                 // The pid was reused: a new process (the kept descriptor pointed at the
                 // old one and would have failed; a fresh one was opened).
                 if p.stat.take().is_some() {
                     self.open_fds -= 1;
                 }
-                *p = Proc {
-                    stat: None,
-                    read_at: None,
-                    window: 0.0,
-                    idle: 0,
-                    start,
-                    utime,
-                    stime,
-                    io_cpu: u64::MAX,
-                    io: (0, 0),
-                    io_at: None,
-                    d_user: 0,
-                    d_system: 0,
-                    rss: 0,
-                    threads: 0,
-                    rbps: 0.0,
-                    wbps: 0.0,
-                    comm: String::new(),
-                    detail: None,
-                    seen: false,
-                };
+                *p = Proc::new(start, utime, stime);
             }
             p.seen = true;
             if let Some(f) = self.kept.take() {
@@ -273,7 +251,6 @@ impl Processes {
                 p.wbps = 0.0;
                 continue;
             }
-            self.io_reads += 1;
             let io = if self.read(pid, "io").is_ok() {
                 let (mut r, mut w) = (0, 0);
                 for l in self.buf.split(|b| *b == b'\n') {
