@@ -128,6 +128,16 @@ fn sample_batch(seq: u64, snaps: usize) -> Batch {
                 ..Default::default()
             },
         ],
+        cgroup_latency: vec![CgroupLatencyRec {
+            cgroup: "/docker/0123456789abcdef".into(),
+            container: "docker:0123456789ab".into(),
+            source: "runqueue".into(),
+            unit: "us".into(),
+            count: 7,
+            sum: 900,
+            buckets: vec![BucketRec { index: 7, count: 7 }],
+            ..Default::default()
+        }],
     };
     Batch {
         host: "web-1".into(),
@@ -549,6 +559,7 @@ fn version_1_frames_still_decode() {
         s.cgroups.clear();
         s.cgroup_io.clear();
         s.processes.clear();
+        s.cgroup_latency.clear();
     }
     assert_eq!(decode_batch(&frame, &Limits::default()).unwrap(), want);
 }

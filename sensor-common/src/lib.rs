@@ -15,6 +15,22 @@ pub const RUNQ_TABLE: u32 = 1 << RUNQ_TABLE_BITS;
 pub const RUNQ_TS_BITS: u32 = 40;
 pub const RUNQ_TS_MASK: u64 = (1 << RUNQ_TS_BITS) - 1;
 
+/// Entries of the per-cgroup run-queue histogram map (`RUNQ_CG_HIST`, keyed by cgroup id).
+/// When it is full, further cgroups are counted under key [`RUNQ_CG_OTHER`].
+pub const RUNQ_CGROUPS_MAX: u32 = 1024;
+/// Key of the per-cgroup run-queue entry that sums cgroups the map had no room for.
+pub const RUNQ_CG_OTHER: u64 = 0;
+
+/// How the single-program run-queue probe finds the woken task's cgroup (`RQ_CG_MODE`).
+pub mod rq_cg_mode {
+    /// No per-cgroup histograms.
+    pub const OFF: u32 = 0;
+    /// A v1 controller's cgroup: `task->cgroups->subsys[i]->cgroup`.
+    pub const V1_CSS: u32 = 1;
+    /// The v2 (default hierarchy) cgroup: `task->cgroups->dfl_cgrp`.
+    pub const V2: u32 = 2;
+}
+
 /// Indices into the `COUNTERS` per-CPU array.
 pub mod counter {
     pub const EXECS: u32 = 0;

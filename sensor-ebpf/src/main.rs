@@ -17,8 +17,9 @@ use aya_ebpf::{
     EbpfContext,
 };
 use sensor_common::{
-    block_kind, counter, event_kind, log2_bucket, BlockHistKey, BlockReqKey, BlockReqStart,
-    Counters, Event, Hist, RUNQ_TABLE, RUNQ_TABLE_BITS, RUNQ_TS_BITS, RUNQ_TS_MASK,
+    block_kind, counter, event_kind, log2_bucket, rq_cg_mode, BlockHistKey, BlockReqKey,
+    BlockReqStart, Counters, Event, Hist, RUNQ_CGROUPS_MAX, RUNQ_CG_OTHER, RUNQ_TABLE,
+    RUNQ_TABLE_BITS, RUNQ_TS_BITS, RUNQ_TS_MASK,
 };
 
 #[map]
@@ -27,6 +28,11 @@ static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
 static RUNQ_HIST: PerCpuArray<Hist> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static RUNQ_WAKE: Array<u64> = Array::with_max_entries(RUNQ_TABLE, 0);
+#[map]
+static RUNQ_CG_HIST: PerCpuHashMap<u64, Hist> = PerCpuHashMap::with_max_entries(RUNQ_CGROUPS_MAX, 0);
+/// This CPU's `struct rq` (found once per CPU through the switching-out task).
+#[map]
+static RUNQ_RQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static BLOCK_START: HashMap<BlockReqKey, BlockReqStart> = HashMap::with_max_entries(16384, 0);
 #[map]
@@ -141,6 +147,119 @@ pub fn rq_switch(ctx: RawTracePointContext) -> i32 {
     if let Some(h) = RUNQ_HIST.get_ptr_mut(0) {
         hist_add(h, delta);
     }
+    0
+}
+
+// ---- run-queue latency, one program per switch: the kernel's own sched_info ---------------
+//
+// With CONFIG_SCHED_INFO (schedstats or delay accounting built in; always on at run time
+// since 5.14) the scheduler stamps `task->sched_info.last_queued` with its run-queue clock
+// when a task is queued (woken, or preempted while runnable) and, in `context_switch()`,
+// after the `sched_switch` tracepoint, adds `rq->clock - last_queued` to the task's
+// `run_delay` and clears the stamp. At the tracepoint the stamp of `next` is still there and
+// `rq->clock` was updated by `__schedule()`, so this program computes the very wait the
+// kernel is about to account, with no wakeup program and no table of its own. Offsets come
+// from the kernel's BTF through the sensor; any missing one and the sensor attaches the three
+// programs above instead.
+
+#[unsafe(no_mangle)]
+static TASK_LASTQ_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static TASK_SE_CFSRQ_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static CFSRQ_RQ_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static RQ_CLOCK_OFF: u32 = 0;
+/// `rq_cg_mode`: which cgroup a wait is attributed to (0 = none).
+#[unsafe(no_mangle)]
+static RQ_CG_MODE: u32 = 0;
+#[unsafe(no_mangle)]
+static TASK_CGROUPS_OFF: u32 = 0;
+/// Offset in `struct css_set` of the pointer to follow: `subsys[i]` (v1) or `dfl_cgrp` (v2).
+#[unsafe(no_mangle)]
+static CSSSET_PTR_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static CGROUP_KN_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static KN_ID_OFF: u32 = 0;
+
+#[inline(always)]
+fn kread<T: Copy + Default>(base: u64, off: u32) -> T {
+    if base == 0 {
+        return T::default();
+    }
+    unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }.unwrap_or_default()
+}
+
+#[inline(always)]
+fn global(v: &u32) -> u32 {
+    unsafe { core::ptr::read_volatile(v) }
+}
+
+/// The cgroup id (kernfs node id = the directory's inode number) of a task, per `RQ_CG_MODE`.
+#[inline(always)]
+fn task_cgroup_id(task: u64, mode: u32) -> u64 {
+    let cset: u64 = kread(task, global(&TASK_CGROUPS_OFF));
+    let mut cg: u64 = kread(cset, global(&CSSSET_PTR_OFF));
+    if mode == rq_cg_mode::V1_CSS {
+        // css->cgroup is the first member of struct cgroup_subsys_state.
+        cg = kread(cg, 0);
+    }
+    let kn: u64 = kread(cg, global(&CGROUP_KN_OFF));
+    kread(kn, global(&KN_ID_OFF))
+}
+
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn rq_switch_si(ctx: RawTracePointContext) -> i32 {
+    // TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next, ...)
+    let next: u64 = ctx.arg(2);
+    let queued: u64 = kread(next, global(&TASK_LASTQ_OFF));
+    if queued == 0 {
+        return 0; // the idle task, or a task that was not queued (never happens otherwise)
+    }
+    let Some(slot) = RUNQ_RQ.get_ptr_mut(0) else {
+        return 0;
+    };
+    let mut rq = unsafe { *slot };
+    if rq == 0 {
+        let prev: u64 = ctx.arg(1);
+        let cfs: u64 = kread(prev, global(&TASK_SE_CFSRQ_OFF));
+        rq = kread(cfs, global(&CFSRQ_RQ_OFF));
+        unsafe { *slot = rq };
+    }
+    let clock: u64 = kread(rq, global(&RQ_CLOCK_OFF));
+    if clock == 0 {
+        return 0;
+    }
+    // A task queued on another CPU carries that CPU's clock: never negative.
+    let wait_us = clock.saturating_sub(queued) / 1000;
+    if let Some(h) = RUNQ_HIST.get_ptr_mut(0) {
+        hist_add(h, wait_us);
+    }
+    let mode = global(&RQ_CG_MODE);
+    if mode == rq_cg_mode::OFF {
+        return 0;
+    }
+    let id = task_cgroup_id(next, mode);
+    let h = match RUNQ_CG_HIST.get_ptr_mut(&id) {
+        Some(h) => h,
+        None => {
+            // New cgroup (BPF_NOEXIST: another CPU may have created it meanwhile). When the
+            // map is full it is counted under "other".
+            let _ = RUNQ_CG_HIST.insert(&id, &ZERO_HIST, 1);
+            match RUNQ_CG_HIST.get_ptr_mut(&id) {
+                Some(h) => h,
+                None => {
+                    let _ = RUNQ_CG_HIST.insert(&RUNQ_CG_OTHER, &ZERO_HIST, 1);
+                    match RUNQ_CG_HIST.get_ptr_mut(&RUNQ_CG_OTHER) {
+                        Some(h) => h,
+                        None => return 0,
+                    }
+                }
+            }
+        }
+    };
+    hist_add(h, wait_us);
     0
 }
 

@@ -188,6 +188,15 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Where the cgroup hierarchies are mounted: `[cgroups] root`, else `<sys_root>/fs/cgroup`.
+    pub fn cgroup_root(&self) -> String {
+        if self.cgroups.root.is_empty() {
+            format!("{}/fs/cgroup", self.sys_root)
+        } else {
+            self.cgroups.root.clone()
+        }
+    }
+
     pub fn load(path: Option<&Path>) -> Result<Config> {
         let Some(path) = path else {
             return Ok(Config::default());

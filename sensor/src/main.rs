@@ -226,8 +226,12 @@ async fn run(
     use tokio::signal::unix::{signal, SignalKind};
     let mut info = collect::host::host_info(&cfg.proc_root);
     let boot_id = uuid::Uuid::new_v4().to_string();
-    let (probes, status) =
-        collect::ebpf::load(&cfg.probes, &cfg.proc_root, cfg.filters.disks.clone());
+    let (probes, status) = collect::ebpf::load(
+        &cfg.probes,
+        &cfg.proc_root,
+        cfg.filters.disks.clone(),
+        &cfg.cgroup_root(),
+    );
     for s in &status {
         match s.state {
             "active" => tracing::info!(probe = s.name, "eBPF probe attached"),
@@ -351,8 +355,12 @@ async fn run(
 }
 
 fn probes_cmd(cfg: &Config, json: bool, measure: Option<Duration>) -> Result<()> {
-    let (probes, status) =
-        collect::ebpf::load(&cfg.probes, &cfg.proc_root, cfg.filters.disks.clone());
+    let (probes, status) = collect::ebpf::load(
+        &cfg.probes,
+        &cfg.proc_root,
+        cfg.filters.disks.clone(),
+        &cfg.cgroup_root(),
+    );
     let mut costs = Vec::new();
     if let (Some(d), Some(p)) = (measure, probes.as_ref()) {
         let knob = "/proc/sys/kernel/bpf_stats_enabled";
@@ -397,7 +405,12 @@ fn probes_cmd(cfg: &Config, json: bool, measure: Option<Duration>) -> Result<()>
 fn record(cfg: &Config, count: u32, interval: Duration, out: &std::path::Path) -> Result<()> {
     use std::io::Write;
     let mut c = collect::Collector::new(cfg);
-    let (probes, _) = collect::ebpf::load(&cfg.probes, &cfg.proc_root, cfg.filters.disks.clone());
+    let (probes, _) = collect::ebpf::load(
+        &cfg.probes,
+        &cfg.proc_root,
+        cfg.filters.disks.clone(),
+        &cfg.cgroup_root(),
+    );
     c.probes = probes;
     let mut snap = Snapshot::default();
     c.collect(&mut snap);
@@ -495,8 +508,12 @@ fn snapshot_json(snap: &Snapshot) -> serde_json::Value {
 fn once(cfg: &Config, json: bool, interval: Duration) -> Result<()> {
     let mut c = collect::Collector::new(cfg);
     // Probes too when this process may load them (root); silently /proc only otherwise.
-    let (probes, status) =
-        collect::ebpf::load(&cfg.probes, &cfg.proc_root, cfg.filters.disks.clone());
+    let (probes, status) = collect::ebpf::load(
+        &cfg.probes,
+        &cfg.proc_root,
+        cfg.filters.disks.clone(),
+        &cfg.cgroup_root(),
+    );
     c.probes = probes;
     let mut snap = Snapshot::default();
     c.collect(&mut snap);

@@ -111,7 +111,8 @@ pub fn ensure_chdb() -> Result<()> {
 
 /// Tools the tests drive: load (stress-ng), packet drops (iptables), offload settings
 /// (ethtool), a real Alertmanager, openssl (checks webhook signatures independently),
-/// Chromium and its WebDriver (the console's browser tests).
+/// Chromium and its WebDriver (the console's browser tests), bpftrace (the run-queue
+/// probe is compared with its runqlat).
 pub fn ensure_test_tools() -> Result<()> {
     let missing: Vec<&str> = [
         ("stress-ng", "stress-ng"),
@@ -125,6 +126,7 @@ pub fn ensure_test_tools() -> Result<()> {
         ("ssh", "openssh-client"),
         ("chromium", "chromium"),
         ("chromedriver", "chromium-driver"),
+        ("bpftrace", "bpftrace"),
     ]
     .iter()
     .filter(|(cmd, _)| !have(cmd) && !std::path::Path::new(&format!("/usr/sbin/{cmd}")).exists())
@@ -132,7 +134,7 @@ pub fn ensure_test_tools() -> Result<()> {
     .collect();
     if missing.is_empty() {
         step(
-            "test tools (stress-ng, iptables, ethtool, iproute2, alertmanager, openssl, openssh, chromium): installed",
+            "test tools (stress-ng, iptables, ethtool, iproute2, alertmanager, openssl, openssh, chromium, bpftrace): installed",
         );
         return Ok(());
     }

@@ -166,6 +166,11 @@ impl Btf {
     }
 
     fn find(&self, id: u32, member: &str, depth: u32) -> Option<u32> {
+        self.find_typed(id, member, depth).map(|(bits, _)| bits)
+    }
+
+    /// Bit offset and type id of `member` in the struct/union `id`.
+    fn find_typed(&self, id: u32, member: &str, depth: u32) -> Option<(u32, u32)> {
         if depth > 8 {
             return None;
         }
@@ -173,7 +178,7 @@ impl Btf {
         for (name, ty, off) in self.members(id) {
             let bits = if flag { off & 0xff_ffff } else { off };
             if self.name_is(name, member) {
-                return Some(bits);
+                return Some((bits, ty));
             }
             if self.name_empty(name) {
                 let inner = self.resolve(ty);
@@ -181,9 +186,72 @@ impl Btf {
                     self.head(inner).map(|t| t.kind),
                     Some(KIND_STRUCT | KIND_UNION)
                 ) {
-                    if let Some(o) = self.find(inner, member, depth + 1) {
-                        return Some(bits + o);
+                    if let Some((o, t)) = self.find_typed(inner, member, depth + 1) {
+                        return Some((bits + o, t));
                     }
+                }
+            }
+        }
+        None
+    }
+
+    /// Byte offset of a dotted member path inside `struct name` (`"sched_info.last_queued"`
+    /// in `task_struct`): each step but the last must be an embedded struct or union.
+    pub fn path_offset(&self, strukt: &str, path: &str) -> Option<usize> {
+        let mut steps = path.split('.');
+        let first = steps.next()?;
+        let mut found = None;
+        for id in 1..=self.pos.len() as u32 {
+            if !matches!(self.kinds[id as usize - 1] as u32, KIND_STRUCT | KIND_UNION) {
+                continue;
+            }
+            let Some(h) = self.head(id) else { continue };
+            if self.name_is(h.name, strukt) {
+                if let Some(f) = self.find_typed(id, first, 0) {
+                    found = Some(f);
+                    break;
+                }
+            }
+        }
+        let (mut bits, mut ty) = found?;
+        for step in steps {
+            let inner = self.resolve(ty);
+            if !matches!(
+                self.head(inner).map(|t| t.kind),
+                Some(KIND_STRUCT | KIND_UNION)
+            ) {
+                return None;
+            }
+            let (o, t) = self.find_typed(inner, step, 0)?;
+            bits += o;
+            ty = t;
+        }
+        Some(bits as usize / 8)
+    }
+
+    /// Value of enumerator `item` of `enum name` (e.g. `cgroup_subsys_id`, `cpu_cgrp_id`).
+    pub fn enum_value(&self, name: &str, item: &str) -> Option<i64> {
+        for id in 1..=self.pos.len() as u32 {
+            let kind = self.kinds[id as usize - 1] as u32;
+            if kind != 6 && kind != 19 {
+                continue;
+            }
+            let Some(h) = self.head(id) else { continue };
+            if !self.name_is(h.name, name) {
+                continue;
+            }
+            let width = if kind == 6 { 8 } else { 12 };
+            let at = self.pos[id as usize - 1] as u64 + 12;
+            let mut b = vec![0u8; width * h.vlen];
+            self.file.read_exact_at(&mut b, at).ok()?;
+            for i in 0..h.vlen {
+                if self.name_is(u32_at(&b, i * width)?, item) {
+                    let lo = u32_at(&b, i * width + 4)?;
+                    return Some(if kind == 6 {
+                        lo as i32 as i64
+                    } else {
+                        ((u32_at(&b, i * width + 8)? as u64) << 32 | lo as u64) as i64
+                    });
                 }
             }
         }
@@ -214,5 +282,21 @@ mod tests {
             .member_offset("task_struct", "pid")
             .expect("task_struct.pid");
         assert!(pid > 0, "{pid}");
+        // A dotted path through an embedded struct.
+        let si = b
+            .member_offset("task_struct", "sched_info")
+            .expect("sched_info");
+        let lq = b
+            .member_offset("sched_info", "last_queued")
+            .expect("last_queued");
+        assert_eq!(
+            b.path_offset("task_struct", "sched_info.last_queued"),
+            Some(si + lq)
+        );
+        assert_eq!(b.path_offset("list_head", "prev"), Some(8));
+        assert!(b.path_offset("task_struct", "pid.nothing").is_none());
+        // Enumerators.
+        assert_eq!(b.enum_value("cgroup_subsys_id", "cpuset_cgrp_id"), Some(0));
+        assert!(b.enum_value("cgroup_subsys_id", "no_such_id").is_none());
     }
 }

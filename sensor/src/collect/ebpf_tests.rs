@@ -7,7 +7,7 @@
 
 use super::ebpf::{load, ProbeConfig, Probes};
 use crate::filter::Filter;
-use protocol::{EventRec, LatencyRec, PortRec, ProbeRec};
+use protocol::{CgroupLatencyRec, EventRec, LatencyRec, PortRec, ProbeRec};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -25,17 +25,25 @@ fn only(probe: &str) -> ProbeConfig {
         tcp: probe == "tcp",
         oom: probe == "oom",
         process: probe == "process",
+        runqueue_cgroups: 20,
+        runqueue_fallback: false,
         object: None,
     }
 }
 
 /// Loads one probe, or explains why the test cannot run.
 fn probes(probe: &str) -> Option<Probes> {
+    probes_with(&only(probe), probe).map(|(p, _)| p)
+}
+
+/// Loads with `cfg`; `probe` must be active unless the kernel lacks it. Also returns how
+/// the probe works (its status reason).
+fn probes_with(cfg: &ProbeConfig, probe: &str) -> Option<(Probes, String)> {
     if !is_root() {
         eprintln!("SKIP: eBPF tests need root (CAP_BPF + CAP_PERFMON)");
         return None;
     }
-    let (p, status) = load(&only(probe), "/proc", Filter::default());
+    let (p, status) = load(cfg, "/proc", Filter::default(), "/sys/fs/cgroup");
     let s = status.iter().find(|s| s.name == probe).unwrap();
     if s.state != "active" {
         // Only what the kernel truly lacks is a reason to skip; anything else (a program
@@ -54,7 +62,7 @@ fn probes(probe: &str) -> Option<Probes> {
         eprintln!("SKIP: the kernel refused probe {probe}: {}", s.reason);
         return None;
     }
-    p
+    Some((p.expect("probes loaded"), s.reason.clone()))
 }
 
 #[derive(Default)]
@@ -63,6 +71,7 @@ struct Out {
     latency: Vec<LatencyRec>,
     ports: Vec<PortRec>,
     events: Vec<EventRec>,
+    cgroup_latency: Vec<CgroupLatencyRec>,
 }
 
 fn collect(p: &mut Probes, secs: Option<f64>) -> Out {
@@ -73,6 +82,7 @@ fn collect(p: &mut Probes, secs: Option<f64>) -> Out {
         &mut o.latency,
         &mut o.ports,
         &mut o.events,
+        &mut o.cgroup_latency,
     );
     o
 }
@@ -318,6 +328,360 @@ fn runqueue_latency_rises_under_cpu_overload_and_agrees_with_schedstat() {
         "histogram wait {} us vs schedstat {} us (ratio {ratio:.2})",
         busy.sum,
         rd / 1000
+    );
+}
+
+/// Log2 bucket index (as `LatencyRec` buckets) of the quantile `q` of a bucket list.
+fn quantile_index(buckets: &[(u32, u64)], q: f64) -> u32 {
+    let total: u64 = buckets.iter().map(|b| b.1).sum();
+    let target = ((total as f64) * q).ceil().max(1.0) as u64;
+    let mut acc = 0;
+    for &(i, n) in buckets {
+        acc += n;
+        if acc >= target {
+            return i;
+        }
+    }
+    0
+}
+
+fn rec_buckets(l: &LatencyRec) -> Vec<(u32, u64)> {
+    l.buckets.iter().map(|b| (b.index, b.count)).collect()
+}
+
+/// bpftrace's `hist()` output as log2 buckets: `[0]` = 0, `[1]` = 1, `[lo, hi)` = log2(hi).
+fn parse_bpftrace_hist(text: &str) -> Vec<(u32, u64)> {
+    let num = |s: &str| -> u64 {
+        let s = s.trim();
+        let (n, m) = match s.chars().last() {
+            Some('K') => (&s[..s.len() - 1], 1u64 << 10),
+            Some('M') => (&s[..s.len() - 1], 1 << 20),
+            Some('G') => (&s[..s.len() - 1], 1 << 30),
+            _ => (s, 1),
+        };
+        n.parse::<u64>().unwrap_or(0) * m
+    };
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        let Some(close) = line.find([']', ')']) else {
+            continue;
+        };
+        if !line.starts_with('[') {
+            continue;
+        }
+        let range = &line[1..close];
+        let count: u64 = line[close + 1..]
+            .split_whitespace()
+            .next()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let idx = match range.split_once(',') {
+            None => match num(range) {
+                0 => 0,
+                _ => 1,
+            },
+            Some((_, hi)) => 63 - num(hi).leading_zeros(),
+        };
+        if count > 0 {
+            out.push((idx, count));
+        }
+    }
+    out
+}
+
+/// bpftrace's runqlat (the tool's script, without its header include: this host has no
+/// kernel headers, and TASK_RUNNING is 0), running until dropped.
+struct Runqlat {
+    child: std::process::Child,
+    out: std::sync::mpsc::Receiver<String>,
+}
+
+impl Runqlat {
+    fn start() -> Option<Runqlat> {
+        if Command::new("bpftrace").arg("--version").output().is_err() {
+            return None;
+        }
+        let script = "tracepoint:sched:sched_wakeup, tracepoint:sched:sched_wakeup_new { @qtime[args->pid] = nsecs; }\n\
+            tracepoint:sched:sched_switch { if (args->prev_state == 0) { @qtime[args->prev_pid] = nsecs; }\n\
+            $ns = @qtime[args->next_pid]; if ($ns) { @usecs = hist((nsecs - $ns) / 1000); }\n\
+            delete(@qtime[args->next_pid]); }\n\
+            END { clear(@qtime); }\n";
+        let mut child = Command::new("bpftrace")
+            .args(["-e", script])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let stdout = child.stdout.take()?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        // "Attaching 4 probes..." once it is tracing.
+        let line = rx.recv_timeout(Duration::from_secs(60)).ok()?;
+        assert!(line.contains("Attaching"), "bpftrace said: {line}");
+        std::thread::sleep(Duration::from_millis(500));
+        Some(Runqlat { child, out: rx })
+    }
+
+    /// Stops it (SIGINT: it prints the histogram) and returns the buckets.
+    fn finish(mut self) -> Vec<(u32, u64)> {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let _ = self.child.wait();
+        let text: Vec<String> = self.out.try_iter().collect();
+        parse_bpftrace_hist(&text.join("\n"))
+    }
+}
+
+impl Drop for Runqlat {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A v1 cpu cgroup made by the test, removed when dropped.
+struct CpuCgroup(std::path::PathBuf);
+
+impl Drop for CpuCgroup {
+    fn drop(&mut self) {
+        if let Ok(t) = std::fs::read_to_string(self.0.join("tasks")) {
+            for tid in t.lines() {
+                let _ = std::fs::write("/sys/fs/cgroup/cpu/tasks", tid);
+            }
+        }
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn parses_bpftrace_histograms() {
+    let text = "@usecs:\n[0]   2 |@|\n[1]  166333 |@@@@|\n[2, 4)  137091 |@@|\n[4, 8)  0 | |\n[1K, 2K)  235 | |\n[1M, 2M)  1 | |\n";
+    assert_eq!(
+        parse_bpftrace_hist(text),
+        vec![(0, 2), (1, 166333), (2, 137091), (11, 235), (21, 1)]
+    );
+}
+
+#[test]
+fn runqueue_one_program_matches_the_wakeup_programs_and_bpftrace_and_splits_by_cgroup() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut cfg = only("runqueue");
+    cfg.runqueue_cgroups = 20;
+    let Some((mut single, how)) = probes_with(&cfg, "runqueue") else {
+        return;
+    };
+    // This kernel (BTF, CONFIG_SCHED_INFO, CONFIG_FAIR_GROUP_SCHED) must get the one-program design.
+    assert!(how.contains("one program per switch"), "runqueue: {how}");
+    let mut fb = only("runqueue");
+    fb.runqueue_fallback = true;
+    let (mut wake, how) = probes_with(&fb, "runqueue").unwrap();
+    assert!(how.contains("wakeup and switch"), "{how}");
+    let bt = Runqlat::start();
+    if bt.is_none() {
+        eprintln!("NOTE: bpftrace is not installed: comparing the two designs only");
+    }
+    // The test's spinners go into a v1 cpu cgroup of their own where the host has one.
+    let cg = std::path::Path::new("/sys/fs/cgroup/cpu")
+        .exists()
+        .then(|| {
+            let p = std::path::PathBuf::from(format!(
+                "/sys/fs/cgroup/cpu/sonde-rq-{}",
+                std::process::id()
+            ));
+            std::fs::create_dir_all(&p).unwrap();
+            CpuCgroup(p)
+        });
+    collect(&mut single, None);
+    collect(&mut wake, None);
+    let ncpu = std::thread::available_parallelism().unwrap().get();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let t0 = Instant::now();
+    let mut threads: Vec<_> = (0..ncpu * 3)
+        .map(|_| {
+            let stop = stop.clone();
+            let tasks = cg.as_ref().map(|c| c.0.join("tasks"));
+            std::thread::spawn(move || {
+                if let Some(t) = tasks {
+                    let tid = unsafe { libc::gettid() };
+                    std::fs::write(t, tid.to_string()).unwrap();
+                }
+                let mut x = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    std::hint::black_box(x);
+                }
+            })
+        })
+        .collect();
+    // Sleepers: short waits after wakeups, in the root cgroup.
+    for _ in 0..4 {
+        let stop = stop.clone();
+        threads.push(std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let secs = Some(t0.elapsed().as_secs_f64());
+    let (a, b) = (collect(&mut single, secs), collect(&mut wake, secs));
+    let bt = bt.map(Runqlat::finish);
+    let host = |o: &Out| {
+        o.latency
+            .iter()
+            .find(|l| l.source == "runqueue")
+            .cloned()
+            .expect("runqueue histogram")
+    };
+    let (ha, hb) = (host(&a), host(&b));
+    let mut designs = vec![
+        ("one program", rec_buckets(&ha)),
+        ("wakeup programs", rec_buckets(&hb)),
+    ];
+    if let Some(bt) = bt {
+        designs.push(("bpftrace runqlat", bt));
+    }
+    for (name, h) in &designs {
+        eprintln!(
+            "{name}: n={} p50 bucket {} p99 bucket {}",
+            h.iter().map(|b| b.1).sum::<u64>(),
+            quantile_index(h, 0.5),
+            quantile_index(h, 0.99)
+        );
+    }
+    let reference = &designs[0].1;
+    for (name, h) in &designs[1..] {
+        for q in [0.5, 0.99] {
+            let (x, y) = (quantile_index(reference, q), quantile_index(h, q));
+            assert!(
+                x.abs_diff(y) <= 1,
+                "p{} of the one-program probe (bucket {x}) vs {name} (bucket {y}): more than one log2 bucket apart",
+                q * 100.0
+            );
+        }
+    }
+    // Per cgroup: the rows add up to the host histogram (same program, same events; the
+    // two maps are read a moment apart), and the spinners' cgroup has their long waits.
+    let rows = &a.cgroup_latency;
+    assert!(!rows.is_empty(), "no per-cgroup rows");
+    let total: u64 = rows.iter().map(|r| r.count).sum();
+    let diff = total.abs_diff(ha.count) as f64 / ha.count.max(1) as f64;
+    assert!(
+        diff < 0.02,
+        "per-cgroup rows sum to {total}, host histogram {}",
+        ha.count
+    );
+    if let Some(cg) = &cg {
+        let name = format!("/{}", cg.0.file_name().unwrap().to_string_lossy());
+        let row = rows.iter().find(|r| r.cgroup == name).unwrap_or_else(|| {
+            panic!(
+                "no row for {name}: {:?}",
+                rows.iter().map(|r| &r.cgroup).collect::<Vec<_>>()
+            )
+        });
+        let p99 = quantile_index(
+            &row.buckets
+                .iter()
+                .map(|b| (b.index, b.count))
+                .collect::<Vec<_>>(),
+            0.99,
+        );
+        eprintln!("{name}: n={} p99 bucket {p99}", row.count);
+        // Three spinners per CPU wait for one another: milliseconds, not microseconds.
+        assert!(
+            p99 >= 10,
+            "p99 of the spinners' waits is bucket {p99} (< 512 us)"
+        );
+    }
+}
+
+#[test]
+fn runqueue_per_cgroup_state_is_dropped_with_removed_cgroups() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !std::path::Path::new("/sys/fs/cgroup/cpu").exists() {
+        eprintln!("SKIP: no v1 cpu controller at /sys/fs/cgroup/cpu");
+        return;
+    }
+    let mut cfg = only("runqueue");
+    cfg.runqueue_cgroups = 20;
+    let Some((mut p, _)) = probes_with(&cfg, "runqueue") else {
+        return;
+    };
+    collect(&mut p, None);
+    let mut seen = std::collections::HashSet::new();
+    for round in 0..10 {
+        // Ten jobs, each in a cgroup of its own, alive across one collection.
+        let t = Instant::now();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut jobs = Vec::new();
+        for i in 0..10 {
+            let cg = CpuCgroup(std::path::PathBuf::from(format!(
+                "/sys/fs/cgroup/cpu/sonde-churn-{}-{round}-{i}",
+                std::process::id()
+            )));
+            std::fs::create_dir_all(&cg.0).unwrap();
+            let tasks = cg.0.join("tasks");
+            let stop = stop.clone();
+            let h = std::thread::spawn(move || {
+                let tid = unsafe { libc::gettid() };
+                std::fs::write(&tasks, tid.to_string()).unwrap();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                std::fs::write("/sys/fs/cgroup/cpu/tasks", tid.to_string()).unwrap();
+            });
+            jobs.push((cg, h));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let o = collect(&mut p, Some(t.elapsed().as_secs_f64()));
+        for r in &o.cgroup_latency {
+            if r.cgroup.starts_with("/sonde-churn-") {
+                seen.insert(r.cgroup.clone());
+            }
+        }
+        // The jobs end and their cgroups are removed.
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for (cg, h) in jobs {
+            h.join().unwrap();
+            drop(cg);
+        }
+    }
+    // Two more collections: the last removed cgroups are found gone and forgotten.
+    collect(&mut p, Some(0.1));
+    collect(&mut p, Some(0.1));
+    let kept = p.runq_cgroups_tracked();
+    eprintln!(
+        "churn cgroups reported: {} of 100; state kept after for {kept:?}",
+        seen.len(),
+    );
+    // Their waits were reported under their names while they existed...
+    assert!(
+        seen.len() >= 90,
+        "only {} of 100 short-lived cgroups reported",
+        seen.len()
+    );
+    // ...and nothing of them is kept: what remains is the host's live cgroups.
+    let stale: Vec<_> = kept
+        .iter()
+        .filter(|k| !k.starts_with('/') || k.starts_with("/sonde-churn-"))
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "state kept for removed cgroups: {stale:?}"
     );
 }
 

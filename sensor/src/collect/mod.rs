@@ -77,11 +77,7 @@ impl Collector {
         raise_nofile();
         let (proc, sys, f) = (cfg.proc_root.as_str(), cfg.sys_root.as_str(), &cfg.filters);
         let cgroups = cfg.cgroups.enabled.then(|| {
-            let root = if cfg.cgroups.root.is_empty() {
-                format!("{sys}/fs/cgroup")
-            } else {
-                cfg.cgroups.root.clone()
-            };
+            let root = cfg.cgroup_root();
             let mounts = std::fs::read_to_string(format!("{proc}/self/mounts")).unwrap_or_default();
             let roots = cgroup::Roots::from_mounts(&mounts, &root);
             if roots.is_empty() {
@@ -180,6 +176,7 @@ impl Collector {
                 &mut snap.latency,
                 &mut snap.tcp_ports,
                 &mut snap.events,
+                &mut snap.cgroup_latency,
             ),
             None => snap.probes = None,
         }

@@ -125,17 +125,40 @@ pub(super) fn take_data(m: Map) -> Option<MapData> {
 
 /// Per-interval difference of two cumulative histograms, into `out` (only non-empty buckets).
 pub(super) fn hist_delta(cur: &Hist, prev: &Hist, out: &mut LatencyRec) {
-    let reset = cur.count < prev.count;
-    let p = if reset { &Hist::ZERO } else { prev };
-    out.count = cur.count - p.count;
-    out.sum = cur.sum.wrapping_sub(p.sum);
-    out.buckets.clear();
+    hist_to(
+        &hist_sub(cur, prev),
+        &mut out.count,
+        &mut out.sum,
+        &mut out.buckets,
+    );
+}
+
+/// `cur - prev` of two cumulative histograms (all of `cur` when the map went backwards).
+pub(super) fn hist_sub(cur: &Hist, prev: &Hist) -> Hist {
+    let p = if cur.count < prev.count {
+        &Hist::ZERO
+    } else {
+        prev
+    };
+    let mut d = Hist::ZERO;
     for i in 0..HIST_BUCKETS {
-        let d = cur.buckets[i].saturating_sub(p.buckets[i]);
-        if d > 0 {
-            out.buckets.push(BucketRec {
+        d.buckets[i] = cur.buckets[i].saturating_sub(p.buckets[i]);
+    }
+    d.count = cur.count - p.count;
+    d.sum = cur.sum.wrapping_sub(p.sum);
+    d
+}
+
+/// A histogram as stored: count, sum and the non-empty buckets.
+pub(super) fn hist_to(h: &Hist, count: &mut u64, sum: &mut u64, buckets: &mut Vec<BucketRec>) {
+    *count = h.count;
+    *sum = h.sum;
+    buckets.clear();
+    for (i, &n) in h.buckets.iter().enumerate() {
+        if n > 0 {
+            buckets.push(BucketRec {
                 index: i as u32,
-                count: d,
+                count: n,
             });
         }
     }

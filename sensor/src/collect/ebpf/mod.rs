@@ -29,7 +29,7 @@ use aya::programs::{RawTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use block::BlockDev;
 use maps::{take_data, PerCpu};
-use protocol::{EventRec, LatencyRec, PortRec, ProbeRec};
+use protocol::{CgroupLatencyRec, EventRec, LatencyRec, PortRec, ProbeRec};
 use sensor_common::{counter, Counters, Hist};
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
@@ -81,7 +81,7 @@ const fn raw(prog: &'static str, category: &'static str, event: &'static str) ->
 
 fn probe_programs(probe: &str) -> &'static [ProgSpec] {
     match probe {
-        "runqueue" => runqueue::PROGRAMS,
+        "runqueue" => runqueue::FALLBACK,
         "block" => block::PROGRAMS,
         "tcp" => tcp::PROGRAMS,
         "oom" => oom::PROGRAMS,
@@ -101,6 +101,14 @@ pub struct ProbeConfig {
     pub tcp: bool,
     pub oom: bool,
     pub process: bool,
+    /// Per-cgroup run-queue histograms (table `cgroup_latency`): rows per interval, the
+    /// busiest cgroups by waits and the rest summed as `other`. 0 (the default) = the host
+    /// histogram only: finding a task's cgroup costs about 180 ns per context switch here,
+    /// more than the rest of the probe.
+    pub runqueue_cgroups: usize,
+    /// Use the wakeup + switch programs for the run queue even where the kernel allows one
+    /// program per switch (to compare the two; costs about twice as much).
+    pub runqueue_fallback: bool,
     /// Load the eBPF object from this file instead of the one built into the binary.
     pub object: Option<std::path::PathBuf>,
 }
@@ -114,6 +122,8 @@ impl Default for ProbeConfig {
             tcp: true,
             oom: true,
             process: true,
+            runqueue_cgroups: 0,
+            runqueue_fallback: false,
             object: None,
         }
     }
@@ -139,7 +149,7 @@ pub struct ProbeStatus {
     pub name: &'static str,
     /// "active", "disabled" (by configuration) or "refused".
     pub state: &'static str,
-    /// Why it is not active.
+    /// Why it is not active; for an active probe, how it works when there is a choice.
     pub reason: String,
 }
 
@@ -150,6 +160,7 @@ pub struct Probes {
     active: [bool; 5],
     counters: Option<PerCpu>,
     runq: Option<PerCpu>,
+    runq_cg: Option<runqueue::CgRunq>,
     block: Option<PerCpu>,
     ports: Option<PerCpu>,
     events: Option<RingBuf<MapData>>,
@@ -177,6 +188,7 @@ pub fn load(
     cfg: &ProbeConfig,
     proc_root: &str,
     disk_filter: Filter,
+    cgroup_root: &str,
 ) -> (Option<Probes>, Vec<ProbeStatus>) {
     if cfg.wants("oom") {
         oom::open_kmsg();
@@ -259,7 +271,23 @@ pub fn load(
         .and_then(|b| b.member_offset("task_struct", "pid"))
         .map(|o| o as u32)
         .unwrap_or(0);
+    // The one-program run-queue design, when the kernel has what it reads; the cgroup
+    // hierarchy its per-cgroup histograms name.
+    let cg_roots = if cfg.runqueue_cgroups > 0 {
+        let mounts =
+            std::fs::read_to_string(format!("{proc_root}/self/mounts")).unwrap_or_default();
+        super::cgroup::Roots::from_mounts(&mounts, cgroup_root)
+    } else {
+        super::cgroup::Roots::default()
+    };
+    let rq_layout = btf
+        .as_ref()
+        .filter(|_| !cfg.runqueue_fallback)
+        .and_then(|b| {
+            runqueue::Layout::from_btf(b, cg_roots.cpu.as_deref(), cg_roots.v2.as_deref())
+        });
     drop(btf);
+    let rq = rq_layout.clone().unwrap_or_default();
     if gso_off == 0 && cfg.wants("tcp") {
         tracing::info!("no kernel BTF for sk_buff/tcp_skb_cb: TCP retransmits are counted per skb, not per segment");
     }
@@ -270,6 +298,15 @@ pub fn load(
     let mut ebpf = match EbpfLoader::new_without_btf()
         .override_global("SKB_GSO_SEGS_OFF", &gso_off, true)
         .override_global("TASK_PID_OFF", &pid_off, true)
+        .override_global("TASK_LASTQ_OFF", &rq.lastq, true)
+        .override_global("TASK_SE_CFSRQ_OFF", &rq.se_cfsrq, true)
+        .override_global("CFSRQ_RQ_OFF", &rq.cfsrq_rq, true)
+        .override_global("RQ_CLOCK_OFF", &rq.rq_clock, true)
+        .override_global("RQ_CG_MODE", &rq.cg_mode, true)
+        .override_global("TASK_CGROUPS_OFF", &rq.cgroups, true)
+        .override_global("CSSSET_PTR_OFF", &rq.cssset_ptr, true)
+        .override_global("CGROUP_KN_OFF", &rq.cgroup_kn, true)
+        .override_global("KN_ID_OFF", &rq.kn_id, true)
         .load(bytes)
     {
         Ok(e) => e,
@@ -291,10 +328,33 @@ pub fn load(
         if !cfg.wants(name) {
             continue;
         }
-        match attach_probe(&mut ebpf, tracefs, name, pid_off) {
+        let single = *name == "runqueue" && rq_layout.is_some();
+        let specs = if single {
+            runqueue::SINGLE
+        } else {
+            probe_programs(name)
+        };
+        match attach_probe(&mut ebpf, tracefs, specs, pid_off) {
             Ok(()) => {
                 active[i] = true;
                 status[i].state = "active";
+                if *name == "runqueue" {
+                    status[i].reason = if cfg.runqueue_fallback {
+                        "wakeup and switch programs (probes.runqueue_fallback = true)".into()
+                    } else if !single {
+                        "wakeup and switch programs (the kernel's BTF lacks sched_info, rq.clock or cfs_rq.rq)".into()
+                    } else if rq.cg_mode == 0 {
+                        "one program per switch (sched_info); per-cgroup histograms off".into()
+                    } else {
+                        format!(
+                            "one program per switch (sched_info); per cgroup of {}",
+                            rq.cg_root
+                                .as_deref()
+                                .unwrap_or(std::path::Path::new(""))
+                                .display()
+                        )
+                    };
+                }
             }
             Err(why) => status[i].reason = why,
         }
@@ -310,6 +370,14 @@ pub fn load(
     };
     let counters = take("COUNTERS", std::mem::size_of::<Counters>());
     let runq = take("RUNQ_HIST", std::mem::size_of::<Hist>());
+    let runq_cg = match (
+        &rq.cg_root,
+        active[index("runqueue")] && rq_layout.is_some(),
+    ) {
+        (Some(root), true) if rq.cg_mode != 0 => take("RUNQ_CG_HIST", std::mem::size_of::<Hist>())
+            .map(|m| runqueue::CgRunq::new(m, root.clone(), cfg.runqueue_cgroups)),
+        _ => None,
+    };
     let block = take("BLOCK_HIST", std::mem::size_of::<Hist>());
     let ports = take("TCP_RETRANS_PORT", 8);
     let events = ebpf
@@ -320,6 +388,7 @@ pub fn load(
         active,
         counters,
         runq,
+        runq_cg,
         block,
         ports,
         events,
@@ -342,10 +411,9 @@ pub fn load(
 fn attach_probe(
     ebpf: &mut Ebpf,
     tracefs: &str,
-    probe: &str,
+    specs: &[ProgSpec],
     task_pid_off: u32,
 ) -> Result<(), String> {
-    let specs = probe_programs(probe);
     if specs.iter().any(|s| s.raw) && task_pid_off == 0 {
         return Err("no kernel BTF (/sys/kernel/btf/vmlinux) to locate task_struct.pid".into());
     }
@@ -441,6 +509,15 @@ impl Probes {
         self.cur_counters[idx as usize]
     }
 
+    /// Cgroups the per-cgroup run-queue histograms hold state for (tests).
+    #[cfg(test)]
+    pub fn runq_cgroups_tracked(&self) -> Vec<String> {
+        self.runq_cg
+            .as_ref()
+            .map(|c| c.tracked())
+            .unwrap_or_default()
+    }
+
     /// Per program: (name, runs, average ns per run), from the kernel's BPF statistics
     /// (counted only while `kernel.bpf_stats_enabled` is 1).
     pub fn program_costs(&self) -> Vec<(String, u64, f64)> {
@@ -481,6 +558,7 @@ impl Probes {
         latency: &mut Vec<LatencyRec>,
         ports: &mut Vec<PortRec>,
         events: &mut Vec<EventRec>,
+        cg_latency: &mut Vec<CgroupLatencyRec>,
     ) {
         self.drain_events();
         events.clear();
@@ -512,7 +590,7 @@ impl Probes {
         }
         self.prev_counters = self.cur_counters;
         let mut nlat = 0;
-        self.collect_runqueue(secs, latency, &mut nlat);
+        self.collect_runqueue(secs, latency, &mut nlat, cg_latency);
         self.collect_block(secs, latency, &mut nlat);
         latency.truncate(nlat);
         self.collect_ports(secs, ports);
