@@ -8,11 +8,10 @@ mod common;
 use common::*;
 use std::time::Duration;
 
-/// Our programs as the kernel names them (BPF object names are cut at 15 bytes).
+/// Our programs as the kernel names them (BPF object names are cut at 15 bytes): what a
+/// sensor with every probe attaches on this kernel (one run-queue program per switch).
 const PROGRAMS: &[&str] = &[
-    "rq_wakeup",
-    "rq_wakeup_new",
-    "rq_switch",
+    "rq_switch_si",
     "block_rq_issue",
     "block_rq_complete",
     "tcp_retransmit_skb",
@@ -24,14 +23,34 @@ const PROGRAMS: &[&str] = &[
     "sched_process_exit",
 ];
 
+/// The run-queue fallback programs (kernels without sched_info in BTF).
+const FALLBACK: &[&str] = &["rq_wakeup", "rq_wakeup_new", "rq_switch"];
+
 fn ours_loaded() -> usize {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .filter(|p| {
             let n = p.name_as_str().unwrap_or("");
-            PROGRAMS.iter().any(|o| &o[..o.len().min(15)] == n)
+            PROGRAMS
+                .iter()
+                .chain(FALLBACK)
+                .any(|o| &o[..o.len().min(15)] == n)
         })
         .count()
+}
+
+/// The README's "run-queue p99 per container" query.
+fn readme_query(marker: &str) -> String {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    readme
+        .split("```sql\n")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .find(|q| q.contains(marker))
+        .unwrap_or_else(|| panic!("no README query with {marker}"))
+        .trim()
+        .to_string()
 }
 
 /// The tests here count this project's programs loaded in the kernel: one at a time.
@@ -77,7 +96,16 @@ fn probes_reach_clickhouse_and_detach_on_exit() {
     certs(&dir.0.join("certs"), &["ebpf-host"]);
     let agg = start_aggregator(&dir.0, free_udp_port(), "a");
     let before = ours_loaded();
-    let mut sensor = start_sensor(&dir.0, &agg.quic, "ebpf-host", &["--batch-interval", "1s"]);
+    // Per-cgroup run-queue histograms on, for the README's per-container query.
+    let cfg = dir.0.join("sensor.toml");
+    std::fs::write(&cfg, "[probes]\nrunqueue_cgroups = 5\n").unwrap();
+    let cfg_arg = cfg.to_string_lossy().to_string();
+    let mut sensor = start_sensor(
+        &dir.0,
+        &agg.quic,
+        "ebpf-host",
+        &["--batch-interval", "1s", "--config", &cfg_arg],
+    );
     wait_until("probe rows in ClickHouse", Duration::from_secs(30), || {
         count(
             &agg,
@@ -111,6 +139,29 @@ fn probes_reach_clickhouse_and_detach_on_exit() {
     assert_eq!(f[0], "ebpf-host");
     let (p50, p99): (u64, u64) = (f[2].parse().unwrap(), f[3].parse().unwrap());
     assert!(p50 >= 1 && p99 >= p50, "p50 {p50} p99 {p99}");
+    // Per cgroup: rows that add up like the host's, and the README query answers.
+    wait_until("cgroup_latency rows", Duration::from_secs(20), || {
+        count(
+            &agg,
+            "SELECT count() FROM sonde.cgroup_latency WHERE host = 'ebpf-host' AND source = 'runqueue'",
+        ) >= 2
+    });
+    let bad = count(
+        &agg,
+        "SELECT count() FROM sonde.cgroup_latency WHERE arraySum(bucket_count) != count OR cgroup = ''",
+    );
+    assert_eq!(bad, 0);
+    let out = query(&agg, &readme_query("sonde.cgroup_latency"));
+    let line = out
+        .lines()
+        .next()
+        .expect("a row from the README per-container query");
+    let f: Vec<&str> = line.split('\t').collect();
+    assert_eq!(f[0], "ebpf-host", "{line}");
+    assert!(
+        f[1] == "other" || f[1].starts_with('/'),
+        "cgroup label {line}"
+    );
     // SIGTERM: everything detached.
     let st = sensor.stop();
     assert!(st.success(), "{st}");

@@ -44,6 +44,8 @@ pub mod counter {
     pub const BLOCK_UNMATCHED: u32 = 8;
     pub const EVENTS_DROPPED: u32 = 9;
     pub const TCP_RETRANS_FAILED: u32 = 10;
+    /// Block completions not counted: the per-CPU device table had no room for the device.
+    pub const BLOCK_DEVS_FULL: u32 = 11;
     pub const COUNT: u32 = 16;
 }
 
@@ -97,6 +99,48 @@ pub struct BlockReqStart {
     pub bytes: u32,
     /// 0 read, 1 write.
     pub op: u32,
+}
+
+/// Slots of the in-flight block request table (`BLOCK_INFLIGHT`, an array indexed by a hash
+/// of device and sector; a request takes the first free of two neighbouring slots).
+pub const BLOCK_INFLIGHT_SLOTS: u32 = 1 << 14;
+/// Slots of the per-CPU device table (`BLOCK_DEVS`; a device takes one of two slots).
+pub const BLOCK_DEV_SLOTS: u32 = 32;
+
+/// An in-flight block request: `ts_ns` 0 = free slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockSlot {
+    pub sector: u64,
+    pub ts_ns: u64,
+    /// Kernel-internal dev_t.
+    pub dev: u32,
+    pub bytes: u32,
+    /// 0 read, 1 write.
+    pub op: u32,
+    pub _pad: u32,
+}
+
+/// One device's block histograms on one CPU, indexed by [`block_kind`]; `dev` 0 = free.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockDevHists {
+    pub dev: u32,
+    pub _pad: u32,
+    pub hists: [Hist; 4],
+}
+
+/// Slot of a request in the in-flight table (the first of its two).
+#[inline(always)]
+pub fn block_slot(dev: u32, sector: u64) -> u32 {
+    let h = (sector ^ ((dev as u64) << 40)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    ((h >> 32) as u32) & (BLOCK_INFLIGHT_SLOTS - 1) & !1
+}
+
+/// Slot of a device in the per-CPU device table (the first of its two).
+#[inline(always)]
+pub fn block_dev_slot(dev: u32) -> u32 {
+    (((dev as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) as u32) & (BLOCK_DEV_SLOTS - 1) & !1
 }
 
 /// Key of the per-device block histograms.

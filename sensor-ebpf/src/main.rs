@@ -12,14 +12,14 @@
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes},
     macros::{map, raw_tracepoint, tracepoint},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{RawTracePointContext, TracePointContext},
     EbpfContext,
 };
 use sensor_common::{
-    block_kind, counter, event_kind, log2_bucket, rq_cg_mode, BlockHistKey, BlockReqKey,
-    BlockReqStart, Counters, Event, Hist, RUNQ_CGROUPS_MAX, RUNQ_CG_OTHER, RUNQ_TABLE,
-    RUNQ_TABLE_BITS, RUNQ_TS_BITS, RUNQ_TS_MASK,
+    block_dev_slot, block_kind, block_slot, counter, event_kind, log2_bucket, rq_cg_mode,
+    BlockDevHists, BlockSlot, Counters, Event, Hist, BLOCK_DEV_SLOTS, BLOCK_INFLIGHT_SLOTS,
+    RUNQ_CGROUPS_MAX, RUNQ_CG_OTHER, RUNQ_TABLE, RUNQ_TABLE_BITS, RUNQ_TS_BITS, RUNQ_TS_MASK,
 };
 
 #[map]
@@ -34,9 +34,9 @@ static RUNQ_CG_HIST: PerCpuHashMap<u64, Hist> = PerCpuHashMap::with_max_entries(
 #[map]
 static RUNQ_RQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
-static BLOCK_START: HashMap<BlockReqKey, BlockReqStart> = HashMap::with_max_entries(16384, 0);
+static BLOCK_INFLIGHT: Array<BlockSlot> = Array::with_max_entries(BLOCK_INFLIGHT_SLOTS, 0);
 #[map]
-static BLOCK_HIST: PerCpuHashMap<BlockHistKey, Hist> = PerCpuHashMap::with_max_entries(1024, 0);
+static BLOCK_DEVS: PerCpuArray<BlockDevHists> = PerCpuArray::with_max_entries(BLOCK_DEV_SLOTS, 0);
 #[map]
 static TCP_RETRANS_PORT: PerCpuHashMap<u32, u64> = PerCpuHashMap::with_max_entries(1024, 0);
 #[map]
@@ -277,61 +277,101 @@ fn block_op(rwbs: [u8; 4]) -> Option<u32> {
     }
 }
 
+// No hash map on this path: array slots found by a hash of (device, sector), two per request
+// and two per device, are plain loads the verifier inlines (a hash map costs a helper call,
+// a bucket lock and, on insert, a free-list pop per I/O).
+
+/// A slot left by a request whose completion never came (requeued and dropped, say) is
+/// free again after this long.
+const BLOCK_STALE_NS: u64 = 30_000_000_000;
+
 #[tracepoint(category = "block", name = "block_rq_issue")]
 pub fn block_rq_issue(ctx: TracePointContext) -> u32 {
     // dev 8, sector 16, bytes 28, rwbs 34
     let Some(op) = block_op(field(&ctx, 34)) else {
         return 0;
     };
-    let key = BlockReqKey {
-        dev: field(&ctx, 8),
-        _pad: 0,
-        sector: field(&ctx, 16),
-    };
-    let start = BlockReqStart {
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        bytes: field(&ctx, 28),
-        op,
-    };
-    let _ = BLOCK_START.insert(&key, &start, 0);
+    let dev: u32 = field(&ctx, 8);
+    let sector: u64 = field(&ctx, 16);
+    let now = unsafe { bpf_ktime_get_ns() };
+    let first = block_slot(dev, sector);
+    for i in [first, first | 1] {
+        let Some(s) = BLOCK_INFLIGHT.get_ptr_mut(i) else {
+            return 0;
+        };
+        unsafe {
+            let free = (*s).ts_ns == 0
+                || ((*s).dev == dev && (*s).sector == sector)
+                || now.wrapping_sub((*s).ts_ns) > BLOCK_STALE_NS;
+            if free {
+                (*s).sector = sector;
+                (*s).dev = dev;
+                (*s).bytes = field(&ctx, 28);
+                (*s).op = op;
+                (*s).ts_ns = now;
+                return 0;
+            }
+        }
+    }
+    // Both slots hold other requests in flight: this one will count as unmatched.
     0
 }
 
 #[inline(always)]
-fn block_hist(dev: u32, kind: u32) -> Option<*mut Hist> {
-    let key = BlockHistKey { dev, kind };
-    if let Some(h) = BLOCK_HIST.get_ptr_mut(&key) {
-        return Some(h);
+fn block_dev(dev: u32) -> Option<*mut BlockDevHists> {
+    let first = block_dev_slot(dev);
+    for i in [first, first | 1] {
+        let e = BLOCK_DEVS.get_ptr_mut(i)?;
+        unsafe {
+            if (*e).dev == dev {
+                return Some(e);
+            }
+            if (*e).dev == 0 {
+                // Per-CPU: no other CPU writes this copy.
+                (*e).dev = dev;
+                return Some(e);
+            }
+        }
     }
-    // BPF_NOEXIST: another CPU may have created it meanwhile; either way it exists after.
-    let _ = BLOCK_HIST.insert(&key, &ZERO_HIST, 1);
-    BLOCK_HIST.get_ptr_mut(&key)
+    None
 }
 
 #[tracepoint(category = "block", name = "block_rq_complete")]
 pub fn block_rq_complete(ctx: TracePointContext) -> u32 {
     // dev 8, sector 16
-    let key = BlockReqKey {
-        dev: field(&ctx, 8),
-        _pad: 0,
-        sector: field(&ctx, 16),
-    };
-    let Some(start) = (unsafe { BLOCK_START.get(&key) }).copied() else {
+    let dev: u32 = field(&ctx, 8);
+    let sector: u64 = field(&ctx, 16);
+    let first = block_slot(dev, sector);
+    let mut found: Option<(u64, u32, u32)> = None;
+    for i in [first, first | 1] {
+        let Some(s) = BLOCK_INFLIGHT.get_ptr_mut(i) else {
+            return 0;
+        };
+        unsafe {
+            if (*s).ts_ns != 0 && (*s).dev == dev && (*s).sector == sector {
+                found = Some(((*s).ts_ns, (*s).bytes, (*s).op));
+                (*s).ts_ns = 0;
+                break;
+            }
+        }
+    }
+    let Some((ts, bytes, op)) = found else {
         bump(counter::BLOCK_UNMATCHED, 1);
         return 0;
     };
-    let _ = BLOCK_START.remove(&key);
-    let lat_us = (unsafe { bpf_ktime_get_ns() }.wrapping_sub(start.ts_ns)) / 1000;
-    let (lat_kind, size_kind) = if start.op == 0 {
+    let lat_us = (unsafe { bpf_ktime_get_ns() }.wrapping_sub(ts)) / 1000;
+    let (lat_kind, size_kind) = if op == 0 {
         (block_kind::READ_LATENCY, block_kind::READ_SIZE)
     } else {
         (block_kind::WRITE_LATENCY, block_kind::WRITE_SIZE)
     };
-    if let Some(h) = block_hist(key.dev, lat_kind) {
-        hist_add(h, lat_us);
-    }
-    if let Some(h) = block_hist(key.dev, size_kind) {
-        hist_add(h, start.bytes as u64);
+    let Some(e) = block_dev(dev) else {
+        bump(counter::BLOCK_DEVS_FULL, 1);
+        return 0;
+    };
+    unsafe {
+        hist_add(&mut (*e).hists[(lat_kind & 3) as usize], lat_us);
+        hist_add(&mut (*e).hists[(size_kind & 3) as usize], bytes as u64);
     }
     0
 }

@@ -339,7 +339,12 @@ if [ -f /run/sonde-sensor.pid ]; then
     i=0; while kill -0 "$pid" 2>/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
 fi
 rm -rf /usr/local/bin/sonde-sensor /usr/local/lib/sonde /etc/sonde /var/lib/sonde /var/log/sonde /run/sonde-sensor.pid
-if id sonde >/dev/null 2>&1; then userdel sonde 2>/dev/null || deluser --system sonde >/dev/null 2>&1 || true; fi
+# userdel refuses while a process of the user is still exiting: wait for them (10 s at most).
+if id sonde >/dev/null 2>&1; then
+    pkill -TERM -u sonde 2>/dev/null || true
+    i=0; while pgrep -u sonde >/dev/null 2>&1 && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+    i=0; until userdel sonde 2>/dev/null || deluser --system sonde >/dev/null 2>&1 || [ $i -ge 20 ]; do sleep 0.2; i=$((i+1)); done
+fi
 if getent group sonde >/dev/null 2>&1; then groupdel sonde 2>/dev/null || true; fi
 echo SONDE_REMOVED
 "#;

@@ -54,7 +54,7 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
         /// Run one section only and print it (target/bench/BENCHMARKS-<section>.md):
-        /// `containers`.
+        /// `containers` (section 8) or `ebpf` (section 4).
         #[arg(long, value_name = "SECTION")]
         only: Option<String>,
     },

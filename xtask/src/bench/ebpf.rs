@@ -45,6 +45,45 @@ pub(super) fn fio_iops(dev: &str, secs: u32) -> Result<f64> {
     v["jobs"][0]["read"]["iops"].as_f64().context("no iops")
 }
 
+/// bpftrace's runqlat (the tool's script without its header include: no kernel headers
+/// here, and TASK_RUNNING is 0), tracing until dropped.
+struct Runqlat(std::process::Child);
+
+impl Runqlat {
+    fn start() -> Result<Runqlat> {
+        let script = "tracepoint:sched:sched_wakeup, tracepoint:sched:sched_wakeup_new { @qtime[args->pid] = nsecs; }\n\
+            tracepoint:sched:sched_switch { if (args->prev_state == 0) { @qtime[args->prev_pid] = nsecs; }\n\
+            $ns = @qtime[args->next_pid]; if ($ns) { @usecs = hist((nsecs - $ns) / 1000); }\n\
+            delete(@qtime[args->next_pid]); }\n\
+            END { clear(@qtime); }\n";
+        let mut child = Command::new("bpftrace")
+            .args(["-e", script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("bpftrace")?;
+        let mut out = std::io::BufReader::new(child.stdout.take().context("stdout")?);
+        let mut line = String::new();
+        use std::io::BufRead;
+        out.read_line(&mut line)?;
+        if !line.contains("Attaching") {
+            let _ = child.kill();
+            bail!("bpftrace did not attach: {line}");
+        }
+        // Keep draining its output so it never blocks on a full pipe.
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(Runqlat(child))
+    }
+}
+
+impl Drop for Runqlat {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// 4: eBPF probe cost on the workloads that hit them hardest, alternating off/on.
 pub(super) fn ebpf_overhead(env: &Env, rounds: usize, quick: bool) -> Result<Value> {
     step("eBPF overhead: perf bench sched pipe and 4k random reads on a loop device, probes off/on alternating");
@@ -73,14 +112,30 @@ pub(super) fn ebpf_overhead(env: &Env, rounds: usize, quick: bool) -> Result<Val
     let loops = if quick { 50_000 } else { 200_000 };
     let fio_secs = if quick { 3 } else { 10 };
     let (mut pipe_off, mut pipe_on, mut fio_off, mut fio_on) = (vec![], vec![], vec![], vec![]);
+    // The run-queue probe's variants and the peer a user would run instead, in the same rounds.
+    let (mut pipe_cg, mut pipe_fb, mut pipe_bt) = (vec![], vec![], vec![]);
     for _ in 0..rounds {
         // Each workload against the probe it stresses (the other probes' cost on the same
         // workload shows in the per-program costs below).
         pipe_off.push(perf_pipe(loops)?);
-        let s = start_sensor(env, "bench-ebpf", "runqueue")?;
-        std::thread::sleep(Duration::from_secs(2));
-        pipe_on.push(perf_pipe(loops)?);
-        drop(s);
+        for (variant, out) in [
+            ("runqueue", &mut pipe_on),
+            ("runqueue-cgroups", &mut pipe_cg),
+            ("runqueue-fallback", &mut pipe_fb),
+        ] {
+            let s = start_sensor(env, "bench-ebpf", variant)?;
+            std::thread::sleep(Duration::from_secs(2));
+            out.push(perf_pipe(loops)?);
+            drop(s);
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        match Runqlat::start() {
+            Ok(bt) => {
+                pipe_bt.push(perf_pipe(loops)?);
+                drop(bt);
+            }
+            Err(e) => eprintln!("    bpftrace runqlat not measured: {e:#}"),
+        }
         std::thread::sleep(Duration::from_millis(500));
         fio_off.push(fio_iops(&dev, fio_secs)?);
         let s = start_sensor(env, "bench-ebpf", "block")?;
@@ -106,11 +161,20 @@ pub(super) fn ebpf_overhead(env: &Env, rounds: usize, quick: bool) -> Result<Val
     let _ = Command::new("losetup").args(["-d", &dev]).status();
     let _ = std::fs::remove_file(&img);
     let (po, pn) = (median(&mut pipe_off.clone()), median(&mut pipe_on.clone()));
+    let variant = |v: &Vec<f64>| {
+        if v.is_empty() {
+            return Value::Null;
+        }
+        let m = median(&mut v.clone());
+        json!({ "median": m, "range": spread(v), "slowdown_pct": (m / po - 1.0) * 100.0 })
+    };
     let (fo, fnn) = (median(&mut fio_off.clone()), median(&mut fio_on.clone()));
     Ok(json!({
         "rounds": rounds,
         "sched_pipe_usecs_per_op": { "off": po, "on": pn, "off_range": spread(&pipe_off), "on_range": spread(&pipe_on),
-                                      "slowdown_pct": (pn / po - 1.0) * 100.0 },
+                                      "slowdown_pct": (pn / po - 1.0) * 100.0,
+                                      "per_cgroup": variant(&pipe_cg), "wakeup_programs": variant(&pipe_fb),
+                                      "bpftrace_runqlat": variant(&pipe_bt) },
         "program_costs": costs,
         "randread_4k_iops": { "off": fo, "on": fnn, "off_range": spread(&fio_off), "on_range": spread(&fio_on),
                                "slowdown_pct": (fo / fnn - 1.0) * 100.0 },

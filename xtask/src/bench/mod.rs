@@ -225,13 +225,14 @@ fn ensure_tools() -> Result<()> {
         ("fio", "fio"),
         ("perf", "linux-perf"),
         ("collectd", "collectd-core"),
+        ("bpftrace", "bpftrace"),
     ] {
         if !have(cmd) && !Path::new(&format!("/usr/sbin/{cmd}")).exists() {
             missing.push(pkg);
         }
     }
     if missing.is_empty() {
-        step("benchmark peers and tools (node_exporter, netdata, fio, perf, collectd): installed");
+        step("benchmark peers and tools (node_exporter, netdata, fio, perf, collectd, bpftrace): installed");
         return Ok(());
     }
     apt_install(&missing)
@@ -320,8 +321,8 @@ fn start_env(dir: &Path, bin: PathBuf) -> Result<(Proc, Env)> {
 }
 
 pub fn run_bench(quick: bool, only: Option<&str>) -> Result<()> {
-    if let Some(o) = only.filter(|o| *o != "containers") {
-        bail!("--only {o}: the sections that run alone are: containers");
+    if let Some(o) = only.filter(|o| !["containers", "ebpf"].contains(o)) {
+        bail!("--only {o}: the sections that run alone are: containers, ebpf");
     }
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmark needs root (eBPF probes, loop devices)");
@@ -362,6 +363,19 @@ pub fn run_bench(quick: bool, only: Option<&str>) -> Result<()> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
+    if only == Some("ebpf") {
+        let e = ebpf_overhead(&env, if quick { 3 } else { 9 }, quick)?;
+        drop(agg);
+        let md = format!(
+            "# sonde benchmarks: eBPF probes only ({date})\n{}",
+            ebpf_md(&e)
+        );
+        let doc = dir.join("BENCHMARKS-ebpf.md");
+        std::fs::write(&doc, &md)?;
+        println!("{md}");
+        step(&format!("results: {}", doc.display()));
+        return Ok(());
+    }
     if only.is_some() {
         let c = containers(&env, if quick { 10 } else { 30 })?;
         drop(agg);

@@ -2,17 +2,25 @@
 
 use super::*;
 
-/// `probes`: "none", "all", or one probe name (only that one attached).
+fn probe_lines(one: &str) -> String {
+    ["runqueue", "block", "tcp", "oom", "process"]
+        .iter()
+        .map(|n| format!("{n} = {}\n", *n == one))
+        .collect()
+}
+
+/// `probes`: "none", "all", one probe name (only that one attached), or
+/// "runqueue-cgroups" / "runqueue-fallback" (the run-queue probe's variants).
 pub(super) fn sensor_config(env: &Env, host: &str, probes: &str) -> Result<PathBuf> {
     let c = env.dir.join("certs");
     let p = env.dir.join(format!("sensor-{host}-{probes}.toml"));
     let section = match probes {
         "none" => "enabled = false\n".to_string(),
         "all" => "enabled = true\n".to_string(),
-        one => ["runqueue", "block", "tcp", "oom", "process"]
-            .iter()
-            .map(|n| format!("{n} = {}\n", *n == one))
-            .collect(),
+        // The run-queue probe's variants: per-cgroup histograms on, or the wakeup programs.
+        "runqueue-cgroups" => probe_lines("runqueue") + "runqueue_cgroups = 20\n",
+        "runqueue-fallback" => probe_lines("runqueue") + "runqueue_fallback = true\n",
+        one => probe_lines(one),
     };
     std::fs::write(
         &p,

@@ -126,36 +126,7 @@ pub(super) fn markdown(r: &Value, quick: bool) -> String {
         ));
     }
     if let Some(e) = r.get("ebpf") {
-        s.push_str(&format!(
-            "\n## 4. eBPF probe overhead\n\nMethod: {} rounds alternating without and with a sensor running only the probe the workload stresses; medians (range). \
-             `perf bench sched pipe` (both tasks on one CPU) is the worst case for the run-queue probe (two context switches and two \
-             wakeups per op); 4 KiB O_DIRECT random reads (fio, psync) on a loop device over a page-cached file are the worst case for \
-             the block probe. \
-             Targets: ≤ 3% and ≤ 1%.\n\n| workload | without | with | slowdown |\n|---|---|---|---|\n\
-             | sched pipe (one CPU), µs/op | {} ({}) | {} ({}) | {}% |\n| 4k randread, IOPS | {} ({}) | {} ({}) | {}% |\n",
-            e["rounds"],
-            f(&e["sched_pipe_usecs_per_op"]["off"]),
-            range(&e["sched_pipe_usecs_per_op"]["off_range"]),
-            f(&e["sched_pipe_usecs_per_op"]["on"]),
-            range(&e["sched_pipe_usecs_per_op"]["on_range"]),
-            f(&e["sched_pipe_usecs_per_op"]["slowdown_pct"]),
-            f(&e["randread_4k_iops"]["off"]),
-            range(&e["randread_4k_iops"]["off_range"]),
-            f(&e["randread_4k_iops"]["on"]),
-            range(&e["randread_4k_iops"]["on_range"]),
-            f(&e["randread_4k_iops"]["slowdown_pct"]),
-        ));
-        s.push_str("\nPer program, from the kernel's BPF run-time statistics (`sensor probes --measure 6s` while both workloads ran):\n\n\
-                    | program | runs | average ns per run |\n|---|---|---|\n");
-        for c in e["program_costs"].as_array().into_iter().flatten() {
-            s.push_str(&format!(
-                "| {} | {} | {} |\n",
-                c["program"].as_str().unwrap_or(""),
-                c["runs"],
-                f(&c["avg_ns"])
-            ));
-        }
-        s.push_str("\nHow to read it: wall-clock slowdowns on this 2-vCPU VM move by several percent between rounds (see the ranges); the per-run costs are the kernel's own accounting and do not depend on that noise. A run-queue event costs about 200 ns, of which most is the price of entering any BPF program here: compare `sched_process_exec`, which only increments a counter. Four such events per `sched pipe` op is the whole slowdown. Every probe can be turned off in `[probes]`.\n");
+        s.push_str(&ebpf_md(e));
     }
     if let Some(st) = r.get("storage") {
         s.push_str(&format!(
@@ -228,6 +199,77 @@ pub(super) fn markdown(r: &Value, quick: bool) -> String {
 }
 
 /// Section 8 (also what `cargo xtask bench --only containers` prints).
+/// Section 4, eBPF probe overhead (also what `cargo xtask bench --only ebpf` prints).
+pub(super) fn ebpf_md(e: &Value) -> String {
+    let mut s = String::new();
+    s.push_str(&format!(
+        "\n## 4. eBPF probe overhead\n\nMethod: {} rounds alternating without and with a sensor running only the probe the workload stresses; medians (range). \
+         `perf bench sched pipe` (both tasks on one CPU) is the worst case for the run-queue probe (two context switches and two \
+         wakeups per op); 4 KiB O_DIRECT random reads (fio, psync) on a loop device over a page-cached file are the worst case for \
+         the block probe. \
+         Targets: ≤ 3% and ≤ 1%.\n\n| workload | without | with | slowdown |\n|---|---|---|---|\n\
+         | sched pipe (one CPU), µs/op | {} ({}) | {} ({}) | {}% |\n| 4k randread, IOPS | {} ({}) | {} ({}) | {}% |\n",
+        e["rounds"],
+        f(&e["sched_pipe_usecs_per_op"]["off"]),
+        range(&e["sched_pipe_usecs_per_op"]["off_range"]),
+        f(&e["sched_pipe_usecs_per_op"]["on"]),
+        range(&e["sched_pipe_usecs_per_op"]["on_range"]),
+        f(&e["sched_pipe_usecs_per_op"]["slowdown_pct"]),
+        f(&e["randread_4k_iops"]["off"]),
+        range(&e["randread_4k_iops"]["off_range"]),
+        f(&e["randread_4k_iops"]["on"]),
+        range(&e["randread_4k_iops"]["on_range"]),
+        f(&e["randread_4k_iops"]["slowdown_pct"]),
+    ));
+    let sp = &e["sched_pipe_usecs_per_op"];
+    if sp.get("wakeup_programs").is_some() {
+        s.push_str(&format!(
+            "\nThe run-queue probe's designs and the peer, on `sched pipe` in the same rounds (without: {} µs/op):\n\n\
+             | run-queue tracing | µs/op | slowdown |\n|---|---|---|\n\
+             | sonde, one program per switch (default) | {} ({}) | {}% |\n",
+            f(&sp["off"]),
+            f(&sp["on"]),
+            range(&sp["on_range"]),
+            f(&sp["slowdown_pct"]),
+        ));
+        for (name, key) in [
+            (
+                "sonde, one program per switch + per-cgroup histograms",
+                "per_cgroup",
+            ),
+            (
+                "sonde, wakeup + switch programs (fallback)",
+                "wakeup_programs",
+            ),
+            ("bpftrace runqlat (peer)", "bpftrace_runqlat"),
+        ] {
+            let v = &sp[key];
+            if v.is_null() {
+                s.push_str(&format!("| {name} | not measured | |\n"));
+            } else {
+                s.push_str(&format!(
+                    "| {name} | {} ({}) | {}% |\n",
+                    f(&v["median"]),
+                    range(&v["range"]),
+                    f(&v["slowdown_pct"])
+                ));
+            }
+        }
+    }
+    s.push_str("\nPer program, from the kernel's BPF run-time statistics (`sensor probes --measure 6s` while both workloads ran):\n\n\
+                | program | runs | average ns per run |\n|---|---|---|\n");
+    for c in e["program_costs"].as_array().into_iter().flatten() {
+        s.push_str(&format!(
+            "| {} | {} | {} |\n",
+            c["program"].as_str().unwrap_or(""),
+            c["runs"],
+            f(&c["avg_ns"])
+        ));
+    }
+    s.push_str("\nHow to read it: wall-clock slowdowns on this 2-vCPU VM move by several percent between rounds (see the ranges); the per-run costs are the kernel's own accounting and do not depend on that noise. The run-queue probe runs once per context switch (`rq_switch_si`: it reads the incoming task's `sched_info.last_queued` and its run queue's clock, two kernel reads); the fallback design (`rq_wakeup` + `rq_switch`, kernels without sched_info in BTF) runs on every wakeup and every switch. Entering any BPF program costs a good share of that here: compare `sched_process_exec`, which only increments a counter. Per-cgroup run-queue histograms (`[probes] runqueue_cgroups`, off by default) add five dependent kernel reads per switch to find the task's cgroup. Every probe can be turned off in `[probes]`.\n");
+    s
+}
+
 pub(super) fn containers_md(c: &Value) -> String {
     let mut s = String::new();
     if c.get("rows").is_none() {

@@ -91,6 +91,23 @@ impl PerCpu {
         Ok(true)
     }
 
+    /// Looks `key` up and returns each CPU's value as u64 words (`stride_words()` apart).
+    pub(super) fn per_cpu(&mut self, key: *const u8) -> std::io::Result<Option<&[u64]>> {
+        if !bpf_elem(
+            BPF_MAP_LOOKUP_ELEM,
+            self.fd(),
+            key,
+            self.buf.as_mut_ptr() as *mut u8,
+        )? {
+            return Ok(None);
+        }
+        Ok(Some(&self.buf))
+    }
+
+    pub(super) fn stride_words(&self) -> usize {
+        self.stride / 8
+    }
+
     pub(super) fn next_key(&self, key: Option<*const u8>, next: *mut u8) -> std::io::Result<bool> {
         bpf_elem(
             BPF_MAP_GET_NEXT_KEY,

@@ -169,6 +169,7 @@ pub struct Probes {
     runq_prev: Hist,
     runq_cur: Hist,
     devs: Vec<BlockDev>,
+    new_devs: Vec<sensor_common::BlockHistKey>,
     dev_names: HashMap<(u32, u32), String>,
     proc_root: String,
     disk_filter: Filter,
@@ -378,7 +379,10 @@ pub fn load(
             .map(|m| runqueue::CgRunq::new(m, root.clone(), cfg.runqueue_cgroups)),
         _ => None,
     };
-    let block = take("BLOCK_HIST", std::mem::size_of::<Hist>());
+    let block = take(
+        "BLOCK_DEVS",
+        std::mem::size_of::<sensor_common::BlockDevHists>(),
+    );
     let ports = take("TCP_RETRANS_PORT", 8);
     let events = ebpf
         .take_map("EVENTS")
@@ -397,6 +401,7 @@ pub fn load(
         runq_prev: Hist::ZERO,
         runq_cur: Hist::ZERO,
         devs: Vec::new(),
+        new_devs: Vec::new(),
         dev_names: HashMap::new(),
         proc_root: proc_root.to_string(),
         disk_filter,
