@@ -494,7 +494,25 @@ fn wire(a: &Args) -> Result<serde_json::Value> {
         hostname: "bench-host".into(),
         ..Default::default()
     };
-    // Raw (uncompressed) batch payloads of `k` snapshots from `from`.
+    // Version-3 (columnar) frames of `k` snapshots from `from`: total bytes.
+    let columnar = |k: usize, from: &[Snapshot]| -> usize {
+        let mut scratch = Vec::new();
+        from.chunks(k)
+            .filter(|c| c.len() == k)
+            .enumerate()
+            .map(|(i, c)| {
+                let b = Batch {
+                    host: info.hostname.clone(),
+                    boot_id: "0b8c1f6e-2f0a-4b7e-9a51-5d2c7f3e9a10".into(),
+                    seq: i as u64 + 1,
+                    info: None,
+                    snapshots: c.to_vec(),
+                };
+                protocol::encode_batch(&b, 3, &mut scratch).len()
+            })
+            .sum()
+    };
+    // Raw (uncompressed) version-2 batch payloads of `k` snapshots from `from`.
     let payloads = |k: usize, from: &[Snapshot]| -> Vec<(Vec<u8>, u64)> {
         from.chunks(k)
             .filter(|c| c.len() == k)
@@ -553,6 +571,7 @@ fn wire(a: &Args) -> Result<serde_json::Value> {
             "zstd_bytes_per_sample": plain as f64 / samples as f64,
             "dict_bytes_per_sample": with_dict.map(|b| b as f64 / samples as f64),
             "dict_bytes": dict.as_ref().map(|d| d.len()),
+            "columnar_bytes_per_sample": columnar(k, test) as f64 / samples as f64,
         }));
     }
     Ok(

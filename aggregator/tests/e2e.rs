@@ -654,7 +654,8 @@ fn a_declared_column_reaches_an_existing_database_end_to_end() {
 /// committed version-1 fixture, sent with ALPN `sonde/1` — is stored by this aggregator.
 /// (2) This sensor, facing an aggregator that reads only version 1 (`max_wire_version = 1`,
 /// how the previous release behaves), sends version 1: the batches it spooled as version 2
-/// while no aggregator was up included; nothing of the first seconds is lost.
+/// while no aggregator was up included; nothing of the first seconds is lost. (3) Facing an
+/// aggregator that reads up to version 2 (the previous release), it sends version 2.
 #[test]
 fn mixed_wire_versions_old_sensor_new_aggregator_and_new_sensor_old_aggregator() {
     let d = Dir::new("mixed-wire");
@@ -730,6 +731,33 @@ fn mixed_wire_versions_old_sensor_new_aggregator_and_new_sensor_old_aggregator()
         ),
         0
     );
+    drop(agg);
+
+    // (3) An aggregator of the previous release (reads up to version 2): this sensor's
+    // columnar batches are rewritten row by row, with every table version 2 has.
+    let cfg2 = d.0.join("agg-v2.toml");
+    std::fs::write(&cfg2, "[limits]\nmax_wire_version = 2\n").unwrap();
+    let quic_port = free_udp_port();
+    let quic = format!("127.0.0.1:{quic_port}");
+    let agg = start_aggregator_with(&d.0, quic_port, "v2", &["--config", cfg2.to_str().unwrap()]);
+    let mut sensor = start_sensor(&d.0, &quic, "new-sensor", &[]);
+    wait_until(
+        "the sensor's batches (version 2)",
+        Duration::from_secs(30),
+        || {
+            count(
+                &agg,
+                "SELECT count() FROM sonde.processes WHERE host = 'new-sensor' AND pid = 0",
+            ) >= 6
+        },
+    );
+    assert!(sensor.stop().success());
+    assert!(
+        sensor.log_text().contains("reads an older wire version"),
+        "the sensor did not say it rewrites its batches:\n{}",
+        sensor.log_text()
+    );
+    assert_eq!(metric(&agg, "sonde_decode_errors_total"), 0);
 }
 
 /// A sensor upgraded while its spool holds batches the previous release wrote (version-1

@@ -1,12 +1,12 @@
 //! Framing and compression.
 
 use crate::codec::{put_varint, Decode, Encode, Reader};
-use crate::{Batch, Error, HostInfo, Limits, Result};
+use crate::{Batch, Error, HostInfo, Limits, Result, Snapshot};
 
 pub const MAGIC: [u8; 4] = *b"SOND";
-/// The wire version this build writes in batch frames (2: length-delimited records,
-/// see `tables.rs`).
-pub const VERSION: u8 = 2;
+/// The wire version this build writes in batch frames (3: snapshots column by column, see
+/// `columnar.rs`; 2: length-delimited records, see `tables.rs`).
+pub const VERSION: u8 = 3;
 /// The oldest version this build still reads.
 pub const MIN_VERSION: u8 = 1;
 pub const FRAME_HEADER_LEN: usize = 12;
@@ -121,20 +121,61 @@ fn encode_frame_version(kind: FrameKind, version: u8, payload: &[u8], out: &mut 
     out.extend_from_slice(payload);
 }
 
-/// Encodes and compresses a batch into a complete frame.
+/// Encodes and compresses a batch into a complete frame (this build's version).
 /// `scratch` is reused between calls to avoid allocation.
 pub fn encode_batch(batch: &Batch, level: i32, scratch: &mut Vec<u8>) -> Vec<u8> {
-    let mut snaps = Vec::new();
-    for s in &batch.snapshots {
-        s.encode(&mut snaps);
+    scratch.clear();
+    put_batch_head(scratch, &parts_of(batch), batch.snapshots.len() as u64);
+    Snapshot::encode_columns(&batch.snapshots, scratch);
+    compress_frame(scratch, VERSION, level)
+}
+
+/// A batch frame in wire version `version` (1, 2 or 3), for an aggregator that reads no
+/// newer (columns and tables a version did not have are left out of it).
+pub fn encode_batch_version(batch: &Batch, version: u8, level: i32) -> Vec<u8> {
+    match version {
+        1 => encode_batch_v1(batch, level),
+        2 => {
+            let mut raw = Vec::new();
+            put_batch_head(&mut raw, &parts_of(batch), batch.snapshots.len() as u64);
+            for s in &batch.snapshots {
+                s.encode(&mut raw);
+            }
+            compress_frame(&raw, 2, level)
+        }
+        _ => encode_batch(batch, level, &mut Vec::new()),
     }
-    let parts = BatchParts {
+}
+
+fn parts_of(batch: &Batch) -> BatchParts<'_> {
+    BatchParts {
         host: &batch.host,
         boot_id: &batch.boot_id,
         seq: batch.seq,
         info: batch.info.as_ref(),
-    };
-    encode_batch_parts(&parts, batch.snapshots.len() as u64, &snaps, level, scratch)
+    }
+}
+
+fn put_batch_head(out: &mut Vec<u8>, parts: &BatchParts<'_>, count: u64) {
+    crate::codec::put_str(out, parts.host);
+    crate::codec::put_str(out, parts.boot_id);
+    put_varint(out, parts.seq);
+    match parts.info {
+        None => out.push(0),
+        Some(i) => {
+            out.push(1);
+            i.encode(out);
+        }
+    }
+    put_varint(out, count);
+}
+
+fn compress_frame(raw: &[u8], version: u8, level: i32) -> Vec<u8> {
+    let compressed =
+        zstd::bulk::compress(raw, level).expect("zstd compression of an in-memory buffer");
+    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + compressed.len());
+    encode_frame_version(FrameKind::Batch, version, &compressed, &mut out);
+    out
 }
 
 /// The batch header fields, for [`encode_batch_parts`].
@@ -145,9 +186,10 @@ pub struct BatchParts<'a> {
     pub info: Option<&'a HostInfo>,
 }
 
-/// Builds a batch frame from snapshots that were already encoded one by one
-/// into `snapshots` (how the sensor batches without keeping typed copies).
-/// Produces exactly the bytes of [`encode_batch`] for the same batch.
+/// Builds a batch frame from snapshots that were already encoded one by one (version 2
+/// records) into `snapshots` (how the sensor batches without keeping typed copies): they
+/// are read back and written column by column. Produces exactly the bytes of
+/// [`encode_batch`] for the same batch.
 pub fn encode_batch_parts(
     parts: &BatchParts<'_>,
     count: u64,
@@ -155,24 +197,19 @@ pub fn encode_batch_parts(
     level: i32,
     scratch: &mut Vec<u8>,
 ) -> Vec<u8> {
+    let mut r = Reader::new(snapshots, Limits::default()).with_version(2);
+    let snaps: Vec<Snapshot> = (0..count)
+        .map_while(|_| Snapshot::decode(&mut r).ok())
+        .collect();
+    debug_assert_eq!(
+        snaps.len() as u64,
+        count,
+        "snapshots the sensor encoded itself"
+    );
     scratch.clear();
-    crate::codec::put_str(scratch, parts.host);
-    crate::codec::put_str(scratch, parts.boot_id);
-    put_varint(scratch, parts.seq);
-    match parts.info {
-        None => scratch.push(0),
-        Some(i) => {
-            scratch.push(1);
-            i.encode(scratch);
-        }
-    }
-    put_varint(scratch, count);
-    scratch.extend_from_slice(snapshots);
-    let compressed =
-        zstd::bulk::compress(scratch, level).expect("zstd compression of an in-memory buffer");
-    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + compressed.len());
-    encode_frame(FrameKind::Batch, &compressed, &mut out);
-    out
+    put_batch_head(scratch, parts, snaps.len() as u64);
+    Snapshot::encode_columns(&snaps, scratch);
+    compress_frame(scratch, VERSION, level)
 }
 
 /// A batch frame in wire version 1, for an aggregator of the previous release (columns and
@@ -195,13 +232,23 @@ pub fn encode_batch_v1(batch: &Batch, level: i32) -> Vec<u8> {
 }
 
 /// Rewrites a batch frame of a newer version as version 1 (what a sensor sends to an
-/// aggregator of the previous release); a version-1 frame is returned as it is.
+/// aggregator of the release before last); a version-1 frame is returned as it is.
 pub fn downgrade_batch_frame(frame: &[u8], limits: &Limits) -> Result<Vec<u8>> {
+    downgrade_batch_frame_to(frame, 1, limits)
+}
+
+/// Rewrites a batch frame of a newer version than `version` in `version` (what a sensor
+/// sends to an aggregator that reads no newer); an older or equal frame is returned as is.
+pub fn downgrade_batch_frame_to(frame: &[u8], version: u8, limits: &Limits) -> Result<Vec<u8>> {
     let h = decode_frame_header(frame, limits)?;
-    if h.version == 1 {
+    if h.version <= version {
         return Ok(frame.to_vec());
     }
-    Ok(encode_batch_v1(&decode_batch(frame, limits)?, 3))
+    Ok(encode_batch_version(
+        &decode_batch(frame, limits)?,
+        version,
+        3,
+    ))
 }
 
 /// Decodes a complete batch frame: header, bounded zstd, records.

@@ -5,20 +5,22 @@
 //! ```text
 //! +-------+---------+------+-------+----------------+-----------------+
 //! | magic | version | kind | flags | payload length | payload         |
-//! | SOND  | u8 = 2  | u8   | u8    | u32 LE         | length bytes    |
+//! | SOND  | u8 = 3  | u8   | u8    | u32 LE         | length bytes    |
 //! +-------+---------+------+-------+----------------+-----------------+
 //! ```
 //!
 //! A `Batch` frame's payload is zstd-compressed; inside is the compact binary
 //! encoding of [`Batch`] (LEB128 varints for integers, little-endian `f32`
 //! for rates and percentages, length-prefixed strings and lists; from version 2 every
-//! table record and snapshot is length-delimited, see `tables.rs`). Every length
+//! table record and snapshot is length-delimited, see `tables.rs`; from version 3 a
+//! batch's snapshots are written column by column, see `columnar.rs`). Every length
 //! and count is checked against [`Limits`] and against the bytes actually
 //! remaining *before* anything is allocated, and decompression stops at
 //! `Limits::max_decompressed`, so hostile input costs bounded memory and never
 //! panics.
 
 mod codec;
+pub mod columnar;
 pub mod docs;
 mod frame;
 mod records;
@@ -27,9 +29,10 @@ pub mod tables;
 pub use codec::{Decode, Encode, Reader};
 pub use frame::{
     decode_ack, decode_batch, decode_frame, decode_frame_header, decode_gap, decompress_bounded,
-    downgrade_batch_frame, encode_ack, encode_batch, encode_batch_parts, encode_batch_v1,
-    encode_error, encode_frame, encode_gap, read_recording, record_snapshot, recording_header,
-    BatchParts, Frame, FrameHeader, FrameKind, Gap, FRAME_HEADER_LEN, MAGIC, MIN_VERSION, VERSION,
+    downgrade_batch_frame, downgrade_batch_frame_to, encode_ack, encode_batch, encode_batch_parts,
+    encode_batch_v1, encode_batch_version, encode_error, encode_frame, encode_gap, read_recording,
+    record_snapshot, recording_header, BatchParts, Frame, FrameHeader, FrameKind, Gap,
+    FRAME_HEADER_LEN, MAGIC, MIN_VERSION, VERSION,
 };
 pub use records::*;
 

@@ -609,10 +609,15 @@ impl Decode for Batch {
         let info = Option::<HostInfo>::decode(r)?;
         // A snapshot is at least ~150 bytes; 16 is a safe lower bound.
         let n = r.count("batch.snapshots", r.limits.max_snapshots, 16)?;
-        let mut snapshots = Vec::with_capacity(n);
-        for _ in 0..n {
-            snapshots.push(Snapshot::decode(r)?);
-        }
+        let snapshots = if r.version >= 3 {
+            Snapshot::decode_columns(r, n)?
+        } else {
+            let mut snapshots = Vec::with_capacity(n);
+            for _ in 0..n {
+                snapshots.push(Snapshot::decode(r)?);
+            }
+            snapshots
+        };
         Ok(Batch {
             host,
             boot_id,

@@ -426,6 +426,10 @@ pub trait Record: Encode + Decode + Default + Clone + std::fmt::Debug {
     /// The version-1 encoding (the first `TABLE.v1_fields` columns, no length prefix), for
     /// an aggregator of the previous release.
     fn encode_v1(&self, out: &mut Vec<u8>);
+    /// Version 3: appends each column's value, predicted from `prev`, to its stream.
+    fn put_cols(&self, prev: Option<&Self>, cols: &mut [crate::columnar::ColOut]);
+    /// Version 3: the next record from the column streams.
+    fn get_cols(prev: Option<&Self>, cols: &mut [crate::columnar::ColIn<'_>]) -> Result<Self>;
     /// Samples this record carries: one per value column, one per histogram bucket,
     /// at least one.
     fn samples(&self) -> usize {
@@ -605,6 +609,37 @@ macro_rules! tables {
             }
         }
 
+        impl Snapshot {
+            /// Wire version 3: `snaps` column by column (see `columnar.rs`).
+            pub fn encode_columns(snaps: &[Snapshot], out: &mut Vec<u8>) {
+                $crate::columnar::put_times(snaps.iter().map(|s| (s.ts_ms, s.interval_ms)), out);
+                $(
+                    $crate::columnar::put_table::<$rec, Snapshot>(snaps, |s| $crate::card_slice!($card, &s.$field), |s| s.interval_ms, out);
+                )*
+            }
+
+            /// Reads what [`Snapshot::encode_columns`] wrote for `n` snapshots; blocks of
+            /// tables this build does not know are skipped.
+            pub fn decode_columns(r: &mut $crate::Reader<'_>, n: usize) -> $crate::Result<Vec<Snapshot>> {
+                let times = $crate::columnar::get_times(r, n)?;
+                let intervals: Vec<u32> = times.iter().map(|t| t.1).collect();
+                let mut snaps: Vec<Snapshot> = times
+                    .into_iter()
+                    .map(|(ts_ms, interval_ms)| Snapshot { ts_ms, interval_ms, ..Default::default() })
+                    .collect();
+                $(
+                    let t = $crate::columnar::get_table::<$rec>(r, &intervals)?;
+                    for (s, rows) in snaps.iter_mut().zip(t) {
+                        s.$field = $crate::card_from!($card, rows);
+                    }
+                )*
+                while r.remaining() > 0 {
+                    $crate::tables::read_delimited(r, "table of a newer sender", |t| t.bytes(t.remaining()).map(|_| ()))?;
+                }
+                Ok(snaps)
+            }
+        }
+
         impl $crate::Encode for Snapshot {
             fn encode(&self, out: &mut Vec<u8>) {
                 $crate::tables::put_delimited(out, |out| {
@@ -647,6 +682,34 @@ macro_rules! card_type {
     (One $rec:ident) => { $rec };
     (Optional $rec:ident) => { Option<$rec> };
     (Many $rec:ident) => { Vec<$rec> };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! card_slice {
+    (One, $x:expr) => {
+        std::slice::from_ref($x)
+    };
+    (Optional, $x:expr) => {
+        $x.as_slice()
+    };
+    (Many, $x:expr) => {
+        &$x[..]
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! card_from {
+    (One, $rows:expr) => {
+        $rows.into_iter().next().unwrap_or_default()
+    };
+    (Optional, $rows:expr) => {
+        $rows.into_iter().next()
+    };
+    (Many, $rows:expr) => {
+        $rows
+    };
 }
 
 #[doc(hidden)]
@@ -788,6 +851,26 @@ macro_rules! table {
                     }
                     k += 1;
                 )*
+            }
+
+            #[allow(unused_assignments)]
+            fn put_cols(&self, prev: Option<&Self>, cols: &mut [$crate::columnar::ColOut]) {
+                let mut k = 0usize;
+                $(
+                    $crate::columnar::ColValue::put(&self.$f, prev.map(|p| &p.$f), &mut cols[k]);
+                    k += 1;
+                )*
+            }
+
+            #[allow(unused_assignments)]
+            fn get_cols(prev: Option<&Self>, cols: &mut [$crate::columnar::ColIn<'_>]) -> $crate::Result<Self> {
+                let mut v = $rec::default();
+                let mut k = 0usize;
+                $(
+                    v.$f = $crate::columnar::ColValue::get(prev.map(|p| &p.$f), &mut cols[k])?;
+                    k += 1;
+                )*
+                Ok(v)
             }
 
             #[allow(unreachable_code)]

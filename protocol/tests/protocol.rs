@@ -234,9 +234,8 @@ fn frame_size_limit_just_over() {
 #[test]
 fn decompressed_limit_just_over_and_zip_bomb() {
     let b = sample_batch(1, 4);
-    let mut raw = Vec::new();
-    b.encode(&mut raw);
     let f = encode_batch(&b, 3, &mut Vec::new());
+    let raw = decompress_bounded(&f[FRAME_HEADER_LEN..], 1 << 24).unwrap();
     let at = Limits {
         max_decompressed: raw.len(),
         ..Limits::default()
@@ -265,6 +264,13 @@ fn frame_of(raw: &[u8]) -> Vec<u8> {
     let z = zstd::bulk::compress(raw, 1).unwrap();
     let mut f = Vec::new();
     encode_frame(FrameKind::Batch, &z, &mut f);
+    f
+}
+
+/// A version-2 batch frame around a raw payload.
+fn frame_v2_of(raw: &[u8]) -> Vec<u8> {
+    let mut f = frame_of(raw);
+    f[4] = 2;
     f
 }
 
@@ -393,8 +399,16 @@ fn bad_utf8_and_zero_seq_and_trailing() {
     ));
     let raw = vec![0u8, 0, 1, 0, 0, 42];
     assert_eq!(
-        decode_batch(&frame_of(&raw), &Limits::default()),
+        decode_batch(&frame_v2_of(&raw), &Limits::default()),
         Err(Error::TrailingBytes(1))
+    );
+    // Version 3: a byte after the header is the length of the times block, which is not there.
+    assert_eq!(
+        decode_batch(&frame_of(&raw), &Limits::default()),
+        Err(Error::Truncated {
+            offset: 6,
+            needed: 42
+        })
     );
     let raw = vec![
         0u8, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f,
@@ -462,6 +476,7 @@ fn seed_corpus() {
     for (name, b) in [
         ("batch-1", sample_batch(1, 1)),
         ("batch-5", sample_batch(7, 5)),
+        ("batch-v2", sample_batch(3, 3)),
         ("batch-info", {
             let mut b = sample_batch(2, 2);
             b.info = Some(HostInfo {
@@ -475,6 +490,12 @@ fn seed_corpus() {
         }),
     ] {
         let mut f = vec![0u8];
+        if name == "batch-v2" {
+            // A version-2 frame: the row decoder stays covered.
+            f.extend(encode_batch_version(&b, 2, 3));
+            seeds.push((name, f));
+            continue;
+        }
         f.extend(encode_batch(&b, 3, &mut scratch));
         seeds.push((name, f));
         // Raw payload (the fuzz target compresses it): reaches the record decoder.
@@ -564,6 +585,34 @@ fn version_1_frames_still_decode() {
     assert_eq!(decode_batch(&frame, &Limits::default()).unwrap(), want);
 }
 
+/// The previous release's frame (version 2, written by the protocol crate of commit c1051dc
+/// for `sample_batch(9, 3)`, before `cgroup_latency` existed) still decodes, and what this
+/// build sends an aggregator of that release (its version-2 encoder, or a version-3 frame
+/// rewritten) decodes to the same batch.
+#[test]
+fn version_2_frames_of_the_previous_release_decode_and_match_the_v2_encoder() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/batch-v2.bin");
+    let frame = std::fs::read(path).unwrap();
+    assert_eq!(frame[4], 2, "the fixture is a version-2 frame");
+    let mut want = sample_batch(9, 3);
+    for s in &mut want.snapshots {
+        s.cgroup_latency.clear();
+    }
+    assert_eq!(decode_batch(&frame, &Limits::default()).unwrap(), want);
+    // A batch with no rows of the newer table decodes the same from both encoders.
+    let ours = encode_batch_version(&want, 2, 3);
+    assert_eq!(decode_batch(&ours, &Limits::default()).unwrap(), want);
+    let v3 = encode_batch(&want, 3, &mut Vec::new());
+    assert_eq!(
+        decode_batch(
+            &downgrade_batch_frame_to(&v3, 2, &Limits::default()).unwrap(),
+            &Limits::default()
+        )
+        .unwrap(),
+        want
+    );
+}
+
 /// What a sensor sends an aggregator of the previous release: the v1 encoder produces
 /// exactly the bytes the v1 release wrote (the committed fixture), and a v2 frame
 /// downgrades to it.
@@ -583,4 +632,229 @@ fn version_1_encoder_matches_the_v1_release() {
         downgrade_batch_frame(&fixture, &Limits::default()).unwrap(),
         fixture
     );
+}
+
+// ---- wire version 3 (columnar) ------------------------------------------------------------
+
+fn varint_at(b: &[u8], pos: &mut usize) -> u64 {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let x = b[*pos];
+        *pos += 1;
+        v |= ((x & 0x7f) as u64) << shift;
+        if x & 0x80 == 0 {
+            break;
+        }
+    }
+    v
+}
+
+/// A version-3 payload (batch without `info`) cut into its head and its blocks: times,
+/// then one block per table; each block as (start of its length prefix, end).
+fn v3_blocks(raw: &[u8]) -> (usize, Vec<(usize, usize)>) {
+    let mut pos = 0;
+    for _ in 0..2 {
+        let n = varint_at(raw, &mut pos) as usize;
+        pos += n;
+    }
+    varint_at(raw, &mut pos); // seq
+    assert_eq!(raw[pos], 0, "the test batch has no info");
+    pos += 1;
+    varint_at(raw, &mut pos); // snapshot count
+    let head = pos;
+    let mut blocks = Vec::new();
+    while pos < raw.len() {
+        let start = pos;
+        let n = varint_at(raw, &mut pos) as usize;
+        pos += n;
+        blocks.push((start, pos));
+    }
+    (head, blocks)
+}
+
+fn put_varint_vec(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn v3_raw(b: &Batch) -> Vec<u8> {
+    let f = encode_batch(b, 3, &mut Vec::new());
+    assert_eq!(f[4], 3, "this build writes version 3");
+    decompress_bounded(&f[FRAME_HEADER_LEN..], 1 << 24).unwrap()
+}
+
+#[test]
+fn version_3_reader_skips_tables_it_does_not_know_and_defaults_tables_not_sent() {
+    let mut b = sample_batch(5, 4);
+    b.info = None;
+    let raw = v3_raw(&b);
+    let (_, blocks) = v3_blocks(&raw);
+    assert_eq!(
+        blocks.len(),
+        1 + TABLES.len(),
+        "times + one block per table"
+    );
+    // A newer sender's extra table at the end: skipped.
+    let mut newer = raw.clone();
+    newer.extend([3, 9, 9, 9]);
+    assert_eq!(
+        decode_batch(&frame_of(&newer), &Limits::default()).unwrap(),
+        b
+    );
+    // An older sender without the last table: it decodes empty.
+    let (start, _) = *blocks.last().unwrap();
+    let older = raw[..start].to_vec();
+    let mut want = b.clone();
+    for s in &mut want.snapshots {
+        s.cgroup_latency.clear();
+    }
+    assert_eq!(
+        decode_batch(&frame_of(&older), &Limits::default()).unwrap(),
+        want
+    );
+}
+
+#[test]
+fn version_3_columns_not_sent_are_default_and_unknown_columns_skipped() {
+    let mut b = sample_batch(5, 3);
+    b.info = None;
+    let raw = v3_raw(&b);
+    let (_, blocks) = v3_blocks(&raw);
+    // The last table (cgroup_latency): rewrite its block without its last column, and once
+    // with an extra column a newer sender would have.
+    let (start, end) = *blocks.last().unwrap();
+    let mut pos = start;
+    let _len = varint_at(&raw, &mut pos);
+    let body_start = pos;
+    let ncols = varint_at(&raw, &mut pos) as usize;
+    let mut cols = Vec::new();
+    for _ in 0..ncols + 2 {
+        let s = pos;
+        let n = varint_at(&raw, &mut pos) as usize;
+        pos += n;
+        cols.push(raw[s..pos].to_vec()); // [0] row counts, [1] row references
+    }
+    assert_eq!(pos, end);
+    let rebuild = |ncols: usize, parts: &[Vec<u8>]| {
+        let mut body = Vec::new();
+        put_varint_vec(&mut body, ncols as u64);
+        for p in parts {
+            body.extend(p);
+        }
+        let mut out = raw[..start].to_vec();
+        put_varint_vec(&mut out, body.len() as u64);
+        out.extend(body);
+        out
+    };
+    let _ = body_start;
+    let fewer = rebuild(ncols - 1, &cols[..ncols + 1]);
+    let mut want = b.clone();
+    for s in &mut want.snapshots {
+        for r in &mut s.cgroup_latency {
+            r.buckets.clear();
+        }
+    }
+    assert_eq!(
+        decode_batch(&frame_of(&fewer), &Limits::default()).unwrap(),
+        want
+    );
+    let mut more = cols.clone();
+    more.push(vec![2, 7, 7]);
+    let more = rebuild(ncols + 1, &more);
+    assert_eq!(
+        decode_batch(&frame_of(&more), &Limits::default()).unwrap(),
+        b
+    );
+    // Rows with no column at all are refused (each row must cost input bytes).
+    let none = rebuild(0, &cols[..2]);
+    assert!(matches!(
+        decode_batch(&frame_of(&none), &Limits::default()),
+        Err(Error::InvalidValue { .. })
+    ));
+}
+
+#[test]
+fn version_3_downgrades_to_2_and_1_for_older_aggregators() {
+    let b = sample_batch(9, 3);
+    let f3 = encode_batch(&b, 3, &mut Vec::new());
+    let f2 = downgrade_batch_frame_to(&f3, 2, &Limits::default()).unwrap();
+    assert_eq!(f2[4], 2);
+    assert_eq!(decode_batch(&f2, &Limits::default()).unwrap(), b);
+    let f1 = downgrade_batch_frame(&f3, &Limits::default()).unwrap();
+    assert_eq!(f1[4], 1);
+    assert_eq!(f1, encode_batch_v1(&b, 3));
+    // Same or older: as it is.
+    assert_eq!(
+        downgrade_batch_frame_to(&f2, 2, &Limits::default()).unwrap(),
+        f2
+    );
+}
+
+#[test]
+fn version_3_rates_travel_as_integers_and_any_float_round_trips_bit_exact() {
+    // Rates the way the sensor computes them (an integer increase over the interval as
+    // sent) cost a few bits each; the same number of arbitrary floats costs 4 bytes each.
+    let batch = |rate: &dyn Fn(usize, u32) -> f32| {
+        let mut b = sample_batch(1, 5);
+        for (i, s) in b.snapshots.iter_mut().enumerate() {
+            s.interval_ms = [1000, 1001, 999, 1000, 1002][i];
+            s.nets = (0..50)
+                .map(|n| NetRec {
+                    interface: format!("veth{n}"),
+                    rx_bytes_per_s: rate(n * 7 + i, s.interval_ms),
+                    tx_packets_per_s: rate(n + i * 3, s.interval_ms),
+                    ..Default::default()
+                })
+                .collect();
+        }
+        b
+    };
+    let sensor_rate = |k: usize, iv: u32| ((k * 1500 + 17) as f64 / (iv as f64 / 1000.0)) as f32;
+    let arbitrary = |k: usize, _iv: u32| {
+        f32::from_bits(0x4400_0000 ^ (k as u32).wrapping_mul(2_654_435_761) >> 9)
+    };
+    let (a, b) = (batch(&sensor_rate), batch(&arbitrary));
+    for x in [&a, &b] {
+        let f = encode_batch(x, 3, &mut Vec::new());
+        assert_eq!(&decode_batch(&f, &Limits::default()).unwrap(), x);
+    }
+    let raw = |x: &Batch| {
+        decompress_bounded(
+            &encode_batch(x, 3, &mut Vec::new())[FRAME_HEADER_LEN..],
+            1 << 24,
+        )
+        .unwrap()
+        .len()
+    };
+    let (ra, rb) = (raw(&a), raw(&b));
+    assert!(
+        ra + 2 * 500 < rb,
+        "500 sensor-made rates take {ra} bytes uncompressed, 500 arbitrary floats {rb}"
+    );
+    // Floats no formula gives: bit for bit, NaN payloads and signed zeros included.
+    let odd = [
+        f32::NAN,
+        f32::from_bits(0x7fc0_1234),
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MIN_POSITIVE / 3.0,
+        f32::MAX,
+        1e-30,
+        0.1,
+        -123.45,
+    ];
+    let mut c = sample_batch(2, odd.len());
+    for (s, v) in c.snapshots.iter_mut().zip(odd) {
+        s.cpu[0].user = v;
+        s.pressure[0].some_avg10 = v;
+    }
+    let back = decode_batch(&encode_batch(&c, 3, &mut Vec::new()), &Limits::default()).unwrap();
+    for (s, v) in back.snapshots.iter().zip(odd) {
+        assert_eq!(s.cpu[0].user.to_bits(), v.to_bits());
+        assert_eq!(s.pressure[0].some_avg10.to_bits(), v.to_bits());
+    }
 }

@@ -83,7 +83,9 @@ pub fn rate(prev: u64, cur: u64, secs: f64) -> f32 {
     if secs <= 0.0 {
         return 0.0;
     }
-    counter_delta(prev, cur) as f64 as f32 / secs as f32
+    // In f64, then rounded once: exactly what the wire encoding recomputes from the
+    // integer increase (`protocol/src/columnar.rs`), so the rate travels as that integer.
+    (counter_delta(prev, cur) as f64 / secs) as f32
 }
 
 pub fn counter_delta(prev: u64, cur: u64) -> u64 {

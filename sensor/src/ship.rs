@@ -145,18 +145,21 @@ enum SendError {
     Connection(String),
 }
 
-/// The wire version the aggregator chose for this connection (ALPN): 1 for an aggregator
-/// of the previous release, else this build's.
+/// The wire version the aggregator chose for this connection (ALPN `sonde/N`); this
+/// build's when it chose none.
 fn negotiated_version(conn: &quinn::Connection) -> u8 {
-    let proto = conn
-        .handshake_data()
+    conn.handshake_data()
         .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
-        .and_then(|h| h.protocol);
-    if proto.as_deref() == Some(crate::tls::ALPN_V1) {
-        1
-    } else {
-        protocol::VERSION
-    }
+        .and_then(|h| h.protocol)
+        .and_then(|p| {
+            std::str::from_utf8(&p)
+                .ok()?
+                .strip_prefix("sonde/")?
+                .parse::<u8>()
+                .ok()
+        })
+        .filter(|v| (protocol::MIN_VERSION..=protocol::VERSION).contains(v))
+        .unwrap_or(protocol::VERSION)
 }
 
 async fn send_one(
@@ -165,14 +168,14 @@ async fn send_one(
     version: u8,
 ) -> Result<(), SendError> {
     let c = |e: &dyn std::fmt::Display| SendError::Connection(e.to_string());
-    // A batch written in a newer version than the aggregator reads is sent as version 1
-    // (what the previous release reads); spooled frames stay as they were written.
+    // A batch written in a newer version than the aggregator reads is rewritten in the
+    // version it reads; spooled frames stay as they were written.
     let is_batch = frame.get(5) == Some(&(protocol::FrameKind::Batch as u8));
     let frame = if is_batch && version < frame.get(4).copied().unwrap_or(0) {
-        match protocol::downgrade_batch_frame(&frame, &protocol::Limits::default()) {
+        match protocol::downgrade_batch_frame_to(&frame, version, &protocol::Limits::default()) {
             Ok(f) => Arc::new(f),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot rewrite a spooled batch as version 1; sending it as written");
+                tracing::warn!(error = %e, version, "cannot rewrite a spooled batch in the aggregator's version; sending it as written");
                 frame
             }
         }
@@ -208,8 +211,11 @@ pub async fn run(
         match connect(&endpoint, addr_s, &cfg.server_name).await {
             Ok(conn) => {
                 tracing::info!(aggregator = %addr_s, pending = outbox.len(), pending_bytes = outbox.bytes(), "connected");
-                if negotiated_version(&conn) < protocol::VERSION {
+                let v = negotiated_version(&conn);
+                if v == 1 {
                     tracing::warn!(aggregator = %addr_s, "the aggregator reads wire version 1 (an older release): batches are sent as version 1, without the columns and tables added since; upgrade the aggregator");
+                } else if v < protocol::VERSION {
+                    tracing::warn!(aggregator = %addr_s, version = v, "the aggregator reads an older wire version (an older release): batches are rewritten in it, row by row (larger on the wire); upgrade the aggregator");
                 }
                 backoff = Duration::from_millis(100);
                 let reason = serve(&conn, &outbox, cfg.max_in_flight).await;

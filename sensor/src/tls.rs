@@ -6,10 +6,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// Wire versions this sensor can send, newest first (ALPN `sonde/N`): the aggregator picks
-/// one; `sonde/1` means an aggregator of the previous release (batches are then sent as
-/// version 1, see `ship.rs`).
-pub const ALPN: [&[u8]; 2] = [b"sonde/2", b"sonde/1"];
-pub const ALPN_V1: &[u8] = b"sonde/1";
+/// the newest it reads, and batches are sent in that version (see `ship.rs`): `sonde/2` is
+/// an aggregator before columnar batches, `sonde/1` one before length-delimited records.
+pub const ALPN: [&[u8]; 3] = [b"sonde/3", b"sonde/2", b"sonde/1"];
 
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let data = std::fs::read(path)

@@ -54,7 +54,8 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
         /// Run one section only and print it (target/bench/BENCHMARKS-<section>.md):
-        /// `containers` (section 8) or `ebpf` (section 4).
+        /// `containers` (section 8), `ebpf` (section 4) or `wire` (section 2's encodings, on
+        /// snapshots of this host recorded for the purpose).
         #[arg(long, value_name = "SECTION")]
         only: Option<String>,
     },

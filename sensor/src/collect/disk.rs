@@ -88,8 +88,8 @@ fn fill(r: &mut DiskRec, name: &str, p: &[u64; 11], c: &[u64; 11], secs: f64) {
     let d = |i: usize| counter_delta(p[i], c[i]);
     r.reads_per_s = rate(p[0], c[0], secs);
     r.writes_per_s = rate(p[4], c[4], secs);
-    r.read_bytes_per_s = (d(2) * 512) as f32 / secs as f32;
-    r.write_bytes_per_s = (d(6) * 512) as f32 / secs as f32;
+    r.read_bytes_per_s = ((d(2) * 512) as f64 / secs) as f32;
+    r.write_bytes_per_s = ((d(6) * 512) as f64 / secs) as f32;
     r.r_await_ms = if d(0) == 0 {
         0.0
     } else {

@@ -130,13 +130,19 @@ impl Collector {
     /// counters and returns false: rates need two reads.
     pub fn collect(&mut self, snap: &mut Snapshot) -> bool {
         let now = Instant::now();
-        let secs = self.last.map(|l| now.duration_since(l).as_secs_f64());
+        let elapsed = self.last.map(|l| now.duration_since(l).as_secs_f64());
         self.last = Some(now);
         snap.ts_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        snap.interval_ms = secs.map(|s| (s * 1000.0).round() as u32).unwrap_or(0);
+        snap.interval_ms = elapsed
+            .map(|s| (s * 1000.0).round().max(1.0) as u32)
+            .unwrap_or(0);
+        // Rates are over the interval as sent (whole milliseconds, at most 0.5 ms off the
+        // measured one): a rate is then exactly `increase * 1000 / interval_ms`, which the
+        // wire encoding turns back into the integer increase (`protocol/src/columnar.rs`).
+        let secs = elapsed.map(|_| snap.interval_ms as f64 / 1000.0);
         let results = [
             (
                 "/proc/stat",

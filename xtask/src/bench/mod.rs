@@ -321,8 +321,8 @@ fn start_env(dir: &Path, bin: PathBuf) -> Result<(Proc, Env)> {
 }
 
 pub fn run_bench(quick: bool, only: Option<&str>) -> Result<()> {
-    if let Some(o) = only.filter(|o| !["containers", "ebpf"].contains(o)) {
-        bail!("--only {o}: the sections that run alone are: containers, ebpf");
+    if let Some(o) = only.filter(|o| !["containers", "ebpf", "wire"].contains(o)) {
+        bail!("--only {o}: the sections that run alone are: containers, ebpf, wire");
     }
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmark needs root (eBPF probes, loop devices)");
@@ -343,6 +343,24 @@ pub fn run_bench(quick: bool, only: Option<&str>) -> Result<()> {
     let dir = root.join("target/bench");
     let _ = std::fs::remove_dir_all(dir.join("agg"));
     std::fs::create_dir_all(&dir)?;
+    if only == Some("wire") {
+        // This host's own snapshots, then every encoding over them.
+        let n = if quick { 30 } else { 120 };
+        step(&format!(
+            "recording {n} snapshots of this host (sensor record, 1 s apart)"
+        ));
+        let rec = dir.join("record.bin");
+        run(Command::new(root.join("target/release/sensor"))
+            .args(["record", "--count", &n.to_string(), "--out"])
+            .arg(&rec))?;
+        let w = wire_study(&rec)?;
+        let md = format!("# sonde benchmarks: wire size only\n{}", wire_md(&w));
+        let doc = dir.join("BENCHMARKS-wire.md");
+        std::fs::write(&doc, &md)?;
+        println!("{md}");
+        step(&format!("results: {}", doc.display()));
+        return Ok(());
+    }
     crate::certs::run(
         &dir.join("certs"),
         &[

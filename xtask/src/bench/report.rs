@@ -70,25 +70,7 @@ pub(super) fn markdown(r: &Value, quick: bool) -> String {
             w["snapshots_per_batch"].as_str().unwrap_or("")
         ));
     }
-    if let Some(rows) = r["wire_study"]["rows"].as_array() {
-        s.push_str(&format!(
-            "\nEffect of batch size and of a trained zstd dictionary: {} real snapshots of this host recorded with `sensor record` \
-             ({} samples each); the first half trains a 16 KiB dictionary (sliding windows of the batch size), the second half is \
-             measured. Frame header included; level 3 as the sensor uses. The sensor sends 5-snapshot batches (5 s at 1 s) without \
-             a dictionary.\n\n| snapshots per batch | batches measured | uncompressed B/sample | zstd B/sample | zstd + dictionary B/sample |\n|---|---|---|---|---|\n",
-            r["wire_study"]["snapshots"], r["wire_study"]["samples_per_snapshot"]
-        ));
-        for w in rows {
-            s.push_str(&format!(
-                "| {} | {} | {} | {} | {} |\n",
-                w["snapshots_per_batch"],
-                w["batches"],
-                f(&w["raw_bytes_per_sample"]),
-                f(&w["zstd_bytes_per_sample"]),
-                f(&w["dict_bytes_per_sample"])
-            ));
-        }
-    }
+    s.push_str(&wire_md(&r["wire_study"]));
     if let Some(i) = r.get("ingest") {
         s.push_str("\n## 3. Ingest\n\nMethod: `aggregator/benches/loadgen.rs` simulates sensors in one process: each has its own client \
                     certificate issued from the deployment CA (distinct host identity), its own QUIC connection with mutual TLS 1.3, and sends \
@@ -199,6 +181,35 @@ pub(super) fn markdown(r: &Value, quick: bool) -> String {
 }
 
 /// Section 8 (also what `cargo xtask bench --only containers` prints).
+/// The wire study (batch size, dictionary, columnar encoding) of section 2 (also what
+/// `cargo xtask bench --only wire` prints).
+pub(super) fn wire_md(w0: &Value) -> String {
+    let mut s = String::new();
+    if let Some(rows) = w0["rows"].as_array() {
+        s.push_str(&format!(
+            "\nEffect of batch size and of a trained zstd dictionary: {} real snapshots of this host recorded with `sensor record` \
+             ({} samples each); the first half trains a 16 KiB dictionary (sliding windows of the batch size), the second half is \
+             measured. Frame header included; level 3 as the sensor uses. The sensor sends 5-snapshot batches (5 s at 1 s) without \
+             a dictionary, column by column (wire version 3: each value predicted from the same series in the previous snapshot, \
+             `protocol/src/columnar.rs`); the row columns are version 2's records, which an aggregator of the previous release gets.\n\n\
+             | snapshots per batch | batches measured | rows, uncompressed B/sample | rows + zstd B/sample | rows + zstd + dictionary B/sample | columnar + zstd B/sample (sent) |\n|---|---|---|---|---|---|\n",
+            w0["snapshots"], w0["samples_per_snapshot"]
+        ));
+        for w in rows {
+            s.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} |\n",
+                w["snapshots_per_batch"],
+                w["batches"],
+                f(&w["raw_bytes_per_sample"]),
+                f(&w["zstd_bytes_per_sample"]),
+                f(&w["dict_bytes_per_sample"]),
+                f(&w["columnar_bytes_per_sample"])
+            ));
+        }
+    }
+    s
+}
+
 /// Section 4, eBPF probe overhead (also what `cargo xtask bench --only ebpf` prints).
 pub(super) fn ebpf_md(e: &Value) -> String {
     let mut s = String::new();
