@@ -18,7 +18,7 @@ pub const RUNQ_TS_MASK: u64 = (1 << RUNQ_TS_BITS) - 1;
 /// Entries of the per-cgroup run-queue histogram map (`RUNQ_CG_HIST`, keyed by cgroup id).
 /// When it is full, further cgroups are counted under key [`RUNQ_CG_OTHER`].
 pub const RUNQ_CGROUPS_MAX: u32 = 1024;
-/// Key of the per-cgroup run-queue entry that sums cgroups the map had no room for.
+/// Id of the per-cgroup entry that sums cgroups a map had no room for.
 pub const RUNQ_CG_OTHER: u64 = 0;
 
 /// How the single-program run-queue probe finds the woken task's cgroup (`RQ_CG_MODE`).
@@ -119,7 +119,22 @@ pub struct BlockSlot {
     /// 0 read, 1 write.
     pub op: u32,
     pub _pad: u32,
+    /// The cgroup id of the request's blkcg (per-cgroup histograms on), else 0.
+    pub cgroup: u64,
 }
+
+/// Key of the per-cgroup histogram maps: a cgroup id (its directory's inode number; 0 =
+/// the cgroups the map had no room for) and what is measured (`kind`: for block I/O 0 read
+/// latency, 1 write latency; for the run queue 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CgKey {
+    pub id: u64,
+    pub kind: u64,
+}
+
+/// Entries of the per-cgroup block latency map (`BLOCK_CG_HIST`).
+pub const BLOCK_CGROUPS_MAX: u32 = 1024;
 
 /// One device's block histograms on one CPU, indexed by [`block_kind`]; `dev` 0 = free.
 #[repr(C)]

@@ -18,8 +18,9 @@ use aya_ebpf::{
 };
 use sensor_common::{
     block_dev_slot, block_kind, block_slot, counter, event_kind, log2_bucket, rq_cg_mode,
-    BlockDevHists, BlockSlot, Counters, Event, Hist, BLOCK_DEV_SLOTS, BLOCK_INFLIGHT_SLOTS,
-    RUNQ_CGROUPS_MAX, RUNQ_CG_OTHER, RUNQ_TABLE, RUNQ_TABLE_BITS, RUNQ_TS_BITS, RUNQ_TS_MASK,
+    BlockDevHists, BlockSlot, CgKey, Counters, Event, Hist, BLOCK_CGROUPS_MAX, BLOCK_DEV_SLOTS,
+    BLOCK_INFLIGHT_SLOTS, RUNQ_CGROUPS_MAX, RUNQ_CG_OTHER, RUNQ_TABLE, RUNQ_TABLE_BITS,
+    RUNQ_TS_BITS, RUNQ_TS_MASK,
 };
 
 #[map]
@@ -29,7 +30,10 @@ static RUNQ_HIST: PerCpuArray<Hist> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static RUNQ_WAKE: Array<u64> = Array::with_max_entries(RUNQ_TABLE, 0);
 #[map]
-static RUNQ_CG_HIST: PerCpuHashMap<u64, Hist> = PerCpuHashMap::with_max_entries(RUNQ_CGROUPS_MAX, 0);
+static RUNQ_CG_HIST: PerCpuHashMap<CgKey, Hist> = PerCpuHashMap::with_max_entries(RUNQ_CGROUPS_MAX, 0);
+#[map]
+static BLOCK_CG_HIST: PerCpuHashMap<CgKey, Hist> =
+    PerCpuHashMap::with_max_entries(BLOCK_CGROUPS_MAX, 0);
 /// This CPU's `struct rq` (found once per CPU through the switching-out task).
 #[map]
 static RUNQ_RQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
@@ -209,6 +213,27 @@ fn task_cgroup_id(task: u64, mode: u32) -> u64 {
     kread(kn, global(&KN_ID_OFF))
 }
 
+/// The per-CPU histogram of (cgroup `id`, `kind`) in `map`, created when new; when the map
+/// is full, the "other" entry (id 0).
+#[inline(always)]
+fn cg_hist(map: &PerCpuHashMap<CgKey, Hist>, id: u64, kind: u64) -> Option<*mut Hist> {
+    let key = CgKey { id, kind };
+    if let Some(h) = map.get_ptr_mut(&key) {
+        return Some(h);
+    }
+    // BPF_NOEXIST: another CPU may have created it meanwhile.
+    let _ = map.insert(&key, &ZERO_HIST, 1);
+    if let Some(h) = map.get_ptr_mut(&key) {
+        return Some(h);
+    }
+    let other = CgKey {
+        id: RUNQ_CG_OTHER,
+        kind,
+    };
+    let _ = map.insert(&other, &ZERO_HIST, 1);
+    map.get_ptr_mut(&other)
+}
+
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn rq_switch_si(ctx: RawTracePointContext) -> i32 {
     // TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next, ...)
@@ -241,23 +266,8 @@ pub fn rq_switch_si(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     let id = task_cgroup_id(next, mode);
-    let h = match RUNQ_CG_HIST.get_ptr_mut(&id) {
-        Some(h) => h,
-        None => {
-            // New cgroup (BPF_NOEXIST: another CPU may have created it meanwhile). When the
-            // map is full it is counted under "other".
-            let _ = RUNQ_CG_HIST.insert(&id, &ZERO_HIST, 1);
-            match RUNQ_CG_HIST.get_ptr_mut(&id) {
-                Some(h) => h,
-                None => {
-                    let _ = RUNQ_CG_HIST.insert(&RUNQ_CG_OTHER, &ZERO_HIST, 1);
-                    match RUNQ_CG_HIST.get_ptr_mut(&RUNQ_CG_OTHER) {
-                        Some(h) => h,
-                        None => return 0,
-                    }
-                }
-            }
-        }
+    let Some(h) = cg_hist(&RUNQ_CG_HIST, id, 0) else {
+        return 0;
     };
     hist_add(h, wait_us);
     0
@@ -285,19 +295,13 @@ fn block_op(rwbs: [u8; 4]) -> Option<u32> {
 /// free again after this long.
 const BLOCK_STALE_NS: u64 = 30_000_000_000;
 
-#[tracepoint(category = "block", name = "block_rq_issue")]
-pub fn block_rq_issue(ctx: TracePointContext) -> u32 {
-    // dev 8, sector 16, bytes 28, rwbs 34
-    let Some(op) = block_op(field(&ctx, 34)) else {
-        return 0;
-    };
-    let dev: u32 = field(&ctx, 8);
-    let sector: u64 = field(&ctx, 16);
+#[inline(always)]
+fn block_issue(dev: u32, sector: u64, bytes: u32, op: u32, cgroup: u64) {
     let now = unsafe { bpf_ktime_get_ns() };
     let first = block_slot(dev, sector);
     for i in [first, first | 1] {
         let Some(s) = BLOCK_INFLIGHT.get_ptr_mut(i) else {
-            return 0;
+            return;
         };
         unsafe {
             let free = (*s).ts_ns == 0
@@ -306,14 +310,91 @@ pub fn block_rq_issue(ctx: TracePointContext) -> u32 {
             if free {
                 (*s).sector = sector;
                 (*s).dev = dev;
-                (*s).bytes = field(&ctx, 28);
+                (*s).bytes = bytes;
                 (*s).op = op;
+                (*s).cgroup = cgroup;
                 (*s).ts_ns = now;
-                return 0;
+                return;
             }
         }
     }
     // Both slots hold other requests in flight: this one will count as unmatched.
+}
+
+#[tracepoint(category = "block", name = "block_rq_issue")]
+pub fn block_rq_issue(ctx: TracePointContext) -> u32 {
+    // dev 8, sector 16, bytes 28, rwbs 34
+    let Some(op) = block_op(field(&ctx, 34)) else {
+        return 0;
+    };
+    block_issue(field(&ctx, 8), field(&ctx, 16), field(&ctx, 28), op, 0);
+    0
+}
+
+// Per-cgroup block latency: the same issue program on the raw tracepoint, which hands over
+// the request itself, so the request's block cgroup (`rq->bio->bi_blkg->blkcg`, the cgroup
+// the I/O is charged to, writeback included) can be read. Fields at BTF offsets set by the
+// sensor; attached instead of `block_rq_issue` when `[probes] block_cgroups` is on.
+
+#[unsafe(no_mangle)]
+static RQ_SECTOR_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static RQ_DATA_LEN_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static RQ_CMD_FLAGS_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static RQ_Q_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static Q_DISK_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static DISK_MAJOR_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static DISK_MINOR_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static RQ_BIO_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static BIO_BLKG_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static BLKG_BLKCG_OFF: u32 = 0;
+/// Offset of `css` in `struct blkcg` (its `cgroup` pointer is the first member of the css).
+#[unsafe(no_mangle)]
+static BLKCG_CSS_OFF: u32 = 0;
+
+#[raw_tracepoint(tracepoint = "block_rq_issue")]
+pub fn block_rq_issue_cg(ctx: RawTracePointContext) -> i32 {
+    // TP_PROTO(struct request *rq)
+    let rq: u64 = ctx.arg(0);
+    let flags: u32 = kread(rq, global(&RQ_CMD_FLAGS_OFF));
+    // REQ_OP_READ 0, REQ_OP_WRITE 1 (the tracepoint's rwbs R and W); the rest not counted.
+    let op = flags & 0xff;
+    if op > 1 {
+        return 0;
+    }
+    let q: u64 = kread(rq, global(&RQ_Q_OFF));
+    let disk: u64 = kread(q, global(&Q_DISK_OFF));
+    if disk == 0 {
+        return 0;
+    }
+    let major: i32 = kread(disk, global(&DISK_MAJOR_OFF));
+    let minor: i32 = kread(disk, global(&DISK_MINOR_OFF));
+    let dev = ((major as u32) << 20) | (minor as u32 & 0xf_ffff);
+    let bio: u64 = kread(rq, global(&RQ_BIO_OFF));
+    let blkg: u64 = kread(bio, global(&BIO_BLKG_OFF));
+    let blkcg: u64 = kread(blkg, global(&BLKG_BLKCG_OFF));
+    let cgroup = if blkcg == 0 {
+        0
+    } else {
+        let cg: u64 = kread(blkcg + global(&BLKCG_CSS_OFF) as u64, 0);
+        let kn: u64 = kread(cg, global(&CGROUP_KN_OFF));
+        kread(kn, global(&KN_ID_OFF))
+    };
+    block_issue(
+        dev,
+        kread(rq, global(&RQ_SECTOR_OFF)),
+        kread(rq, global(&RQ_DATA_LEN_OFF)),
+        op,
+        cgroup,
+    );
     0
 }
 
@@ -342,20 +423,20 @@ pub fn block_rq_complete(ctx: TracePointContext) -> u32 {
     let dev: u32 = field(&ctx, 8);
     let sector: u64 = field(&ctx, 16);
     let first = block_slot(dev, sector);
-    let mut found: Option<(u64, u32, u32)> = None;
+    let mut found: Option<(u64, u32, u32, u64)> = None;
     for i in [first, first | 1] {
         let Some(s) = BLOCK_INFLIGHT.get_ptr_mut(i) else {
             return 0;
         };
         unsafe {
             if (*s).ts_ns != 0 && (*s).dev == dev && (*s).sector == sector {
-                found = Some(((*s).ts_ns, (*s).bytes, (*s).op));
+                found = Some(((*s).ts_ns, (*s).bytes, (*s).op, (*s).cgroup));
                 (*s).ts_ns = 0;
                 break;
             }
         }
     }
-    let Some((ts, bytes, op)) = found else {
+    let Some((ts, bytes, op, cgroup)) = found else {
         bump(counter::BLOCK_UNMATCHED, 1);
         return 0;
     };
@@ -372,6 +453,11 @@ pub fn block_rq_complete(ctx: TracePointContext) -> u32 {
     unsafe {
         hist_add(&mut (*e).hists[(lat_kind & 3) as usize], lat_us);
         hist_add(&mut (*e).hists[(size_kind & 3) as usize], bytes as u64);
+    }
+    if cgroup != 0 {
+        if let Some(h) = cg_hist(&BLOCK_CG_HIST, cgroup, (op & 1) as u64) {
+            hist_add(h, lat_us);
+        }
     }
     0
 }

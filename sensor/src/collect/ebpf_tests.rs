@@ -26,6 +26,7 @@ fn only(probe: &str) -> ProbeConfig {
         oom: probe == "oom",
         process: probe == "process",
         runqueue_cgroups: 20,
+        block_cgroups: 0,
         runqueue_fallback: false,
         object: None,
     }
@@ -212,6 +213,101 @@ fn block_histogram_counts_match_diskstats_on_a_loop_device() {
 }
 
 // ---- run queue --------------------------------------------------------------------------------
+
+/// A v1 blkio cgroup made by the test, removed when dropped.
+struct BlkioCgroup(std::path::PathBuf);
+
+impl Drop for BlkioCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn block_latency_per_cgroup_counts_the_io_of_the_cgroup_that_did_it() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !is_root() {
+        eprintln!("SKIP: needs root");
+        return;
+    }
+    let blkio = std::path::Path::new("/sys/fs/cgroup/blkio");
+    if !blkio.join("cgroup.procs").exists() {
+        eprintln!("SKIP: no v1 blkio controller at /sys/fs/cgroup/blkio");
+        return;
+    }
+    let file = format!("/var/tmp/sonde-loop-cg-{}.img", std::process::id());
+    sh(&format!("truncate -s 64M {file}"));
+    let dev = sh(&format!("losetup -f --show {file}"));
+    let lp = Loop {
+        dev: dev.clone(),
+        file,
+    };
+    let name = dev.trim_start_matches("/dev/").to_string();
+    std::thread::sleep(Duration::from_millis(300));
+    let cg = BlkioCgroup(blkio.join(format!("sonde-blk-{}", std::process::id())));
+    std::fs::create_dir_all(&cg.0).unwrap();
+    let mut cfg = only("block");
+    cfg.block_cgroups = 20;
+    let Some((mut p, how)) = probes_with(&cfg, "block") else {
+        return;
+    };
+    // This kernel has CONFIG_BLK_CGROUP and BTF: per cgroup it must be.
+    assert!(how.contains("per cgroup"), "block: {how}");
+    collect(&mut p, None);
+    let t0 = Instant::now();
+    let before = diskstats(&name);
+    // The I/O is done by a shell that first moves itself into the cgroup.
+    sh(&format!(
+        "sh -c 'echo $$ > {procs} && \
+         dd if=/dev/zero of={dev} bs=4k count=700 oflag=direct status=none && \
+         dd if={dev} of=/dev/null bs=4k count=900 iflag=direct status=none'",
+        procs = cg.0.join("cgroup.procs").display()
+    ));
+    std::thread::sleep(Duration::from_millis(200));
+    let after = diskstats(&name);
+    let o = collect(&mut p, Some(t0.elapsed().as_secs_f64()));
+    let (reads, writes) = (after.0 - before.0, after.1 - before.1);
+    let path = format!("/{}", cg.0.file_name().unwrap().to_string_lossy());
+    let row = |source: &str| {
+        o.cgroup_latency
+            .iter()
+            .find(|r| r.cgroup == path && r.source == source)
+            .map(|r| (r.count, r.unit.clone(), r.sum))
+    };
+    let (r, w) = (row("block:read"), row("block:write"));
+    eprintln!(
+        "diskstats {name}: {reads} reads, {writes} writes; cgroup {path}: {r:?} {w:?}; rows {:?}",
+        o.cgroup_latency
+            .iter()
+            .map(|r| (&r.cgroup, &r.source, r.count))
+            .collect::<Vec<_>>()
+    );
+    assert!(reads >= 900 && writes >= 700, "the I/O did not happen");
+    let (rc, unit, rsum) = r.expect("a block:read row for the test's cgroup");
+    let (wc, _, _) = w.expect("a block:write row for the test's cgroup");
+    assert_eq!(unit, "us");
+    assert!(rsum > 0);
+    // Nothing else touches this loop device: every request of it is the cgroup's.
+    assert_eq!(
+        rc, reads,
+        "reads in the cgroup's row vs the device's diskstats"
+    );
+    assert_eq!(
+        wc, writes,
+        "writes in the cgroup's row vs the device's diskstats"
+    );
+    // The cgroup removed: its entries are forgotten at the next collections.
+    drop(cg);
+    collect(&mut p, Some(0.1));
+    collect(&mut p, Some(0.1));
+    let kept = p.block_cgroups_tracked();
+    assert!(
+        !kept.contains(&path),
+        "state kept for the removed cgroup: {kept:?}"
+    );
+    drop(p);
+    drop(lp);
+}
 
 /// Sum of run_delay (ns, time spent runnable but waiting for a CPU) over every task on the
 /// system, from /proc/PID/task/TID/schedstat. The kernel keeps it only with schedstats or

@@ -3,10 +3,12 @@
 
 use super::maps::{hist_delta, hist_words, slot_lat};
 use super::{spec, Probes, ProgSpec};
+use crate::collect::btf::Btf;
 use protocol::LatencyRec;
 use sensor_common::{
     block_kind, dev_major_minor, BlockDevHists, BlockHistKey, Hist, BLOCK_DEV_SLOTS,
 };
+use std::path::{Path, PathBuf};
 
 pub(super) const PROGRAMS: &[ProgSpec] = &[
     spec(
@@ -27,6 +29,62 @@ pub(super) const PROGRAMS: &[ProgSpec] = &[
         &[("dev", 8, 4), ("sector", 16, 8)],
     ),
 ];
+
+/// With per-cgroup histograms: the issue program on the raw tracepoint (it reads the
+/// request), the same completion program.
+pub(super) const CGROUP: &[ProgSpec] = &[
+    super::raw("block_rq_issue_cg", "block", "block_rq_issue"),
+    spec(
+        "block_rq_complete",
+        "block",
+        "block_rq_complete",
+        &[("dev", 8, 4), ("sector", 16, 8)],
+    ),
+];
+
+/// Kernel structure offsets `block_rq_issue_cg` reads (from BTF), and the hierarchy the
+/// cgroup ids it finds belong to.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Layout {
+    pub sector: u32,
+    pub data_len: u32,
+    pub cmd_flags: u32,
+    pub q: u32,
+    pub q_disk: u32,
+    pub disk_major: u32,
+    pub disk_minor: u32,
+    pub bio: u32,
+    pub bio_blkg: u32,
+    pub blkg_blkcg: u32,
+    pub blkcg_css: u32,
+    pub cgroup_kn: u32,
+    pub kn_id: u32,
+    pub root: PathBuf,
+}
+
+impl Layout {
+    /// `None` when a field is missing (no CONFIG_BLK_CGROUP, say) or no hierarchy has the
+    /// block controller: the v1 blkio one when mounted, else the v2 tree.
+    pub fn from_btf(b: &Btf, blkio_v1: Option<&Path>, v2: Option<&Path>) -> Option<Layout> {
+        let off = |s: &str, m: &str| b.path_offset(s, m).map(|o| o as u32);
+        Some(Layout {
+            sector: off("request", "__sector")?,
+            data_len: off("request", "__data_len")?,
+            cmd_flags: off("request", "cmd_flags")?,
+            q: off("request", "q")?,
+            q_disk: off("request_queue", "disk")?,
+            disk_major: off("gendisk", "major")?,
+            disk_minor: off("gendisk", "first_minor")?,
+            bio: off("request", "bio")?,
+            bio_blkg: off("bio", "bi_blkg")?,
+            blkg_blkcg: off("blkcg_gq", "blkcg")?,
+            blkcg_css: off("blkcg", "css")?,
+            cgroup_kn: off("cgroup", "kn")?,
+            kn_id: off("kernfs_node", "id")?,
+            root: blkio_v1.or(v2)?.to_path_buf(),
+        })
+    }
+}
 
 pub(super) struct BlockDev {
     key: BlockHistKey,
@@ -119,13 +177,21 @@ impl Probes {
         }
     }
 
-    /// Adds one histogram per device and kind that saw I/O in the interval.
+    /// Adds one histogram per device and kind that saw I/O in the interval, and the
+    /// per-cgroup rows (when on) to `cg_latency`.
     pub(super) fn collect_block(
         &mut self,
         secs: Option<f64>,
         latency: &mut Vec<LatencyRec>,
         nlat: &mut usize,
+        cg_latency: &mut Vec<protocol::CgroupLatencyRec>,
     ) {
+        let report = self.primed && secs.is_some();
+        if let Some(c) = self.block_cg.as_mut() {
+            if let Err(e) = c.collect(report, cg_latency) {
+                self.warn("BLOCK_CG_HIST", e);
+            }
+        }
         if self.block.is_none() {
             return;
         }

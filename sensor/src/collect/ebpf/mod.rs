@@ -9,11 +9,13 @@
 //!
 //! One file per probe, next to its name and mirroring the sections of sensor-ebpf's
 //! programs: `runqueue.rs`, `block.rs`, `tcp.rs`, `oom.rs`, `process.rs` (each with the
-//! programs it attaches and its share of the collection); `maps.rs` reads the maps with
+//! programs it attaches and its share of the collection); `cghists.rs` holds the
+//! per-cgroup histograms the run-queue and block probes share; `maps.rs` reads the maps with
 //! the raw `bpf(2)` syscall and buffers allocated once, so a steady-state collection
 //! allocates nothing. This file loads, attaches and schedules them.
 
 mod block;
+mod cghists;
 mod maps;
 mod oom;
 mod process;
@@ -106,6 +108,11 @@ pub struct ProbeConfig {
     /// histogram only: finding a task's cgroup costs about 180 ns per context switch here,
     /// more than the rest of the probe.
     pub runqueue_cgroups: usize,
+    /// Per-cgroup block I/O latency (table `cgroup_latency`, sources `block:read` and
+    /// `block:write`, all devices): rows per interval per source, the busiest cgroups and
+    /// `other`. 0 (the default) = per device only: the issue program then reads the request
+    /// and its block cgroup (about a dozen kernel reads per I/O).
+    pub block_cgroups: usize,
     /// Use the wakeup + switch programs for the run queue even where the kernel allows one
     /// program per switch (to compare the two; costs about twice as much).
     pub runqueue_fallback: bool,
@@ -123,6 +130,7 @@ impl Default for ProbeConfig {
             oom: true,
             process: true,
             runqueue_cgroups: 0,
+            block_cgroups: 0,
             runqueue_fallback: false,
             object: None,
         }
@@ -160,7 +168,8 @@ pub struct Probes {
     active: [bool; 5],
     counters: Option<PerCpu>,
     runq: Option<PerCpu>,
-    runq_cg: Option<runqueue::CgRunq>,
+    runq_cg: Option<cghists::CgHists>,
+    block_cg: Option<cghists::CgHists>,
     block: Option<PerCpu>,
     ports: Option<PerCpu>,
     events: Option<RingBuf<MapData>>,
@@ -274,7 +283,7 @@ pub fn load(
         .unwrap_or(0);
     // The one-program run-queue design, when the kernel has what it reads; the cgroup
     // hierarchy its per-cgroup histograms name.
-    let cg_roots = if cfg.runqueue_cgroups > 0 {
+    let cg_roots = if cfg.runqueue_cgroups > 0 || cfg.block_cgroups > 0 {
         let mounts =
             std::fs::read_to_string(format!("{proc_root}/self/mounts")).unwrap_or_default();
         super::cgroup::Roots::from_mounts(&mounts, cgroup_root)
@@ -287,8 +296,21 @@ pub fn load(
         .and_then(|b| {
             runqueue::Layout::from_btf(b, cg_roots.cpu.as_deref(), cg_roots.v2.as_deref())
         });
+    let blk_layout = btf
+        .as_ref()
+        .filter(|_| cfg.block_cgroups > 0)
+        .and_then(|b| {
+            block::Layout::from_btf(b, cg_roots.blkio.as_deref(), cg_roots.v2.as_deref())
+        });
+    if cfg.block_cgroups > 0 && blk_layout.is_none() && cfg.wants("block") {
+        tracing::warn!("per-cgroup block latency needs the kernel's BTF with CONFIG_BLK_CGROUP and a blkio (v1) or cgroup2 hierarchy: per device only");
+    }
     drop(btf);
     let rq = rq_layout.clone().unwrap_or_default();
+    let bl = blk_layout.clone().unwrap_or_default();
+    // Shared by both programs' cgroup lookups (the same offsets when both are set).
+    let cgroup_kn = rq.cgroup_kn.max(bl.cgroup_kn);
+    let kn_id = rq.kn_id.max(bl.kn_id);
     if gso_off == 0 && cfg.wants("tcp") {
         tracing::info!("no kernel BTF for sk_buff/tcp_skb_cb: TCP retransmits are counted per skb, not per segment");
     }
@@ -306,8 +328,19 @@ pub fn load(
         .override_global("RQ_CG_MODE", &rq.cg_mode, true)
         .override_global("TASK_CGROUPS_OFF", &rq.cgroups, true)
         .override_global("CSSSET_PTR_OFF", &rq.cssset_ptr, true)
-        .override_global("CGROUP_KN_OFF", &rq.cgroup_kn, true)
-        .override_global("KN_ID_OFF", &rq.kn_id, true)
+        .override_global("CGROUP_KN_OFF", &cgroup_kn, true)
+        .override_global("KN_ID_OFF", &kn_id, true)
+        .override_global("RQ_SECTOR_OFF", &bl.sector, true)
+        .override_global("RQ_DATA_LEN_OFF", &bl.data_len, true)
+        .override_global("RQ_CMD_FLAGS_OFF", &bl.cmd_flags, true)
+        .override_global("RQ_Q_OFF", &bl.q, true)
+        .override_global("Q_DISK_OFF", &bl.q_disk, true)
+        .override_global("DISK_MAJOR_OFF", &bl.disk_major, true)
+        .override_global("DISK_MINOR_OFF", &bl.disk_minor, true)
+        .override_global("RQ_BIO_OFF", &bl.bio, true)
+        .override_global("BIO_BLKG_OFF", &bl.bio_blkg, true)
+        .override_global("BLKG_BLKCG_OFF", &bl.blkg_blkcg, true)
+        .override_global("BLKCG_CSS_OFF", &bl.blkcg_css, true)
         .load(bytes)
     {
         Ok(e) => e,
@@ -330,8 +363,11 @@ pub fn load(
             continue;
         }
         let single = *name == "runqueue" && rq_layout.is_some();
+        let blk_cg = *name == "block" && blk_layout.is_some();
         let specs = if single {
             runqueue::SINGLE
+        } else if blk_cg {
+            block::CGROUP
         } else {
             probe_programs(name)
         };
@@ -359,6 +395,9 @@ pub fn load(
             }
             Err(why) => status[i].reason = why,
         }
+        if blk_cg && active[i] {
+            status[i].reason = format!("per device, and per cgroup of {}", bl.root.display());
+        }
     }
     if !active.iter().any(|a| *a) {
         return (None, status);
@@ -376,8 +415,20 @@ pub fn load(
         active[index("runqueue")] && rq_layout.is_some(),
     ) {
         (Some(root), true) if rq.cg_mode != 0 => take("RUNQ_CG_HIST", std::mem::size_of::<Hist>())
-            .map(|m| runqueue::CgRunq::new(m, root.clone(), cfg.runqueue_cgroups)),
+            .map(|m| cghists::CgHists::new(m, root.clone(), &["runqueue"], cfg.runqueue_cgroups)),
         _ => None,
+    };
+    let block_cg = if active[index("block")] && blk_layout.is_some() {
+        take("BLOCK_CG_HIST", std::mem::size_of::<Hist>()).map(|m| {
+            cghists::CgHists::new(
+                m,
+                bl.root.clone(),
+                &["block:read", "block:write"],
+                cfg.block_cgroups,
+            )
+        })
+    } else {
+        None
     };
     let block = take(
         "BLOCK_DEVS",
@@ -393,6 +444,7 @@ pub fn load(
         counters,
         runq,
         runq_cg,
+        block_cg,
         block,
         ports,
         events,
@@ -514,6 +566,15 @@ impl Probes {
         self.cur_counters[idx as usize]
     }
 
+    /// Cgroups the per-cgroup block histograms hold state for (tests).
+    #[cfg(test)]
+    pub fn block_cgroups_tracked(&self) -> Vec<String> {
+        self.block_cg
+            .as_ref()
+            .map(|c| c.tracked())
+            .unwrap_or_default()
+    }
+
     /// Cgroups the per-cgroup run-queue histograms hold state for (tests).
     #[cfg(test)]
     pub fn runq_cgroups_tracked(&self) -> Vec<String> {
@@ -567,6 +628,7 @@ impl Probes {
     ) {
         self.drain_events();
         events.clear();
+        cg_latency.clear();
         events.append(&mut self.pending_events);
         // Per-host counters (one map shared by the tcp, oom and process probes).
         if let Some(m) = self.counters.as_mut() {
@@ -596,7 +658,7 @@ impl Probes {
         self.prev_counters = self.cur_counters;
         let mut nlat = 0;
         self.collect_runqueue(secs, latency, &mut nlat, cg_latency);
-        self.collect_block(secs, latency, &mut nlat);
+        self.collect_block(secs, latency, &mut nlat, cg_latency);
         latency.truncate(nlat);
         self.collect_ports(secs, ports);
         self.primed = true;
