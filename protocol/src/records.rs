@@ -512,20 +512,23 @@ crate::tables! {
     derived {}
     aliases {}
 
-    /// Run-queue latency per cgroup (eBPF, the one-program run-queue probe): how long the
-    /// tasks of a cgroup waited for a CPU after becoming runnable, attributed to the cgroup
-    /// the task is in (its own, not its descendants'). The top `[probes] runqueue_cgroups`
-    /// cgroups by waits each interval (default 20), and one row `cgroup` = `other` summing
-    /// the rest, so the rows add up to the host's `runqueue` histogram. On hosts with the
-    /// v1 cpu controller the cgroup is the cpu hierarchy's; otherwise the v2 tree's.
-    table cgroup_latency (cgroup_latency: Many CgroupLatencyRec) from "eBPF: sched_switch with the task's sched_info and cgroup id", key [cgroup, source], since 10, v1 0 {
+    /// Latency histograms per cgroup (eBPF, opt-in). `runqueue` (`[probes]
+    /// runqueue_cgroups`): how long the tasks of a cgroup waited for a CPU after becoming
+    /// runnable, attributed to the cgroup the task is in (its own, not its descendants'),
+    /// the cpu hierarchy's on hosts with the v1 cpu controller, else the v2 tree's; the rows
+    /// add up to the host's `runqueue` histogram. `block:read`, `block:write` (`[probes]
+    /// block_cgroups`): block I/O latency from issue to completion, all devices, of the
+    /// requests charged to the cgroup (blkio v1 or v2). Per source, the top N cgroups by
+    /// values each interval and one row `cgroup` = `other` summing the rest.
+    table cgroup_latency (cgroup_latency: Many CgroupLatencyRec) from "eBPF: sched_switch (task sched_info, cgroup id); block_rq_issue (raw: the request's blkcg), block_rq_complete", key [cgroup, source], since 10, v1 0 {
         /// Path below the hierarchy root (`/` for the root cgroup), or `other`.
         cgroup: String = Label(""),
         /// Container or systemd unit resolved from the path (see `cgroups`).
         container: String = Label(""),
         /// Kubernetes pod UID resolved from the path.
         pod: String = Label(""),
-        /// What was measured: `runqueue` (µs from runnable to running).
+        /// What was measured: `runqueue` (µs from runnable to running), `block:read`,
+        /// `block:write` (µs from issue to completion).
         source: String = Label(""),
         /// `us`.
         unit: String = Label(""),
