@@ -53,6 +53,11 @@ impl<'a> Reader<'a> {
         self.buf.len() - self.pos
     }
 
+    /// What is left to read, without reading it.
+    pub fn rest(&self) -> &'a [u8] {
+        &self.buf[self.pos..]
+    }
+
     pub fn position(&self) -> usize {
         self.pos
     }

@@ -2,19 +2,19 @@
 //! predicted from the same series in the previous snapshot (the row with the same key
 //! labels: the same CPU, device, cgroup or process).
 //!
-//! Per table, one length-delimited block: the number of columns the sender wrote, a stream
-//! of row counts (one per snapshot), a stream of row references (which row of the previous
-//! snapshot each row continues: 0 none, else its position + 1, written relative to the
-//! row's own position, so an unchanged order is all zeros), then one length-delimited
-//! stream per column:
+//! Per table, one length-delimited block: the number of columns the sender wrote and one
+//! type code per column (none when the table has no rows in the batch), a stream of row
+//! counts (one per snapshot), a stream of row references (which row of the previous
+//! snapshot each row continues: 0 none, else its position relative to the row's own, so an
+//! unchanged order is all ones), then the columns back to back, one value per row each,
+//! without lengths (a reader steps over a column it does not know by its type code):
 //! - `u32`/`u64`: the difference from the previous value, zigzag varint;
 //! - `f32`: most values the sensor sends are exact functions of an integer: a rate is a
-//!   counter's increase over the snapshot's interval (`k * 1000 / interval_ms`), a share of
-//!   CPU is clock ticks over the interval, PSI has two decimals (`k / 100`). The encoder
-//!   finds that integer and writes its difference from the previous value's (a zigzag
-//!   varint with a 2-bit tag), and only where neither reconstructs the value's bits exactly
-//!   writes the 4 bytes as they are. Lossless by construction: the decoder recomputes the
-//!   float with the same formula;
+//!   counter's increase over the snapshot's interval (`k * 1000 / interval_ms`), PSI has
+//!   two decimals (`k / 100`). The encoder finds that integer and writes its difference
+//!   from the previous value's (a zigzag varint with a 2-bit tag), and only where neither
+//!   formula gives back the value's exact bits writes the 4 bytes as they are. Lossless by
+//!   construction: the decoder recomputes the float with the same formula;
 //! - strings (labels, command lines): 0 when equal to the previous value, the index of an
 //!   earlier string of the same column in the batch, or the string itself;
 //! - histograms: bucket count, then each bucket's index step and count as varints.
@@ -24,7 +24,7 @@
 //! columns a reader does not know are skipped.
 
 use crate::codec::{put_varint, Reader};
-use crate::tables::{put_delimited, read_delimited, Record};
+use crate::tables::{put_delimited, read_delimited, Record, WireType};
 use crate::{BucketRec, Error, Result};
 
 /// One column's output while a batch is encoded.
@@ -49,7 +49,7 @@ impl ColOut {
     }
 
     fn finish(&self, out: &mut Vec<u8>) {
-        put_delimited(out, |o| o.extend_from_slice(&self.bytes));
+        out.extend_from_slice(&self.bytes);
     }
 }
 
@@ -288,6 +288,61 @@ impl ColValue for Vec<BucketRec> {
     }
 }
 
+/// A column's type code in a table block (so a reader can step over a column it does not
+/// know: every value's length follows from its type).
+fn wire_code(w: WireType) -> u8 {
+    match w {
+        WireType::U32 => 0,
+        WireType::U64 => 1,
+        WireType::F32 => 2,
+        WireType::Str => 3,
+        WireType::Buckets => 4,
+    }
+}
+
+/// Steps over `n` values of type code `ty` (bounded by the input: every value takes at
+/// least one byte).
+fn skip_values(r: &mut Reader<'_>, ty: u8, n: u64) -> Result<()> {
+    for _ in 0..n {
+        match ty {
+            0 | 1 => {
+                r.varint()?;
+            }
+            2 => {
+                if r.varint()? == F_RAW {
+                    r.bytes(4)?;
+                }
+            }
+            3 => {
+                if r.varint()? == 1 {
+                    let len = r.varint()?;
+                    if len > r.limits.max_string {
+                        return Err(Error::StringTooLong {
+                            what: "column string",
+                            len,
+                            max: r.limits.max_string,
+                        });
+                    }
+                    r.bytes(len as usize)?;
+                }
+            }
+            4 => {
+                let k = r.count("histogram buckets", r.limits.max_items, 2)?;
+                for _ in 0..2 * k {
+                    r.varint()?;
+                }
+            }
+            t => {
+                return Err(Error::InvalidValue {
+                    what: "column type code",
+                    value: t as u64,
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The key labels of a record, as one string (rows of consecutive snapshots with the same
 /// key are the same series).
 fn key_of<R: Record>(r: &R, key_cols: &[usize]) -> String {
@@ -355,8 +410,15 @@ pub fn put_table<'s, R: Record + 's, S: 's>(
         prev = cur;
         prev_interval = iv;
     }
+    // A table without rows in the batch declares no columns.
+    let empty = snaps.iter().all(|s| rows(s).is_empty());
     put_delimited(out, |o| {
-        put_varint(o, ncols as u64);
+        if empty {
+            o.push(0);
+        } else {
+            put_varint(o, ncols as u64);
+            o.extend(t.columns.iter().map(|c| wire_code(c.wire)));
+        }
         put_delimited(o, |o| o.extend_from_slice(&counts));
         put_delimited(o, |o| o.extend_from_slice(&refs));
         for c in &cols {
@@ -376,19 +438,40 @@ pub fn get_table<R: Record>(r: &mut Reader<'_>, intervals: &[u32]) -> Result<Vec
     let name = R::TABLE.name;
     read_delimited(r, name, |r| {
         let ncols = r.count("table columns", 4096, 1)?;
+        let types = r.bytes(ncols)?;
         let limits = r.limits;
         let sub = |r: &mut Reader<'_>, what: &'static str| -> Result<Vec<u8>> {
             read_delimited(r, what, |c| Ok(c.bytes(c.remaining())?.to_vec()))
         };
         let counts_b = sub(r, "row counts")?;
         let refs_b = sub(r, "row references")?;
+        // Rows in the batch: each column holds one value per row, back to back.
+        let mut total = 0u64;
+        {
+            let mut c = Reader::new(&counts_b, limits);
+            while c.remaining() > 0 {
+                total = total.saturating_add(c.varint()?);
+            }
+        }
         let mut counts = Reader::new(&counts_b, limits);
         let mut refs = Reader::new(&refs_b, limits);
         let known = R::TABLE.columns.len();
         let mut cols: Vec<ColIn<'_>> = Vec::with_capacity(known);
-        for j in 0..ncols {
-            let b = read_delimited(r, "column", |c| Ok(c.bytes(c.remaining())?))?;
+        for (j, &ty) in types.iter().enumerate() {
+            let start = r.position();
+            let body = r.rest();
+            let mut probe = Reader::new(body, limits);
+            skip_values(&mut probe, ty, total)?;
+            let len = probe.position();
+            let b = r.bytes(len)?;
+            let _ = start;
             if j < known {
+                if ty != wire_code(R::TABLE.columns[j].wire) {
+                    return Err(Error::InvalidValue {
+                        what: "column type differs from this build's declaration",
+                        value: j as u64,
+                    });
+                }
                 cols.push(ColIn {
                     r: Some(Reader::new(b, limits)),
                     dict: Vec::new(),
@@ -396,6 +479,9 @@ pub fn get_table<R: Record>(r: &mut Reader<'_>, intervals: &[u32]) -> Result<Vec
                     prev_interval_ms: 0,
                 });
             }
+        }
+        if r.remaining() != 0 {
+            return Err(Error::TrailingBytes(r.remaining()));
         }
         while cols.len() < known {
             cols.push(ColIn::absent());

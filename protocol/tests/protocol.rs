@@ -724,33 +724,34 @@ fn version_3_columns_not_sent_are_default_and_unknown_columns_skipped() {
     let raw = v3_raw(&b);
     let (_, blocks) = v3_blocks(&raw);
     // The last table (cgroup_latency): rewrite its block without its last column, and once
-    // with an extra column a newer sender would have.
+    // with an extra column a newer sender would have. Its last column is the histogram:
+    // one bucket (7, 7) per row, 3 bytes per row, 3 rows.
     let (start, end) = *blocks.last().unwrap();
     let mut pos = start;
     let _len = varint_at(&raw, &mut pos);
-    let body_start = pos;
     let ncols = varint_at(&raw, &mut pos) as usize;
-    let mut cols = Vec::new();
-    for _ in 0..ncols + 2 {
-        let s = pos;
-        let n = varint_at(&raw, &mut pos) as usize;
-        pos += n;
-        cols.push(raw[s..pos].to_vec()); // [0] row counts, [1] row references
+    let types = raw[pos..pos + ncols].to_vec();
+    pos += ncols;
+    let rest = raw[pos..end].to_vec();
+    let (mut q, mut streams) = (0usize, Vec::new());
+    for _ in 0..2 {
+        let s = q;
+        let n = varint_at(&rest, &mut q) as usize;
+        q += n;
+        streams.push(rest[s..q].to_vec()); // row counts, row references
     }
-    assert_eq!(pos, end);
-    let rebuild = |ncols: usize, parts: &[Vec<u8>]| {
-        let mut body = Vec::new();
-        put_varint_vec(&mut body, ncols as u64);
-        for p in parts {
-            body.extend(p);
-        }
+    let rebuild = |ncols: usize, types: &[u8], body: &[u8]| {
+        let mut b = Vec::new();
+        put_varint_vec(&mut b, ncols as u64);
+        b.extend(types);
+        b.extend(body);
         let mut out = raw[..start].to_vec();
-        put_varint_vec(&mut out, body.len() as u64);
-        out.extend(body);
+        put_varint_vec(&mut out, b.len() as u64);
+        out.extend(b);
         out
     };
-    let _ = body_start;
-    let fewer = rebuild(ncols - 1, &cols[..ncols + 1]);
+    assert_eq!(*types.last().unwrap(), 4, "the last column is a histogram");
+    let fewer = rebuild(ncols - 1, &types[..ncols - 1], &rest[..rest.len() - 9]);
     let mut want = b.clone();
     for s in &mut want.snapshots {
         for r in &mut s.cgroup_latency {
@@ -761,15 +762,28 @@ fn version_3_columns_not_sent_are_default_and_unknown_columns_skipped() {
         decode_batch(&frame_of(&fewer), &Limits::default()).unwrap(),
         want
     );
-    let mut more = cols.clone();
-    more.push(vec![2, 7, 7]);
-    let more = rebuild(ncols + 1, &more);
+    // A newer sender's extra u32 column (three zero deltas): stepped over.
+    let mut more_types = types.clone();
+    more_types.push(0);
+    let mut more_body = rest.clone();
+    more_body.extend([0, 0, 0]);
+    let more = rebuild(ncols + 1, &more_types, &more_body);
     assert_eq!(
         decode_batch(&frame_of(&more), &Limits::default()).unwrap(),
         b
     );
+    // A column declared with another type than this build's: refused, not misread.
+    let mut wrong = types.clone();
+    wrong[0] = 2;
+    assert!(decode_batch(
+        &frame_of(&rebuild(ncols, &wrong, &rest)),
+        &Limits::default()
+    )
+    .is_err());
     // Rows with no column at all are refused (each row must cost input bytes).
-    let none = rebuild(0, &cols[..2]);
+    let mut body = streams[0].clone();
+    body.extend(&streams[1]);
+    let none = rebuild(0, &[], &body);
     assert!(matches!(
         decode_batch(&frame_of(&none), &Limits::default()),
         Err(Error::InvalidValue { .. })
