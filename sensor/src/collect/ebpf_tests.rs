@@ -214,6 +214,37 @@ fn block_histogram_counts_match_diskstats_on_a_loop_device() {
 
 // ---- run queue --------------------------------------------------------------------------------
 
+#[test]
+fn per_cgroup_histograms_are_on_only_for_the_probe_that_asks() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !is_root() {
+        eprintln!("SKIP: needs root");
+        return;
+    }
+    let mut cfg = only("runqueue");
+    cfg.block = true;
+    cfg.block_cgroups = 20;
+    let (_p, status) = load(&cfg, "/proc", Filter::default(), "/sys/fs/cgroup");
+    let reason = |n: &str| status.iter().find(|s| s.name == n).unwrap().reason.clone();
+    if status
+        .iter()
+        .any(|s| s.state != "active" && s.state != "disabled")
+    {
+        eprintln!("SKIP: a probe was refused: {status:?}");
+        return;
+    }
+    assert!(
+        reason("runqueue").contains("per-cgroup histograms off"),
+        "{}",
+        reason("runqueue")
+    );
+    assert!(
+        reason("block").contains("per cgroup"),
+        "{}",
+        reason("block")
+    );
+}
+
 /// A v1 blkio cgroup made by the test, removed when dropped.
 struct BlkioCgroup(std::path::PathBuf);
 

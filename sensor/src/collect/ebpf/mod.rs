@@ -294,7 +294,13 @@ pub fn load(
         .as_ref()
         .filter(|_| !cfg.runqueue_fallback)
         .and_then(|b| {
-            runqueue::Layout::from_btf(b, cg_roots.cpu.as_deref(), cg_roots.v2.as_deref())
+            // Per-cgroup run-queue histograms only when asked for (they cost per switch).
+            let on = cfg.runqueue_cgroups > 0;
+            runqueue::Layout::from_btf(
+                b,
+                cg_roots.cpu.as_deref().filter(|_| on),
+                cg_roots.v2.as_deref().filter(|_| on),
+            )
         });
     let blk_layout = btf
         .as_ref()
@@ -358,12 +364,15 @@ pub fn load(
         }
     };
     let mut active = [false; 5];
+    // Whether the one-program run queue and the per-cgroup block issue program are the
+    // ones attached (each falls back to the basic programs if the kernel refuses it).
+    let (mut single_on, mut blk_cg_on) = (false, false);
     for (i, name) in PROBE_NAMES.iter().enumerate() {
         if !cfg.wants(name) {
             continue;
         }
-        let single = *name == "runqueue" && rq_layout.is_some();
-        let blk_cg = *name == "block" && blk_layout.is_some();
+        let mut single = *name == "runqueue" && rq_layout.is_some();
+        let mut blk_cg = *name == "block" && blk_layout.is_some();
         let specs = if single {
             runqueue::SINGLE
         } else if blk_cg {
@@ -371,13 +380,23 @@ pub fn load(
         } else {
             probe_programs(name)
         };
-        match attach_probe(&mut ebpf, tracefs, specs, pid_off) {
+        let mut r = attach_probe(&mut ebpf, tracefs, specs, pid_off);
+        if let (Err(why), true) = (&r, single || blk_cg) {
+            tracing::warn!(probe = name, reason = %why, "the kernel refused the probe's preferred programs; attaching the basic ones");
+            (single, blk_cg) = (false, false);
+            r = attach_probe(&mut ebpf, tracefs, probe_programs(name), pid_off);
+        }
+        single_on |= single;
+        blk_cg_on |= blk_cg;
+        match r {
             Ok(()) => {
                 active[i] = true;
                 status[i].state = "active";
                 if *name == "runqueue" {
                     status[i].reason = if cfg.runqueue_fallback {
                         "wakeup and switch programs (probes.runqueue_fallback = true)".into()
+                    } else if !single && rq_layout.is_some() {
+                        "wakeup and switch programs (the kernel refused the one-program design: see the log)".into()
                     } else if !single {
                         "wakeup and switch programs (the kernel's BTF lacks sched_info, rq.clock or cfs_rq.rq)".into()
                     } else if rq.cg_mode == 0 {
@@ -410,15 +429,12 @@ pub fn load(
     };
     let counters = take("COUNTERS", std::mem::size_of::<Counters>());
     let runq = take("RUNQ_HIST", std::mem::size_of::<Hist>());
-    let runq_cg = match (
-        &rq.cg_root,
-        active[index("runqueue")] && rq_layout.is_some(),
-    ) {
+    let runq_cg = match (&rq.cg_root, active[index("runqueue")] && single_on) {
         (Some(root), true) if rq.cg_mode != 0 => take("RUNQ_CG_HIST", std::mem::size_of::<Hist>())
             .map(|m| cghists::CgHists::new(m, root.clone(), &["runqueue"], cfg.runqueue_cgroups)),
         _ => None,
     };
-    let block_cg = if active[index("block")] && blk_layout.is_some() {
+    let block_cg = if active[index("block")] && blk_cg_on {
         take("BLOCK_CG_HIST", std::mem::size_of::<Hist>()).map(|m| {
             cghists::CgHists::new(
                 m,
