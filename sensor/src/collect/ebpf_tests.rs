@@ -222,6 +222,7 @@ fn per_cgroup_histograms_are_on_only_for_the_probe_that_asks() {
         return;
     }
     let mut cfg = only("runqueue");
+    cfg.runqueue_cgroups = 0;
     cfg.block = true;
     cfg.block_cgroups = 20;
     let (_p, status) = load(&cfg, "/proc", Filter::default(), "/sys/fs/cgroup");
