@@ -201,7 +201,8 @@ fn deploy_two_hosts_upgrade_in_place_one_unreachable_then_undeploy() {
         assert!(line.contains("supervised"), "{line}");
         // A fresh host: nothing installed before, this build after.
         assert!(
-            line.contains("sensor none -> 0.1.0 (commit ") && line.contains(", wire 2)"),
+            line.contains("sensor none -> 0.1.0 (commit ")
+                && line.contains(&format!(", wire {})", protocol::VERSION)),
             "{line}"
         );
     }

@@ -429,7 +429,7 @@ enum Outcome {
     Failed(String),
 }
 
-/// "0.1.0 (commit …, wire 2)" from a `--version` line ("sensor 0.1.0 (…)").
+/// "0.1.0 (commit …, wire 3)" from a `--version` line ("sensor 0.1.0 (…)").
 fn version_of(line: &str) -> String {
     let v = line.trim();
     v.strip_prefix("sensor ").unwrap_or(v).to_string()
