@@ -494,37 +494,33 @@ fn wire(a: &Args) -> Result<serde_json::Value> {
         hostname: "bench-host".into(),
         ..Default::default()
     };
-    // Version-3 (columnar) frames of `k` snapshots from `from`: total bytes.
+    // The batches of `k` snapshots from `from`, as the sensor would send them.
+    let batches = |k: usize, from: &[Snapshot]| -> Vec<Batch> {
+        from.chunks(k)
+            .filter(|c| c.len() == k)
+            .enumerate()
+            .map(|(i, c)| Batch {
+                host: info.hostname.clone(),
+                boot_id: "0b8c1f6e-2f0a-4b7e-9a51-5d2c7f3e9a10".into(),
+                seq: i as u64 + 1,
+                info: None,
+                snapshots: c.to_vec(),
+            })
+            .collect()
+    };
+    // Version-3 (columnar) frames: total bytes.
     let columnar = |k: usize, from: &[Snapshot]| -> usize {
         let mut scratch = Vec::new();
-        from.chunks(k)
-            .filter(|c| c.len() == k)
-            .enumerate()
-            .map(|(i, c)| {
-                let b = Batch {
-                    host: info.hostname.clone(),
-                    boot_id: "0b8c1f6e-2f0a-4b7e-9a51-5d2c7f3e9a10".into(),
-                    seq: i as u64 + 1,
-                    info: None,
-                    snapshots: c.to_vec(),
-                };
-                protocol::encode_batch(&b, 3, &mut scratch).len()
-            })
+        batches(k, from)
+            .iter()
+            .map(|b| protocol::encode_batch(b, 3, &mut scratch).len())
             .sum()
     };
-    // Raw (uncompressed) version-2 batch payloads of `k` snapshots from `from`.
+    // Raw (uncompressed) version-2 batch payloads and their samples.
     let payloads = |k: usize, from: &[Snapshot]| -> Vec<(Vec<u8>, u64)> {
-        from.chunks(k)
-            .filter(|c| c.len() == k)
-            .enumerate()
-            .map(|(i, c)| {
-                let b = Batch {
-                    host: info.hostname.clone(),
-                    boot_id: "0b8c1f6e-2f0a-4b7e-9a51-5d2c7f3e9a10".into(),
-                    seq: i as u64 + 1,
-                    info: None,
-                    snapshots: c.to_vec(),
-                };
+        batches(k, from)
+            .iter()
+            .map(|b| {
                 let mut raw = Vec::new();
                 b.encode(&mut raw);
                 (raw, b.sample_count())

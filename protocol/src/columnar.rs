@@ -458,13 +458,11 @@ pub fn get_table<R: Record>(r: &mut Reader<'_>, intervals: &[u32]) -> Result<Vec
         let known = R::TABLE.columns.len();
         let mut cols: Vec<ColIn<'_>> = Vec::with_capacity(known);
         for (j, &ty) in types.iter().enumerate() {
-            let start = r.position();
             let body = r.rest();
             let mut probe = Reader::new(body, limits);
             skip_values(&mut probe, ty, total)?;
             let len = probe.position();
             let b = r.bytes(len)?;
-            let _ = start;
             if j < known {
                 if ty != wire_code(R::TABLE.columns[j].wire) {
                     return Err(Error::InvalidValue {

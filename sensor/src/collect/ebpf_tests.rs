@@ -129,6 +129,21 @@ struct Loop {
     file: String,
 }
 
+impl Loop {
+    /// A 64 MiB loop device over a file in /var/tmp, settled (any scan it triggers done).
+    fn new(tag: &str) -> Loop {
+        let file = format!("/var/tmp/sonde-loop-{tag}-{}.img", std::process::id());
+        sh(&format!("truncate -s 64M {file}"));
+        let dev = sh(&format!("losetup -f --show {file}"));
+        std::thread::sleep(Duration::from_millis(300));
+        Loop { dev, file }
+    }
+
+    fn name(&self) -> String {
+        self.dev.trim_start_matches("/dev/").to_string()
+    }
+}
+
 impl Drop for Loop {
     fn drop(&mut self) {
         let _ = Command::new("losetup").args(["-d", &self.dev]).status();
@@ -143,16 +158,8 @@ fn block_histogram_counts_match_diskstats_on_a_loop_device() {
         eprintln!("SKIP: needs root");
         return;
     }
-    let file = format!("/var/tmp/sonde-loop-{}.img", std::process::id());
-    sh(&format!("truncate -s 64M {file}"));
-    let dev = sh(&format!("losetup -f --show {file}"));
-    let lp = Loop {
-        dev: dev.clone(),
-        file,
-    };
-    let name = dev.trim_start_matches("/dev/").to_string();
-    // Let any scan the new device triggers finish before counting.
-    std::thread::sleep(Duration::from_millis(300));
+    let lp = Loop::new("dev");
+    let (dev, name) = (lp.dev.clone(), lp.name());
     let Some(mut p) = probes("block") else {
         return;
     };
@@ -267,15 +274,8 @@ fn block_latency_per_cgroup_counts_the_io_of_the_cgroup_that_did_it() {
         eprintln!("SKIP: no v1 blkio controller at /sys/fs/cgroup/blkio");
         return;
     }
-    let file = format!("/var/tmp/sonde-loop-cg-{}.img", std::process::id());
-    sh(&format!("truncate -s 64M {file}"));
-    let dev = sh(&format!("losetup -f --show {file}"));
-    let lp = Loop {
-        dev: dev.clone(),
-        file,
-    };
-    let name = dev.trim_start_matches("/dev/").to_string();
-    std::thread::sleep(Duration::from_millis(300));
+    let lp = Loop::new("cg");
+    let (dev, name) = (lp.dev.clone(), lp.name());
     let cg = BlkioCgroup(blkio.join(format!("sonde-blk-{}", std::process::id())));
     std::fs::create_dir_all(&cg.0).unwrap();
     let mut cfg = only("block");
@@ -530,11 +530,7 @@ impl Runqlat {
         if Command::new("bpftrace").arg("--version").output().is_err() {
             return None;
         }
-        let script = "tracepoint:sched:sched_wakeup, tracepoint:sched:sched_wakeup_new { @qtime[args->pid] = nsecs; }\n\
-            tracepoint:sched:sched_switch { if (args->prev_state == 0) { @qtime[args->prev_pid] = nsecs; }\n\
-            $ns = @qtime[args->next_pid]; if ($ns) { @usecs = hist((nsecs - $ns) / 1000); }\n\
-            delete(@qtime[args->next_pid]); }\n\
-            END { clear(@qtime); }\n";
+        let script = include_str!("runqlat.bt");
         let mut child = Command::new("bpftrace")
             .args(["-e", script])
             .stdout(std::process::Stdio::piped())

@@ -51,11 +51,7 @@ struct Runqlat(std::process::Child);
 
 impl Runqlat {
     fn start() -> Result<Runqlat> {
-        let script = "tracepoint:sched:sched_wakeup, tracepoint:sched:sched_wakeup_new { @qtime[args->pid] = nsecs; }\n\
-            tracepoint:sched:sched_switch { if (args->prev_state == 0) { @qtime[args->prev_pid] = nsecs; }\n\
-            $ns = @qtime[args->next_pid]; if ($ns) { @usecs = hist((nsecs - $ns) / 1000); }\n\
-            delete(@qtime[args->next_pid]); }\n\
-            END { clear(@qtime); }\n";
+        let script = include_str!("../../../sensor/src/collect/runqlat.bt");
         let mut child = Command::new("bpftrace")
             .args(["-e", script])
             .stdout(Stdio::piped())

@@ -50,7 +50,6 @@ fn bpf_elem(cmd: libc::c_long, fd: RawFd, key: *const u8, value: *mut u8) -> std
 /// A per-CPU map read with a buffer allocated once.
 pub(super) struct PerCpu {
     map: MapData,
-    ncpu: usize,
     stride: usize,
     buf: Vec<u64>,
 }
@@ -60,7 +59,6 @@ impl PerCpu {
         let stride = value_size.div_ceil(8) * 8;
         PerCpu {
             map,
-            ncpu,
             stride,
             buf: vec![0u64; stride / 8 * ncpu],
         }
@@ -72,18 +70,12 @@ impl PerCpu {
 
     /// Looks `key` up and sums the per-CPU values (as u64 words) into `out`.
     pub(super) fn sum_into(&mut self, key: *const u8, out: &mut [u64]) -> std::io::Result<bool> {
-        if !bpf_elem(
-            BPF_MAP_LOOKUP_ELEM,
-            self.fd(),
-            key,
-            self.buf.as_mut_ptr() as *mut u8,
-        )? {
+        let words = self.stride_words();
+        let Some(vals) = self.per_cpu(key)? else {
             return Ok(false);
-        }
+        };
         out.iter_mut().for_each(|x| *x = 0);
-        let words = self.stride / 8;
-        for c in 0..self.ncpu {
-            let cpu = &self.buf[c * words..c * words + out.len().min(words)];
+        for cpu in vals.chunks(words) {
             for (o, v) in out.iter_mut().zip(cpu) {
                 *o = o.wrapping_add(*v);
             }
