@@ -319,14 +319,17 @@ fn block_latency_per_cgroup_counts_the_io_of_the_cgroup_that_did_it() {
     let (wc, _, _) = w.expect("a block:write row for the test's cgroup");
     assert_eq!(unit, "us");
     assert!(rsum > 0);
-    // Nothing else touches this loop device: every request of it is the cgroup's.
-    assert_eq!(
-        rc, reads,
-        "reads in the cgroup's row vs the device's diskstats"
+    // Only the test's cgroup does I/O on this loop device, but the kernel or udev may touch
+    // a new device once (a CI run saw 899 of 900 reads in the row): the cgroup's rows hold
+    // the device's requests, at most 1 % (and one request) short, never more.
+    let close = |got: u64, want: u64| got <= want && got + want / 100 + 1 >= want;
+    assert!(
+        close(rc, reads),
+        "reads in the cgroup's row {rc} vs the device's diskstats {reads}"
     );
-    assert_eq!(
-        wc, writes,
-        "writes in the cgroup's row vs the device's diskstats"
+    assert!(
+        close(wc, writes),
+        "writes in the cgroup's row {wc} vs the device's diskstats {writes}"
     );
     // The cgroup removed: its entries are forgotten at the next collections.
     drop(cg);
