@@ -75,6 +75,15 @@ pub struct ClickHouseConfig {
     /// Days the 1-hour rollup tier keeps (`cpu_1h`, ...; month partitions on old
     /// servers). 0 keeps everything.
     pub retention_1h_days: u32,
+    /// A cluster defined in the servers' `remote_servers` (empty: one server). The schema
+    /// is then created `ON CLUSTER`: per-shard `Replicated*MergeTree` tables `T_local` and
+    /// `Distributed` tables `T` under the usual names, rows sharded by host. Needs
+    /// ZooKeeper (or ClickHouse Keeper) for the servers' replication and distributed DDL.
+    pub cluster: String,
+    /// On a cluster: replicas of a host's shard that must have a round's rows before its
+    /// batches are acknowledged (`insert_quorum`). 0: a majority of the shard's replicas.
+    /// 1 lets ingest go on with one replica of a shard down (the other catches up).
+    pub insert_quorum: u32,
     /// For the managed server: the binary and its base configuration.
     pub server_binary: String,
     pub server_config: PathBuf,
@@ -85,6 +94,10 @@ pub struct ClickHouseConfig {
     pub flush_interval: Duration,
     /// Decoded batches waiting for the writer; when full, sensors are slowed down.
     pub queue_batches: usize,
+    /// Insert rounds in flight at once (each: intents, every table's rows, `batches`).
+    /// More than one lets ClickHouse work on one round while the next is gathered and
+    /// encoded; exactly-once holds across them.
+    pub insert_rounds: usize,
 }
 
 impl ClickHouseConfig {
@@ -146,11 +159,14 @@ impl Default for ClickHouseConfig {
             retention_days: 30,
             retention_1m_days: 90,
             retention_1h_days: 730,
+            cluster: String::new(),
+            insert_quorum: 0,
             server_binary: "clickhouse-server".into(),
             server_config: "/etc/clickhouse-server/config.xml".into(),
             insert_max_rows: 500_000,
             flush_interval: Duration::from_millis(200),
             queue_batches: 1024,
+            insert_rounds: 4,
         }
     }
 }
@@ -193,6 +209,13 @@ impl Config {
         if db.is_empty() || !db.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             bail!("clickhouse.database: {db:?} must be letters, digits and underscores");
         }
+        let cl = &self.clickhouse.cluster;
+        if !cl.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            bail!("clickhouse.cluster: {cl:?} must be letters, digits and underscores");
+        }
+        if !cl.is_empty() && self.clickhouse.url.is_empty() {
+            bail!("clickhouse.cluster: {cl:?} needs clickhouse.url (a server of that cluster); a managed server is a single server");
+        }
         if !self.clickhouse.url.is_empty() && !self.clickhouse.url.starts_with("http") {
             bail!(
                 "clickhouse.url: {:?} must be an http:// or https:// URL",
@@ -203,6 +226,12 @@ impl Config {
             bail!(
                 "log_format: {:?} is neither \"text\" nor \"json\"",
                 self.log_format
+            );
+        }
+        if !(1..=64).contains(&self.clickhouse.insert_rounds) {
+            bail!(
+                "clickhouse.insert_rounds: {} must be 1 to 64",
+                self.clickhouse.insert_rounds
             );
         }
         if self.limits.max_frame_bytes > u32::MAX as usize {

@@ -231,6 +231,9 @@ async fn connection(inc: quinn::Incoming, ingest: Arc<Ingest>, mut stop: watch::
     ingest.metrics.connections_accepted.fetch_add(1, Relaxed);
     ingest.metrics.sensors_connected.fetch_add(1, Relaxed);
     tracing::info!(%remote, %host, "sensor connected");
+    // Before any of its batches: the writer loads what the database knows of this host
+    // (it may have been writing through another aggregator).
+    let _ = ingest.tx.send(Work::Arrived(host.clone())).await;
     let budget = Arc::new(Budget {
         next_free: std::sync::Mutex::new(tokio::time::Instant::now()),
         rate: ingest.conn_bytes_per_s,

@@ -90,6 +90,10 @@ enum Cmd {
         /// earlier release created.
         #[arg(long, value_name = "N")]
         upto: Option<u32>,
+        /// Print the cluster form (`ON CLUSTER NAME`, per-shard Replicated tables `T_local`
+        /// and Distributed tables `T`), as `[clickhouse] cluster = "NAME"` creates it.
+        #[arg(long, value_name = "NAME")]
+        cluster: Option<String>,
     },
 }
 
@@ -130,6 +134,15 @@ struct RunArgs {
     /// ClickHouse database (created if missing).
     #[arg(long, env = "SONDE_CLICKHOUSE_DATABASE", value_name = "NAME")]
     clickhouse_database: Option<String>,
+    /// ClickHouse cluster (defined in the servers' remote_servers) to create the schema on:
+    /// Replicated tables per shard, Distributed tables under the usual names, rows sharded
+    /// by host. The URL is then one server of that cluster.
+    #[arg(long, env = "SONDE_CLICKHOUSE_CLUSTER", value_name = "NAME")]
+    clickhouse_cluster: Option<String>,
+    /// On a cluster: replicas of the shard that must have a batch's rows before it is
+    /// acknowledged (default: a majority of the shard's replicas).
+    #[arg(long, env = "SONDE_INSERT_QUORUM", value_name = "N")]
+    insert_quorum: Option<u32>,
     /// Detection rules file (TOML). Checked at start; reloaded on SIGHUP. Without one the
     /// built-in default rules run (`aggregator default-rules` prints them).
     #[arg(long, env = "SONDE_RULES", value_name = "FILE")]
@@ -160,6 +173,7 @@ fn real_main(cli: Cli) -> Result<()> {
             retention_1m_days,
             retention_1h_days,
             upto,
+            cluster,
         } => {
             let ddl = schema::Ddl {
                 db: &database,
@@ -174,7 +188,16 @@ fn real_main(cli: Cli) -> Result<()> {
                     schema::SCHEMA_VERSION
                 );
             }
-            print!("{}", ddl.script(upto));
+            match cluster {
+                None => print!("{}", ddl.script(upto)),
+                Some(c) => {
+                    for stmt in ddl.script(upto).split(";\n").filter(|s| !s.is_empty()) {
+                        for s in sonde_aggregator::store::cluster::rewrite(stmt, &database, &c) {
+                            println!("{s};");
+                        }
+                    }
+                }
+            }
             Ok(())
         }
         Cmd::CheckRules { file } => {
@@ -227,6 +250,8 @@ fn real_main(cli: Cli) -> Result<()> {
             cfg.clickhouse.user = a.clickhouse_user.unwrap_or(cfg.clickhouse.user);
             cfg.clickhouse.password = a.clickhouse_password.unwrap_or(cfg.clickhouse.password);
             cfg.clickhouse.database = a.clickhouse_database.unwrap_or(cfg.clickhouse.database);
+            cfg.clickhouse.cluster = a.clickhouse_cluster.unwrap_or(cfg.clickhouse.cluster);
+            cfg.clickhouse.insert_quorum = a.insert_quorum.unwrap_or(cfg.clickhouse.insert_quorum);
             cfg.validate()?;
             init_logs(&cfg.log_format);
             tokio::runtime::Builder::new_multi_thread()
@@ -323,6 +348,7 @@ async fn run(cfg: Config) -> Result<()> {
     let wcfg = writer::WriterConfig {
         max_rows: cfg.clickhouse.insert_max_rows,
         flush_interval: cfg.clickhouse.flush_interval,
+        rounds: cfg.clickhouse.insert_rounds,
     };
     let writer = tokio::spawn(writer::run(store.clone(), rx, metrics.clone(), wcfg));
 

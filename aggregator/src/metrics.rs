@@ -24,6 +24,7 @@ pub struct Metrics {
     pub connections_rejected: AtomicU64,
     pub sensors_connected: AtomicU64,
     pub queue_depth: AtomicU64,
+    pub rounds_in_flight: AtomicU64,
     pub clickhouse_down: AtomicU64,
     pub gaps_reported: AtomicU64,
     pub streams_waiting: AtomicU64,
@@ -164,6 +165,13 @@ impl Metrics {
             "Decoded batches waiting for the writer.",
             "gauge",
             self.queue_depth.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "insert_rounds_in_flight",
+            "Insert rounds being written to ClickHouse now (at most clickhouse.insert_rounds).",
+            "gauge",
+            self.rounds_in_flight.load(Relaxed),
         );
         c(
             &mut s,

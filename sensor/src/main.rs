@@ -254,7 +254,9 @@ async fn run(
         Ok(msg) => tracing::info!("privileges dropped: {msg}"),
         Err(e) => return Err(e.context("dropping privileges")),
     }
-    let shipper = tokio::spawn(ship::run(cfg.clone(), client, outbox.clone()));
+    // Aggregator preference is by the identity the aggregators see: the certificate's name.
+    let ident = tls::identity(&cfg.cert).unwrap_or_else(|| info.hostname.clone());
+    let shipper = tokio::spawn(ship::run(cfg.clone(), client, outbox.clone(), ident));
     let mut collector = collect::Collector::new(&cfg);
     let events_fd = probes.as_ref().and_then(|p| p.events_fd()).and_then(|fd| {
         // SAFETY: the ring buffer's fd lives in `collector.probes`, which outlives this

@@ -195,22 +195,66 @@ async fn send_one(
     }
 }
 
-/// Keeps a connection to one of the aggregators and drains the outbox into it.
+/// The aggregator addresses in the order this host prefers them: rendezvous (highest
+/// random weight) hashing of (host, address). Every host of a fleet ranks the same list
+/// differently, so load spreads evenly; when an aggregator is added or lost only the hosts
+/// that rank it first (1/N of them) move, and a lost aggregator's hosts spread over the
+/// others by their second choice.
+pub fn preference(host: &str, addrs: &[String]) -> Vec<String> {
+    let mut v: Vec<(u64, &String)> = addrs.iter().map(|a| (weight(host, a), a)).collect();
+    v.sort_by(|x, y| y.0.cmp(&x.0).then_with(|| x.1.cmp(y.1)));
+    v.into_iter().map(|(_, a)| a.clone()).collect()
+}
+
+/// A stable 64-bit hash of (host, address): FNV-1a then a SplitMix64 finalizer (the same
+/// on every build and machine, unlike std's hasher).
+fn weight(host: &str, addr: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in host.bytes().chain([0u8]).chain(addr.bytes()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+/// While connected to an aggregator other than the preferred one, how often the preferred
+/// one is tried again (the host moves back once it answers).
+const FAILBACK_EVERY: Duration = Duration::from_secs(30);
+
+/// Keeps a connection to one of the aggregators and drains the outbox into it: the
+/// preferred one (see [`preference`]), else the next that answers, moving back to the
+/// preferred one when it returns.
 pub async fn run(
     cfg: Arc<Config>,
     client_cfg: quinn::ClientConfig,
     outbox: Arc<Outbox>,
+    host: String,
 ) -> anyhow::Result<()> {
     let mut endpoint = quinn::Endpoint::client("[::]:0".parse().unwrap())
         .or_else(|_| quinn::Endpoint::client("0.0.0.0:0".parse().unwrap()))?;
     endpoint.set_default_client_config(client_cfg);
+    let order = preference(&host, &cfg.aggregator);
+    if order.len() > 1 {
+        tracing::info!(%host, order = ?order, "aggregators in this host's order of preference");
+    }
     let mut backoff = Duration::from_millis(100);
     let mut idx = 0usize;
+    // A connection already made to the preferred aggregator by the failback check.
+    let mut ready: Option<quinn::Connection> = None;
     loop {
-        let addr_s = &cfg.aggregator[idx % cfg.aggregator.len()];
-        match connect(&endpoint, addr_s, &cfg.server_name).await {
+        let i = idx % order.len();
+        let addr_s = &order[i];
+        let conn = match ready.take() {
+            Some(c) => Ok(c),
+            None => connect(&endpoint, addr_s, &cfg.server_name).await,
+        };
+        match conn {
             Ok(conn) => {
-                tracing::info!(aggregator = %addr_s, pending = outbox.len(), pending_bytes = outbox.bytes(), "connected");
+                tracing::info!(aggregator = %addr_s, preferred = i == 0, pending = outbox.len(), pending_bytes = outbox.bytes(), "connected");
                 let v = negotiated_version(&conn);
                 if v == 1 {
                     tracing::warn!(aggregator = %addr_s, "the aggregator reads wire version 1 (an older release): batches are sent as version 1, without the columns and tables added since; upgrade the aggregator");
@@ -218,12 +262,32 @@ pub async fn run(
                     tracing::warn!(aggregator = %addr_s, version = v, "the aggregator reads an older wire version (an older release): batches are rewritten in it, row by row (larger on the wire); upgrade the aggregator");
                 }
                 backoff = Duration::from_millis(100);
-                let reason = serve(&conn, &outbox, cfg.max_in_flight).await;
+                let failback =
+                    (i != 0).then(|| (&endpoint, order[0].as_str(), cfg.server_name.as_str()));
+                let (reason, back) = serve(&conn, &outbox, cfg.max_in_flight, failback).await;
+                if let Some(c) = back {
+                    tracing::info!(from = %addr_s, to = %order[0], pending = outbox.len(), "the preferred aggregator answers again; moving back to it");
+                    conn.close(0u32.into(), b"moving to the preferred aggregator");
+                    ready = Some(c);
+                    idx = 0;
+                    continue;
+                }
                 tracing::warn!(aggregator = %addr_s, %reason, pending = outbox.len(), "disconnected; will reconnect");
+                // Start again from the preferred one.
+                idx = 0;
             }
             Err(e) => {
-                tracing::warn!(aggregator = %addr_s, error = %e, retry_in = ?backoff, "cannot connect");
+                let next = &order[(i + 1) % order.len()];
+                if order.len() > 1 {
+                    tracing::warn!(aggregator = %addr_s, error = %e, next = %next, "cannot connect; trying the next aggregator");
+                } else {
+                    tracing::warn!(aggregator = %addr_s, error = %e, retry_in = ?backoff, "cannot connect");
+                }
                 idx += 1;
+                // The whole list failed: back off before going round again.
+                if idx % order.len() != 0 {
+                    continue;
+                }
             }
         }
         let jitter = rand::random::<f64>() * 0.5 + 0.75;
@@ -247,11 +311,49 @@ async fn connect(
     Ok(conn)
 }
 
-async fn serve(conn: &quinn::Connection, outbox: &Outbox, max_in_flight: usize) -> String {
+/// Sends the outbox over `conn` until it fails (returns why), or, when `failback` names
+/// the preferred aggregator and it answers, returns that new connection (batches in flight
+/// on the old one are sent again on it; the aggregators' shared dedup state makes any that
+/// were stored a duplicate).
+async fn serve(
+    conn: &quinn::Connection,
+    outbox: &Outbox,
+    max_in_flight: usize,
+    failback: Option<(&quinn::Endpoint, &str, &str)>,
+) -> (String, Option<quinn::Connection>) {
     outbox.unmark_all();
     let version = negotiated_version(conn);
     let mut tasks = tokio::task::JoinSet::new();
+    // The failback check runs beside the sending (a handshake to an aggregator that is
+    // still down may take its whole timeout).
+    // (A JoinSet: dropped on return, it aborts a check still running.)
+    let mut probe: tokio::task::JoinSet<anyhow::Result<quinn::Connection>> =
+        tokio::task::JoinSet::new();
+    let mut next_try = tokio::time::Instant::now() + FAILBACK_EVERY;
     loop {
+        if let Some((ep, addr, name)) = failback {
+            if probe.is_empty() && tokio::time::Instant::now() >= next_try {
+                next_try = tokio::time::Instant::now() + FAILBACK_EVERY;
+                let (ep, addr, name) = (ep.clone(), addr.to_string(), name.to_string());
+                probe.spawn(async move { connect(&ep, &addr, &name).await });
+            }
+            if let Some(done) = probe.try_join_next() {
+                if let Ok(Ok(c)) = done {
+                    // Let what is in flight here finish first (bounded), then move.
+                    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                        while let Some(res) = tasks.join_next().await {
+                            if let Ok((seq, Ok(()))) = res {
+                                outbox.acked(seq);
+                            }
+                        }
+                    })
+                    .await;
+                    tasks.abort_all();
+                    outbox.unmark_all();
+                    return ("moving back".into(), Some(c));
+                }
+            }
+        }
         while tasks.len() < max_in_flight {
             let Some((seq, frame)) = outbox.next_to_send() else {
                 break;
@@ -271,7 +373,7 @@ async fn serve(conn: &quinn::Connection, outbox: &Outbox, max_in_flight: usize) 
                     Err(SendError::Connection(e)) => {
                         tasks.abort_all();
                         outbox.unmark_all();
-                        return e;
+                        return (e, None);
                     }
                 }
             }
@@ -279,7 +381,7 @@ async fn serve(conn: &quinn::Connection, outbox: &Outbox, max_in_flight: usize) 
             e = conn.closed() => {
                 tasks.abort_all();
                 outbox.unmark_all();
-                return e.to_string();
+                return (e.to_string(), None);
             }
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
@@ -289,6 +391,46 @@ async fn serve(conn: &quinn::Connection, outbox: &Outbox, max_in_flight: usize) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rendezvous_spreads_hosts_evenly_and_moves_one_nth() {
+        let addrs: Vec<String> = (1..=4).map(|i| format!("agg{i}:4433")).collect();
+        let hosts: Vec<String> = (0..8000).map(|i| format!("host-{i:05}.dc1")).collect();
+        let first = |a: &[String]| -> Vec<String> {
+            hosts.iter().map(|h| preference(h, a)[0].clone()).collect()
+        };
+        let base = first(&addrs);
+        // Even: each of 4 gets 25 % ± 2 points.
+        for a in &addrs {
+            let n = base.iter().filter(|x| *x == a).count();
+            assert!((1840..=2160).contains(&n), "{a}: {n} of 8000");
+        }
+        // A fifth aggregator takes about 1/5 of the hosts, only from the others.
+        let mut five = addrs.clone();
+        five.push("agg5:4433".into());
+        let after = first(&five);
+        let moved: Vec<usize> = (0..hosts.len()).filter(|&i| base[i] != after[i]).collect();
+        assert!(moved.iter().all(|&i| after[i] == "agg5:4433"));
+        assert!(
+            (1440..=1760).contains(&moved.len()),
+            "moved {}",
+            moved.len()
+        );
+        // Losing one moves only its hosts, each to its second choice.
+        let three: Vec<String> = addrs[1..].to_vec();
+        let after = first(&three);
+        for i in 0..hosts.len() {
+            if base[i] != addrs[0] {
+                assert_eq!(base[i], after[i]);
+            } else {
+                assert_eq!(after[i], preference(&hosts[i], &addrs)[1]);
+            }
+        }
+        // The same on every call, whatever the list's order.
+        let mut rev = addrs.clone();
+        rev.reverse();
+        assert_eq!(preference("h", &addrs), preference("h", &rev));
+    }
 
     #[test]
     fn batches_hold_an_interval_of_snapshots_and_carry_host_facts_once_a_minute() {

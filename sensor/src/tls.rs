@@ -77,3 +77,18 @@ pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<quinn::Client
     cfg.transport_config(Arc::new(transport));
     Ok(cfg)
 }
+
+/// The host identity in a certificate file: its subject's common name (what the aggregator
+/// reads), or None when the file cannot be read or has none.
+pub fn identity(cert: &Path) -> Option<String> {
+    let c = load_certs(cert).ok()?.into_iter().next()?;
+    let (_, x) = x509_parser::parse_x509_certificate(&c).ok()?;
+    let cn = x
+        .subject()
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_string();
+    Some(cn)
+}

@@ -1,7 +1,9 @@
 //! Store stage: the ClickHouse schema (created and migrated on start),
 //! batched inserts, duplicate suppression and retention.
 
+pub mod cluster;
 pub mod import;
+pub mod localcluster;
 pub mod managed;
 pub mod rows;
 pub mod schema;
@@ -9,7 +11,7 @@ pub mod tiers;
 pub mod writer;
 
 use crate::config::ClickHouseConfig;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clickhouse::{Client, Row, RowWrite};
 use protocol::Batch;
 use rows::{BatchRow, HostRow, Rows};
@@ -117,6 +119,10 @@ pub struct Store {
     pub modern: bool,
     pub retention_days: u32,
     pub tier_days: [u32; 2],
+    /// The cluster the schema lives on (`[clickhouse] cluster`), if any.
+    pub cluster: Option<String>,
+    /// On a cluster: the insert quorum in force (1 on a single server).
+    pub quorum: u32,
 }
 
 pub fn client(url: &str, cfg: &ClickHouseConfig) -> Client {
@@ -140,6 +146,27 @@ impl Store {
             .await
             .with_context(|| format!("cannot reach ClickHouse at {url}"))?;
         let modern = schema::is_modern(&version);
+        let (cluster, quorum) = if cfg.cluster.is_empty() {
+            (None, 1)
+        } else {
+            (
+                Some(cfg.cluster.clone()),
+                Self::check_cluster(&c, url, cfg).await?,
+            )
+        };
+        let c = if cluster.is_some() {
+            // A round's rows are on their shard (and on `quorum` of its replicas) when
+            // the insert returns, not queued in the Distributed table for later.
+            let c = c.with_setting("insert_distributed_sync", "1");
+            if quorum > 1 {
+                c.with_setting("insert_quorum", quorum.to_string())
+                    .with_setting("insert_quorum_timeout", "60000")
+            } else {
+                c
+            }
+        } else {
+            c
+        };
         let store = Store {
             client: c.clone(),
             db: cfg.database.clone(),
@@ -147,14 +174,16 @@ impl Store {
             modern,
             retention_days: cfg.retention_days,
             tier_days: [cfg.retention_1m_days, cfg.retention_1h_days],
+            cluster,
+            quorum,
         };
-        c.query(&format!("CREATE DATABASE IF NOT EXISTS {}", cfg.database))
-            .execute()
+        store
+            .exec_ddl(&format!("CREATE DATABASE IF NOT EXISTS {}", cfg.database))
             .await
             .context("CREATE DATABASE")?;
         let ddl = store.ddl();
-        c.query(&ddl.migrations_table())
-            .execute()
+        store
+            .exec_ddl(&ddl.migrations_table())
             .await
             .context("creating schema_migrations")?;
         let applied: Vec<u32> = c
@@ -177,8 +206,8 @@ impl Store {
                 store.snapshot_for_backfill().await?;
             }
             for s in stmts {
-                c.query(&s)
-                    .execute()
+                store
+                    .exec_ddl(&s)
                     .await
                     .with_context(|| format!("migration {v} ({name}) failed on:\n{s}"))?;
             }
@@ -193,6 +222,102 @@ impl Store {
             client: c.with_database(&cfg.database),
             ..store
         })
+    }
+
+    /// Checks that `cfg.cluster` is a cluster of the server at `url`; the insert quorum
+    /// (configured, or a majority of the smallest shard's replicas).
+    async fn check_cluster(c: &Client, url: &str, cfg: &ClickHouseConfig) -> Result<u32> {
+        #[derive(Row, Deserialize)]
+        struct Shard {
+            cluster: String,
+            replicas: u64,
+        }
+        let all: Vec<Shard> = c
+            .query("SELECT cluster, count() AS replicas FROM system.clusters GROUP BY cluster, shard_num ORDER BY cluster, shard_num")
+            .fetch_all()
+            .await
+            .with_context(|| format!("reading system.clusters at {url}"))?;
+        let mine: Vec<&Shard> = all.iter().filter(|s| s.cluster == cfg.cluster).collect();
+        if mine.is_empty() {
+            let mut names: Vec<&str> = all.iter().map(|s| s.cluster.as_str()).collect();
+            names.dedup();
+            bail!(
+                "clickhouse.cluster: {:?} is not a cluster of the server at {url} (its remote_servers define: {})",
+                cfg.cluster,
+                if names.is_empty() { "none".to_string() } else { names.join(", ") }
+            );
+        }
+        let min = mine.iter().map(|s| s.replicas).min().unwrap_or(1) as u32;
+        let q = if cfg.insert_quorum == 0 {
+            cluster::default_quorum(min)
+        } else {
+            cfg.insert_quorum
+        };
+        if q > min {
+            bail!(
+                "clickhouse.insert_quorum: {q} is more than the {min} replicas of a shard of cluster {:?}",
+                cfg.cluster
+            );
+        }
+        tracing::info!(cluster = %cfg.cluster, shards = mine.len(), replicas_per_shard = min, insert_quorum = q, "ClickHouse cluster");
+        Ok(q)
+    }
+
+    /// Runs one statement of the schema: as written on a single server, in its cluster
+    /// form (`ON CLUSTER`, local and Distributed tables) on a cluster.
+    pub async fn exec_ddl(&self, stmt: &str) -> Result<()> {
+        let stmts = match &self.cluster {
+            None => vec![stmt.to_string()],
+            Some(c) => cluster::rewrite(stmt, &self.db, c),
+        };
+        for s in stmts {
+            // ClickHouse 18.16 has no ADD COLUMN IF NOT EXISTS: a migration retried after
+            // failing half-way skips the columns it already added.
+            if let Some((table, col)) = cluster::added_column(&s, &self.db) {
+                let n: u64 = self
+                    .client
+                    .query("SELECT count() FROM system.columns WHERE database = ? AND table = ? AND name = ?")
+                    .bind(&self.db)
+                    .bind(table)
+                    .bind(col)
+                    .fetch_one()
+                    .await
+                    .context("reading system.columns")?;
+                if n > 0 {
+                    continue;
+                }
+            }
+            self.client
+                .query(&s)
+                .execute()
+                .await
+                .with_context(|| format!("DDL failed: {}", s.lines().next().unwrap_or("")))?;
+        }
+        Ok(())
+    }
+
+    /// The table that holds a table's parts: `T` on a single server, `T_local` on a cluster.
+    pub fn local_name(&self, t: &str) -> String {
+        if self.cluster.is_some() {
+            format!("{t}_local")
+        } else {
+            t.to_string()
+        }
+    }
+
+    /// A read of the dedup state: on a cluster with a quorum, with sequential consistency
+    /// (a replica that lacks a quorum-acknowledged insert refuses rather than answer).
+    /// On a cluster, a subquery over a Distributed table runs against the shard's local
+    /// table: a host's intents and batches live on one shard.
+    fn dedup_query(&self, q: &str) -> clickhouse::query::Query {
+        let mut q = self.client.query(q);
+        if self.cluster.is_some() {
+            q = q.with_setting("distributed_product_mode", "local");
+            if self.quorum > 1 {
+                q = q.with_setting("select_sequential_consistency", "1");
+            }
+        }
+        q
     }
 
     pub fn ddl(&self) -> Ddl<'_> {
@@ -334,8 +459,7 @@ impl Store {
             "SELECT DISTINCT toString(host) AS host, toUInt32(ts) AS ts FROM {table} WHERE has(?, toString(host)) AND has(?, toUInt32(ts))"
         );
         let found: Vec<K> = self
-            .client
-            .query(&q)
+            .dedup_query(&q)
             .bind(hosts.into_iter().collect::<Vec<_>>())
             .bind(ts.into_iter().collect::<Vec<_>>())
             .fetch_all()
@@ -346,11 +470,16 @@ impl Store {
 
     /// Batches with an intent but no `batches` row in the last day: possibly
     /// partly stored by an aggregator that died mid-round.
-    pub async fn uncertain_batches(&self) -> Result<Vec<(String, String, u64)>> {
+    /// `hosts`: only those hosts' (None: all).
+    pub async fn uncertain_batches(
+        &self,
+        hosts: Option<&[String]>,
+    ) -> Result<Vec<(String, String, u64)>> {
+        let only = host_filter(hosts);
         self.batch_keys(&format!(
-            "SELECT toString(host) AS host, sensor_boot_id, seq FROM {db}.batch_intents WHERE created > now() - 86400 \
+            "SELECT toString(host) AS host, sensor_boot_id, seq FROM {db}.batch_intents WHERE created > now() - 86400 {only} \
              AND (toString(host), sensor_boot_id, seq) NOT IN \
-             (SELECT toString(host), sensor_boot_id, seq FROM {db}.batches WHERE received > now() - 90000)",
+             (SELECT toString(host), sensor_boot_id, seq FROM {db}.batches WHERE received > now() - 90000 {only})",
             db = self.db
         ))
         .await
@@ -364,7 +493,7 @@ impl Store {
             sensor_boot_id: String,
             seq: u64,
         }
-        let rows: Vec<R> = self.client.query(q).fetch_all().await?;
+        let rows: Vec<R> = self.dedup_query(q).fetch_all().await?;
         Ok(rows
             .into_iter()
             .map(|r| (r.host, r.sensor_boot_id, r.seq))
@@ -418,11 +547,16 @@ impl Store {
         self.insert::<rows::AlertRow>("alerts", &rows).await
     }
 
-    /// Sequence numbers stored in the last day, to refuse duplicates after a restart.
-    pub async fn recent_batches(&self) -> Result<Vec<(String, String, u64)>> {
+    /// Sequence numbers stored in the last day, to refuse duplicates after a restart
+    /// (`hosts`: only those hosts', for a sensor that connects).
+    pub async fn recent_batches(
+        &self,
+        hosts: Option<&[String]>,
+    ) -> Result<Vec<(String, String, u64)>> {
         self.batch_keys(&format!(
-            "SELECT host, sensor_boot_id, seq FROM {}.batches WHERE received > now() - 86400",
-            self.db
+            "SELECT toString(host) AS host, sensor_boot_id, seq FROM {}.batches WHERE received > now() - 86400 {}",
+            self.db,
+            host_filter(hosts)
         ))
         .await
     }
@@ -452,17 +586,34 @@ impl Store {
         if tables.is_empty() {
             return Ok(Vec::new());
         }
+        // On a cluster: the parts of this server's `T_local` tables (every shard has a
+        // day's partition as soon as one of its hosts wrote that day).
+        let local: Vec<String> = tables.iter().map(|t| self.local_name(t)).collect();
         let q = "SELECT DISTINCT table, partition FROM system.parts WHERE database = ? AND active \
              AND has(?, table) ORDER BY table, partition";
         let parts: Vec<P> = self
             .client
             .query(q)
             .bind(&self.db)
-            .bind(tables)
+            .bind(&local)
             .fetch_all()
             .await
             .context("listing partitions")?;
-        Ok(parts.into_iter().map(|p| (p.table, p.partition)).collect())
+        let cluster = self.cluster.is_some();
+        Ok(parts
+            .into_iter()
+            .map(|p| {
+                let t = if cluster {
+                    p.table
+                        .strip_suffix("_local")
+                        .unwrap_or(&p.table)
+                        .to_string()
+                } else {
+                    p.table
+                };
+                (t, p.partition)
+            })
+            .collect())
     }
 
     /// The tier backfill copies: (raw table, tier, `<table>_backfill_<tier>`).
@@ -476,6 +627,10 @@ impl Store {
     /// tier (partition by partition, as hard links: instant, no extra space).
     /// [`Store::backfill_tiers`] aggregates the copies into the tiers in the background.
     async fn snapshot_for_backfill(&self) -> Result<()> {
+        if self.cluster.is_some() {
+            tracing::warn!("rollup tiers: on a cluster, rows stored before the tiers existed are not backfilled (a cluster created by this release has none)");
+            return Ok(());
+        }
         let raw: Vec<String> = protocol::TABLES
             .iter()
             .filter(|t| t.rolled_up())
@@ -636,7 +791,8 @@ impl Store {
             .await
             .context("reading table TTLs")?;
         for (table, col, days, _) in self.retained_tables() {
-            let Some(t) = have.iter().find(|t| t.name == table) else {
+            let local = self.local_name(&table);
+            let Some(t) = have.iter().find(|t| t.name == local) else {
                 continue;
             };
             let current = ttl_days(&t.engine_full);
@@ -652,9 +808,7 @@ impl Store {
                 )
             };
             tracing::info!(%table, from_days = current, to_days = days, "retention changed: applying the new TTL");
-            self.client
-                .query(&sql)
-                .execute()
+            self.exec_ddl(&sql)
                 .await
                 .with_context(|| format!("changing the retention of {table}"))?;
         }
@@ -694,17 +848,31 @@ impl Store {
             .collect();
         for p in &parts {
             tracing::info!(table = %p.table, partition = %p.partition, "retention: dropping partition");
-            self.client
-                .query(&format!(
-                    "ALTER TABLE {}.{} DROP PARTITION {}",
-                    self.db,
-                    p.table,
-                    partition_literal(&p.partition)
-                ))
-                .execute()
-                .await?;
+            self.exec_ddl(&format!(
+                "ALTER TABLE {}.{} DROP PARTITION {}",
+                self.db,
+                p.table,
+                partition_literal(&p.partition)
+            ))
+            .await?;
         }
         Ok(parts.len())
+    }
+}
+
+/// `AND host IN (...)` for the given hosts (quoted as ClickHouse string literals), or
+/// nothing. Host names come from verified certificates, but are quoted all the same.
+fn host_filter(hosts: Option<&[String]>) -> String {
+    match hosts {
+        None => String::new(),
+        Some([]) => "AND 0".to_string(),
+        Some(hs) => {
+            let list: Vec<String> = hs
+                .iter()
+                .map(|h| format!("'{}'", h.replace('\\', "\\\\").replace('\'', "\\'")))
+                .collect();
+            format!("AND toString(host) IN ({})", list.join(", "))
+        }
     }
 }
 

@@ -16,6 +16,9 @@ use tokio::sync::{mpsc, oneshot};
 pub enum Work {
     Batch(Job),
     Gap(GapJob),
+    /// A sensor connected for this host: load what ClickHouse knows of it unless this
+    /// writer's view is recent (several aggregators: it may have come from another).
+    Arrived(Arc<str>),
 }
 
 pub struct GapJob {
@@ -35,6 +38,8 @@ pub struct Job {
 pub struct WriterConfig {
     pub max_rows: usize,
     pub flush_interval: Duration,
+    /// Insert rounds in flight at once (at least 1).
+    pub rounds: usize,
 }
 
 fn now_secs() -> u32 {
@@ -47,6 +52,31 @@ fn now_secs() -> u32 {
 /// How often a host's `hosts` row is refreshed.
 const HOST_ROW_EVERY: Duration = Duration::from_secs(60);
 
+type Key = (String, String, u64);
+type Reply = oneshot::Sender<Result<(), String>>;
+
+/// What the writer knows about stored batches, shared by its rounds in flight.
+#[derive(Default)]
+struct Book {
+    dedup: Dedup,
+    /// Batches that may be partly stored (see `Store::write`).
+    uncertain: HashSet<Key>,
+    /// Batches in a round in flight, with the replies of copies that arrived meanwhile
+    /// (a sensor resending after a lost ack): they get the first copy's verdict.
+    in_flight: HashMap<Key, Vec<Reply>>,
+    host_written: HashMap<Arc<str>, Instant>,
+    first_seen: HashMap<String, u32>,
+}
+
+fn key(host: &str, b: &Batch) -> Key {
+    (host.to_string(), b.boot_id.clone(), b.seq)
+}
+
+/// The writer: gathers rounds from the queue and runs up to `cfg.rounds` of them at once.
+/// Exactly once holds across rounds in flight: a batch is in at most one round (a copy
+/// that arrives while it is in flight waits for that round's verdict), the intent and
+/// `batches` rows of each round bracket its rows as before, and a round's failure marks
+/// its batches uncertain for whichever round stores them next.
 pub async fn run(
     mut store: super::StoreHandle,
     mut rx: mpsc::Receiver<Work>,
@@ -56,12 +86,12 @@ pub async fn run(
     // Nothing is written (or acked) before the database is there: the queue fills and
     // pushes back on the sensors, as during an outage.
     let store: Store = store.wait().await;
-    let mut dedup = Dedup::default();
-    match store.recent_batches().await {
+    let mut book = Book::default();
+    match store.recent_batches(None).await {
         Ok(rows) => {
             let n = rows.len();
             for (h, b, s) in rows {
-                dedup.insert(&h, &b, s);
+                book.dedup.insert(&h, &b, s);
             }
             tracing::info!(
                 batches = n,
@@ -72,8 +102,7 @@ pub async fn run(
             tracing::warn!(error = %e, "cannot load recent batches; duplicates of batches stored before this start will not be detected")
         }
     }
-    // Batches that may be partly stored (see `Store::write`).
-    let mut uncertain: HashSet<(String, String, u64)> = match store.uncertain_batches().await {
+    match store.uncertain_batches(None).await {
         Ok(v) => {
             if !v.is_empty() {
                 tracing::info!(
@@ -81,19 +110,20 @@ pub async fn run(
                     "batches possibly partly stored before this start; their rows are checked when they arrive again"
                 );
             }
-            v.into_iter().collect()
+            book.uncertain = v.into_iter().collect();
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read batch intents");
-            HashSet::new()
-        }
-    };
-    let mut first_seen = store.first_seen().await.unwrap_or_default();
-    let mut host_written: HashMap<Arc<str>, Instant> = HashMap::new();
+        Err(e) => tracing::warn!(error = %e, "cannot read batch intents"),
+    }
+    book.first_seen = store.first_seen().await.unwrap_or_default();
+    let started = Instant::now();
+    let book = Arc::new(std::sync::Mutex::new(book));
+    let slots = Arc::new(tokio::sync::Semaphore::new(cfg.rounds.max(1)));
+    let mut rounds = tokio::task::JoinSet::new();
 
     while let Some(first) = rx.recv().await {
         let mut jobs = Vec::new();
         let mut gaps = Vec::new();
+        let mut arrived = Vec::new();
         let mut rows_est = 0;
         let mut take = |w: Work, rows_est: &mut usize| match w {
             Work::Batch(j) => {
@@ -101,6 +131,7 @@ pub async fn run(
                 jobs.push(j);
             }
             Work::Gap(g) => gaps.push(g),
+            Work::Arrived(h) => arrived.push(h),
         };
         take(first, &mut rows_est);
         let deadline = tokio::time::Instant::now() + cfg.flush_interval;
@@ -110,123 +141,222 @@ pub async fn run(
                 _ => break,
             }
         }
+        while rounds.try_join_next().is_some() {}
         if !gaps.is_empty() {
             write_gaps(&store, gaps, &metrics).await;
         }
+        if !arrived.is_empty() {
+            load_hosts(&store, &book, arrived, started).await;
+        }
         metrics.queue_depth.store(rx.len() as u64, Relaxed);
+        if jobs.is_empty() {
+            continue;
+        }
+        // A slot first: while every slot is busy, the queue fills and pushes back.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
 
-        // Drop duplicates: already stored, or twice in this round.
+        // Drop duplicates: already stored, in a round in flight, or twice in this one.
+        let now = now_secs();
         let mut fresh: Vec<Job> = Vec::with_capacity(jobs.len());
-        for j in jobs {
-            let dup = dedup.seen(&j.host, &j.batch.boot_id, j.batch.seq)
-                || fresh.iter().any(|f| {
-                    f.host == j.host
-                        && f.batch.boot_id == j.batch.boot_id
-                        && f.batch.seq == j.batch.seq
-                });
-            if dup {
-                metrics.batches_duplicate.fetch_add(1, Relaxed);
-                tracing::debug!(host = %j.host, seq = j.batch.seq, "duplicate batch acknowledged without storing");
-                let _ = j.reply.send(Ok(()));
-            } else {
+        let mut host_rows_for: Vec<(Arc<str>, u32)> = Vec::new();
+        let mut unc: HashSet<Key> = HashSet::new();
+        {
+            let mut b = book.lock().unwrap();
+            for j in jobs {
+                if b.dedup.seen(&j.host, &j.batch.boot_id, j.batch.seq) {
+                    metrics.batches_duplicate.fetch_add(1, Relaxed);
+                    tracing::debug!(host = %j.host, seq = j.batch.seq, "duplicate batch acknowledged without storing");
+                    let _ = j.reply.send(Ok(()));
+                    continue;
+                }
+                let k = key(&j.host, &j.batch);
+                if let Some(waiters) = b.in_flight.get_mut(&k) {
+                    metrics.batches_duplicate.fetch_add(1, Relaxed);
+                    tracing::debug!(host = %j.host, seq = j.batch.seq, "copy of a batch being stored; answered with its verdict");
+                    waiters.push(j.reply);
+                    continue;
+                }
+                if b.uncertain.contains(&k) {
+                    unc.insert(k.clone());
+                }
+                b.in_flight.insert(k, Vec::new());
                 fresh.push(j);
+            }
+            for j in &fresh {
+                if j.batch.info.is_none()
+                    || b.host_written
+                        .get(&j.host)
+                        .is_some_and(|t| t.elapsed() < HOST_ROW_EVERY)
+                    || host_rows_for.iter().any(|(h, _)| *h == j.host)
+                {
+                    continue;
+                }
+                let fs = *b.first_seen.entry(j.host.to_string()).or_insert(now);
+                // Marked now so that rounds in flight do not all write it; a failed
+                // round clears the mark.
+                b.host_written.insert(j.host.clone(), Instant::now());
+                host_rows_for.push((j.host.clone(), fs));
             }
         }
         if fresh.is_empty() {
             continue;
         }
+        metrics.rounds_in_flight.fetch_add(1, Relaxed);
+        let (store, book, metrics) = (store.clone(), book.clone(), metrics.clone());
+        rounds.spawn(async move {
+            round(&store, &book, &metrics, fresh, host_rows_for, unc, now).await;
+            metrics.rounds_in_flight.fetch_sub(1, Relaxed);
+            drop(slot);
+        });
+    }
+    while rounds.join_next().await.is_some() {}
+    tracing::info!("writer finished: all queued batches handled");
+}
 
-        let now = now_secs();
-        let mut host_rows = Vec::new();
-        let mut due_hosts: Vec<Arc<str>> = Vec::new();
-        for j in &fresh {
-            let Some(info) = &j.batch.info else { continue };
-            if host_written
-                .get(&j.host)
-                .is_some_and(|t| t.elapsed() < HOST_ROW_EVERY)
-                || due_hosts.contains(&j.host)
-            {
-                continue;
-            }
-            let fs = *first_seen.entry(j.host.to_string()).or_insert(now);
-            due_hosts.push(j.host.clone());
-            host_rows.push(HostRow {
-                host: &j.host,
-                first_seen: fs,
-                last_seen: now,
-                sensor_version: &info.sensor_version,
-                kernel: &info.kernel,
-                os: &info.os,
-                arch: &info.arch,
-                cpus: info.cpus,
-                memory_bytes: info.memory_bytes,
-                kernel_boot_id: &info.kernel_boot_id,
-                sensor_boot_id: &j.batch.boot_id,
-                probes: &info.probes,
-            });
+/// Loads what ClickHouse knows of hosts whose sensors just connected here: their stored
+/// sequence numbers and their open intents. With several aggregators a sensor that moved
+/// here from another may resend a batch stored there whose ack it lost; this makes that
+/// copy a duplicate. A connection is the signal: a sensor that was away (even briefly)
+/// may have stored elsewhere meanwhile. The start-up load covers the first seconds.
+async fn load_hosts(
+    store: &Store,
+    book: &std::sync::Mutex<Book>,
+    mut hosts: Vec<Arc<str>>,
+    started: Instant,
+) {
+    if started.elapsed() < STARTUP_LOAD_FRESH {
+        return;
+    }
+    hosts.sort();
+    hosts.dedup();
+    let names: Vec<String> = hosts.iter().map(|h| h.to_string()).collect();
+    let stored = store.recent_batches(Some(&names)).await;
+    let open = store.uncertain_batches(Some(&names)).await;
+    let (stored, open) = match (stored, open) {
+        (Ok(s), Ok(o)) => (s, o),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(error = %format!("{e:#}"), hosts = names.len(), "cannot load stored batches of hosts that connected; a batch stored through another aggregator could be stored again");
+            return;
         }
+    };
+    let mut b = book.lock().unwrap();
+    let (ns, no) = (stored.len(), open.len());
+    for (h, boot, seq) in stored {
+        b.dedup.insert(&h, &boot, seq);
+    }
+    for k in open {
+        if !b.dedup.seen(&k.0, &k.1, k.2) && !b.in_flight.contains_key(&k) {
+            b.uncertain.insert(k);
+        }
+    }
+    tracing::debug!(
+        hosts = names.len(),
+        stored = ns,
+        open_intents = no,
+        "loaded the stored state of hosts that connected"
+    );
+}
 
-        let refs: Vec<(&str, &Batch, u32)> = fresh
-            .iter()
-            .map(|j| (&*j.host, &j.batch, j.bytes))
-            .collect();
-        let mut attempt = 0;
-        let mut outage_since: Option<Instant> = None;
-        let result = loop {
-            let t0 = Instant::now();
-            match store.write(&refs, &host_rows, now, &uncertain).await {
-                Ok(rows) => {
-                    metrics.observe_insert(t0.elapsed().as_secs_f64());
-                    if let Some(t) = outage_since {
-                        tracing::info!(after = ?t.elapsed(), batches = refs.len(), "ClickHouse is back; ingest resumed");
-                    }
-                    metrics.clickhouse_down.store(0, Relaxed);
-                    break Ok(rows);
-                }
-                Err(e) => {
-                    metrics.insert_errors.fetch_add(1, Relaxed);
-                    // Part of this round may be in ClickHouse now.
-                    for (h, b, _) in &refs {
-                        uncertain.insert((h.to_string(), b.boot_id.clone(), b.seq));
-                    }
-                    if !store.reachable().await {
-                        // Outage: hold the round (and, through the bounded queue and
-                        // QUIC flow control, the sensors) until ClickHouse returns.
-                        if outage_since.is_none() {
-                            tracing::error!(error = %format!("{e:#}"), batches = refs.len(), "ClickHouse unreachable; holding batches and retrying until it returns (sensors spool meanwhile)");
-                            outage_since = Some(Instant::now());
-                        }
-                        metrics.clickhouse_down.store(1, Relaxed);
-                        tokio::time::sleep(Duration::from_secs(2)).await;
-                        continue;
-                    }
-                    attempt += 1;
-                    tracing::warn!(error = %format!("{e:#}"), attempt, batches = refs.len(), "insert into ClickHouse failed");
-                    if attempt >= 3 {
-                        break Err(format!("{e:#}"));
-                    }
-                    tokio::time::sleep(Duration::from_secs(1 << (attempt - 1))).await;
-                }
-            }
+/// The start-up load is the state of every host for this long.
+const STARTUP_LOAD_FRESH: Duration = Duration::from_secs(5);
+
+/// One insert round: stores `fresh` (retrying through outages), then answers every batch
+/// in it and every copy that arrived meanwhile.
+async fn round(
+    store: &Store,
+    book: &std::sync::Mutex<Book>,
+    metrics: &Metrics,
+    fresh: Vec<Job>,
+    host_rows_for: Vec<(Arc<str>, u32)>,
+    mut unc: HashSet<Key>,
+    now: u32,
+) {
+    let mut host_rows = Vec::new();
+    for (h, fs) in &host_rows_for {
+        let Some(j) = fresh.iter().find(|j| j.host == *h) else {
+            continue;
         };
-        drop(refs);
-        drop(host_rows);
-        match result {
+        let Some(info) = &j.batch.info else { continue };
+        host_rows.push(HostRow {
+            host: &j.host,
+            first_seen: *fs,
+            last_seen: now,
+            sensor_version: &info.sensor_version,
+            kernel: &info.kernel,
+            os: &info.os,
+            arch: &info.arch,
+            cpus: info.cpus,
+            memory_bytes: info.memory_bytes,
+            kernel_boot_id: &info.kernel_boot_id,
+            sensor_boot_id: &j.batch.boot_id,
+            probes: &info.probes,
+        });
+    }
+    let refs: Vec<(&str, &Batch, u32)> = fresh
+        .iter()
+        .map(|j| (&*j.host, &j.batch, j.bytes))
+        .collect();
+    let mut attempt = 0;
+    let mut outage_since: Option<Instant> = None;
+    let result = loop {
+        let t0 = Instant::now();
+        match store.write(&refs, &host_rows, now, &unc).await {
             Ok(rows) => {
-                metrics.rows_inserted.fetch_add(rows as u64, Relaxed);
-                for h in due_hosts {
-                    host_written.insert(h, Instant::now());
+                metrics.observe_insert(t0.elapsed().as_secs_f64());
+                if let Some(t) = outage_since {
+                    tracing::info!(after = ?t.elapsed(), batches = refs.len(), "ClickHouse is back; ingest resumed");
                 }
+                metrics.clickhouse_down.store(0, Relaxed);
+                break Ok(rows);
+            }
+            Err(e) => {
+                metrics.insert_errors.fetch_add(1, Relaxed);
+                // Part of this round may be in ClickHouse now.
+                {
+                    let mut b = book.lock().unwrap();
+                    for (h, bt, _) in &refs {
+                        let k = key(h, bt);
+                        unc.insert(k.clone());
+                        b.uncertain.insert(k);
+                    }
+                }
+                if !store.reachable().await {
+                    // Outage: hold the round (and, through the bounded queue and
+                    // QUIC flow control, the sensors) until ClickHouse returns.
+                    if outage_since.is_none() {
+                        tracing::error!(error = %format!("{e:#}"), batches = refs.len(), "ClickHouse unreachable; holding batches and retrying until it returns (sensors spool meanwhile)");
+                        outage_since = Some(Instant::now());
+                    }
+                    metrics.clickhouse_down.store(1, Relaxed);
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    continue;
+                }
+                attempt += 1;
+                tracing::warn!(error = %format!("{e:#}"), attempt, batches = refs.len(), "insert into ClickHouse failed");
+                if attempt >= 3 {
+                    break Err(format!("{e:#}"));
+                }
+                tokio::time::sleep(Duration::from_secs(1 << (attempt - 1))).await;
+            }
+        }
+    };
+    drop(refs);
+    drop(host_rows);
+    let mut replies: Vec<(Reply, Result<(), String>)> = Vec::new();
+    {
+        let mut b = book.lock().unwrap();
+        match &result {
+            Ok(rows) => {
+                metrics.rows_inserted.fetch_add(*rows as u64, Relaxed);
                 let mut seen = metrics.last_seen.lock().unwrap();
                 for j in &fresh {
-                    if !uncertain.is_empty() {
-                        uncertain.remove(&(
-                            j.host.to_string(),
-                            j.batch.boot_id.clone(),
-                            j.batch.seq,
-                        ));
+                    let k = key(&j.host, &j.batch);
+                    if !b.uncertain.is_empty() {
+                        b.uncertain.remove(&k);
                     }
-                    dedup.insert(&j.host, &j.batch.boot_id, j.batch.seq);
+                    b.dedup.insert(&j.host, &j.batch.boot_id, j.batch.seq);
                     metrics.batches_stored.fetch_add(1, Relaxed);
                     metrics
                         .samples_stored
@@ -238,20 +368,34 @@ pub async fn run(
                         }
                     }
                 }
-                drop(seen);
-                for j in fresh {
-                    let _ = j.reply.send(Ok(()));
-                }
             }
-            Err(msg) => {
-                for j in fresh {
-                    metrics.batches_failed.fetch_add(1, Relaxed);
-                    let _ = j.reply.send(Err(format!("not stored: {msg}")));
+            Err(_) => {
+                for (h, _) in &host_rows_for {
+                    b.host_written.remove(h);
                 }
             }
         }
+        let verdict = result
+            .as_ref()
+            .map(|_| ())
+            .map_err(|m| format!("not stored: {m}"));
+        for j in fresh {
+            if verdict.is_err() {
+                metrics.batches_failed.fetch_add(1, Relaxed);
+            }
+            for w in b
+                .in_flight
+                .remove(&key(&j.host, &j.batch))
+                .unwrap_or_default()
+            {
+                replies.push((w, verdict.clone()));
+            }
+            replies.push((j.reply, verdict.clone()));
+        }
     }
-    tracing::info!("writer finished: all queued batches handled");
+    for (r, v) in replies {
+        let _ = r.send(v);
+    }
 }
 
 async fn write_gaps(store: &Store, gaps: Vec<GapJob>, metrics: &Metrics) {

@@ -1,0 +1,283 @@
+//! Scale-out with real processes: a ClickHouse 18.16 cluster of 2 shards × 2 replicas with
+//! ZooKeeper (`store::localcluster`), two aggregators with the schema `ON CLUSTER`, and
+//! sensors that prefer one aggregator by rendezvous hashing and fail over to the other.
+//! After each scenario, rows are counted per (host, second) over the Distributed tables:
+//! a sensor samples once a second, so a missing second is a lost sample and a repeated one
+//! a duplicate.
+
+mod common;
+use common::*;
+use sonde_aggregator::store::localcluster::LocalCluster;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn start_agg(dir: &Path, listen: &str, url: &str, tag: &str, quorum: u32, wait: bool) -> Agg {
+    let http = format!("127.0.0.1:{}", free_port());
+    let c = dir.join("certs");
+    let log = dir.join(format!("aggregator-{tag}.log"));
+    let child = Command::new(bin("aggregator"))
+        .arg("run")
+        .args(["--listen", listen, "--http-listen", &http])
+        .arg("--data-dir")
+        .arg(dir.join(format!("agg-{tag}")))
+        .args(["--clickhouse-url", url])
+        .args(["--clickhouse-cluster", "sonde"])
+        .args(["--insert-quorum", &quorum.to_string()])
+        .arg("--ca")
+        .arg(c.join("ca.pem"))
+        .arg("--cert")
+        .arg(c.join("aggregator.pem"))
+        .arg("--key")
+        .arg(c.join("aggregator-key.pem"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let p = Proc::new(child, log, "aggregator");
+    if wait {
+        wait_until("aggregator ready", Duration::from_secs(240), || {
+            matches!(http_get(&http, "/readyz"), Some((200, _)))
+        });
+    }
+    Agg { p, http }
+}
+
+struct Agg {
+    p: Proc,
+    http: String,
+}
+
+fn metric_at(http: &str, name: &str) -> u64 {
+    http_get(http, "/metrics")
+        .and_then(|(_, body)| {
+            body.lines()
+                .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0) as u64
+}
+
+fn q(url: &str, sql: &str) -> String {
+    ch_query(url.trim_start_matches("http://"), sql).unwrap_or_else(|e| panic!("{e}\n{sql}"))
+}
+
+/// (seconds stored, holes, duplicated seconds) of `host`'s per-second CPU series.
+fn series(url: &str, host: &str) -> (u64, Vec<(u64, u64)>, u64) {
+    let tsv = q(url, &format!(
+        "SELECT toUInt32(ts), count() FROM sonde.cpu WHERE host = '{host}' AND cpu = 'total' GROUP BY ts ORDER BY ts FORMAT TabSeparated"
+    ));
+    let (mut rows, mut dups, mut holes, mut prev) = (0, 0, Vec::new(), None::<u64>);
+    for l in tsv.lines() {
+        let mut f = l.split('\t');
+        let ts: u64 = f.next().unwrap().parse().unwrap();
+        let n: u64 = f.next().unwrap().parse().unwrap();
+        rows += n;
+        dups += n - 1;
+        if let Some(p) = prev {
+            if ts > p + 1 {
+                holes.push((p + 1, ts - 1));
+            }
+        }
+        prev = Some(ts);
+    }
+    (rows, holes, dups)
+}
+
+fn assert_exact(scenario: &str, url: &str, hosts: &[&str], min_rows: u64) {
+    for h in hosts {
+        let (rows, holes, dups) = series(url, h);
+        eprintln!("[{scenario}] {h}: seconds stored {rows}, missing {holes:?}, duplicated {dups}");
+        assert!(
+            rows >= min_rows,
+            "{scenario}: {h}: only {rows} seconds stored"
+        );
+        assert_eq!(dups, 0, "{scenario}: {h}: duplicated samples");
+        assert!(
+            holes.is_empty(),
+            "{scenario}: {h}: missing samples {holes:?}"
+        );
+    }
+    let dup_batches = q(url, "SELECT count() FROM (SELECT host, sensor_boot_id, seq FROM sonde.batches GROUP BY host, sensor_boot_id, seq HAVING count() > 1)");
+    assert_eq!(
+        dup_batches.trim(),
+        "0",
+        "{scenario}: a batch recorded twice"
+    );
+}
+
+/// Seconds of `host`'s CPU rows stored so far (through the Distributed table).
+fn seconds(url: &str, host: &str) -> u64 {
+    q(
+        url,
+        &format!("SELECT count() FROM sonde.cpu WHERE host = '{host}' AND cpu = 'total'"),
+    )
+    .trim()
+    .parse()
+    .unwrap_or(0)
+}
+
+#[test]
+fn cluster_two_shards_two_aggregators_failover_exactly_once() {
+    let d = Dir::new("cluster");
+    let hosts = ["n1", "n2", "n3", "n4", "n5", "n6"];
+    certs(&d.0.join("certs"), &hosts);
+    let t = Instant::now();
+    let mut cl = LocalCluster::start(&d.0.join("ch"), 2, 2, "clickhouse-server")
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "[cluster] 2 shards × 2 replicas and ZooKeeper up in {:?}",
+        t.elapsed()
+    );
+    let urls: Vec<String> = cl.servers.iter().map(|s| s.url()).collect();
+    let (la, lb) = (
+        format!("127.0.0.1:{}", free_udp_port()),
+        format!("127.0.0.1:{}", free_udp_port()),
+    );
+    // Quorum 1: ingest goes on with one replica of a shard down (the scenario below).
+    let mut a = start_agg(&d.0, &la, &urls[0], "a0", 1, true);
+    let b = start_agg(&d.0, &lb, &urls[2], "b", 1, true);
+    let list = format!("{la},{lb}");
+    let mut sensors: Vec<Proc> = hosts
+        .iter()
+        .map(|h| start_sensor(&d.0, &list, h, &[]))
+        .collect();
+    wait_until("every host stored", Duration::from_secs(60), || {
+        hosts.iter().all(|h| {
+            q(
+                &urls[1],
+                &format!("SELECT count() FROM sonde.batches WHERE host = '{h}'"),
+            )
+            .trim()
+                != "0"
+        })
+    });
+    // What the rounds in flight were writing is in too.
+    std::thread::sleep(Duration::from_secs(3));
+
+    // The schema: local replicated tables per shard, Distributed under the usual names;
+    // one host's rows on one shard only.
+    let engines = q(&urls[3], "SELECT name, engine FROM system.tables WHERE database = 'sonde' AND name IN ('cpu', 'cpu_local', 'batches_local', 'schema_migrations') ORDER BY name FORMAT TabSeparated");
+    assert_eq!(engines, "batches_local\tReplicatedMergeTree\ncpu\tDistributed\ncpu_local\tReplicatedMergeTree\nschema_migrations\tReplicatedMergeTree\n");
+    // Rows per shard: the most either replica of it holds (one may lag the other).
+    let per_shard = |table: &str, h: &str| -> Vec<u64> {
+        [(0, 1), (2, 3)]
+            .iter()
+            .map(|&(r1, r2)| {
+                let n = |i: usize| -> u64 {
+                    q(
+                        &urls[i],
+                        &format!("SELECT count() FROM sonde.{table} WHERE host = '{h}'"),
+                    )
+                    .trim()
+                    .parse()
+                    .unwrap()
+                };
+                n(r1).max(n(r2))
+            })
+            .collect()
+    };
+    for h in hosts {
+        let on = per_shard("cpu_local", h);
+        assert!(
+            on.iter().filter(|&&n| n > 0).count() == 1,
+            "{h}: rows on both shards: {on:?}"
+        );
+        for t in ["batches_local", "batch_intents_local", "hosts_local"] {
+            let bl = per_shard(t, h);
+            assert_eq!(
+                (on[0] > 0, on[1] > 0),
+                (bl[0] > 0, bl[1] > 0),
+                "{h}: {t} rows {bl:?} not on the shard of its metric rows {on:?}"
+            );
+        }
+    }
+    // Both aggregators got hosts (rendezvous over two addresses; six hosts).
+    let (ca, cb) = (
+        metric_at(&a.http, "sonde_sensors_connected"),
+        metric_at(&b.http, "sonde_sensors_connected"),
+    );
+    eprintln!("[cluster] sensors connected: A {ca}, B {cb}");
+    assert_eq!(ca + cb, hosts.len() as u64);
+
+    // 1. kill -9 aggregator A 10 times while its sensors fail over to B and back.
+    let t0 = Instant::now();
+    for k in 1..=10 {
+        std::thread::sleep(Duration::from_millis(3000 + (k % 3) * 1500));
+        a.p.signal(libc::SIGKILL);
+        let _ = a.p.child.wait();
+        std::thread::sleep(Duration::from_millis(500 + (k % 2) * 1500));
+        a = start_agg(&d.0, &la, &urls[0], &format!("a{k}"), 1, false);
+    }
+    wait_until("aggregator A ready", Duration::from_secs(120), || {
+        matches!(http_get(&a.http, "/readyz"), Some((200, _)))
+    });
+    eprintln!("[kill -9] 10 kills of aggregator A in {:?}", t0.elapsed());
+    std::thread::sleep(Duration::from_secs(12));
+    assert_exact("kill -9 aggregator A ×10", &urls[1], &hosts, 40);
+
+    // 2. One replica of each shard stopped for 60 s: ingest goes on (quorum 1), the replica
+    // catches up, queries through either replica see every host.
+    cl.stop_server(1, 2);
+    cl.stop_server(2, 2);
+    let before: Vec<u64> = hosts.iter().map(|h| seconds(&urls[0], h)).collect();
+    std::thread::sleep(Duration::from_secs(60));
+    let during: Vec<u64> = hosts.iter().map(|h| seconds(&urls[0], h)).collect();
+    for (i, h) in hosts.iter().enumerate() {
+        assert!(
+            during[i] >= before[i] + 45,
+            "{h}: ingest stalled with a replica down ({} → {})",
+            before[i],
+            during[i]
+        );
+    }
+    cl.start_server(1, 2).unwrap();
+    cl.start_server(2, 2).unwrap();
+    wait_until("replicas caught up", Duration::from_secs(120), || {
+        let n = |u: &str| {
+            q(u, "SELECT count() FROM sonde.cpu_local")
+                .trim()
+                .parse::<u64>()
+                .unwrap_or(0)
+        };
+        n(&urls[1]) >= n(&urls[0]) && n(&urls[3]) >= n(&urls[2])
+    });
+    assert_exact(
+        "a replica of each shard down 60 s (read via replica 2)",
+        &urls[1],
+        &hosts,
+        100,
+    );
+    assert_exact(
+        "a replica of each shard down 60 s (read via replica 1)",
+        &urls[0],
+        &hosts,
+        100,
+    );
+
+    // 3. ZooKeeper stopped for 30 s: replicated tables go read-only; the aggregators hold
+    // (sensors spool) and resume.
+    cl.stop_zookeeper();
+    std::thread::sleep(Duration::from_secs(30));
+    cl.start_zookeeper().unwrap();
+    let n0: Vec<u64> = hosts.iter().map(|h| seconds(&urls[0], h)).collect();
+    wait_until(
+        "ingest resumed after ZooKeeper",
+        Duration::from_secs(120),
+        || {
+            hosts
+                .iter()
+                .enumerate()
+                .all(|(i, h)| seconds(&urls[0], h) > n0[i] + 30)
+        },
+    );
+    std::thread::sleep(Duration::from_secs(10));
+    for s in &mut sensors {
+        assert!(s.stop().success());
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert_exact("ZooKeeper down 30 s", &urls[0], &hosts, 150);
+    drop(b);
+    drop(a);
+}
