@@ -384,6 +384,7 @@ async fn run(cfg: Config) -> Result<()> {
                 rrx,
                 alerter,
                 metrics.clone(),
+                store.clone(),
             ));
             Some(dtx)
         }

@@ -25,6 +25,7 @@ pub struct Metrics {
     pub sensors_connected: AtomicU64,
     pub queue_depth: AtomicU64,
     pub rounds_in_flight: AtomicU64,
+    pub quorum_retries: AtomicU64,
     pub clickhouse_down: AtomicU64,
     pub gaps_reported: AtomicU64,
     pub streams_waiting: AtomicU64,
@@ -172,6 +173,13 @@ impl Metrics {
             "Insert rounds being written to ClickHouse now (at most clickhouse.insert_rounds).",
             "gauge",
             self.rounds_in_flight.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "quorum_retries_total",
+            "Insert rounds retried because another quorum insert into the same table was pending (ClickHouse < 20.10 on a cluster).",
+            "counter",
+            self.quorum_retries.load(Relaxed),
         );
         c(
             &mut s,

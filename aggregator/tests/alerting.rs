@@ -5,105 +5,12 @@ mod common;
 
 use common::*;
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The tests here load the CPU or start servers: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-#[derive(Clone, Debug)]
-struct Received {
-    at: SystemTime,
-    headers: HashMap<String, String>,
-    body: serde_json::Value,
-    raw: Vec<u8>,
-    status: u16,
-}
-
-/// A minimal HTTP/1.1 server that records every POST and answers 500 until `fail_until`.
-struct Receiver {
-    addr: String,
-    got: Arc<Mutex<Vec<Received>>>,
-}
-
-impl Receiver {
-    fn start(fail_until: Option<Instant>) -> Receiver {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        let got: Arc<Mutex<Vec<Received>>> = Arc::default();
-        let g = got.clone();
-        std::thread::spawn(move || {
-            for s in l.incoming().flatten() {
-                let g = g.clone();
-                std::thread::spawn(move || {
-                    let _ = serve(s, &g, fail_until);
-                });
-            }
-        });
-        Receiver { addr, got }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/hook", self.addr)
-    }
-
-    fn accepted(&self) -> Vec<Received> {
-        self.got
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|r| r.status == 200)
-            .cloned()
-            .collect()
-    }
-}
-
-fn serve(
-    s: std::net::TcpStream,
-    g: &Mutex<Vec<Received>>,
-    fail_until: Option<Instant>,
-) -> std::io::Result<()> {
-    let mut r = BufReader::new(s.try_clone()?);
-    loop {
-        let mut line = String::new();
-        if r.read_line(&mut line)? == 0 {
-            return Ok(());
-        }
-        let mut headers = HashMap::new();
-        loop {
-            let mut h = String::new();
-            r.read_line(&mut h)?;
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':') {
-                headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-            }
-        }
-        let n: usize = headers
-            .get("content-length")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let mut raw = vec![0; n];
-        r.read_exact(&mut raw)?;
-        let status = if fail_until.is_some_and(|t| Instant::now() < t) {
-            500
-        } else {
-            200
-        };
-        g.lock().unwrap().push(Received {
-            at: SystemTime::now(),
-            headers,
-            body: serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null),
-            raw,
-            status,
-        });
-        let mut w = s.try_clone()?;
-        write!(w, "HTTP/1.1 {status} X\r\ncontent-length: 0\r\n\r\n")?;
-    }
-}
 
 fn hmac_hex(secret: &str, body: &[u8]) -> String {
     // HMAC-SHA256 computed independently of the aggregator's code path: via openssl(1).

@@ -420,3 +420,98 @@ impl Drop for LimitedCgroup {
         }
     }
 }
+
+/// Webhook receivers for alert tests.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub at: std::time::SystemTime,
+    pub headers: std::collections::HashMap<String, String>,
+    pub body: serde_json::Value,
+    pub raw: Vec<u8>,
+    pub status: u16,
+}
+
+/// A minimal HTTP/1.1 server that records every POST and answers 500 until `fail_until`.
+pub struct Receiver {
+    pub addr: String,
+    pub got: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+}
+
+impl Receiver {
+    pub fn start(fail_until: Option<Instant>) -> Receiver {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let got: std::sync::Arc<std::sync::Mutex<Vec<Received>>> = std::sync::Arc::default();
+        let g = got.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let g = g.clone();
+                std::thread::spawn(move || {
+                    let _ = serve_hook(s, &g, fail_until);
+                });
+            }
+        });
+        Receiver { addr, got }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/hook", self.addr)
+    }
+
+    pub fn accepted(&self) -> Vec<Received> {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.status == 200)
+            .cloned()
+            .collect()
+    }
+}
+
+fn serve_hook(
+    s: std::net::TcpStream,
+    g: &std::sync::Mutex<Vec<Received>>,
+    fail_until: Option<Instant>,
+) -> std::io::Result<()> {
+    use std::io::{BufRead, Read, Write};
+    let mut r = std::io::BufReader::new(s.try_clone()?);
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let mut headers = std::collections::HashMap::new();
+        loop {
+            let mut h = String::new();
+            r.read_line(&mut h)?;
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+            }
+        }
+        let n: usize = headers
+            .get("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut raw = vec![0; n];
+        r.read_exact(&mut raw)?;
+        let status = if fail_until.is_some_and(|t| Instant::now() < t) {
+            500
+        } else {
+            200
+        };
+        g.lock().unwrap().push(Received {
+            at: std::time::SystemTime::now(),
+            headers,
+            body: serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null),
+            raw,
+            status,
+        });
+        let mut w = s.try_clone()?;
+        write!(w, "HTTP/1.1 {status} X\r\ncontent-length: 0\r\n\r\n")?;
+    }
+}

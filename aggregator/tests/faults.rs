@@ -153,6 +153,17 @@ impl Ch {
 }
 
 fn start_agg(dir: &Path, listen: &str, ch: &Ch, tag: &str, wait: bool) -> (Proc, String) {
+    start_agg_with(dir, listen, ch, tag, wait, &[])
+}
+
+fn start_agg_with(
+    dir: &Path,
+    listen: &str,
+    ch: &Ch,
+    tag: &str,
+    wait: bool,
+    extra: &[&str],
+) -> (Proc, String) {
     let http = format!("127.0.0.1:{}", free_port());
     let c = dir.join("certs");
     let log = dir.join(format!("aggregator-{tag}.log"));
@@ -168,6 +179,7 @@ fn start_agg(dir: &Path, listen: &str, ch: &Ch, tag: &str, wait: bool) -> (Proc,
         .arg(c.join("aggregator.pem"))
         .arg("--key")
         .arg(c.join("aggregator-key.pem"))
+        .args(extra)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
@@ -521,6 +533,114 @@ fn spool_smaller_than_the_outage_records_the_gap_exactly() {
     drop(agg2);
 }
 
+/// Two aggregators sharing one ClickHouse: a sensor settles on the one it does not prefer
+/// (the other is not running), an alert fires there, then its preferred aggregator starts
+/// and the sensor moves to it while the first stays up. The first forgets the host without
+/// a `host_silent` alert; the second takes the firing alert over from the alerts table, so
+/// the receiver (both aggregators post to it) gets that alert's "firing" once.
+#[test]
+fn a_sensor_that_moves_between_aggregators_raises_no_silence_and_no_duplicate_alert() {
+    let d = Dir::new("fault-move");
+    certs(&d.0.join("certs"), &["mv1"]);
+    let ch = Ch::new(&d.0);
+    let hook = Receiver::start(None);
+    let rules = d.0.join("rules.toml");
+    std::fs::write(
+        &rules,
+        "[[rule]]\nname = \"silent\"\nkind = \"host_silent\"\nfor = \"15s\"\n\n\
+         [[rule]]\nname = \"always\"\nkind = \"threshold\"\nseries = \"memory.total\"\nwarning = 1\nfor = \"0s\"\n",
+    )
+    .unwrap();
+    let cfg = d.0.join("agg.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "rules = \"{}\"\n[[alerting.webhook]]\nurl = \"{}\"\n",
+            rules.display(),
+            hook.url()
+        ),
+    )
+    .unwrap();
+    let cfg_s = cfg.display().to_string();
+    let (la, lb) = (
+        format!("127.0.0.1:{}", free_udp_port()),
+        format!("127.0.0.1:{}", free_udp_port()),
+    );
+    // The sensor first (nobody answers yet), to learn its order of preference.
+    let mut s = start_sensor(&d.0, &format!("{la},{lb}"), "mv1", &[]);
+    wait_until(
+        "the sensor's order of preference",
+        Duration::from_secs(20),
+        || s.log_text().contains("order of preference"),
+    );
+    let log = s.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("order of preference"))
+        .unwrap()
+        .to_string();
+    let (pref, other) = if line.find(&la) < line.find(&lb) {
+        (la.clone(), lb.clone())
+    } else {
+        (lb.clone(), la.clone())
+    };
+    let (agg_o, http_o) = start_agg_with(&d.0, &other, &ch, "other", true, &["--config", &cfg_s]);
+    let firing = |rule: &str| -> Vec<serde_json::Value> {
+        hook.accepted()
+            .into_iter()
+            .map(|r| r.body)
+            .filter(|b| b["rule"] == rule && b["status"] == "firing")
+            .collect()
+    };
+    wait_until(
+        "the alert fires at the first aggregator",
+        Duration::from_secs(60),
+        || !firing("always").is_empty(),
+    );
+    let (agg_p, http_p) =
+        start_agg_with(&d.0, &pref, &ch, "preferred", true, &["--config", &cfg_s]);
+    // The sensor tries its preferred aggregator again every 30 s.
+    wait_until(
+        "the sensor moved to its preferred aggregator",
+        Duration::from_secs(50),
+        || metric_at(&http_p, "sonde_batches_stored_total") >= 2,
+    );
+    let stored_o = metric_at(&http_o, "sonde_batches_stored_total");
+    // Longer than host_silent's 15 s, and than the moved-host check.
+    std::thread::sleep(Duration::from_secs(30));
+    assert_eq!(
+        metric_at(&http_o, "sonde_batches_stored_total"),
+        stored_o,
+        "the sensor went back to the first aggregator"
+    );
+    let got: Vec<serde_json::Value> = hook.accepted().into_iter().map(|r| r.body).collect();
+    eprintln!(
+        "[move] notifications: {}",
+        got.iter()
+            .map(|b| format!("{} {} {}", b["rule"], b["status"], b["id"]))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    assert!(
+        got.iter().all(|b| b["rule"] != "silent"),
+        "a host_silent notification for a host that moved: {got:?}"
+    );
+    assert_eq!(
+        firing("always").len(),
+        1,
+        "the still-firing alert was notified again: {got:?}"
+    );
+    assert!(agg_o
+        .log_text()
+        .contains("host moved to another aggregator"));
+    assert!(agg_p
+        .log_text()
+        .contains("took over the host's firing alerts"));
+    assert!(s.stop().success());
+    drop(agg_p);
+    drop(agg_o);
+}
+
 #[test]
 fn sensor_fails_over_to_the_next_aggregator_address() {
     let d = Dir::new("fault-failover");
@@ -534,10 +654,19 @@ fn sensor_fails_over_to_the_next_aggregator_address() {
     wait_drained(&http, 2, Duration::from_secs(45));
     assert!(s.stop().success());
     let log = s.log_text();
-    assert!(
-        log.contains("cannot connect") && log.contains(&listen),
-        "expected a failed attempt on {dead} then {listen}:\n{log}"
-    );
+    // The sensor ranks the two addresses by rendezvous hashing of its name; when the dead
+    // one comes first it must have tried it and moved on.
+    let order = log
+        .lines()
+        .find(|l| l.contains("order of preference"))
+        .unwrap_or("");
+    if order.find(&dead) < order.find(&listen) {
+        assert!(
+            log.contains("cannot connect") && log.contains(&dead),
+            "expected a failed attempt on {dead} then {listen}:\n{log}"
+        );
+    }
+    assert!(log.contains(&format!("aggregator={listen}")) || log.contains(&listen));
     let (rows, holes, dups) = report("failover", "f1", &ch);
     assert!(rows >= 5 && holes.is_empty() && dups == 0);
     drop(agg);

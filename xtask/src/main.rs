@@ -2,6 +2,7 @@
 
 mod bench;
 mod certs;
+mod cluster;
 mod deploy;
 mod detect_eval;
 mod docs;
@@ -41,6 +42,16 @@ enum Cmd {
         /// Debug build instead of release.
         #[arg(long)]
         debug: bool,
+    },
+    /// Scale-out on this machine: `cluster up` starts ZooKeeper, a ClickHouse cluster of
+    /// 2 shards × 2 replicas (ClickHouse 18.16, Replicated tables per shard, Distributed
+    /// tables under the usual names) and two aggregators sharing it, on loopback (QUIC 4433
+    /// and 4434, consoles on 9464 and 9465), plus a sensor for this host that prefers one
+    /// aggregator and fails over to the other. Ctrl-C stops all of it; running it again
+    /// reuses the data.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterCmd,
     },
     /// Install the eBPF toolchain when missing (nightly's rust-src, bpf-linker 0.10.1) and
     /// build the sensor's eBPF programs with BTF into target/ebpf/. The sensor embeds the
@@ -161,6 +172,23 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Start the local cluster, two aggregators and a sensor; Ctrl-C stops them.
+    Up {
+        /// Where certificates, ClickHouse data, ZooKeeper data and logs live.
+        #[arg(long, default_value = "data-cluster")]
+        data_dir: PathBuf,
+        /// Replicas of a shard that must have a batch's rows before it is acknowledged
+        /// (0: a majority, here 2 of 2; 1 lets ingest go on with a replica down).
+        #[arg(long, default_value_t = 0)]
+        insert_quorum: u32,
+        /// Debug build instead of release.
+        #[arg(long)]
+        debug: bool,
+    },
+}
+
 fn main() {
     let cli = Cli::parse();
     let r: Result<()> = match cli.cmd {
@@ -171,6 +199,14 @@ fn main() {
             debug,
         } => up::run(&data_dir, &listen, &http_listen, !debug),
         Cmd::Test { args } => setup::test(&args),
+        Cmd::Cluster {
+            action:
+                ClusterCmd::Up {
+                    data_dir,
+                    insert_quorum,
+                    debug,
+                },
+        } => cluster::up(&data_dir, !debug, insert_quorum),
         Cmd::Fuzz { secs } => fuzz::run_fuzz(secs).map(|_| ()),
         Cmd::Deploy {
             fleet,

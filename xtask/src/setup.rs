@@ -141,9 +141,20 @@ pub fn ensure_test_tools() -> Result<()> {
     apt_install(&missing)
 }
 
+/// ZooKeeper (Debian's package: the scale-out test's and `cargo xtask cluster up`'s
+/// coordination service for ClickHouse 18.16 replication).
+pub fn ensure_zookeeper() -> Result<()> {
+    if std::path::Path::new("/usr/share/java/zookeeper.jar").exists() && have("java") {
+        return Ok(());
+    }
+    step("installing ZooKeeper (Debian's zookeeper package)");
+    apt_install(&["zookeeper"])
+}
+
 pub fn test(args: &[String]) -> Result<()> {
     let root = root();
     ensure_clickhouse()?;
+    ensure_zookeeper()?;
     ensure_chdb()?;
     ensure_test_tools()?;
     crate::ebpf::build()?;

@@ -6,7 +6,7 @@
 use super::{rules::Rule, AlertEvent, Engine};
 use crate::alert::Alerter;
 use crate::metrics::Metrics;
-use crate::store::{Dedup, Store};
+use crate::store::{Dedup, Store, StoreHandle};
 use protocol::Batch;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -32,11 +32,13 @@ pub async fn run(
     mut reload: mpsc::Receiver<Vec<Rule>>,
     alerter: Alerter,
     metrics: Arc<Metrics>,
+    store: StoreHandle,
 ) {
     let mut dedup = Dedup::default();
     let mut out: Vec<AlertEvent> = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut ticks = 0u64;
     loop {
         let arrived = tokio::select! {
             a = rx.recv() => {
@@ -45,10 +47,17 @@ pub async fn run(
                     continue;
                 }
                 dedup.insert(&a.host, &a.batch.boot_id, a.batch.seq);
+                if !engine.knows_host(&a.host) {
+                    take_over(&mut engine, &store, &a.host).await;
+                }
                 engine.observe_batch(&a.host, &a.batch, now_ms(), &mut out);
                 Some(a.at)
             }
             _ = tick.tick() => {
+                ticks += 1;
+                if ticks % MOVED_CHECK_EVERY_S == 0 {
+                    drop_moved_hosts(&mut engine, &store).await;
+                }
                 engine.tick(now_ms(), &mut out);
                 let (n, b) = engine.state_size();
                 metrics.detect_series.store(n as u64, Relaxed);
@@ -69,6 +78,64 @@ pub async fn run(
             .store(engine.evaluations, Relaxed);
         for e in out.drain(..) {
             alerter.dispatch(e, arrived);
+        }
+    }
+}
+
+/// How often hosts that went quiet here are checked for having moved to another aggregator.
+const MOVED_CHECK_EVERY_S: u64 = 5;
+/// A host is checked once it has sent nothing here for this long (batches come every 5 s).
+const QUIET_MS: u64 = 8_000;
+
+/// A host this engine does not know started sending here: take over its firing alerts
+/// from the alerts table (another aggregator's, or this one's before a restart), so that
+/// a still-firing alert is not notified again and its resolution comes from here.
+async fn take_over(engine: &mut Engine, store: &StoreHandle, host: &str) {
+    let Some(store) = store.get() else { return };
+    match tokio::time::timeout(Duration::from_secs(2), store.open_alerts(host)).await {
+        Ok(Ok(open)) if !open.is_empty() => {
+            let n = engine.adopt(host, &open, now_ms());
+            tracing::info!(%host, alerts = n, "took over the host's firing alerts from the alerts table");
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(%host, error = %format!("{e:#}"), "cannot read the host's open alerts; a still-firing alert may be notified again")
+        }
+        Err(_) => {
+            tracing::warn!(%host, "reading the host's open alerts timed out; a still-firing alert may be notified again")
+        }
+    }
+}
+
+/// Several aggregators: a host that went quiet here while another aggregator stored its
+/// batches since has moved (its sensor failed over, or back): forget it here, without a
+/// `host_silent` alert; the other aggregator took its alerts over. The shared truth is the
+/// `batches` table (when each batch was stored, by whichever aggregator).
+async fn drop_moved_hosts(engine: &mut Engine, store: &StoreHandle) {
+    let quiet = engine.quiet_hosts(now_ms(), QUIET_MS);
+    if quiet.is_empty() {
+        return;
+    }
+    let Some(store) = store.get() else { return };
+    let names: Vec<String> = quiet.iter().map(|(h, _)| h.clone()).collect();
+    let stored = match tokio::time::timeout(Duration::from_secs(5), store.last_received(&names))
+        .await
+    {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %format!("{e:#}"), "cannot check whether quiet hosts moved");
+            return;
+        }
+        Err(_) => return,
+    };
+    for (host, last_here) in quiet {
+        let Some(&elsewhere_s) = stored.get(&host) else {
+            continue;
+        };
+        // Stored (by anyone) clearly after the last batch that arrived here: it moved.
+        if elsewhere_s * 1000 > last_here + 3_000 {
+            let n = engine.host_left(&host);
+            tracing::info!(%host, series = n, "host moved to another aggregator; its detection state here is dropped (no host_silent from here)");
         }
     }
 }

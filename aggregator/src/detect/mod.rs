@@ -97,6 +97,19 @@ struct SeriesState {
     last_value: f64,
     last_verdict: Option<Verdict>,
     last_seen_ms: u64,
+    /// Taken over from the alerts table (start, id): the alert keeps its id.
+    adopted: Option<(u64, String)>,
+}
+
+/// An alert the alerts table says is firing (another aggregator's, or this one's before a
+/// restart): see [`Engine::adopt`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenAlert {
+    pub id: String,
+    pub rule: String,
+    pub labels: Vec<(String, String)>,
+    pub severity: String,
+    pub starts_at_ms: u64,
 }
 
 impl SeriesState {
@@ -117,6 +130,7 @@ impl SeriesState {
             last_value: 0.0,
             last_verdict: None,
             last_seen_ms: seen_ms,
+            adopted: None,
         }
     }
 
@@ -278,8 +292,12 @@ impl Engine {
         let v = s.last_verdict;
         let statistical = rule.is_statistical();
         let summary = expand_summary(&rule.summary, s, v.map(|v| v.score), &rule.kind);
+        let id = match &s.adopted {
+            Some((start, id)) if *start == since => id.clone(),
+            _ => alert_id(&rule.name, &s.labels, since),
+        };
         AlertEvent {
-            id: alert_id(&rule.name, &s.labels, since),
+            id,
             rule: rule.name.clone(),
             state,
             severity: s.severity.as_str(),
@@ -547,6 +565,88 @@ impl Engine {
         }
     }
 
+    /// Whether this engine holds anything about `host` (it has sent here since this engine
+    /// started or took it over).
+    pub fn knows_host(&self, host: &str) -> bool {
+        self.hosts.contains_key(host)
+    }
+
+    /// Hosts last heard from at least `quiet_ms` ago, with when (ms).
+    pub fn quiet_hosts(&self, now_ms: u64, quiet_ms: u64) -> Vec<(String, u64)> {
+        self.hosts
+            .iter()
+            .filter(|(_, &t)| now_ms.saturating_sub(t) >= quiet_ms)
+            .map(|(h, &t)| (h.clone(), t))
+            .collect()
+    }
+
+    /// Forgets `host`, without notifications: its sensor now sends to another aggregator,
+    /// which takes its alerts over (see [`Engine::adopt`]); no `host_silent` here. Returns
+    /// how many series and host alerts were dropped.
+    pub fn host_left(&mut self, host: &str) -> usize {
+        let before = self.series.len() + self.host_alerts.len();
+        self.series.retain(|_, s| s.host != host);
+        self.host_alerts.retain(|(_, h), _| h != host);
+        self.hosts.remove(host);
+        before - (self.series.len() + self.host_alerts.len())
+    }
+
+    /// Takes over `host`'s alerts that are firing (from the alerts table) when the host
+    /// starts sending here: each continues under its id without a new "firing"
+    /// notification, and this engine sends its resolution when it clears (a `host_silent`
+    /// one resolves at once: the host is sending). Alerts of rules this engine does not
+    /// have are left alone. Returns how many were taken over.
+    pub fn adopt(&mut self, host: &str, open: &[OpenAlert], now_ms: u64) -> usize {
+        let mut n = 0;
+        for a in open {
+            let Some(ri) = self.rules.iter().position(|r| r.name == a.rule) else {
+                continue;
+            };
+            let rule = &self.rules[ri];
+            let severity = if a.severity == "critical" {
+                Severity::Critical
+            } else {
+                Severity::Warning
+            };
+            let phase = Phase::Firing {
+                since: a.starts_at_ms,
+                last_sent: now_ms,
+            };
+            if matches!(rule.kind, RuleKind::HostSilent { .. }) {
+                let k = (ri, host.to_string());
+                if self.host_alerts.contains_key(&k) {
+                    continue;
+                }
+                let mut s =
+                    SeriesState::new(ri, host, vec![("host".into(), host.into())], None, now_ms);
+                s.phase = phase;
+                s.severity = severity;
+                s.adopted = Some((a.starts_at_ms, a.id.clone()));
+                self.host_alerts.insert(k, s);
+                n += 1;
+                continue;
+            }
+            let series_labels: Vec<(&str, &str)> = a
+                .labels
+                .iter()
+                .filter(|(k, _)| k != "host" && k != "series")
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let key = series_key(rule, host, &series_labels);
+            if self.series.contains_key(&key) {
+                continue;
+            }
+            let mut s =
+                SeriesState::new(ri, host, a.labels.clone(), rule.new_detector(key), now_ms);
+            s.phase = phase;
+            s.severity = severity;
+            s.adopted = Some((a.starts_at_ms, a.id.clone()));
+            self.series.insert(key, s);
+            n += 1;
+        }
+        n
+    }
+
     /// A host was heard from (live: a batch arrived).
     pub fn host_seen(&mut self, host: &str, now_ms: u64, out: &mut Vec<AlertEvent>) {
         self.hosts.insert(host.to_string(), now_ms);
@@ -756,6 +856,63 @@ mod tests {
         assert_eq!(out.len(), 2);
         assert_eq!(out[1].state, "resolved");
         assert_eq!(out[1].id, out[0].id);
+    }
+
+    /// A host moves from aggregator A to B: A forgets it without a host_silent alert; B
+    /// takes its firing alerts over (no new "firing"), and resolves them under their ids.
+    #[test]
+    fn a_host_that_moves_is_handed_over_without_new_notifications() {
+        let text = "[[rule]]\nname = \"silent\"\nkind = \"host_silent\"\nfor = \"30s\"\n\
+                    [[rule]]\nname = \"hot\"\nkind = \"threshold\"\nseries = \"disk.util_pct\"\nwarning = 50\nfor = \"0s\"\n";
+        let mut a = Engine::new(rules(text));
+        let mut out = Vec::new();
+        a.host_seen("h", 0, &mut out);
+        a.observe(1, "h", &[("device", "sda")], 1_000, 90.0, &mut out);
+        a.tick(2_000, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].state, "firing");
+        let fired = out[0].clone();
+        // The host moves; A hears nothing more and is told it moved before `for` elapses.
+        assert_eq!(a.quiet_hosts(20_000, 8_000), vec![("h".to_string(), 0)]);
+        assert_eq!(a.host_left("h"), 2);
+        a.tick(60_000, &mut out);
+        assert_eq!(
+            out.len(),
+            1,
+            "no host_silent from the aggregator the host left: {out:?}"
+        );
+        assert!(!a.knows_host("h"));
+        // B takes over what the alerts table says is firing (start at second precision).
+        let mut b = Engine::new(rules(text));
+        let open = OpenAlert {
+            id: fired.id.clone(),
+            rule: "hot".into(),
+            labels: fired.labels.clone(),
+            severity: "warning".into(),
+            starts_at_ms: 1_000,
+        };
+        assert_eq!(b.adopt("h", &[open.clone()], 20_000), 1);
+        assert_eq!(b.adopt("h", &[open], 20_000), 0, "taken over once");
+        b.host_seen("h", 20_000, &mut out);
+        b.observe(1, "h", &[("device", "sda")], 21_000, 95.0, &mut out);
+        assert_eq!(out.len(), 1, "still firing: no new notification: {out:?}");
+        b.observe(1, "h", &[("device", "sda")], 22_000, 10.0, &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[1].state, "resolved");
+        assert_eq!(out[1].id, fired.id, "resolved under the id it fired with");
+        // A host_silent alert taken over resolves as soon as the host is heard from.
+        let mut c = Engine::new(rules(text));
+        let silent = OpenAlert {
+            id: "abc".into(),
+            rule: "silent".into(),
+            labels: vec![("host".into(), "h".into())],
+            severity: "warning".into(),
+            starts_at_ms: 5_000,
+        };
+        assert_eq!(c.adopt("h", &[silent], 50_000), 1);
+        c.host_seen("h", 50_000, &mut out);
+        assert_eq!(out.len(), 3);
+        assert_eq!((out[2].state, out[2].id.as_str()), ("resolved", "abc"));
     }
 
     #[test]

@@ -561,6 +561,58 @@ impl Store {
         .await
     }
 
+    /// `host`'s alerts that are firing according to the alerts table (their latest
+    /// transition is "firing"; the last week).
+    pub async fn open_alerts(&self, host: &str) -> Result<Vec<crate::detect::OpenAlert>> {
+        #[derive(Row, Deserialize)]
+        struct A {
+            alert_id: String,
+            rule: String,
+            labels: String,
+            severity: String,
+            starts_at: u32,
+        }
+        let q = format!(
+            "SELECT alert_id, any(toString(rule)) AS rule, any(labels) AS labels, toString(argMax(severity, ts)) AS severity, \
+             toUInt32(min(starts_at)) AS starts_at FROM {}.alerts WHERE toString(host) = ? AND ts > now() - 604800 \
+             GROUP BY alert_id HAVING countIf(state = 'firing') > 0 AND countIf(state IN ('resolved', 'cleared')) = 0",
+            self.db
+        );
+        let rows: Vec<A> = self.client.query(&q).bind(host).fetch_all().await?;
+        Ok(rows
+            .into_iter()
+            .map(|a| crate::detect::OpenAlert {
+                id: a.alert_id,
+                rule: a.rule,
+                labels: a
+                    .labels
+                    .split(',')
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                severity: a.severity,
+                starts_at_ms: a.starts_at as u64 * 1000,
+            })
+            .collect())
+    }
+
+    /// When each of `hosts` last had a batch stored (by any aggregator), in seconds.
+    pub async fn last_received(&self, hosts: &[String]) -> Result<HashMap<String, u64>> {
+        #[derive(Row, Deserialize)]
+        struct R {
+            host: String,
+            last: u32,
+        }
+        let q = format!(
+            "SELECT toString(host) AS host, toUInt32(max(received)) AS last FROM {}.batches \
+             WHERE received > now() - 3600 {} GROUP BY host",
+            self.db,
+            host_filter(Some(hosts))
+        );
+        let rows: Vec<R> = self.dedup_query(&q).fetch_all().await?;
+        Ok(rows.into_iter().map(|r| (r.host, r.last as u64)).collect())
+    }
+
     /// First-seen time per host.
     pub async fn first_seen(&self) -> Result<HashMap<String, u32>> {
         #[derive(Row, Deserialize)]

@@ -117,7 +117,21 @@ pub async fn run(
     book.first_seen = store.first_seen().await.unwrap_or_default();
     let started = Instant::now();
     let book = Arc::new(std::sync::Mutex::new(book));
-    let slots = Arc::new(tokio::sync::Semaphore::new(cfg.rounds.max(1)));
+    // ClickHouse before 20.10 refuses a quorum insert into a table while the previous one's
+    // quorum is pending (no insert_quorum_parallel): one round at a time there.
+    let rounds = if store.quorum > 1 && !store.modern {
+        if cfg.rounds > 1 {
+            tracing::info!(
+                configured = cfg.rounds,
+                "insert quorum on ClickHouse {}: one insert round at a time (this server generation has no parallel quorum inserts)",
+                store.version
+            );
+        }
+        1
+    } else {
+        cfg.rounds.max(1)
+    };
+    let slots = Arc::new(tokio::sync::Semaphore::new(rounds));
     let mut rounds = tokio::task::JoinSet::new();
 
     while let Some(first) = rx.recv().await {
@@ -262,6 +276,14 @@ async fn load_hosts(
 /// The start-up load is the state of every host for this long.
 const STARTUP_LOAD_FRESH: Duration = Duration::from_secs(5);
 
+/// A cheap random number (jitter).
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(Instant::now().elapsed().as_nanos() as u64);
+    h.finish()
+}
+
 /// One insert round: stores `fresh` (retrying through outages), then answers every batch
 /// in it and every copy that arrived meanwhile.
 async fn round(
@@ -299,6 +321,7 @@ async fn round(
         .map(|j| (&*j.host, &j.batch, j.bytes))
         .collect();
     let mut attempt = 0;
+    let mut quorum_waits = 0;
     let mut outage_since: Option<Instant> = None;
     let result = loop {
         let t0 = Instant::now();
@@ -333,8 +356,20 @@ async fn round(
                     tokio::time::sleep(Duration::from_secs(2)).await;
                     continue;
                 }
+                let msg = format!("{e:#}");
+                // Another writer's quorum insert into the same table is pending (several
+                // aggregators on a cluster of ClickHouse < 20.10): retry soon, as recovery.
+                if msg.contains("Quorum for previous write has not been satisfied")
+                    && quorum_waits < 100
+                {
+                    quorum_waits += 1;
+                    metrics.quorum_retries.fetch_add(1, Relaxed);
+                    let ms = 50 + (rand_u64() % 200);
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    continue;
+                }
                 attempt += 1;
-                tracing::warn!(error = %format!("{e:#}"), attempt, batches = refs.len(), "insert into ClickHouse failed");
+                tracing::warn!(error = %msg, attempt, batches = refs.len(), "insert into ClickHouse failed");
                 if attempt >= 3 {
                     break Err(format!("{e:#}"));
                 }

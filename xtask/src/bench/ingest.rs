@@ -33,7 +33,13 @@ pub(super) fn wire_study(rec: &Path) -> Result<Value> {
 
 /// 3: ingest. N simulated sensors over QUIC + mTLS against the running aggregator and its
 /// ClickHouse: offered rate in steps, and the most concurrent connections held.
-pub(super) fn ingest(env: &Env, agg_pid: u32, quick: bool) -> Result<Value> {
+/// Sustained-rate steps: 200 simulated sensors offering each rate for `secs` seconds.
+pub(super) fn ingest_steps(
+    env: &Env,
+    agg_pid: u32,
+    rates: &[f64],
+    secs: u32,
+) -> Result<Vec<Value>> {
     let certs = env.dir.join("certs").display().to_string();
     let base = |mode: &str| -> Vec<String> {
         vec![
@@ -43,11 +49,6 @@ pub(super) fn ingest(env: &Env, agg_pid: u32, quick: bool) -> Result<Value> {
             certs.clone(),
             mode.into(),
         ]
-    };
-    let (rates, secs): (&[f64], u32) = if quick {
-        (&[1e6], 6)
-    } else {
-        (&[2.5e5, 5e5, 1e6, 1.5e6, 2e6], 20)
     };
     let ch_pids = || -> Vec<u32> {
         tree(agg_pid)
@@ -96,6 +97,26 @@ pub(super) fn ingest(env: &Env, agg_pid: u32, quick: bool) -> Result<Value> {
         );
         steps.push(r);
     }
+    Ok(steps)
+}
+
+pub(super) fn ingest(env: &Env, agg_pid: u32, quick: bool) -> Result<Value> {
+    let certs = env.dir.join("certs").display().to_string();
+    let base = |mode: &str| -> Vec<String> {
+        vec![
+            "--aggregator".into(),
+            env.agg_quic.clone(),
+            "--certs".into(),
+            certs.clone(),
+            mode.into(),
+        ]
+    };
+    let (rates, secs): (&[f64], u32) = if quick {
+        (&[1e6], 6)
+    } else {
+        (&[2.5e5, 5e5, 1e6, 1.5e6, 2e6, 3e6, 4e6], 20)
+    };
+    let steps = ingest_steps(env, agg_pid, rates, secs)?;
     let n = if quick { 1000 } else { 10_000 };
     let hold = if quick { 2 } else { 20 };
     step(&format!(

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod cluster;
 mod console;
 mod containers;
 mod detect;
@@ -134,6 +135,18 @@ fn cpu_ns(pid: u32) -> u64 {
     } else {
         ticks * 1_000_000_000 / hz
     }
+}
+
+/// A counter or gauge from an aggregator's /metrics (0 when absent).
+fn metric(http_addr: &str, name: &str) -> u64 {
+    http(http_addr, "/metrics", false)
+        .and_then(|(_, body)| {
+            let body = String::from_utf8_lossy(&body).to_string();
+            body.lines()
+                .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0) as u64
 }
 
 fn rss_kb(pid: u32) -> u64 {
@@ -275,6 +288,11 @@ fn machine() -> Value {
 /// Starts the aggregator (managed ClickHouse) with its state under `dir/agg` and the
 /// certificates in `dir/certs`.
 fn start_env(dir: &Path, bin: PathBuf) -> Result<(Proc, Env)> {
+    start_env_with(dir, bin, &[])
+}
+
+/// Like `start_env`, with extra aggregator arguments (e.g. `--config FILE`).
+fn start_env_with(dir: &Path, bin: PathBuf, extra: &[String]) -> Result<(Proc, Env)> {
     let quic = format!("127.0.0.1:{}", free_port());
     let http_addr = format!("127.0.0.1:{}", free_port());
     let c = dir.join("certs");
@@ -292,6 +310,7 @@ fn start_env(dir: &Path, bin: PathBuf) -> Result<(Proc, Env)> {
             .arg(c.join("aggregator.pem"))
             .arg("--key")
             .arg(c.join("aggregator-key.pem"))
+            .args(extra)
             .env("RUST_LOG", "warn"),
         &dir.join("aggregator.log"),
     )?;
@@ -320,9 +339,52 @@ fn start_env(dir: &Path, bin: PathBuf) -> Result<(Proc, Env)> {
     Ok((agg, env))
 }
 
+/// `--only ingest`: the sustained-rate steps with one insert round at a time and with the
+/// default four in flight, each on a fresh aggregator and managed ClickHouse.
+fn ingest_only(dir: &Path, bin: PathBuf, quick: bool) -> Result<()> {
+    let (rates, secs): (&[f64], u32) = if quick {
+        (&[2e6], 6)
+    } else {
+        (&[2e6, 3e6, 4e6], 20)
+    };
+    let mut runs = Vec::new();
+    for rounds in [1, 4] {
+        let _ = std::fs::remove_dir_all(dir.join("agg"));
+        let cfg = dir.join(format!("ingest-rounds-{rounds}.toml"));
+        std::fs::write(&cfg, format!("[clickhouse]\ninsert_rounds = {rounds}\n"))?;
+        step(&format!("ingest with clickhouse.insert_rounds = {rounds}"));
+        let (agg, env) = start_env_with(
+            dir,
+            bin.clone(),
+            &["--config".into(), cfg.display().to_string()],
+        )?;
+        let steps = ingest::ingest_steps(&env, agg.child.id(), rates, secs)?;
+        drop(agg);
+        runs.push(json!({ "insert_rounds": rounds, "steps": steps }));
+    }
+    let _ = std::fs::remove_dir_all(dir.join("agg"));
+    let md = format!(
+        "# sonde benchmarks: ingest only\n{}",
+        report::ingest_rounds_md(&runs)
+    );
+    let doc = dir.join("BENCHMARKS-ingest.md");
+    std::fs::write(&doc, &md)?;
+    std::fs::write(
+        dir.join("results-ingest.json"),
+        serde_json::to_string_pretty(&runs)?,
+    )?;
+    println!("{md}");
+    step(&format!("results: {}", doc.display()));
+    Ok(())
+}
+
 pub fn run_bench(quick: bool, only: Option<&str>) -> Result<()> {
-    if let Some(o) = only.filter(|o| !["containers", "ebpf", "wire"].contains(o)) {
-        bail!("--only {o}: the sections that run alone are: containers, ebpf, wire");
+    if let Some(o) =
+        only.filter(|o| !["containers", "ebpf", "wire", "ingest", "cluster"].contains(o))
+    {
+        bail!(
+            "--only {o}: the sections that run alone are: containers, ebpf, wire, ingest, cluster"
+        );
     }
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmark needs root (eBPF probes, loop devices)");
@@ -374,6 +436,12 @@ pub fn run_bench(quick: bool, only: Option<&str>) -> Result<()> {
         false,
     )?;
     let bin = root.join("target/release");
+    if only == Some("ingest") {
+        return ingest_only(&dir, bin, quick);
+    }
+    if only == Some("cluster") {
+        return cluster::cluster_bench(&dir, bin, quick);
+    }
     let (agg, env) = start_env(&dir, bin)?;
     let _ = &env.agg_http;
     let date = Command::new("date")

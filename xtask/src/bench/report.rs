@@ -331,3 +331,30 @@ pub(super) fn containers_md(c: &Value) -> String {
     }
     s
 }
+
+/// `--only ingest`: the sustained-rate steps per `insert_rounds` setting.
+pub(super) fn ingest_rounds_md(runs: &[Value]) -> String {
+    let mut s = String::from(
+        "\nSame method as section 3 (200 simulated sensors, everything on this 2-core machine), one fresh \
+         aggregator and managed ClickHouse 18.16 per setting of `[clickhouse] insert_rounds`.\n\n\
+         | insert rounds in flight | offered samples/s | acked samples/s | lag p50 ms | lag p99 ms | aggregator cores | ClickHouse cores | generator cores | sustained |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in runs {
+        for st in r["steps"].as_array().into_iter().flatten() {
+            s.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                r["insert_rounds"],
+                f(&st["offered_samples_per_s"]),
+                f(&st["acked_samples_per_s"]),
+                st["lag_ms_p50"],
+                st["lag_ms_p99"],
+                f(&st["aggregator_cores"]),
+                f(&st["clickhouse_cores"]),
+                f(&st["generator_cores"]),
+                if st["sustained"] == true { "yes" } else { "no" }
+            ));
+        }
+    }
+    s
+}
