@@ -143,6 +143,9 @@ struct RunArgs {
     /// acknowledged (default: a majority of the shard's replicas).
     #[arg(long, env = "SONDE_INSERT_QUORUM", value_name = "N")]
     insert_quorum: Option<u32>,
+    /// Insert rounds in flight at once (an extra one starts only when full; default 1).
+    #[arg(long, env = "SONDE_INSERT_ROUNDS", value_name = "N")]
+    insert_rounds: Option<usize>,
     /// Detection rules file (TOML). Checked at start; reloaded on SIGHUP. Without one the
     /// built-in default rules run (`aggregator default-rules` prints them).
     #[arg(long, env = "SONDE_RULES", value_name = "FILE")]
@@ -252,6 +255,7 @@ fn real_main(cli: Cli) -> Result<()> {
             cfg.clickhouse.database = a.clickhouse_database.unwrap_or(cfg.clickhouse.database);
             cfg.clickhouse.cluster = a.clickhouse_cluster.unwrap_or(cfg.clickhouse.cluster);
             cfg.clickhouse.insert_quorum = a.insert_quorum.unwrap_or(cfg.clickhouse.insert_quorum);
+            cfg.clickhouse.insert_rounds = a.insert_rounds.unwrap_or(cfg.clickhouse.insert_rounds);
             cfg.validate()?;
             init_logs(&cfg.log_format);
             tokio::runtime::Builder::new_multi_thread()

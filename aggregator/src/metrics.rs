@@ -26,6 +26,7 @@ pub struct Metrics {
     pub queue_depth: AtomicU64,
     pub rounds_in_flight: AtomicU64,
     pub quorum_retries: AtomicU64,
+    pub rounds_overlapped: AtomicU64,
     pub clickhouse_down: AtomicU64,
     pub gaps_reported: AtomicU64,
     pub streams_waiting: AtomicU64,
@@ -173,6 +174,13 @@ impl Metrics {
             "Insert rounds being written to ClickHouse now (at most clickhouse.insert_rounds).",
             "gauge",
             self.rounds_in_flight.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "insert_rounds_overlapped_total",
+            "Insert rounds started while another was still being written (clickhouse.insert_rounds > 1).",
+            "counter",
+            self.rounds_overlapped.load(Relaxed),
         );
         c(
             &mut s,

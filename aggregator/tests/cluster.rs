@@ -136,6 +136,8 @@ fn cluster_two_shards_two_aggregators_failover_exactly_once() {
         format!("127.0.0.1:{}", free_udp_port()),
     );
     // Quorum 1: ingest goes on with one replica of a shard down (the scenario below).
+    // One after the other: migrations are not coordinated between aggregators (the
+    // first creates the schema, the second finds it current).
     let mut a = start_agg(&d.0, &la, &urls[0], "a0", 1, true);
     let b = start_agg(&d.0, &lb, &urls[2], "b", 1, true);
     let list = format!("{la},{lb}");

@@ -315,6 +315,65 @@ fn aggregator_killed_repeatedly_three_sensors_nothing_missing_or_doubled() {
     drop(agg);
 }
 
+/// Several insert rounds in flight (small rounds, so that they overlap), the aggregator
+/// killed twice mid-stream: still every second once, and no batch recorded twice.
+#[test]
+fn parallel_insert_rounds_with_kills_nothing_missing_or_doubled() {
+    let d = Dir::new("fault-rounds");
+    let hosts = ["p1", "p2", "p3", "p4"];
+    certs(&d.0.join("certs"), &hosts);
+    let ch = Ch::new(&d.0);
+    let cfg = d.0.join("agg.toml");
+    std::fs::write(
+        &cfg,
+        "[clickhouse]\ninsert_rounds = 4\ninsert_max_rows = 200\nflush_interval = \"20ms\"\n",
+    )
+    .unwrap();
+    let cfg_s = cfg.display().to_string();
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let (mut agg, mut http) = start_agg_with(&d.0, &listen, &ch, "0", true, &["--config", &cfg_s]);
+    let mut sensors: Vec<Proc> = hosts
+        .iter()
+        .map(|h| start_sensor(&d.0, &listen, h, &[]))
+        .collect();
+    let mut overlapped = 0;
+    for k in 1..=2 {
+        std::thread::sleep(Duration::from_secs(12));
+        overlapped += metric_at(&http, "sonde_insert_rounds_overlapped_total");
+        agg.signal(libc::SIGKILL);
+        let _ = agg.child.wait();
+        let (a, h) = start_agg_with(
+            &d.0,
+            &listen,
+            &ch,
+            &k.to_string(),
+            true,
+            &["--config", &cfg_s],
+        );
+        agg = a;
+        http = h;
+    }
+    std::thread::sleep(Duration::from_secs(12));
+    overlapped += metric_at(&http, "sonde_insert_rounds_overlapped_total");
+    for s in &mut sensors {
+        assert!(s.stop().success());
+    }
+    eprintln!("[parallel rounds] rounds started while another was in flight: {overlapped}");
+    assert!(
+        overlapped > 0,
+        "no two insert rounds overlapped: the test did not test that"
+    );
+    for h in hosts {
+        let (rows, holes, dups) = report("parallel insert rounds", h, &ch);
+        assert!(rows >= 30, "{h}: only {rows} seconds stored");
+        assert_eq!(dups, 0, "{h}: duplicated samples");
+        assert!(holes.is_empty(), "{h}: missing samples {holes:?}");
+    }
+    let dup_batches = ch.q("SELECT count() FROM (SELECT host, sensor_boot_id, seq FROM sonde.batches GROUP BY host, sensor_boot_id, seq HAVING count() > 1)");
+    assert_eq!(dup_batches.trim(), "0", "a batch recorded twice");
+    drop(agg);
+}
+
 #[test]
 fn clickhouse_down_for_a_minute_nothing_missing_memory_bounded() {
     let d = Dir::new("fault-ch");

@@ -6,6 +6,7 @@
 //! Plain std (no async), so that `cargo xtask cluster up` can use this file too.
 
 use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -96,6 +97,18 @@ pub fn ping(port: u16) -> bool {
     out.contains("Ok.")
 }
 
+/// Ends the child with the thread that started it (a killed test or `xtask` leaves no
+/// servers behind).
+fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        })
+    }
+}
+
 fn kill(child: &mut Option<Child>, sig: i32) {
     if let Some(c) = child.as_mut() {
         unsafe { libc::kill(c.id() as i32, sig) };
@@ -164,7 +177,7 @@ impl LocalCluster {
         )
         .map_err(|e| e.to_string())?;
         let log = std::fs::File::create(zdir.join("zookeeper.log")).map_err(|e| e.to_string())?;
-        let child = Command::new("java")
+        let child = die_with_parent(&mut Command::new("java"))
             .args(["-Xmx256m", "-XX:+UseSerialGC", "-cp", &cp])
             .arg("-Dorg.slf4j.simpleLogger.defaultLogLevel=warn")
             .arg(format!("-Dzookeeper.log.dir={}", zdir.display()))
@@ -249,7 +262,7 @@ impl LocalCluster {
         let s = &self.servers[i];
         let d = s.dir.display().to_string();
         let err = std::fs::File::create(s.dir.join("log/stderr.log")).map_err(|e| e.to_string())?;
-        let child = Command::new(&self.binary)
+        let child = die_with_parent(&mut Command::new(&self.binary))
             .arg(format!("--config-file={d}/config.xml"))
             .arg("--")
             .arg(format!("--path={d}/"))

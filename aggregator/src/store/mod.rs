@@ -194,6 +194,35 @@ impl Store {
             .fetch_all()
             .await
             .context("reading schema_migrations")?;
+        if store.cluster.is_some() && applied.is_empty() {
+            // A new cluster: the current schema at once (no ALTERs), every migration
+            // recorded as applied.
+            tracing::info!(
+                schema = SCHEMA_VERSION,
+                "new cluster: creating the current schema ON CLUSTER"
+            );
+            for s in ddl.current_schema() {
+                store.exec_ddl(&s).await.with_context(|| {
+                    format!("creating the schema on the cluster failed on:\n{s}")
+                })?;
+            }
+            for (v, name, _) in ddl.migrations() {
+                c.query(&format!("INSERT INTO {}.schema_migrations (version, name, applied) VALUES ({v}, '{name}', now())", cfg.database))
+                    .execute()
+                    .await?;
+            }
+        }
+        let applied: Vec<u32> = if store.cluster.is_some() {
+            c.query(&format!(
+                "SELECT version FROM {}.schema_migrations",
+                cfg.database
+            ))
+            .fetch_all()
+            .await
+            .context("reading schema_migrations")?
+        } else {
+            applied
+        };
         for (v, name, stmts) in ddl.migrations() {
             if applied.contains(&v) {
                 continue;

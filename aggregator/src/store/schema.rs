@@ -78,6 +78,50 @@ impl Ddl<'_> {
         )
     }
 
+    /// The whole schema as this build has it, in one go: every table with all its
+    /// columns, the tiers at the newest version. A new cluster is created this way, with
+    /// no `ALTER` (ClickHouse 18.16's distributed DDL can wedge on an `ALTER … ON CLUSTER`
+    /// of a replicated table).
+    pub fn current_schema(&self) -> Vec<String> {
+        let v = SCHEMA_VERSION;
+        let mut out = vec![
+            self.hosts().replace(
+                "`sensor_boot_id` String\n)",
+                "`sensor_boot_id` String,\n    `probes` String\n)",
+            ),
+            self.batches(),
+            self.alerts(),
+            self.gaps(),
+            self.batch_intents(),
+        ];
+        for t in TABLES.iter() {
+            let cols: Vec<String> = t
+                .stored_columns()
+                .iter()
+                .map(|c| format!("    `{}` {}", c.name, c.ch_type_at(self.modern, v)))
+                .collect();
+            let mut order = vec!["host"];
+            order.extend_from_slice(t.key);
+            order.push("ts");
+            out.push(format!(
+                "CREATE TABLE IF NOT EXISTS {}.{} (\n{}\n) ENGINE = MergeTree()\nPARTITION BY toDate(ts)\nORDER BY ({}){}",
+                self.db,
+                t.name,
+                cols.join(",\n"),
+                order.join(", "),
+                self.ttl("ts")
+            ));
+        }
+        for t in TABLES.iter().filter(|t| t.rolled_up()) {
+            for tier in &super::tiers::TIERS {
+                out.push(self.tier_table(t, tier, v));
+                out.push(self.tier_mv(t, tier, v));
+                out.push(self.tier_view(t, tier, v));
+            }
+        }
+        out
+    }
+
     pub fn hosts(&self) -> String {
         let l = label_type(self.modern);
         format!(

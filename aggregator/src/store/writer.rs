@@ -155,6 +155,18 @@ pub async fn run(
                 _ => break,
             }
         }
+        // While a round is in flight, another starts only once it is full: small rounds
+        // in parallel would only make more parts for ClickHouse to merge (measured: half
+        // the throughput). Extra rounds are for a backlog, each a full one.
+        while rows_est < cfg.max_rows && !rounds.is_empty() {
+            tokio::select! {
+                w = rx.recv() => match w {
+                    Some(w) => take(w, &mut rows_est),
+                    None => break,
+                },
+                _ = rounds.join_next() => {}
+            }
+        }
         while rounds.try_join_next().is_some() {}
         if !gaps.is_empty() {
             write_gaps(&store, gaps, &metrics).await;
@@ -216,6 +228,9 @@ pub async fn run(
         }
         if fresh.is_empty() {
             continue;
+        }
+        if !rounds.is_empty() {
+            metrics.rounds_overlapped.fetch_add(1, Relaxed);
         }
         metrics.rounds_in_flight.fetch_add(1, Relaxed);
         let (store, book, metrics) = (store.clone(), book.clone(), metrics.clone());
@@ -345,18 +360,28 @@ async fn round(
                         b.uncertain.insert(k);
                     }
                 }
-                if !store.reachable().await {
+                let text = format!("{e:#}");
+                // A cluster whose replicated tables cannot write (ZooKeeper or Keeper
+                // unreachable: "Table is in readonly mode") is an outage too.
+                let readonly = store.cluster.is_some()
+                    && (text.contains("readonly mode") || text.contains("ZooKeeper"));
+                if readonly || !store.reachable().await {
                     // Outage: hold the round (and, through the bounded queue and
                     // QUIC flow control, the sensors) until ClickHouse returns.
                     if outage_since.is_none() {
-                        tracing::error!(error = %format!("{e:#}"), batches = refs.len(), "ClickHouse unreachable; holding batches and retrying until it returns (sensors spool meanwhile)");
+                        let what = if readonly {
+                            "ClickHouse cluster cannot write (replication coordinator unreachable: tables read-only)"
+                        } else {
+                            "ClickHouse unreachable"
+                        };
+                        tracing::error!(error = %text, batches = refs.len(), "{what}; holding batches and retrying until it returns (sensors spool meanwhile)");
                         outage_since = Some(Instant::now());
                     }
                     metrics.clickhouse_down.store(1, Relaxed);
                     tokio::time::sleep(Duration::from_secs(2)).await;
                     continue;
                 }
-                let msg = format!("{e:#}");
+                let msg = text;
                 // Another writer's quorum insert into the same table is pending (several
                 // aggregators on a cluster of ClickHouse < 20.10): retry soon, as recovery.
                 if msg.contains("Quorum for previous write has not been satisfied")

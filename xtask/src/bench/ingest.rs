@@ -24,6 +24,27 @@ pub(super) fn loadgen(args: &[String]) -> Result<Value> {
     serde_json::from_str(line.lines().last().unwrap_or("")).context("load generator output")
 }
 
+/// Builds the load generator first, so that its compilation is not inside a measured step.
+pub(super) fn build_loadgen() -> Result<()> {
+    step("building the load generator (cargo bench --no-run)");
+    let st = Command::new("cargo")
+        .current_dir(root())
+        .args([
+            "bench",
+            "-q",
+            "--no-run",
+            "-p",
+            "sonde-aggregator",
+            "--bench",
+            "loadgen",
+        ])
+        .status()?;
+    if !st.success() {
+        bail!("building the load generator failed ({st})");
+    }
+    Ok(())
+}
+
 /// 2 (continued): batch size and a trained zstd dictionary, on snapshots of this host
 /// recorded by `sensor record` during the overhead window.
 pub(super) fn wire_study(rec: &Path) -> Result<Value> {
@@ -58,6 +79,17 @@ pub(super) fn ingest_steps(
     };
     let mut steps = Vec::new();
     for &rate in rates {
+        // Each step starts on an idle aggregator: the previous step's backlog is not
+        // counted in this one's lag.
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(120)
+            && (super::metric(&env.agg_http, "sonde_queue_depth") > 0
+                || super::metric(&env.agg_http, "sonde_insert_rounds_in_flight") > 0
+                || super::metric(&env.agg_http, "sonde_streams_waiting") > 0)
+        {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        std::thread::sleep(Duration::from_secs(2));
         step(&format!(
             "ingest: 200 simulated sensors offering {:.0}k samples/s for {secs} s",
             rate / 1e3

@@ -347,6 +347,7 @@ fn ingest_only(dir: &Path, bin: PathBuf, quick: bool) -> Result<()> {
     } else {
         (&[2e6, 3e6, 4e6], 20)
     };
+    ingest::build_loadgen()?;
     let mut runs = Vec::new();
     for rounds in [1, 4] {
         let _ = std::fs::remove_dir_all(dir.join("agg"));
@@ -507,6 +508,15 @@ pub fn run_bench(quick: bool, only: Option<&str>) -> Result<()> {
     // The generated history is large (GBs for the full run): do not leave it behind.
     let _ = std::fs::remove_dir_all(dir.join("agg"));
     let detect = detect_bench(quick)?;
+    // The cluster (ZooKeeper and four servers; minutes to create the schema) only in the
+    // full run.
+    let cluster = if quick {
+        Value::Null
+    } else {
+        cluster::cluster_section(&dir, env.bin.clone(), false)
+            .map(|v| json!(v))
+            .unwrap_or_else(|e| json!({"error": format!("{e:#}")}))
+    };
     let results = json!({
         "date": date,
         "quick": quick,
@@ -520,6 +530,7 @@ pub fn run_bench(quick: bool, only: Option<&str>) -> Result<()> {
         "ingest": ingest,
         "wire_study": wire,
         "detect": detect,
+        "cluster": cluster,
     });
     std::fs::write(
         dir.join("results.json"),

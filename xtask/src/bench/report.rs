@@ -163,6 +163,13 @@ pub(super) fn markdown(r: &Value, quick: bool) -> String {
     if let Some(c) = r.get("containers") {
         s.push_str(&containers_md(c));
     }
+    if let Some(c) = r["cluster"].as_array() {
+        s.push_str(&super::cluster::cluster_md(c));
+    } else if let Some(e) = r["cluster"].get("error") {
+        s.push_str(&format!(
+            "\n## 9. Scale-out: a ClickHouse cluster and two aggregators\n\nNot measured: {e}\n"
+        ));
+    }
     if let Some(d) = r["detect"].as_array() {
         s.push_str("\n## Detection\n\nMethod: the engine's own code on one core (series lookup, detector, alert lifecycle), 10,000 series unless named, after warm-up (`aggregator/benches/detect.rs`). State per series includes the engine's per-series record (labels, lifecycle). Detection quality is in [DETECTION.md](DETECTION.md).\n\n\
                     | detector | series | evaluations/s | ns per evaluation | state bytes per series |\n|---|---|---|---|---|\n");
