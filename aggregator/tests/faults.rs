@@ -353,7 +353,12 @@ fn parallel_insert_rounds_with_kills_nothing_missing_or_doubled() {
         agg = a;
         http = h;
     }
-    std::thread::sleep(Duration::from_secs(12));
+    // Sensors notice a vanished aggregator after 10 s of silence, then deliver their spool.
+    wait_until(
+        "every host's seconds stored",
+        Duration::from_secs(90),
+        || hosts.iter().all(|h| series(&ch, h).0 >= 30),
+    );
     overlapped += metric_at(&http, "sonde_insert_rounds_overlapped_total");
     for s in &mut sensors {
         assert!(s.stop().success());

@@ -72,8 +72,10 @@ pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<quinn::Client
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(std::time::Duration::from_secs(5)));
-    transport.max_idle_timeout(Some(std::time::Duration::from_secs(30).try_into()?));
+    // An aggregator that vanished (killed, host down) is given up after 10 s of silence
+    // (pings every 2 s), and the sensor moves to its next aggregator.
+    transport.keep_alive_interval(Some(std::time::Duration::from_secs(2)));
+    transport.max_idle_timeout(Some(std::time::Duration::from_secs(10).try_into()?));
     cfg.transport_config(Arc::new(transport));
     Ok(cfg)
 }
