@@ -148,7 +148,7 @@ pub fn ensure_zookeeper() -> Result<()> {
         return Ok(());
     }
     step("installing ZooKeeper (Debian's zookeeper package)");
-    apt_install(&["zookeeper"])
+    apt_install(&["zookeeper", "libslf4j-java"])
 }
 
 pub fn test(args: &[String]) -> Result<()> {
