@@ -314,8 +314,10 @@ crate::tables! {
 
     /// Log2 histograms over one interval from the eBPF probes (only non-empty buckets are
     /// sent). Sources: `runqueue` (µs from wakeup to run), `disk:<dev>:read|write` (µs
-    /// from issue to completion), `disk:<dev>:read_bytes|write_bytes` (request sizes).
-    table latency (latency: Many LatencyRec) from "eBPF: sched_wakeup/sched_switch, block_rq_issue/complete", key [source], since 2, v1 5 {
+    /// from the request's creation to its completion, what diskstats' ticks sum; on kernels
+    /// without BTF tracepoints, from issue to completion), `disk:<dev>:read_bytes|write_bytes`
+    /// (request sizes).
+    table latency (latency: Many LatencyRec) from "eBPF: sched_switch (task sched_info), block_rq_complete (request start_time_ns); fallbacks sched_wakeup/sched_switch, block_rq_issue/complete", key [source], since 2, v1 5 {
         /// What was measured (see above).
         source: String = Label(""),
         /// `us` or `bytes`.
@@ -517,10 +519,10 @@ crate::tables! {
     /// runnable, attributed to the cgroup the task is in (its own, not its descendants'),
     /// the cpu hierarchy's on hosts with the v1 cpu controller, else the v2 tree's; the rows
     /// add up to the host's `runqueue` histogram. `block:read`, `block:write` (`[probes]
-    /// block_cgroups`): block I/O latency from issue to completion, all devices, of the
+    /// block_cgroups`): block I/O latency as in `latency`'s `disk:` sources, all devices, of the
     /// requests charged to the cgroup (blkio v1 or v2). Per source, the top N cgroups by
     /// values each interval and one row `cgroup` = `other` summing the rest.
-    table cgroup_latency (cgroup_latency: Many CgroupLatencyRec) from "eBPF: sched_switch (task sched_info, cgroup id); block_rq_issue (raw: the request's blkcg), block_rq_complete", key [cgroup, source], since 10, v1 0 {
+    table cgroup_latency (cgroup_latency: Many CgroupLatencyRec) from "eBPF: sched_switch (task sched_info, cgroup id); block_rq_complete (the request's start_time_ns and blkcg; fallback: block_rq_issue, raw, and block_rq_complete)", key [cgroup, source], since 10, v1 0 {
         /// Path below the hierarchy root (`/` for the root cgroup), or `other`.
         cgroup: String = Label(""),
         /// Container or systemd unit resolved from the path (see `cgroups`).
@@ -528,7 +530,7 @@ crate::tables! {
         /// Kubernetes pod UID resolved from the path.
         pod: String = Label(""),
         /// What was measured: `runqueue` (µs from runnable to running), `block:read`,
-        /// `block:write` (µs from issue to completion).
+        /// `block:write` (µs from the request's creation, or issue, to completion).
         source: String = Label(""),
         /// `us`.
         unit: String = Label(""),

@@ -11,9 +11,9 @@
 
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes},
-    macros::{map, raw_tracepoint, tracepoint},
+    macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
     maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{RawTracePointContext, TracePointContext},
+    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
     EbpfContext,
 };
 use sensor_common::{
@@ -273,6 +273,44 @@ pub fn rq_switch_si(ctx: RawTracePointContext) -> i32 {
     0
 }
 
+// The same program as a BTF tracepoint (`tp_btf`): the kernel types the arguments, so the
+// fields are plain loads the JIT turns into single instructions (fault-safe) instead of one
+// `bpf_probe_read_kernel` call each. The offsets are the same `.rodata` globals, which the
+// verifier reads as constants (the loader freezes `.rodata`), so every load is checked
+// against the kernel's own layout at load time. Needs the kernel's BTF and the typedef
+// `btf_trace_sched_switch`; the sensor falls back to `rq_switch_si` when refused.
+
+/// A plain load `*(base + off)` (the verifier turns it into a fault-safe load).
+#[inline(always)]
+fn load<T: Copy>(base: u64, off: u32) -> T {
+    unsafe { core::ptr::read_volatile((base + off as u64) as *const T) }
+}
+
+#[btf_tracepoint(function = "sched_switch")]
+pub fn rq_switch_btf(ctx: BtfTracePointContext) -> i32 {
+    // TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next, ...)
+    let next: u64 = ctx.arg(2);
+    let queued: u64 = load(next, global(&TASK_LASTQ_OFF));
+    if queued == 0 {
+        return 0;
+    }
+    let prev: u64 = ctx.arg(1);
+    let cfs: u64 = load(prev, global(&TASK_SE_CFSRQ_OFF));
+    if cfs == 0 {
+        return 0;
+    }
+    let rq: u64 = load(cfs, global(&CFSRQ_RQ_OFF));
+    if rq == 0 {
+        return 0;
+    }
+    let clock: u64 = load(rq, global(&RQ_CLOCK_OFF));
+    let wait_us = clock.saturating_sub(queued) / 1000;
+    if let Some(h) = RUNQ_HIST.get_ptr_mut(0) {
+        hist_add(h, wait_us);
+    }
+    0
+}
+
 // ---- block I/O: issue -> complete, per device, read/write ----------------------------------
 
 #[inline(always)]
@@ -441,6 +479,13 @@ pub fn block_rq_complete(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let lat_us = (unsafe { bpf_ktime_get_ns() }.wrapping_sub(ts)) / 1000;
+    block_account(dev, op, lat_us, bytes, cgroup);
+    0
+}
+
+/// Adds one completed I/O to its device's histograms (and its cgroup's, when known).
+#[inline(always)]
+fn block_account(dev: u32, op: u32, lat_us: u64, bytes: u32, cgroup: u64) {
     let (lat_kind, size_kind) = if op == 0 {
         (block_kind::READ_LATENCY, block_kind::READ_SIZE)
     } else {
@@ -448,7 +493,7 @@ pub fn block_rq_complete(ctx: TracePointContext) -> u32 {
     };
     let Some(e) = block_dev(dev) else {
         bump(counter::BLOCK_DEVS_FULL, 1);
-        return 0;
+        return;
     };
     unsafe {
         hist_add(&mut (*e).hists[(lat_kind & 3) as usize], lat_us);
@@ -459,7 +504,98 @@ pub fn block_rq_complete(ctx: TracePointContext) -> u32 {
             hist_add(h, lat_us);
         }
     }
+}
+
+// One program per I/O: at completion, as a BTF tracepoint. The kernel stamps each request
+// with `start_time_ns` when it is created from a bio (`blk_account_io_start`, whenever the
+// queue keeps I/O statistics, i.e. `queue/iostats` = 1) and /proc/diskstats adds
+// `now - start_time_ns` to its read/write ticks at completion: this program records that same
+// interval, so no issue program and no table of requests in flight are needed. A request
+// without the stamp (iostats off: diskstats does not count it either) is counted as
+// unmatched. Offsets from the kernel's BTF through the sensor; refused → the two programs
+// above.
+
+#[unsafe(no_mangle)]
+static RQ_START_NS_OFF: u32 = 0;
+
+#[btf_tracepoint(function = "block_rq_complete")]
+pub fn block_done_btf(ctx: BtfTracePointContext) -> i32 {
+    block_done(ctx, false)
+}
+
+/// The same with per-cgroup histograms: the request's bios are still attached when the
+/// tracepoint fires, so its block cgroup (`rq->bio->bi_blkg->blkcg`, the cgroup the I/O is
+/// charged to, writeback included) is read here too.
+#[btf_tracepoint(function = "block_rq_complete")]
+pub fn block_done_cg_btf(ctx: BtfTracePointContext) -> i32 {
+    block_done(ctx, true)
+}
+
+#[inline(always)]
+fn block_done(ctx: BtfTracePointContext, with_cgroup: bool) -> i32 {
+    // TP_PROTO(struct request *rq, blk_status_t error, unsigned int nr_bytes)
+    let rq: u64 = ctx.arg(0);
+    let nr_bytes: u64 = ctx.arg(2);
+    let flags: u32 = load(rq, global(&RQ_CMD_FLAGS_OFF));
+    // REQ_OP_READ 0, REQ_OP_WRITE 1; discards, flushes and the rest are not counted.
+    let op = flags & 0xff;
+    if op > 1 {
+        return 0;
+    }
+    // The tracepoint fires before the request is updated: a partial completion leaves bytes
+    // behind and is not the request's end (diskstats counts the request once, at its end).
+    let remaining: u32 = load(rq, global(&RQ_DATA_LEN_OFF));
+    let bytes = nr_bytes as u32;
+    if bytes < remaining {
+        return 0;
+    }
+    let start: u64 = load(rq, global(&RQ_START_NS_OFF));
+    if start == 0 {
+        bump(counter::BLOCK_UNMATCHED, 1);
+        return 0;
+    }
+    let q: u64 = load(rq, global(&RQ_Q_OFF));
+    if q == 0 {
+        return 0;
+    }
+    let disk: u64 = load(q, global(&Q_DISK_OFF));
+    if disk == 0 {
+        return 0;
+    }
+    let major: i32 = load(disk, global(&DISK_MAJOR_OFF));
+    let minor: i32 = load(disk, global(&DISK_MINOR_OFF));
+    let dev = ((major as u32) << 20) | (minor as u32 & 0xf_ffff);
+    let lat_us = unsafe { bpf_ktime_get_ns() }.saturating_sub(start) / 1000;
+    let cgroup = if with_cgroup { request_cgroup(rq) } else { 0 };
+    block_account(dev, op, lat_us, bytes, cgroup);
     0
+}
+
+/// The cgroup id of the block cgroup a request is charged to (0 = unknown), plain loads.
+#[inline(always)]
+fn request_cgroup(rq: u64) -> u64 {
+    let bio: u64 = load(rq, global(&RQ_BIO_OFF));
+    if bio == 0 {
+        return 0;
+    }
+    let blkg: u64 = load(bio, global(&BIO_BLKG_OFF));
+    if blkg == 0 {
+        return 0;
+    }
+    let blkcg: u64 = load(blkg, global(&BLKG_BLKCG_OFF));
+    if blkcg == 0 {
+        return 0;
+    }
+    // css->cgroup is the first member of struct cgroup_subsys_state.
+    let cg: u64 = load(blkcg, global(&BLKCG_CSS_OFF));
+    if cg == 0 {
+        return 0;
+    }
+    let kn: u64 = load(cg, global(&CGROUP_KN_OFF));
+    if kn == 0 {
+        return 0;
+    }
+    load(kn, global(&KN_ID_OFF))
 }
 
 // ---- TCP ----------------------------------------------------------------------------------

@@ -18,10 +18,11 @@ pub fn run_eval(record: bool, normal_minutes: u64) -> Result<()> {
     if record {
         record_corpus(&corpus, normal_minutes)?;
     }
-    step("building the aggregator (release)");
+    step("building the aggregator (profile eval: release without LTO, see Cargo.toml)");
     run(Command::new("cargo").current_dir(&root).args([
         "build",
-        "--release",
+        "--profile",
+        "eval",
         "-p",
         "sonde-aggregator",
         "--bin",
@@ -29,7 +30,7 @@ pub fn run_eval(record: bool, normal_minutes: u64) -> Result<()> {
     ]))?;
     let out = root.join("target/detect-eval.md");
     step("evaluating every detector kind and the default rules on the corpus");
-    let agg = root.join("target/release/aggregator");
+    let agg = root.join("target/eval/aggregator");
     run(Command::new(&agg).args([
         "evaluate",
         "--corpus",

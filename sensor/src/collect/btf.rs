@@ -4,6 +4,7 @@
 
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
+const KIND_TYPEDEF: u32 = 8;
 
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
@@ -229,6 +230,15 @@ impl Btf {
         Some(bits as usize / 8)
     }
 
+    /// Type id of `typedef name` (e.g. `btf_trace_sched_switch`, which a `tp_btf` program
+    /// names as its attach target).
+    pub fn typedef_id(&self, name: &str) -> Option<u32> {
+        (1..=self.pos.len() as u32).find(|&id| {
+            self.kinds[id as usize - 1] as u32 == KIND_TYPEDEF
+                && self.head(id).is_some_and(|h| self.name_is(h.name, name))
+        })
+    }
+
     /// Value of enumerator `item` of `enum name` (e.g. `cgroup_subsys_id`, `cpu_cgrp_id`).
     pub fn enum_value(&self, name: &str, item: &str) -> Option<i64> {
         for id in 1..=self.pos.len() as u32 {
@@ -298,5 +308,12 @@ mod tests {
         // Enumerators.
         assert_eq!(b.enum_value("cgroup_subsys_id", "cpuset_cgrp_id"), Some(0));
         assert!(b.enum_value("cgroup_subsys_id", "no_such_id").is_none());
+        // Typedefs (tp_btf attach targets); a struct of that name is not one.
+        let id = b
+            .typedef_id("btf_trace_sched_switch")
+            .expect("btf_trace_sched_switch");
+        assert!(id > 0);
+        assert!(b.typedef_id("task_struct").is_none());
+        assert!(b.typedef_id("btf_trace_no_such_tracepoint").is_none());
     }
 }

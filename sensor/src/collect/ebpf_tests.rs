@@ -28,6 +28,7 @@ fn only(probe: &str) -> ProbeConfig {
         runqueue_cgroups: 20,
         block_cgroups: 0,
         runqueue_fallback: false,
+        raw_tracepoints: false,
         object: None,
     }
 }
@@ -113,6 +114,19 @@ fn quantile(l: &LatencyRec, q: f64) -> u64 {
 
 // ---- block ------------------------------------------------------------------------------------
 
+/// Milliseconds the device spent on reads and on writes (diskstats fields 4 and 8: the
+/// kernel's sum of each request's creation-to-completion time).
+fn diskstats_ms(dev: &str) -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/diskstats").unwrap();
+    for l in text.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() > 10 && f[2] == dev {
+            return (f[6].parse().unwrap(), f[10].parse().unwrap());
+        }
+    }
+    panic!("{dev} not in /proc/diskstats");
+}
+
 fn diskstats(dev: &str) -> (u64, u64) {
     let text = std::fs::read_to_string("/proc/diskstats").unwrap();
     for l in text.lines() {
@@ -158,14 +172,28 @@ fn block_histogram_counts_match_diskstats_on_a_loop_device() {
         eprintln!("SKIP: needs root");
         return;
     }
+    // The default design (one BTF program at completion) and the issue + complete programs.
+    let mut raw = only("block");
+    raw.raw_tracepoints = true;
+    for (cfg, design) in [
+        (only("block"), "one program per I/O"),
+        (raw, "issue and completion"),
+    ] {
+        block_counts_match_diskstats(&cfg, design);
+    }
+}
+
+fn block_counts_match_diskstats(cfg: &ProbeConfig, design: &str) {
     let lp = Loop::new("dev");
     let (dev, name) = (lp.dev.clone(), lp.name());
-    let Some(mut p) = probes("block") else {
+    let Some((mut p, how)) = probes_with(cfg, "block") else {
         return;
     };
+    assert!(how.contains(design), "block: {how} (expected {design})");
     collect(&mut p, None); // prime
     let t0 = Instant::now();
     let before = diskstats(&name);
+    let ms_before = diskstats_ms(&name);
     sh(&format!(
         "dd if=/dev/zero of={dev} bs=4k count=3000 oflag=direct status=none && \
          dd if={dev} of=/dev/null bs=4k count=3000 iflag=direct status=none && \
@@ -173,6 +201,7 @@ fn block_histogram_counts_match_diskstats_on_a_loop_device() {
     ));
     std::thread::sleep(Duration::from_millis(200));
     let after = diskstats(&name);
+    let ms_after = diskstats_ms(&name);
     let o = collect(&mut p, Some(t0.elapsed().as_secs_f64()));
     let count = |suffix: &str| {
         o.latency
@@ -216,6 +245,28 @@ fn block_histogram_counts_match_diskstats_on_a_loop_device() {
         .unwrap();
     assert_eq!(lat.unit, "us");
     assert!(lat.sum > 0 && quantile(lat, 0.99) >= quantile(lat, 0.5));
+    // Time: the one-program design measures what diskstats adds to its read ticks (each
+    // request's creation to completion), so the sums agree (the histogram drops each I/O's
+    // sub-microsecond part, diskstats rounds the total down to ms); issue-to-completion
+    // is at most that.
+    let ticks_us = (ms_after.0 - ms_before.0) * 1000;
+    let slack = 2000 + lat.count;
+    eprintln!(
+        "{design}: read latency sum {} us, diskstats read ticks {ticks_us} us",
+        lat.sum
+    );
+    assert!(
+        lat.sum <= ticks_us + slack,
+        "read latency sum {} us > diskstats' {ticks_us} us",
+        lat.sum
+    );
+    if design == "one program per I/O" {
+        assert!(
+            lat.sum as f64 >= ticks_us as f64 * 0.75 - slack as f64,
+            "read latency sum {} us is short of diskstats' {ticks_us} us",
+            lat.sum
+        );
+    }
     drop(lp);
 }
 
@@ -274,17 +325,32 @@ fn block_latency_per_cgroup_counts_the_io_of_the_cgroup_that_did_it() {
         eprintln!("SKIP: no v1 blkio controller at /sys/fs/cgroup/blkio");
         return;
     }
+    // The default design (one BTF program at completion reads the cgroup) and the raw
+    // issue program that reads it at issue.
+    for raw in [false, true] {
+        block_cgroup_rows_match(blkio, raw);
+    }
+}
+
+fn block_cgroup_rows_match(blkio: &std::path::Path, raw: bool) {
     let lp = Loop::new("cg");
     let (dev, name) = (lp.dev.clone(), lp.name());
     let cg = BlkioCgroup(blkio.join(format!("sonde-blk-{}", std::process::id())));
     std::fs::create_dir_all(&cg.0).unwrap();
     let mut cfg = only("block");
     cfg.block_cgroups = 20;
+    cfg.raw_tracepoints = raw;
     let Some((mut p, how)) = probes_with(&cfg, "block") else {
         return;
     };
     // This kernel has CONFIG_BLK_CGROUP and BTF: per cgroup it must be.
     assert!(how.contains("per cgroup"), "block: {how}");
+    let design = if raw {
+        "issue and completion"
+    } else {
+        "one program per I/O"
+    };
+    assert!(how.contains(design), "block: {how} (expected {design})");
     // The programs the cgroup runs, in the page cache before counting.
     sh("sh -c 'dd --version' > /dev/null");
     collect(&mut p, None);
@@ -616,6 +682,11 @@ fn runqueue_one_program_matches_the_wakeup_programs_and_bpftrace_and_splits_by_c
     fb.runqueue_fallback = true;
     let (mut wake, how) = probes_with(&fb, "runqueue").unwrap();
     assert!(how.contains("wakeup and switch"), "{how}");
+    // The default design without per-cgroup histograms: a BTF tracepoint (plain loads).
+    let mut plain = only("runqueue");
+    plain.runqueue_cgroups = 0;
+    let (mut btf, how) = probes_with(&plain, "runqueue").unwrap();
+    assert!(how.contains("BTF tracepoint"), "{how}");
     let bt = Runqlat::start();
     if bt.is_none() {
         eprintln!("NOTE: bpftrace is not installed: comparing the two designs only");
@@ -633,6 +704,7 @@ fn runqueue_one_program_matches_the_wakeup_programs_and_bpftrace_and_splits_by_c
         });
     collect(&mut single, None);
     collect(&mut wake, None);
+    collect(&mut btf, None);
     let ncpu = std::thread::available_parallelism().unwrap().get();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let t0 = Instant::now();
@@ -668,7 +740,11 @@ fn runqueue_one_program_matches_the_wakeup_programs_and_bpftrace_and_splits_by_c
         t.join().unwrap();
     }
     let secs = Some(t0.elapsed().as_secs_f64());
-    let (a, b) = (collect(&mut single, secs), collect(&mut wake, secs));
+    let (a, b, c) = (
+        collect(&mut single, secs),
+        collect(&mut wake, secs),
+        collect(&mut btf, secs),
+    );
     let bt = bt.map(Runqlat::finish);
     let host = |o: &Out| {
         o.latency
@@ -677,10 +753,11 @@ fn runqueue_one_program_matches_the_wakeup_programs_and_bpftrace_and_splits_by_c
             .cloned()
             .expect("runqueue histogram")
     };
-    let (ha, hb) = (host(&a), host(&b));
+    let (ha, hb, hc) = (host(&a), host(&b), host(&c));
     let mut designs = vec![
         ("one program", rec_buckets(&ha)),
         ("wakeup programs", rec_buckets(&hb)),
+        ("one program, BTF tracepoint", rec_buckets(&hc)),
     ];
     if let Some(bt) = bt {
         designs.push(("bpftrace runqlat", bt));

@@ -109,13 +109,15 @@ pub(super) fn ebpf_overhead(env: &Env, rounds: usize, quick: bool) -> Result<Val
     let fio_secs = if quick { 3 } else { 10 };
     let (mut pipe_off, mut pipe_on, mut fio_off, mut fio_on) = (vec![], vec![], vec![], vec![]);
     // The run-queue probe's variants and the peer a user would run instead, in the same rounds.
-    let (mut pipe_cg, mut pipe_fb, mut pipe_bt) = (vec![], vec![], vec![]);
+    let (mut pipe_cg, mut pipe_fb, mut pipe_bt, mut pipe_raw) = (vec![], vec![], vec![], vec![]);
+    let mut fio_raw = vec![];
     for _ in 0..rounds {
         // Each workload against the probe it stresses (the other probes' cost on the same
         // workload shows in the per-program costs below).
         pipe_off.push(perf_pipe(loops)?);
         for (variant, out) in [
             ("runqueue", &mut pipe_on),
+            ("runqueue-raw", &mut pipe_raw),
             ("runqueue-cgroups", &mut pipe_cg),
             ("runqueue-fallback", &mut pipe_fb),
         ] {
@@ -134,26 +136,43 @@ pub(super) fn ebpf_overhead(env: &Env, rounds: usize, quick: bool) -> Result<Val
         }
         std::thread::sleep(Duration::from_millis(500));
         fio_off.push(fio_iops(&dev, fio_secs)?);
-        let s = start_sensor(env, "bench-ebpf", "block")?;
-        std::thread::sleep(Duration::from_secs(2));
-        fio_on.push(fio_iops(&dev, fio_secs)?);
-        drop(s);
-        std::thread::sleep(Duration::from_millis(500));
+        for (variant, out) in [("block", &mut fio_on), ("block-raw", &mut fio_raw)] {
+            let s = start_sensor(env, "bench-ebpf", variant)?;
+            std::thread::sleep(Duration::from_secs(2));
+            out.push(fio_iops(&dev, fio_secs)?);
+            drop(s);
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
     // What each program costs per run, from the kernel's own BPF statistics, while both
-    // workloads run (`sensor probes --measure`).
-    let measure = Command::new(env.bin.join("sensor"))
-        .args(["probes", "--json", "--measure", "6s"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    std::thread::sleep(Duration::from_secs(1));
-    let _ = perf_pipe(loops);
-    let _ = fio_iops(&dev, 2);
-    let out = measure.wait_with_output()?;
-    let costs: Value = serde_json::from_slice(&out.stdout)
-        .map(|v: Value| v["costs"].clone())
-        .unwrap_or(Value::Null);
+    // workloads run (`sensor probes --measure`): the default designs, then the raw-tracepoint
+    // ones.
+    let mut costs = Vec::new();
+    for cfg in [None, Some(sensor_config(env, "bench-ebpf", "all-raw")?)] {
+        let mut cmd = Command::new(env.bin.join("sensor"));
+        cmd.args(["probes", "--json", "--measure", "6s"]);
+        if let Some(c) = &cfg {
+            cmd.arg("--config").arg(c);
+        }
+        let measure = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+        std::thread::sleep(Duration::from_secs(1));
+        let _ = perf_pipe(loops);
+        let _ = fio_iops(&dev, 2);
+        let out = measure.wait_with_output()?;
+        for c in serde_json::from_slice::<Value>(&out.stdout)
+            .map(|v: Value| v["costs"].clone())
+            .unwrap_or(Value::Null)
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            // Each program once (the raw run repeats the tcp/oom/process ones).
+            if !costs.iter().any(|x: &Value| x["program"] == c["program"]) {
+                costs.push(c.clone());
+            }
+        }
+    }
+    let costs = Value::Array(costs);
     let _ = Command::new("losetup").args(["-d", &dev]).status();
     let _ = std::fs::remove_file(&img);
     let (po, pn) = (median(&mut pipe_off.clone()), median(&mut pipe_on.clone()));
@@ -170,9 +189,13 @@ pub(super) fn ebpf_overhead(env: &Env, rounds: usize, quick: bool) -> Result<Val
         "sched_pipe_usecs_per_op": { "off": po, "on": pn, "off_range": spread(&pipe_off), "on_range": spread(&pipe_on),
                                       "slowdown_pct": (pn / po - 1.0) * 100.0,
                                       "per_cgroup": variant(&pipe_cg), "wakeup_programs": variant(&pipe_fb),
-                                      "bpftrace_runqlat": variant(&pipe_bt) },
+                                      "bpftrace_runqlat": variant(&pipe_bt), "raw_tracepoint": variant(&pipe_raw) },
         "program_costs": costs,
         "randread_4k_iops": { "off": fo, "on": fnn, "off_range": spread(&fio_off), "on_range": spread(&fio_on),
-                               "slowdown_pct": (fo / fnn - 1.0) * 100.0 },
+                               "slowdown_pct": (fo / fnn - 1.0) * 100.0,
+                               "raw_tracepoints": if fio_raw.is_empty() { Value::Null } else {
+                                   let m = median(&mut fio_raw.clone());
+                                   json!({ "median": m, "range": spread(&fio_raw), "slowdown_pct": (fo / m - 1.0) * 100.0 })
+                               } },
     }))
 }

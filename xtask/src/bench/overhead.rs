@@ -10,7 +10,8 @@ fn probe_lines(one: &str) -> String {
 }
 
 /// `probes`: "none", "all", one probe name (only that one attached), or
-/// "runqueue-cgroups" / "runqueue-fallback" (the run-queue probe's variants).
+/// "runqueue-cgroups" / "runqueue-fallback" / "runqueue-raw" / "block-raw" / "all-raw"
+/// (the probes' other designs).
 pub(super) fn sensor_config(env: &Env, host: &str, probes: &str) -> Result<PathBuf> {
     let c = env.dir.join("certs");
     let p = env.dir.join(format!("sensor-{host}-{probes}.toml"));
@@ -20,6 +21,10 @@ pub(super) fn sensor_config(env: &Env, host: &str, probes: &str) -> Result<PathB
         // The run-queue probe's variants: per-cgroup histograms on, or the wakeup programs.
         "runqueue-cgroups" => probe_lines("runqueue") + "runqueue_cgroups = 20\n",
         "runqueue-fallback" => probe_lines("runqueue") + "runqueue_fallback = true\n",
+        // The raw-tracepoint designs (helper-call reads) where BTF tracepoints would load.
+        "runqueue-raw" => probe_lines("runqueue") + "raw_tracepoints = true\n",
+        "block-raw" => probe_lines("block") + "raw_tracepoints = true\n",
+        "all-raw" => "enabled = true\nraw_tracepoints = true\n".to_string(),
         one => probe_lines(one),
     };
     std::fs::write(

@@ -244,13 +244,17 @@ pub(super) fn ebpf_md(e: &Value) -> String {
         s.push_str(&format!(
             "\nThe run-queue probe's designs and the peer, on `sched pipe` in the same rounds (without: {} µs/op):\n\n\
              | run-queue tracing | µs/op | slowdown |\n|---|---|---|\n\
-             | sonde, one program per switch (default) | {} ({}) | {}% |\n",
+             | sonde, one program per switch, BTF tracepoint (default) | {} ({}) | {}% |\n",
             f(&sp["off"]),
             f(&sp["on"]),
             range(&sp["on_range"]),
             f(&sp["slowdown_pct"]),
         ));
         for (name, key) in [
+            (
+                "sonde, one program per switch, raw tracepoint",
+                "raw_tracepoint",
+            ),
             (
                 "sonde, one program per switch + per-cgroup histograms",
                 "per_cgroup",
@@ -274,7 +278,23 @@ pub(super) fn ebpf_md(e: &Value) -> String {
             }
         }
     }
-    s.push_str("\nPer program, from the kernel's BPF run-time statistics (`sensor probes --measure 6s` while both workloads ran):\n\n\
+    let br = &e["randread_4k_iops"]["raw_tracepoints"];
+    if !br.is_null() {
+        s.push_str(&format!(
+            "\nThe block probe's designs on 4k random reads in the same rounds (without: {} IOPS):\n\n\
+             | block tracing | IOPS | slowdown |\n|---|---|---|\n\
+             | sonde, one program per I/O at completion, BTF tracepoint (default) | {} ({}) | {}% |\n\
+             | sonde, issue + completion programs (fallback; with per-cgroup block histograms) | {} ({}) | {}% |\n",
+            f(&e["randread_4k_iops"]["off"]),
+            f(&e["randread_4k_iops"]["on"]),
+            range(&e["randread_4k_iops"]["on_range"]),
+            f(&e["randread_4k_iops"]["slowdown_pct"]),
+            f(&br["median"]),
+            range(&br["range"]),
+            f(&br["slowdown_pct"]),
+        ));
+    }
+    s.push_str("\nPer program, from the kernel's BPF run-time statistics (`sensor probes --measure 6s` while both workloads ran; the default designs, then with `raw_tracepoints = true`):\n\n\
                 | program | runs | average ns per run |\n|---|---|---|\n");
     for c in e["program_costs"].as_array().into_iter().flatten() {
         s.push_str(&format!(
@@ -284,7 +304,7 @@ pub(super) fn ebpf_md(e: &Value) -> String {
             f(&c["avg_ns"])
         ));
     }
-    s.push_str("\nHow to read it: wall-clock slowdowns on this 2-vCPU VM move by several percent between rounds (see the ranges); the per-run costs are the kernel's own accounting and do not depend on that noise. The run-queue probe runs once per context switch (`rq_switch_si`: it reads the incoming task's `sched_info.last_queued` and its run queue's clock, two kernel reads); the fallback design (`rq_wakeup` + `rq_switch`, kernels without sched_info in BTF) runs on every wakeup and every switch. Entering any BPF program costs a good share of that here: compare `sched_process_exec`, which only increments a counter. Per-cgroup run-queue histograms (`[probes] runqueue_cgroups`, off by default) add five dependent kernel reads per switch to find the task's cgroup. Every probe can be turned off in `[probes]`.\n");
+    s.push_str("\nHow to read it: wall-clock slowdowns on this 2-vCPU VM move by several percent between rounds (see the ranges); the per-run costs are the kernel's own accounting and do not depend on that noise. The run-queue probe runs once per context switch (`rq_switch_btf`: it reads the incoming task's `sched_info.last_queued` and its run queue's clock; as a BTF tracepoint those reads are plain loads, where the raw-tracepoint `rq_switch_si` calls `bpf_probe_read_kernel` for each); the block probe runs once per I/O (`block_done_btf`, at completion, from the request's own `start_time_ns`), where the fallback runs at issue and at completion and matches the two through a table; the run-queue fallback design (`rq_wakeup` + `rq_switch`, kernels without sched_info in BTF) runs on every wakeup and every switch. Entering any BPF program costs a good share of that here: compare `sched_process_exec`, which only increments a counter. Per-cgroup run-queue histograms (`[probes] runqueue_cgroups`, off by default) add five dependent kernel reads per switch to find the task's cgroup. Every probe can be turned off in `[probes]`.\n");
     s
 }
 

@@ -1,5 +1,15 @@
-//! Block I/O (programs `block_rq_issue`, `block_rq_complete` in sensor-ebpf): per device,
-//! latency from issue to completion and request sizes, reads and writes apart.
+//! Block I/O: per device, latency and request sizes, reads and writes apart.
+//!
+//! Designs, chosen at load time:
+//! - **one program per I/O** (`block_done_btf`, a BTF tracepoint at completion): latency from
+//!   the request's creation (`request.start_time_ns`, the kernel's own stamp) to completion,
+//!   the interval /proc/diskstats adds to its read/write ticks (iostat's r_await/w_await).
+//!   Needs the kernel's BTF. With `[probes] block_cgroups`, `block_done_cg_btf` also reads
+//!   the request's block cgroup (its bios are still attached at completion).
+//! - **issue + complete** (`block_rq_issue`, `block_rq_complete`, tracepoint records): latency
+//!   from issue to the device to completion, requests matched in a table of slots; with
+//!   `block_cgroups`, `block_rq_issue_cg` on the raw tracepoint reads the request's cgroup at
+//!   issue. The fallback where BTF tracepoints are refused (or `raw_tracepoints = true`).
 
 use super::maps::{hist_delta, hist_words, slot_lat};
 use super::{spec, Probes, ProgSpec};
@@ -29,6 +39,47 @@ pub(super) const PROGRAMS: &[ProgSpec] = &[
         &[("dev", 8, 4), ("sector", 16, 8)],
     ),
 ];
+
+/// One program per I/O, at completion (see the module doc).
+pub(super) const BTF: &[ProgSpec] = &[super::tp_btf(
+    "block_done_btf",
+    "block",
+    "block_rq_complete",
+)];
+
+/// The same with per-cgroup histograms.
+pub(super) const BTF_CGROUP: &[ProgSpec] = &[super::tp_btf(
+    "block_done_cg_btf",
+    "block",
+    "block_rq_complete",
+)];
+
+/// Offsets `block_done_btf` reads (from BTF); `None` when one is missing.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Done {
+    pub cmd_flags: u32,
+    pub data_len: u32,
+    pub start_ns: u32,
+    pub q: u32,
+    pub q_disk: u32,
+    pub disk_major: u32,
+    pub disk_minor: u32,
+}
+
+impl Done {
+    pub fn from_btf(b: &Btf) -> Option<Done> {
+        let off = |s: &str, m: &str| b.path_offset(s, m).map(|o| o as u32);
+        Some(Done {
+            cmd_flags: off("request", "cmd_flags")?,
+            data_len: off("request", "__data_len")?,
+            start_ns: off("request", "start_time_ns")?,
+            q: off("request", "q")?,
+            q_disk: off("request_queue", "disk")?,
+            disk_major: off("gendisk", "major")?,
+            disk_minor: off("gendisk", "first_minor")?,
+        })
+    }
+}
 
 /// With per-cgroup histograms: the issue program on the raw tracepoint (it reads the
 /// request), the same completion program.

@@ -27,7 +27,7 @@ use tracefs::{check_layout, tracefs};
 
 use crate::filter::Filter;
 use aya::maps::{MapData, RingBuf};
-use aya::programs::{RawTracePoint, TracePoint};
+use aya::programs::{BtfTracePoint, RawTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use block::BlockDev;
 use maps::{take_data, PerCpu};
@@ -51,6 +51,9 @@ struct ProgSpec {
     prog: &'static str,
     /// A raw tracepoint (arguments, not the formatted record; `fields` is then empty).
     raw: bool,
+    /// A BTF tracepoint (`tp_btf`: a raw tracepoint whose arguments the kernel types, so
+    /// fields are read with plain loads); `raw` is then true too.
+    btf: bool,
     category: &'static str,
     event: &'static str,
     fields: &'static [Field],
@@ -65,6 +68,7 @@ const fn spec(
     ProgSpec {
         prog,
         raw: false,
+        btf: false,
         category,
         event,
         fields,
@@ -75,9 +79,17 @@ const fn raw(prog: &'static str, category: &'static str, event: &'static str) ->
     ProgSpec {
         prog,
         raw: true,
+        btf: false,
         category,
         event,
         fields: &[],
+    }
+}
+
+const fn tp_btf(prog: &'static str, category: &'static str, event: &'static str) -> ProgSpec {
+    ProgSpec {
+        btf: true,
+        ..raw(prog, category, event)
     }
 }
 
@@ -116,6 +128,9 @@ pub struct ProbeConfig {
     /// Use the wakeup + switch programs for the run queue even where the kernel allows one
     /// program per switch (to compare the two; costs about twice as much).
     pub runqueue_fallback: bool,
+    /// Use the raw-tracepoint programs (kernel reads through `bpf_probe_read_kernel`) even
+    /// where BTF tracepoints (plain loads) would load: to compare the two.
+    pub raw_tracepoints: bool,
     /// Load the eBPF object from this file instead of the one built into the binary.
     pub object: Option<std::path::PathBuf>,
 }
@@ -132,6 +147,7 @@ impl Default for ProbeConfig {
             runqueue_cgroups: 0,
             block_cgroups: 0,
             runqueue_fallback: false,
+            raw_tracepoints: false,
             object: None,
         }
     }
@@ -308,12 +324,26 @@ pub fn load(
         .and_then(|b| {
             block::Layout::from_btf(b, cg_roots.blkio.as_deref(), cg_roots.v2.as_deref())
         });
+    let blk_done = btf.as_ref().and_then(block::Done::from_btf);
     if cfg.block_cgroups > 0 && blk_layout.is_none() && cfg.wants("block") {
         tracing::warn!("per-cgroup block latency needs the kernel's BTF with CONFIG_BLK_CGROUP and a blkio (v1) or cgroup2 hierarchy: per device only");
     }
+    // Attach targets of the BTF tracepoints (typedef `btf_trace_<event>`), unless asked not to.
+    let btf_ids: Vec<(&str, u32)> = btf
+        .as_ref()
+        .filter(|_| !cfg.raw_tracepoints)
+        .map(|b| {
+            [runqueue::BTF, block::BTF, block::BTF_CGROUP]
+                .iter()
+                .flat_map(|specs| specs.iter())
+                .filter_map(|s| Some((s.event, b.typedef_id(&format!("btf_trace_{}", s.event))?)))
+                .collect()
+        })
+        .unwrap_or_default();
     drop(btf);
     let rq = rq_layout.clone().unwrap_or_default();
     let bl = blk_layout.clone().unwrap_or_default();
+    let bd = blk_done.clone().unwrap_or_default();
     // Shared by both programs' cgroup lookups (the same offsets when both are set).
     let cgroup_kn = rq.cgroup_kn.max(bl.cgroup_kn);
     let kn_id = rq.kn_id.max(bl.kn_id);
@@ -337,12 +367,14 @@ pub fn load(
         .override_global("CGROUP_KN_OFF", &cgroup_kn, true)
         .override_global("KN_ID_OFF", &kn_id, true)
         .override_global("RQ_SECTOR_OFF", &bl.sector, true)
-        .override_global("RQ_DATA_LEN_OFF", &bl.data_len, true)
-        .override_global("RQ_CMD_FLAGS_OFF", &bl.cmd_flags, true)
-        .override_global("RQ_Q_OFF", &bl.q, true)
-        .override_global("Q_DISK_OFF", &bl.q_disk, true)
-        .override_global("DISK_MAJOR_OFF", &bl.disk_major, true)
-        .override_global("DISK_MINOR_OFF", &bl.disk_minor, true)
+        // The same request fields in both block layouts (whichever was found).
+        .override_global("RQ_DATA_LEN_OFF", &bl.data_len.max(bd.data_len), true)
+        .override_global("RQ_CMD_FLAGS_OFF", &bl.cmd_flags.max(bd.cmd_flags), true)
+        .override_global("RQ_Q_OFF", &bl.q.max(bd.q), true)
+        .override_global("Q_DISK_OFF", &bl.q_disk.max(bd.q_disk), true)
+        .override_global("DISK_MAJOR_OFF", &bl.disk_major.max(bd.disk_major), true)
+        .override_global("DISK_MINOR_OFF", &bl.disk_minor.max(bd.disk_minor), true)
+        .override_global("RQ_START_NS_OFF", &bd.start_ns, true)
         .override_global("RQ_BIO_OFF", &bl.bio, true)
         .override_global("BIO_BLKG_OFF", &bl.bio_blkg, true)
         .override_global("BLKG_BLKCG_OFF", &bl.blkg_blkcg, true)
@@ -364,6 +396,11 @@ pub fn load(
         }
     };
     let mut active = [false; 5];
+    let has_btf_id = |specs: &[ProgSpec]| {
+        specs
+            .iter()
+            .all(|s| btf_ids.iter().any(|(e, _)| *e == s.event))
+    };
     // Whether the one-program run queue and the per-cgroup block issue program are the
     // ones attached (each falls back to the basic programs if the kernel refuses it).
     let (mut single_on, mut blk_cg_on) = (false, false);
@@ -371,21 +408,44 @@ pub fn load(
         if !cfg.wants(name) {
             continue;
         }
-        let mut single = *name == "runqueue" && rq_layout.is_some();
-        let mut blk_cg = *name == "block" && blk_layout.is_some();
-        let specs = if single {
-            runqueue::SINGLE
-        } else if blk_cg {
-            block::CGROUP
-        } else {
-            probe_programs(name)
-        };
-        let mut r = attach_probe(&mut ebpf, tracefs, specs, pid_off);
-        if let (Err(why), true) = (&r, single || blk_cg) {
-            tracing::warn!(probe = name, reason = %why, "the kernel refused the probe's preferred programs; attaching the basic ones");
-            (single, blk_cg) = (false, false);
-            r = attach_probe(&mut ebpf, tracefs, probe_programs(name), pid_off);
+        // The probe's designs, best first: the first the kernel accepts is attached.
+        let mut designs: Vec<(&'static [ProgSpec], &'static str)> = Vec::new();
+        match *name {
+            "runqueue" if rq_layout.is_some() => {
+                if rq.cg_mode == 0 && has_btf_id(runqueue::BTF) {
+                    designs.push((runqueue::BTF, "btf"));
+                }
+                designs.push((runqueue::SINGLE, "single"));
+            }
+            "block" if blk_layout.is_some() => {
+                if blk_done.is_some() && has_btf_id(block::BTF_CGROUP) {
+                    designs.push((block::BTF_CGROUP, "btf-cgroup"));
+                }
+                designs.push((block::CGROUP, "cgroup"))
+            }
+            "block" if blk_done.is_some() && has_btf_id(block::BTF) => {
+                designs.push((block::BTF, "btf"))
+            }
+            _ => {}
         }
+        designs.push((probe_programs(name), "basic"));
+        let mut chosen = "basic";
+        let mut r = Err(String::new());
+        for (k, (specs, label)) in designs.iter().enumerate() {
+            r = attach_probe(&mut ebpf, tracefs, specs, pid_off, &btf_ids);
+            match &r {
+                Ok(()) => {
+                    chosen = label;
+                    break;
+                }
+                Err(why) if k + 1 < designs.len() => {
+                    tracing::warn!(probe = name, design = label, reason = %why, "the kernel refused this design of the probe; trying the next");
+                }
+                Err(_) => {}
+            }
+        }
+        let single = *name == "runqueue" && matches!(chosen, "btf" | "single");
+        let blk_cg = *name == "block" && matches!(chosen, "cgroup" | "btf-cgroup");
         single_on |= single;
         blk_cg_on |= blk_cg;
         match r {
@@ -399,8 +459,10 @@ pub fn load(
                         "wakeup and switch programs (the kernel refused the one-program design: see the log)".into()
                     } else if !single {
                         "wakeup and switch programs (the kernel's BTF lacks sched_info, rq.clock or cfs_rq.rq)".into()
+                    } else if chosen == "btf" {
+                        "one program per switch (sched_info, BTF tracepoint); per-cgroup histograms off".into()
                     } else if rq.cg_mode == 0 {
-                        "one program per switch (sched_info); per-cgroup histograms off".into()
+                        "one program per switch (sched_info, raw tracepoint); per-cgroup histograms off".into()
                     } else {
                         format!(
                             "one program per switch (sched_info); per cgroup of {}",
@@ -410,12 +472,16 @@ pub fn load(
                                 .display()
                         )
                     };
+                } else if *name == "block" {
+                    status[i].reason = match chosen {
+                        "btf" => "per device; one program per I/O at completion (request.start_time_ns, BTF tracepoint)".into(),
+                        "btf-cgroup" => format!("per device, and per cgroup of {}; one program per I/O at completion (request.start_time_ns, BTF tracepoint)", bl.root.display()),
+                        "cgroup" => format!("per device, and per cgroup of {}; issue and completion programs", bl.root.display()),
+                        _ => "per device; issue and completion programs".into(),
+                    };
                 }
             }
             Err(why) => status[i].reason = why,
-        }
-        if blk_cg && active[i] {
-            status[i].reason = format!("per device, and per cgroup of {}", bl.root.display());
         }
     }
     if !active.iter().any(|a| *a) {
@@ -486,6 +552,7 @@ fn attach_probe(
     tracefs: &str,
     specs: &[ProgSpec],
     task_pid_off: u32,
+    btf_ids: &[(&str, u32)],
 ) -> Result<(), String> {
     if specs.iter().any(|s| s.raw) && task_pid_off == 0 {
         return Err("no kernel BTF (/sys/kernel/btf/vmlinux) to locate task_struct.pid".into());
@@ -507,7 +574,19 @@ fn attach_probe(
                 }
                 m
             };
-            if s.raw {
+            if s.btf {
+                let id = btf_ids
+                    .iter()
+                    .find(|(e, _)| *e == s.event)
+                    .map(|(_, id)| *id)
+                    .ok_or_else(|| format!("no BTF type btf_trace_{} in the kernel", s.event))?;
+                let prog: &mut BtfTracePoint = p
+                    .try_into()
+                    .map_err(|e| format!("program {}: {e}", s.prog))?;
+                prog.load_with_btf_id(id).map_err(refused)?;
+                prog.attach()
+                    .map_err(|e| format!("attaching to BTF tracepoint {} failed: {e}", s.event))?;
+            } else if s.raw {
                 let prog: &mut RawTracePoint = p
                     .try_into()
                     .map_err(|e| format!("program {}: {e}", s.prog))?;
@@ -540,6 +619,9 @@ fn attach_probe(
                     let _ = t.unload();
                 }
                 Some(aya::programs::Program::RawTracePoint(t)) => {
+                    let _ = t.unload();
+                }
+                Some(aya::programs::Program::BtfTracePoint(t)) => {
                     let _ = t.unload();
                 }
                 _ => {}

@@ -68,6 +68,15 @@ impl BtfTracePoint {
         load_program_with_attach_type(BPF_PROG_TYPE_TRACING, BPF_TRACE_RAW_TP, data)
     }
 
+    /// Loads the program inside the kernel, given the BTF type id of the tracepoint's
+    /// `btf_trace_<name>` typedef in the kernel's BTF (found by the caller, so that the
+    /// kernel's BTF need not be parsed here). Added for sonde (see PATCH.md).
+    pub fn load_with_btf_id(&mut self, attach_btf_id: u32) -> Result<(), ProgramError> {
+        let Self { data } = self;
+        data.attach_btf_id = Some(attach_btf_id);
+        load_program_with_attach_type(BPF_PROG_TYPE_TRACING, BPF_TRACE_RAW_TP, data)
+    }
+
     /// Attaches the program.
     ///
     /// The returned value can be used to detach, see [`BtfTracePoint::detach`].
