@@ -4,6 +4,7 @@
 mod collect;
 mod config;
 mod filter;
+mod overhead;
 mod privs;
 mod procfile;
 mod ship;
@@ -77,6 +78,19 @@ enum Cmd {
         /// then print each program's runs and average nanoseconds per run.
         #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
         measure: Option<Duration>,
+        /// Also measure how much the probes slow the workload that hits the run-queue probe
+        /// hardest, for about this long: two processes ping-pong a byte over pipes on one
+        /// CPU (two wakeups and two context switches per round trip, like `perf bench sched
+        /// pipe`) while the probes are detached and attached again in alternating phases
+        /// (`--phase`); prints the time per round trip without and with them and the median
+        /// slowdown over the pairs of phases, with its interquartile range. Short phases keep
+        /// the host's own drift out of the comparison (on a VM, neighbours move a workload
+        /// like this by tens of percent from one second to the next).
+        #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+        overhead: Option<Duration>,
+        /// Length of one phase of `--overhead` (one with the probes, one without make a pair).
+        #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION", default_value = "250ms")]
+        phase: Duration,
     },
     /// Take one snapshot of this host (two reads one interval apart, so rates
     /// are real) and print it.
@@ -166,7 +180,12 @@ fn real_main(cli: Cli) -> Result<()> {
             cfg.validate()?;
             once(&cfg, json, interval)
         }
-        Cmd::Probes { json, measure } => probes_cmd(&cfg, json, measure),
+        Cmd::Probes {
+            json,
+            measure,
+            overhead,
+            phase,
+        } => probes_cmd(&cfg, json, measure, overhead.map(|d| (d, phase))),
         Cmd::Record {
             count,
             interval,
@@ -356,8 +375,13 @@ async fn run(
     Ok(())
 }
 
-fn probes_cmd(cfg: &Config, json: bool, measure: Option<Duration>) -> Result<()> {
-    let (probes, status) = collect::ebpf::load(
+fn probes_cmd(
+    cfg: &Config,
+    json: bool,
+    measure: Option<Duration>,
+    overhead: Option<(Duration, Duration)>,
+) -> Result<()> {
+    let (mut probes, status) = collect::ebpf::load(
         &cfg.probes,
         &cfg.proc_root,
         cfg.filters.disks.clone(),
@@ -373,6 +397,27 @@ fn probes_cmd(cfg: &Config, json: bool, measure: Option<Duration>) -> Result<()>
         costs = p.program_costs();
         let _ = std::fs::write(knob, old.trim());
     }
+    let mut slowdown = None;
+    if let Some((total, phase)) = overhead {
+        let Some(p) = probes.as_mut() else {
+            anyhow::bail!("--overhead: no probe is attached (see the table without it)");
+        };
+        if phase < Duration::from_millis(20) || phase * 2 > total {
+            anyhow::bail!(
+                "--phase {phase:?} must be at least 20ms and at most half of --overhead {total:?}"
+            );
+        }
+        eprintln!(
+            "measuring the probes' overhead for {total:?}: a pipe ping-pong on one CPU, probes detached and attached in phases of {phase:?}..."
+        );
+        let o = overhead::measure(p, total, phase, |k, n| {
+            if k % 20 == 0 || k == n {
+                eprintln!("  {k}/{n} pairs of phases");
+            }
+        })
+        .map_err(|e| anyhow::anyhow!("--overhead: {e}"))?;
+        slowdown = Some(o);
+    }
     drop(probes); // detaches everything
     if json {
         let c: Vec<_> = costs
@@ -381,7 +426,9 @@ fn probes_cmd(cfg: &Config, json: bool, measure: Option<Duration>) -> Result<()>
             .collect();
         println!(
             "{}",
-            serde_json::to_string_pretty(&serde_json::json!({"probes": status, "costs": c}))?
+            serde_json::to_string_pretty(
+                &serde_json::json!({"probes": status, "costs": c, "overhead": slowdown})
+            )?
         );
     } else {
         println!("{:<10} {:<9} REASON", "PROBE", "STATE");
@@ -396,6 +443,19 @@ fn probes_cmd(cfg: &Config, json: bool, measure: Option<Duration>) -> Result<()>
             for (n, r, ns) in &costs {
                 println!("{n:<20} {r:>12} {ns:>10.0} {:>12.1}", *r as f64 * ns / 1e6);
             }
+        }
+        if let Some(o) = &slowdown {
+            println!(
+                "\npipe ping-pong on CPU {}, {} pairs of {} ms phases:\n  without probes {:.0} ns per round trip, with {:.0} ns\n  slowdown {:.2}% (median of the pairs; interquartile {:.2}% to {:.2}%)",
+                o.cpu,
+                o.pairs,
+                o.phase_ms,
+                o.ns_per_round_trip_off,
+                o.ns_per_round_trip_on,
+                o.slowdown_pct,
+                o.slowdown_p25_pct,
+                o.slowdown_p75_pct
+            );
         }
     }
     if status.iter().any(|s| s.state == "refused") {

@@ -1132,3 +1132,59 @@ fn process_churn_counts_execs_exits_and_short_lived() {
     assert!(exits >= 50.0, "{exits}");
     assert!(short >= 50.0, "{short}");
 }
+
+#[test]
+fn probes_detached_count_nothing_and_count_again_when_attached() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut cfg = only("runqueue");
+    cfg.runqueue_cgroups = 0;
+    let Some((mut p, _)) = probes_with(&cfg, "runqueue") else {
+        return;
+    };
+    // Context switches: two threads handing a token back and forth for a while.
+    let switches = || {
+        let (tx1, rx1) = std::sync::mpsc::channel::<u32>();
+        let (tx2, rx2) = std::sync::mpsc::channel::<u32>();
+        let t = std::thread::spawn(move || {
+            while let Ok(v) = rx1.recv() {
+                if tx2.send(v).is_err() {
+                    break;
+                }
+            }
+        });
+        for i in 0..2000 {
+            tx1.send(i).unwrap();
+            rx2.recv().unwrap();
+        }
+        drop(tx1);
+        t.join().unwrap();
+    };
+    let count = |o: &Out| {
+        o.latency
+            .iter()
+            .find(|l| l.source == "runqueue")
+            .map(|l| l.count)
+            .unwrap_or(0)
+    };
+    collect(&mut p, None);
+    p.set_attached(false).unwrap();
+    collect(&mut p, Some(0.1)); // what ran before the detach
+    switches();
+    let off = count(&collect(&mut p, Some(0.1)));
+    p.set_attached(true).unwrap();
+    switches();
+    let on = count(&collect(&mut p, Some(0.1)));
+    eprintln!("run-queue waits counted: {off} detached, {on} attached again");
+    assert_eq!(off, 0, "a detached probe counted {off} waits");
+    assert!(
+        on >= 1000,
+        "attached again, the probe counted only {on} waits"
+    );
+    // Detaching twice and attaching twice are harmless.
+    p.set_attached(false).unwrap();
+    p.set_attached(false).unwrap();
+    p.set_attached(true).unwrap();
+    p.set_attached(true).unwrap();
+    switches();
+    assert!(count(&collect(&mut p, Some(0.1))) >= 1000);
+}

@@ -173,6 +173,30 @@ pub(super) fn ebpf_overhead(env: &Env, rounds: usize, quick: bool) -> Result<Val
         }
     }
     let costs = Value::Array(costs);
+    // The same designs toggled in place (`sensor probes --overhead`): the programs stay
+    // loaded and are detached and attached again every 50 ms while a pipe ping-pong runs,
+    // so the host's drift falls on both halves of each pair alike.
+    let secs = if quick { 10 } else { 60 };
+    let mut toggled = serde_json::Map::new();
+    for variant in [
+        "runqueue",
+        "runqueue-raw",
+        "runqueue-cgroups",
+        "runqueue-fallback",
+    ] {
+        step(&format!(
+            "{variant}: detached and attached in 50 ms phases for {secs} s"
+        ));
+        let out = Command::new(env.bin.join("sensor"))
+            .args(["probes", "--json", "--phase", "50ms", "--overhead"])
+            .arg(format!("{secs}s"))
+            .arg("--config")
+            .arg(sensor_config(env, "bench-ebpf", variant)?)
+            .stderr(Stdio::null())
+            .output()?;
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        toggled.insert(variant.to_string(), v["overhead"].clone());
+    }
     let _ = Command::new("losetup").args(["-d", &dev]).status();
     let _ = std::fs::remove_file(&img);
     let (po, pn) = (median(&mut pipe_off.clone()), median(&mut pipe_on.clone()));
@@ -191,6 +215,7 @@ pub(super) fn ebpf_overhead(env: &Env, rounds: usize, quick: bool) -> Result<Val
                                       "per_cgroup": variant(&pipe_cg), "wakeup_programs": variant(&pipe_fb),
                                       "bpftrace_runqlat": variant(&pipe_bt), "raw_tracepoint": variant(&pipe_raw) },
         "program_costs": costs,
+        "toggled": toggled,
         "randread_4k_iops": { "off": fo, "on": fnn, "off_range": spread(&fio_off), "on_range": spread(&fio_on),
                                "slowdown_pct": (fo / fnn - 1.0) * 100.0,
                                "raw_tracepoints": if fio_raw.is_empty() { Value::Null } else {

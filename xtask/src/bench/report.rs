@@ -278,6 +278,47 @@ pub(super) fn ebpf_md(e: &Value) -> String {
             }
         }
     }
+    if let Some(t) = e["toggled"].as_object().filter(|t| !t.is_empty()) {
+        s.push_str(
+            "\nThe run-queue designs toggled in place (`sensor probes --overhead 60s --phase 50ms`): \
+             the sensor's own pipe ping-pong (two processes on one CPU, like `sched pipe`) runs \
+             while the loaded programs are detached and attached again every 50 ms; the slowdown \
+             is the median over the pairs of neighbouring phases, with its interquartile range. \
+             The host's drift, which swamps the rounds above, falls on both halves of a pair alike.\n\n\
+             | run-queue tracing | pairs | ns per round trip without | with | slowdown (median) | interquartile |\n\
+             |---|---|---|---|---|---|\n",
+        );
+        for (name, key) in [
+            (
+                "sonde, one program per switch, BTF tracepoint (default)",
+                "runqueue",
+            ),
+            (
+                "sonde, one program per switch, raw tracepoint",
+                "runqueue-raw",
+            ),
+            ("sonde, + per-cgroup histograms", "runqueue-cgroups"),
+            (
+                "sonde, wakeup + switch programs (fallback)",
+                "runqueue-fallback",
+            ),
+        ] {
+            let o = &t[key];
+            if o.is_null() {
+                s.push_str(&format!("| {name} | not measured | | | | |\n"));
+            } else {
+                s.push_str(&format!(
+                    "| {name} | {} | {} | {} | **{}%** | {}% to {}% |\n",
+                    o["pairs"],
+                    f(&o["ns_per_round_trip_off"]),
+                    f(&o["ns_per_round_trip_on"]),
+                    f(&o["slowdown_pct"]),
+                    f(&o["slowdown_p25_pct"]),
+                    f(&o["slowdown_p75_pct"]),
+                ));
+            }
+        }
+    }
     let br = &e["randread_4k_iops"]["raw_tracepoints"];
     if !br.is_null() {
         s.push_str(&format!(

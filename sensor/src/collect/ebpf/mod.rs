@@ -181,6 +181,8 @@ pub struct ProbeStatus {
 pub struct Probes {
     // Programs stay attached while this lives; dropping it detaches them all.
     _ebpf: Ebpf,
+    /// Every attached program and its link (for [`Probes::set_attached`]).
+    links: Vec<(&'static ProgSpec, Option<Link>)>,
     active: [bool; 5],
     counters: Option<PerCpu>,
     runq: Option<PerCpu>,
@@ -396,6 +398,7 @@ pub fn load(
         }
     };
     let mut active = [false; 5];
+    let mut links = Vec::new();
     let has_btf_id = |specs: &[ProgSpec]| {
         specs
             .iter()
@@ -432,7 +435,7 @@ pub fn load(
         let mut chosen = "basic";
         let mut r = Err(String::new());
         for (k, (specs, label)) in designs.iter().enumerate() {
-            r = attach_probe(&mut ebpf, tracefs, specs, pid_off, &btf_ids);
+            r = attach_probe(&mut ebpf, tracefs, specs, pid_off, &btf_ids, &mut links);
             match &r {
                 Ok(()) => {
                     chosen = label;
@@ -522,6 +525,7 @@ pub fn load(
         .and_then(|m| RingBuf::try_from(m).ok());
     let probes = Probes {
         _ebpf: ebpf,
+        links,
         active,
         counters,
         runq,
@@ -550,9 +554,10 @@ pub fn load(
 fn attach_probe(
     ebpf: &mut Ebpf,
     tracefs: &str,
-    specs: &[ProgSpec],
+    specs: &'static [ProgSpec],
     task_pid_off: u32,
     btf_ids: &[(&str, u32)],
+    links: &mut Vec<(&'static ProgSpec, Option<Link>)>,
 ) -> Result<(), String> {
     if specs.iter().any(|s| s.raw) && task_pid_off == 0 {
         return Err("no kernel BTF (/sys/kernel/btf/vmlinux) to locate task_struct.pid".into());
@@ -562,8 +567,9 @@ fn attach_probe(
     }
     let mut done: Vec<&str> = Vec::new();
     let mut result = Ok(());
+    let mut new_links = Vec::new();
     for s in specs {
-        let r = (|| -> Result<(), String> {
+        let r = (|| -> Result<Link, String> {
             let p = ebpf
                 .program_mut(s.prog)
                 .ok_or_else(|| format!("program {} is missing from the eBPF object", s.prog))?;
@@ -574,37 +580,29 @@ fn attach_probe(
                 }
                 m
             };
+            let wrong = |e| format!("program {}: {e}", s.prog);
             if s.btf {
                 let id = btf_ids
                     .iter()
                     .find(|(e, _)| *e == s.event)
                     .map(|(_, id)| *id)
                     .ok_or_else(|| format!("no BTF type btf_trace_{} in the kernel", s.event))?;
-                let prog: &mut BtfTracePoint = p
-                    .try_into()
-                    .map_err(|e| format!("program {}: {e}", s.prog))?;
+                let prog: &mut BtfTracePoint = p.try_into().map_err(wrong)?;
                 prog.load_with_btf_id(id).map_err(refused)?;
-                prog.attach()
-                    .map_err(|e| format!("attaching to BTF tracepoint {} failed: {e}", s.event))?;
             } else if s.raw {
-                let prog: &mut RawTracePoint = p
-                    .try_into()
-                    .map_err(|e| format!("program {}: {e}", s.prog))?;
+                let prog: &mut RawTracePoint = p.try_into().map_err(wrong)?;
                 prog.load().map_err(refused)?;
-                prog.attach(s.event)
-                    .map_err(|e| format!("attaching to raw tracepoint {} failed: {e}", s.event))?;
             } else {
-                let prog: &mut TracePoint = p
-                    .try_into()
-                    .map_err(|e| format!("program {}: {e}", s.prog))?;
+                let prog: &mut TracePoint = p.try_into().map_err(wrong)?;
                 prog.load().map_err(refused)?;
-                prog.attach(s.category, s.event)
-                    .map_err(|e| format!("attaching to {}:{} failed: {e}", s.category, s.event))?;
             }
-            Ok(())
+            attach_one(ebpf, s)
         })();
         match r {
-            Ok(()) => done.push(s.prog),
+            Ok(link) => {
+                done.push(s.prog);
+                new_links.push((s, Some(link)));
+            }
             Err(e) => {
                 result = Err(e);
                 break;
@@ -627,8 +625,38 @@ fn attach_probe(
                 _ => {}
             }
         }
+    } else {
+        links.extend(new_links);
     }
     result
+}
+
+/// An attached program's link.
+enum Link {
+    Record(aya::programs::trace_point::TracePointLinkId),
+    Raw(aya::programs::raw_trace_point::RawTracePointLinkId),
+    Btf(aya::programs::tp_btf::BtfTracePointLinkId),
+}
+
+/// Attaches an already loaded program.
+fn attach_one(ebpf: &mut Ebpf, s: &ProgSpec) -> Result<Link, String> {
+    let p = ebpf
+        .program_mut(s.prog)
+        .ok_or_else(|| format!("program {} is missing from the eBPF object", s.prog))?;
+    let failed = |e: aya::programs::ProgramError| {
+        format!(
+            "attaching {} to {}:{} failed: {e}",
+            s.prog, s.category, s.event
+        )
+    };
+    Ok(match p {
+        aya::programs::Program::BtfTracePoint(t) => Link::Btf(t.attach().map_err(failed)?),
+        aya::programs::Program::RawTracePoint(t) => Link::Raw(t.attach(s.event).map_err(failed)?),
+        aya::programs::Program::TracePoint(t) => {
+            Link::Record(t.attach(s.category, s.event).map_err(failed)?)
+        }
+        _ => return Err(format!("program {} has an unexpected type", s.prog)),
+    })
 }
 
 /// The active probe set, comma-separated in a fixed order (for the `hosts` table).
@@ -684,6 +712,35 @@ impl Probes {
 
     /// Per program: (name, runs, average ns per run), from the kernel's BPF statistics
     /// (counted only while `kernel.bpf_stats_enabled` is 1).
+    /// Detaches every attached program (`false`) or attaches them again (`true`), keeping
+    /// them loaded and their maps as they are: for measuring what the probes cost
+    /// (`sensor probes --overhead`).
+    pub fn set_attached(&mut self, on: bool) -> Result<(), String> {
+        for (s, link) in self.links.iter_mut() {
+            match (on, link.take()) {
+                (true, None) => *link = Some(attach_one(&mut self._ebpf, s)?),
+                (true, Some(l)) => *link = Some(l),
+                (false, Some(l)) => {
+                    let r = match (self._ebpf.program_mut(s.prog), l) {
+                        (Some(aya::programs::Program::BtfTracePoint(t)), Link::Btf(id)) => {
+                            t.detach(id)
+                        }
+                        (Some(aya::programs::Program::RawTracePoint(t)), Link::Raw(id)) => {
+                            t.detach(id)
+                        }
+                        (Some(aya::programs::Program::TracePoint(t)), Link::Record(id)) => {
+                            t.detach(id)
+                        }
+                        _ => Ok(()),
+                    };
+                    r.map_err(|e| format!("detaching {}: {e}", s.prog))?;
+                }
+                (false, None) => {}
+            }
+        }
+        Ok(())
+    }
+
     pub fn program_costs(&self) -> Vec<(String, u64, f64)> {
         self._ebpf
             .programs()
