@@ -114,28 +114,29 @@ fn quantile(l: &LatencyRec, q: f64) -> u64 {
 
 // ---- block ------------------------------------------------------------------------------------
 
-/// Milliseconds the device spent on reads and on writes (diskstats fields 4 and 8: the
-/// kernel's sum of each request's creation-to-completion time).
-fn diskstats_ms(dev: &str) -> (u64, u64) {
+/// A device's /proc/diskstats fields from the first (reads completed) on.
+fn diskstats_fields(dev: &str) -> Vec<u64> {
     let text = std::fs::read_to_string("/proc/diskstats").unwrap();
     for l in text.lines() {
         let f: Vec<&str> = l.split_whitespace().collect();
         if f.len() > 10 && f[2] == dev {
-            return (f[6].parse().unwrap(), f[10].parse().unwrap());
+            return f[3..].iter().map(|v| v.parse().unwrap()).collect();
         }
     }
     panic!("{dev} not in /proc/diskstats");
 }
 
+/// Reads and writes completed.
 fn diskstats(dev: &str) -> (u64, u64) {
-    let text = std::fs::read_to_string("/proc/diskstats").unwrap();
-    for l in text.lines() {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        if f.len() > 7 && f[2] == dev {
-            return (f[3].parse().unwrap(), f[7].parse().unwrap());
-        }
-    }
-    panic!("{dev} not in /proc/diskstats");
+    let f = diskstats_fields(dev);
+    (f[0], f[4])
+}
+
+/// Milliseconds spent on reads and on writes (the kernel's sum of each request's creation
+/// to completion).
+fn diskstats_ms(dev: &str) -> (u64, u64) {
+    let f = diskstats_fields(dev);
+    (f[3], f[7])
 }
 
 struct Loop {

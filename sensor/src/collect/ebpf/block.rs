@@ -93,17 +93,12 @@ pub(super) const CGROUP: &[ProgSpec] = &[
     ),
 ];
 
-/// Kernel structure offsets `block_rq_issue_cg` reads (from BTF), and the hierarchy the
-/// cgroup ids it finds belong to.
+/// Kernel structure offsets the per-cgroup programs read (from BTF): the request's (those of
+/// [`Done`] and its sector) and its cgroup's; and the hierarchy the cgroup ids belong to.
 #[derive(Debug, Clone, Default)]
 pub(super) struct Layout {
+    pub req: Done,
     pub sector: u32,
-    pub data_len: u32,
-    pub cmd_flags: u32,
-    pub q: u32,
-    pub q_disk: u32,
-    pub disk_major: u32,
-    pub disk_minor: u32,
     pub bio: u32,
     pub bio_blkg: u32,
     pub blkg_blkcg: u32,
@@ -119,13 +114,8 @@ impl Layout {
     pub fn from_btf(b: &Btf, blkio_v1: Option<&Path>, v2: Option<&Path>) -> Option<Layout> {
         let off = |s: &str, m: &str| b.path_offset(s, m).map(|o| o as u32);
         Some(Layout {
+            req: Done::from_btf(b)?,
             sector: off("request", "__sector")?,
-            data_len: off("request", "__data_len")?,
-            cmd_flags: off("request", "cmd_flags")?,
-            q: off("request", "q")?,
-            q_disk: off("request_queue", "disk")?,
-            disk_major: off("gendisk", "major")?,
-            disk_minor: off("gendisk", "first_minor")?,
             bio: off("request", "bio")?,
             bio_blkg: off("bio", "bi_blkg")?,
             blkg_blkcg: off("blkcg_gq", "blkcg")?,

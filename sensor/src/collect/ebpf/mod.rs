@@ -345,7 +345,11 @@ pub fn load(
     drop(btf);
     let rq = rq_layout.clone().unwrap_or_default();
     let bl = blk_layout.clone().unwrap_or_default();
-    let bd = blk_done.clone().unwrap_or_default();
+    // The request's offsets (a per-cgroup `Layout` holds the same `Done`).
+    let bd = blk_done
+        .clone()
+        .or_else(|| blk_layout.as_ref().map(|l| l.req.clone()))
+        .unwrap_or_default();
     // Shared by both programs' cgroup lookups (the same offsets when both are set).
     let cgroup_kn = rq.cgroup_kn.max(bl.cgroup_kn);
     let kn_id = rq.kn_id.max(bl.kn_id);
@@ -369,13 +373,13 @@ pub fn load(
         .override_global("CGROUP_KN_OFF", &cgroup_kn, true)
         .override_global("KN_ID_OFF", &kn_id, true)
         .override_global("RQ_SECTOR_OFF", &bl.sector, true)
-        // The same request fields in both block layouts (whichever was found).
-        .override_global("RQ_DATA_LEN_OFF", &bl.data_len.max(bd.data_len), true)
-        .override_global("RQ_CMD_FLAGS_OFF", &bl.cmd_flags.max(bd.cmd_flags), true)
-        .override_global("RQ_Q_OFF", &bl.q.max(bd.q), true)
-        .override_global("Q_DISK_OFF", &bl.q_disk.max(bd.q_disk), true)
-        .override_global("DISK_MAJOR_OFF", &bl.disk_major.max(bd.disk_major), true)
-        .override_global("DISK_MINOR_OFF", &bl.disk_minor.max(bd.disk_minor), true)
+        // The request's fields, which both block layouts read (a `Layout` holds a `Done`).
+        .override_global("RQ_DATA_LEN_OFF", &bd.data_len, true)
+        .override_global("RQ_CMD_FLAGS_OFF", &bd.cmd_flags, true)
+        .override_global("RQ_Q_OFF", &bd.q, true)
+        .override_global("Q_DISK_OFF", &bd.q_disk, true)
+        .override_global("DISK_MAJOR_OFF", &bd.disk_major, true)
+        .override_global("DISK_MINOR_OFF", &bd.disk_minor, true)
         .override_global("RQ_START_NS_OFF", &bd.start_ns, true)
         .override_global("RQ_BIO_OFF", &bl.bio, true)
         .override_global("BIO_BLKG_OFF", &bl.bio_blkg, true)
