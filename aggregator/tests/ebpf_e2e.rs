@@ -8,12 +8,12 @@ mod common;
 use common::*;
 use std::time::Duration;
 
-/// Our programs as the kernel names them (BPF object names are cut at 15 bytes): what a
-/// sensor with every probe attaches on this kernel (one run-queue program per switch).
+/// Our programs (the kernel cuts BPF object names at 15 bytes; `ours_loaded` compares
+/// that much): what a sensor with every probe attaches by default on a kernel with BTF
+/// tracepoints, with per-cgroup run-queue histograms on (as the test configures it).
 const PROGRAMS: &[&str] = &[
-    "rq_switch_si",
-    "block_rq_issue",
-    "block_rq_complete",
+    "rq_switch_cg_btf",
+    "block_done_btf",
     "tcp_retransmit_skb",
     "tcp_send_reset",
     "tcp_receive_reset",
@@ -23,8 +23,19 @@ const PROGRAMS: &[&str] = &[
     "sched_process_exit",
 ];
 
-/// The run-queue fallback programs (kernels without sched_info in BTF).
-const FALLBACK: &[&str] = &["rq_wakeup", "rq_wakeup_new", "rq_switch"];
+/// The other designs' programs (raw tracepoints, the run-queue fallback, the block issue and
+/// completion pair), counted too so that whichever design a kernel gets is seen to detach.
+const FALLBACK: &[&str] = &[
+    "rq_switch_btf",
+    "rq_switch_si",
+    "rq_wakeup",
+    "rq_wakeup_new",
+    "rq_switch",
+    "block_done_cg_btf",
+    "block_rq_issue",
+    "block_rq_issue_cg",
+    "block_rq_complete",
+];
 
 fn ours_loaded() -> usize {
     aya::programs::loaded_programs()

@@ -288,6 +288,17 @@ fn load<T: Copy>(base: u64, off: u32) -> T {
 
 #[btf_tracepoint(function = "sched_switch")]
 pub fn rq_switch_btf(ctx: BtfTracePointContext) -> i32 {
+    rq_switch_plain(ctx, false)
+}
+
+/// The same with per-cgroup histograms: the task's cgroup found with plain loads too.
+#[btf_tracepoint(function = "sched_switch")]
+pub fn rq_switch_cg_btf(ctx: BtfTracePointContext) -> i32 {
+    rq_switch_plain(ctx, true)
+}
+
+#[inline(always)]
+fn rq_switch_plain(ctx: BtfTracePointContext, with_cgroup: bool) -> i32 {
     // TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next, ...)
     let next: u64 = ctx.arg(2);
     let queued: u64 = load(next, global(&TASK_LASTQ_OFF));
@@ -308,7 +319,43 @@ pub fn rq_switch_btf(ctx: BtfTracePointContext) -> i32 {
     if let Some(h) = RUNQ_HIST.get_ptr_mut(0) {
         hist_add(h, wait_us);
     }
+    if !with_cgroup {
+        return 0;
+    }
+    let mode = global(&RQ_CG_MODE);
+    if mode == rq_cg_mode::OFF {
+        return 0;
+    }
+    let id = task_cgroup_id_plain(next, mode);
+    if let Some(h) = cg_hist(&RUNQ_CG_HIST, id, 0) {
+        hist_add(h, wait_us);
+    }
     0
+}
+
+/// [`task_cgroup_id`] with plain loads (BTF tracepoints only).
+#[inline(always)]
+fn task_cgroup_id_plain(task: u64, mode: u32) -> u64 {
+    let cset: u64 = load(task, global(&TASK_CGROUPS_OFF));
+    if cset == 0 {
+        return 0;
+    }
+    let mut cg: u64 = load(cset, global(&CSSSET_PTR_OFF));
+    if cg == 0 {
+        return 0;
+    }
+    if mode == rq_cg_mode::V1_CSS {
+        // css->cgroup is the first member of struct cgroup_subsys_state.
+        cg = load(cg, 0);
+        if cg == 0 {
+            return 0;
+        }
+    }
+    let kn: u64 = load(cg, global(&CGROUP_KN_OFF));
+    if kn == 0 {
+        return 0;
+    }
+    load(kn, global(&KN_ID_OFF))
 }
 
 // ---- block I/O: issue -> complete, per device, read/write ----------------------------------

@@ -677,17 +677,25 @@ fn runqueue_one_program_matches_the_wakeup_programs_and_bpftrace_and_splits_by_c
     let Some((mut single, how)) = probes_with(&cfg, "runqueue") else {
         return;
     };
-    // This kernel (BTF, CONFIG_SCHED_INFO, CONFIG_FAIR_GROUP_SCHED) must get the one-program design.
-    assert!(how.contains("one program per switch"), "runqueue: {how}");
+    // This kernel (BTF, CONFIG_SCHED_INFO, CONFIG_FAIR_GROUP_SCHED) must get the one-program
+    // design, as a BTF tracepoint.
+    assert!(
+        how.contains("one program per switch") && how.contains("BTF tracepoint"),
+        "runqueue: {how}"
+    );
     let mut fb = only("runqueue");
     fb.runqueue_fallback = true;
     let (mut wake, how) = probes_with(&fb, "runqueue").unwrap();
     assert!(how.contains("wakeup and switch"), "{how}");
-    // The default design without per-cgroup histograms: a BTF tracepoint (plain loads).
-    let mut plain = only("runqueue");
-    plain.runqueue_cgroups = 0;
-    let (mut btf, how) = probes_with(&plain, "runqueue").unwrap();
-    assert!(how.contains("BTF tracepoint"), "{how}");
+    // The same design on the raw tracepoint (helper-call reads), per cgroup too.
+    let mut raw = only("runqueue");
+    raw.runqueue_cgroups = 20;
+    raw.raw_tracepoints = true;
+    let (mut btf, how) = probes_with(&raw, "runqueue").unwrap();
+    assert!(
+        how.contains("raw tracepoint") && how.contains("per cgroup"),
+        "{how}"
+    );
     let bt = Runqlat::start();
     if bt.is_none() {
         eprintln!("NOTE: bpftrace is not installed: comparing the two designs only");
@@ -758,7 +766,7 @@ fn runqueue_one_program_matches_the_wakeup_programs_and_bpftrace_and_splits_by_c
     let mut designs = vec![
         ("one program", rec_buckets(&ha)),
         ("wakeup programs", rec_buckets(&hb)),
-        ("one program, BTF tracepoint", rec_buckets(&hc)),
+        ("one program, raw tracepoint", rec_buckets(&hc)),
     ];
     if let Some(bt) = bt {
         designs.push(("bpftrace runqlat", bt));
@@ -782,38 +790,41 @@ fn runqueue_one_program_matches_the_wakeup_programs_and_bpftrace_and_splits_by_c
             );
         }
     }
-    // Per cgroup: the rows add up to the host histogram (same program, same events; the
-    // two maps are read a moment apart), and the spinners' cgroup has their long waits.
-    let rows = &a.cgroup_latency;
-    assert!(!rows.is_empty(), "no per-cgroup rows");
-    let total: u64 = rows.iter().map(|r| r.count).sum();
-    let diff = total.abs_diff(ha.count) as f64 / ha.count.max(1) as f64;
-    assert!(
-        diff < 0.02,
-        "per-cgroup rows sum to {total}, host histogram {}",
-        ha.count
-    );
-    if let Some(cg) = &cg {
-        let name = format!("/{}", cg.0.file_name().unwrap().to_string_lossy());
-        let row = rows.iter().find(|r| r.cgroup == name).unwrap_or_else(|| {
-            panic!(
-                "no row for {name}: {:?}",
-                rows.iter().map(|r| &r.cgroup).collect::<Vec<_>>()
-            )
-        });
-        let p99 = quantile_index(
-            &row.buckets
-                .iter()
-                .map(|b| (b.index, b.count))
-                .collect::<Vec<_>>(),
-            0.99,
-        );
-        eprintln!("{name}: n={} p99 bucket {p99}", row.count);
-        // Three spinners per CPU wait for one another: milliseconds, not microseconds.
+    // Per cgroup, in both one-program designs: the rows add up to the host histogram (same
+    // program, same events; the two maps are read a moment apart), and the spinners' cgroup
+    // has their long waits.
+    for (design, out, host) in [("BTF", &a, &ha), ("raw", &c, &hc)] {
+        let rows = &out.cgroup_latency;
+        assert!(!rows.is_empty(), "{design}: no per-cgroup rows");
+        let total: u64 = rows.iter().map(|r| r.count).sum();
+        let diff = total.abs_diff(host.count) as f64 / host.count.max(1) as f64;
         assert!(
-            p99 >= 10,
-            "p99 of the spinners' waits is bucket {p99} (< 512 us)"
+            diff < 0.02,
+            "{design}: per-cgroup rows sum to {total}, host histogram {}",
+            host.count
         );
+        if let Some(cg) = &cg {
+            let name = format!("/{}", cg.0.file_name().unwrap().to_string_lossy());
+            let row = rows.iter().find(|r| r.cgroup == name).unwrap_or_else(|| {
+                panic!(
+                    "{design}: no row for {name}: {:?}",
+                    rows.iter().map(|r| &r.cgroup).collect::<Vec<_>>()
+                )
+            });
+            let p99 = quantile_index(
+                &row.buckets
+                    .iter()
+                    .map(|b| (b.index, b.count))
+                    .collect::<Vec<_>>(),
+                0.99,
+            );
+            eprintln!("{design} {name}: n={} p99 bucket {p99}", row.count);
+            // Three spinners per CPU wait for one another: milliseconds, not microseconds.
+            assert!(
+                p99 >= 10,
+                "{design}: p99 of the spinners' waits is bucket {p99} (< 512 us)"
+            );
+        }
     }
 }
 

@@ -7,8 +7,9 @@
 //!   run queue's `clock` give the wait the kernel is about to add to its `run_delay`. Needs
 //!   CONFIG_SCHED_INFO and CONFIG_FAIR_GROUP_SCHED (every distribution kernel) and the
 //!   kernel's BTF to find the fields. Waits are also attributed to the task's cgroup.
-//!   As a BTF tracepoint (`rq_switch_btf`) the same reads are plain loads, not helper
-//!   calls: the default where the kernel accepts it and per-cgroup histograms are off.
+//!   As a BTF tracepoint (`rq_switch_btf`, with per-cgroup histograms `rq_switch_cg_btf`)
+//!   the same reads are plain loads, not helper calls: the default where the kernel
+//!   accepts it; `rq_switch_si` (raw tracepoint) where it does not.
 //! - **fallback** (`rq_wakeup`, `rq_wakeup_new`, `rq_switch`): the sensor stamps wakeups in
 //!   its own table; used when a field above is missing. No per-cgroup histograms.
 
@@ -28,6 +29,10 @@ pub(super) const FALLBACK: &[ProgSpec] = &[
 pub(super) const SINGLE: &[ProgSpec] = &[raw("rq_switch_si", "sched", "sched_switch")];
 
 pub(super) const BTF: &[ProgSpec] = &[super::tp_btf("rq_switch_btf", "sched", "sched_switch")];
+
+/// The BTF design with per-cgroup histograms.
+pub(super) const BTF_CGROUP: &[ProgSpec] =
+    &[super::tp_btf("rq_switch_cg_btf", "sched", "sched_switch")];
 
 /// Kernel structure offsets the one-program design reads (from BTF), and how it finds a
 /// task's cgroup.
