@@ -286,6 +286,13 @@ fn load<T: Copy>(base: u64, off: u32) -> T {
     unsafe { core::ptr::read_volatile((base + off as u64) as *const T) }
 }
 
+/// A pointer field `*(base + off)`, `None` when null (plain load, as [`load`]).
+#[inline(always)]
+fn load_ptr(base: u64, off: u32) -> Option<u64> {
+    let p: u64 = load(base, off);
+    (p != 0).then_some(p)
+}
+
 #[btf_tracepoint(function = "sched_switch")]
 pub fn rq_switch_btf(ctx: BtfTracePointContext) -> i32 {
     rq_switch_plain(ctx, false)
@@ -306,14 +313,11 @@ fn rq_switch_plain(ctx: BtfTracePointContext, with_cgroup: bool) -> i32 {
         return 0;
     }
     let prev: u64 = ctx.arg(1);
-    let cfs: u64 = load(prev, global(&TASK_SE_CFSRQ_OFF));
-    if cfs == 0 {
+    let Some(rq) = load_ptr(prev, global(&TASK_SE_CFSRQ_OFF))
+        .and_then(|cfs| load_ptr(cfs, global(&CFSRQ_RQ_OFF)))
+    else {
         return 0;
-    }
-    let rq: u64 = load(cfs, global(&CFSRQ_RQ_OFF));
-    if rq == 0 {
-        return 0;
-    }
+    };
     let clock: u64 = load(rq, global(&RQ_CLOCK_OFF));
     let wait_us = clock.saturating_sub(queued) / 1000;
     if let Some(h) = RUNQ_HIST.get_ptr_mut(0) {
@@ -326,36 +330,25 @@ fn rq_switch_plain(ctx: BtfTracePointContext, with_cgroup: bool) -> i32 {
     if mode == rq_cg_mode::OFF {
         return 0;
     }
-    let id = task_cgroup_id_plain(next, mode);
+    let id = task_cgroup_id_plain(next, mode).unwrap_or(0);
     if let Some(h) = cg_hist(&RUNQ_CG_HIST, id, 0) {
         hist_add(h, wait_us);
     }
     0
 }
 
-/// [`task_cgroup_id`] with plain loads (BTF tracepoints only).
+/// [`task_cgroup_id`] with plain loads (BTF tracepoints only); `None` where a pointer on
+/// the way is null.
 #[inline(always)]
-fn task_cgroup_id_plain(task: u64, mode: u32) -> u64 {
-    let cset: u64 = load(task, global(&TASK_CGROUPS_OFF));
-    if cset == 0 {
-        return 0;
-    }
-    let mut cg: u64 = load(cset, global(&CSSSET_PTR_OFF));
-    if cg == 0 {
-        return 0;
-    }
+fn task_cgroup_id_plain(task: u64, mode: u32) -> Option<u64> {
+    let cset = load_ptr(task, global(&TASK_CGROUPS_OFF))?;
+    let mut cg = load_ptr(cset, global(&CSSSET_PTR_OFF))?;
     if mode == rq_cg_mode::V1_CSS {
         // css->cgroup is the first member of struct cgroup_subsys_state.
-        cg = load(cg, 0);
-        if cg == 0 {
-            return 0;
-        }
+        cg = load_ptr(cg, 0)?;
     }
-    let kn: u64 = load(cg, global(&CGROUP_KN_OFF));
-    if kn == 0 {
-        return 0;
-    }
-    load(kn, global(&KN_ID_OFF))
+    let kn = load_ptr(cg, global(&CGROUP_KN_OFF))?;
+    Some(load(kn, global(&KN_ID_OFF)))
 }
 
 // ---- block I/O: issue -> complete, per device, read/write ----------------------------------
@@ -601,48 +594,35 @@ fn block_done(ctx: BtfTracePointContext, with_cgroup: bool) -> i32 {
         bump(counter::BLOCK_UNMATCHED, 1);
         return 0;
     }
-    let q: u64 = load(rq, global(&RQ_Q_OFF));
-    if q == 0 {
+    let Some(disk) =
+        load_ptr(rq, global(&RQ_Q_OFF)).and_then(|q| load_ptr(q, global(&Q_DISK_OFF)))
+    else {
         return 0;
-    }
-    let disk: u64 = load(q, global(&Q_DISK_OFF));
-    if disk == 0 {
-        return 0;
-    }
+    };
     let major: i32 = load(disk, global(&DISK_MAJOR_OFF));
     let minor: i32 = load(disk, global(&DISK_MINOR_OFF));
     let dev = ((major as u32) << 20) | (minor as u32 & 0xf_ffff);
     let lat_us = unsafe { bpf_ktime_get_ns() }.saturating_sub(start) / 1000;
-    let cgroup = if with_cgroup { request_cgroup(rq) } else { 0 };
+    let cgroup = if with_cgroup {
+        request_cgroup(rq).unwrap_or(0)
+    } else {
+        0
+    };
     block_account(dev, op, lat_us, bytes, cgroup);
     0
 }
 
-/// The cgroup id of the block cgroup a request is charged to (0 = unknown), plain loads.
+/// The cgroup id of the block cgroup a request is charged to (`None` where a pointer on the
+/// way is null), plain loads.
 #[inline(always)]
-fn request_cgroup(rq: u64) -> u64 {
-    let bio: u64 = load(rq, global(&RQ_BIO_OFF));
-    if bio == 0 {
-        return 0;
-    }
-    let blkg: u64 = load(bio, global(&BIO_BLKG_OFF));
-    if blkg == 0 {
-        return 0;
-    }
-    let blkcg: u64 = load(blkg, global(&BLKG_BLKCG_OFF));
-    if blkcg == 0 {
-        return 0;
-    }
+fn request_cgroup(rq: u64) -> Option<u64> {
+    let bio = load_ptr(rq, global(&RQ_BIO_OFF))?;
+    let blkg = load_ptr(bio, global(&BIO_BLKG_OFF))?;
+    let blkcg = load_ptr(blkg, global(&BLKG_BLKCG_OFF))?;
     // css->cgroup is the first member of struct cgroup_subsys_state.
-    let cg: u64 = load(blkcg, global(&BLKCG_CSS_OFF));
-    if cg == 0 {
-        return 0;
-    }
-    let kn: u64 = load(cg, global(&CGROUP_KN_OFF));
-    if kn == 0 {
-        return 0;
-    }
-    load(kn, global(&KN_ID_OFF))
+    let cg = load_ptr(blkcg, global(&BLKCG_CSS_OFF))?;
+    let kn = load_ptr(cg, global(&CGROUP_KN_OFF))?;
+    Some(load(kn, global(&KN_ID_OFF)))
 }
 
 // ---- TCP ----------------------------------------------------------------------------------
