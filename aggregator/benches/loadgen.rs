@@ -12,6 +12,10 @@
 //! cargo bench -p sonde-aggregator --bench loadgen -- ... connections --sensors 10000 --hold 20
 //! ```
 //!
+//! In rate mode every batch is encoded and compressed before the timed run (`--live-encode`:
+//! when due), stamped with the time it is due to be sent: the real sensors are on other
+//! machines, and here the generator's encoding would take the aggregator's cores.
+//!
 //! Prints one JSON object. Lag is measured per batch as (time its ack
 //! arrived) − (timestamp of its newest sample): the aggregator acks only
 //! after the rows are committed in ClickHouse, so at ack time they are
@@ -45,6 +49,11 @@ struct Args {
     endpoints: usize,
     prefix: String,
     input: PathBuf,
+    /// Encode each batch when it is due instead of before the run (the generator's own
+    /// CPU then competes with the aggregator for this machine's cores).
+    live_encode: bool,
+    /// Processes whose CPU time is reported over the timed run (aggregator, ClickHouse).
+    watch: Vec<u32>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -60,6 +69,8 @@ fn parse_args() -> Result<Args> {
         endpoints: 8,
         prefix: "load".into(),
         input: PathBuf::new(),
+        live_encode: false,
+        watch: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -76,6 +87,14 @@ fn parse_args() -> Result<Args> {
             "--endpoints" => a.endpoints = v()?.parse().context("--endpoints")?,
             "--prefix" => a.prefix = v()?,
             "--input" => a.input = v()?.into(),
+            "--live-encode" => a.live_encode = true,
+            "--watch" => {
+                a.watch = v()?
+                    .split(',')
+                    .filter(|p| !p.is_empty())
+                    .map(|p| p.parse().context("--watch: process ids, comma-separated"))
+                    .collect::<Result<_>>()?
+            }
             "rate" | "connections" | "wire" => a.mode = k,
             other => bail!("unknown argument {other:?}"),
         }
@@ -407,40 +426,114 @@ async fn main_async(a: Args) -> Result<serde_json::Value> {
     let n = conns.len().max(1);
     let batches_per_s = a.samples_per_s / samples_per_batch as f64;
     let period = Duration::from_secs_f64(n as f64 / batches_per_s);
-    let cpu0 = cpu_s(me);
-    let start = Instant::now();
-    let end = start + Duration::from_secs_f64(a.secs);
-    let mut set = tokio::task::JoinSet::new();
-    for (i, (host, c)) in conns.iter().enumerate() {
-        let (host, c, stats, boot) = (host.clone(), c.clone(), stats.clone(), boot.clone());
-        let offset = period.mul_f64(i as f64 / n as f64);
-        set.spawn(async move {
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            let mut seq = 0u64;
-            let mut inflight = tokio::task::JoinSet::new();
-            loop {
-                tick.tick().await;
-                if Instant::now() >= end {
-                    break;
-                }
-                seq += 1;
-                let newest = now_ms();
-                let (frame, ns) = one_batch(&host, &boot, seq, newest, i as f32);
-                stats.sent.fetch_add(1, Relaxed);
-                let (c, stats) = (c.clone(), stats.clone());
-                inflight.spawn(async move {
-                    match send_batch(&c, &frame).await {
-                        Ok(()) => {
-                            let lag = now_ms().saturating_sub(newest) as u32;
-                            stats.acked.fetch_add(1, Relaxed);
-                            stats.samples_acked.fetch_add(ns, Relaxed);
-                            stats.lags_ms.lock().unwrap().push(lag);
+    // Pre-encoded: every sensor's frames for the whole run, each stamped with the time it
+    // is due (its newest sample is taken at that moment, as a sensor's would be).
+    let per_sensor = (a.secs / period.as_secs_f64()).ceil() as usize + 1;
+    let mut plan: Vec<Vec<(u64, Vec<u8>, u64)>> = vec![Vec::new(); n];
+    let mut pregen_s = 0.0;
+    let mut pregen_bytes = 0usize;
+    let start_ms = if a.live_encode {
+        now_ms()
+    } else {
+        // How long encoding takes here (after a warm-up), to choose a start time after it.
+        for k in 0..5 {
+            std::hint::black_box(one_batch("x", "b", k, now_ms(), k as f32));
+        }
+        let t = Instant::now();
+        for k in 0..20 {
+            std::hint::black_box(one_batch("x", "b", k, now_ms(), k as f32));
+        }
+        let per = t.elapsed().as_secs_f64() / 20.0;
+        let threads = std::thread::available_parallelism().map_or(1, |v| v.get());
+        let est = per * (n * per_sensor) as f64 / threads as f64;
+        let start_ms = now_ms() + (est * 1.5 * 1000.0) as u64 + 2000;
+        let t = Instant::now();
+        let chunk = n.div_ceil(threads);
+        std::thread::scope(|sc| {
+            for (ci, part) in plan.chunks_mut(chunk).enumerate() {
+                let (conns, boot) = (&conns, &boot);
+                sc.spawn(move || {
+                    for (j, frames) in part.iter_mut().enumerate() {
+                        let i = ci * chunk + j;
+                        let offset = period.mul_f64(i as f64 / n as f64);
+                        for k in 0..per_sensor {
+                            let due = offset + period * k as u32;
+                            if due.as_secs_f64() >= a.secs {
+                                break;
+                            }
+                            let newest = start_ms + due.as_millis() as u64;
+                            let (f, ns) =
+                                one_batch(&conns[i].0, boot, k as u64 + 1, newest, i as f32);
+                            frames.push((newest, f, ns));
                         }
-                        Err(e) => stats.error(e.to_string()),
                     }
                 });
-                while inflight.try_join_next().is_some() {}
+            }
+        });
+        pregen_s = t.elapsed().as_secs_f64();
+        pregen_bytes = plan.iter().flatten().map(|(_, f, _)| f.len()).sum();
+        eprintln!(
+            "loadgen: {} batches encoded in {pregen_s:.1} s ({:.0} MB); run starts in {:.1} s",
+            plan.iter().map(|v| v.len()).sum::<usize>(),
+            pregen_bytes as f64 / 1e6,
+            (start_ms.saturating_sub(now_ms())) as f64 / 1e3
+        );
+        start_ms
+    };
+    let start = Instant::now() + Duration::from_millis(start_ms.saturating_sub(now_ms()));
+    tokio::time::sleep_until(tokio::time::Instant::from_std(start)).await;
+    let cpu0 = cpu_s(me);
+    let watched0: Vec<f64> = a.watch.iter().map(|&p| cpu_s(p)).collect();
+    let end = start + Duration::from_secs_f64(a.secs);
+    let mut set = tokio::task::JoinSet::new();
+    for (i, ((host, c), frames)) in conns.iter().zip(plan).enumerate() {
+        let (host, c, stats, boot) = (host.clone(), c.clone(), stats.clone(), boot.clone());
+        let offset = period.mul_f64(i as f64 / n as f64);
+        let live = a.live_encode;
+        set.spawn(async move {
+            let mut inflight = tokio::task::JoinSet::new();
+            let send =
+                |frame: Vec<u8>, newest: u64, ns: u64, inflight: &mut tokio::task::JoinSet<()>| {
+                    stats.sent.fetch_add(1, Relaxed);
+                    let (c, stats) = (c.clone(), stats.clone());
+                    inflight.spawn(async move {
+                        match send_batch(&c, &frame).await {
+                            Ok(()) => {
+                                let lag = now_ms().saturating_sub(newest) as u32;
+                                stats.acked.fetch_add(1, Relaxed);
+                                stats.samples_acked.fetch_add(ns, Relaxed);
+                                stats.lags_ms.lock().unwrap().push(lag);
+                            }
+                            Err(e) => stats.error(e.to_string()),
+                        }
+                    });
+                    while inflight.try_join_next().is_some() {}
+                };
+            if live {
+                let mut tick = tokio::time::interval_at(
+                    tokio::time::Instant::from_std(start) + offset,
+                    period,
+                );
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                let mut seq = 0u64;
+                loop {
+                    tick.tick().await;
+                    if Instant::now() >= end {
+                        break;
+                    }
+                    seq += 1;
+                    let newest = now_ms();
+                    let (frame, ns) = one_batch(&host, &boot, seq, newest, i as f32);
+                    send(frame, newest, ns, &mut inflight);
+                }
+            } else {
+                // Each frame at its due time; one that is late goes at once, and its
+                // lateness counts in its lag (stamped with the due time).
+                for (newest, frame, ns) in frames {
+                    let due = start + Duration::from_millis(newest - start_ms);
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
+                    send(frame, newest, ns, &mut inflight);
+                }
             }
             // Give outstanding batches time to be acked.
             let _ = tokio::time::timeout(Duration::from_secs(30), async {
@@ -452,6 +545,12 @@ async fn main_async(a: Args) -> Result<serde_json::Value> {
     while set.join_next().await.is_some() {}
     let wall = start.elapsed().as_secs_f64();
     let gen_cpu = cpu_s(me) - cpu0;
+    let watched: Vec<f64> = a
+        .watch
+        .iter()
+        .zip(&watched0)
+        .map(|(&p, c0)| cpu_s(p) - c0)
+        .collect();
     let mut lags = std::mem::take(&mut *stats.lags_ms.lock().unwrap());
     let acked = stats.samples_acked.load(Relaxed);
     let r = json!({
@@ -470,6 +569,10 @@ async fn main_async(a: Args) -> Result<serde_json::Value> {
         "lag_ms_p99": percentile(&mut lags, 0.99),
         "lag_ms_max": lags.last().copied().unwrap_or(0),
         "generator_cpu_s": gen_cpu,
+        "watched_cpu_s": watched,
+        "pre_encoded": !a.live_encode,
+        "pre_encode_s": pregen_s,
+        "pre_encoded_mb": pregen_bytes as f64 / 1e6,
         "cert_issue_s": certs_s,
         "connect_s": connect_s,
         "first_error": *stats.first_error.lock().unwrap(),

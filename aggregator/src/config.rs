@@ -92,7 +92,9 @@ pub struct ClickHouseConfig {
     /// How long the writer waits to gather batches into one insert.
     #[serde(with = "humantime_serde")]
     pub flush_interval: Duration,
-    /// Decoded batches waiting for the writer; when full, sensors are slowed down.
+    /// Decoded batches held at once, queued or in an insert round; when full, sensors are
+    /// slowed down. It also bounds a round's size: 1024 kept rounds too small to catch up
+    /// at 2 M samples/s here (p99 ack lag 4.7 s against 1.9 s with 4096).
     pub queue_batches: usize,
     /// Insert rounds in flight at once (each: intents, every table's rows, `batches`); an
     /// extra round starts only when it is full. More than one lets a ClickHouse on its own
@@ -166,7 +168,7 @@ impl Default for ClickHouseConfig {
             server_config: "/etc/clickhouse-server/config.xml".into(),
             insert_max_rows: 500_000,
             flush_interval: Duration::from_millis(200),
-            queue_batches: 1024,
+            queue_batches: 4096,
             insert_rounds: 1,
         }
     }

@@ -322,10 +322,11 @@ async fn stream(
         .bytes_received
         .fetch_add(buf.len() as u64, Relaxed);
     let seq = batch.seq;
+    let batch = Arc::new(batch);
     if let Some(d) = &ingest.detect {
         let a = crate::detect::live::Arrival {
             host: host.clone(),
-            batch: Arc::new(batch.clone()),
+            batch: batch.clone(),
             at: std::time::Instant::now(),
         };
         if d.try_send(a).is_err() {

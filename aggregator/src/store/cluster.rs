@@ -11,9 +11,9 @@
 //!   every aggregator sees the same applied migrations;
 //! - `ALTER … ADD COLUMN` goes to both tables; other ALTERs (TTL, codecs, partitions) to
 //!   the local one;
-//! - a rollup tier's materialized view reads the shard's `T_local` and writes its
-//!   `T_1m_agg_local` (each shard aggregates its own hosts, on insert); the tier views
-//!   read the Distributed `_agg` tables;
+//! - a rollup tier's materialized view reads the shard's `T_local` (the 1h view: the 1m
+//!   view, as on one server) and writes its `T_1m_agg_local` (each shard aggregates its
+//!   own hosts, on insert); the tier views read the Distributed `_agg` tables;
 //! - every statement runs `ON CLUSTER` (ClickHouse's distributed DDL through ZooKeeper
 //!   or Keeper).
 
@@ -142,7 +142,10 @@ fn local_sources(select: &str, db: &str) -> String {
             .unwrap_or(after.len());
         out.push_str(&rest[..i + pat.len()]);
         out.push_str(&after[..end]);
-        out.push_str("_local");
+        // A view read by a view (the tier cascade) exists on every server as it is.
+        if !after[..end].ends_with("_mv") {
+            out.push_str("_local");
+        }
         rest = &after[end..];
     }
     out.push_str(rest);
@@ -212,6 +215,11 @@ mod tests {
         assert_eq!(
             rewrite("CREATE MATERIALIZED VIEW IF NOT EXISTS sonde.cpu_1m_mv TO sonde.cpu_1m_agg AS SELECT a FROM sonde.cpu GROUP BY a", "sonde", "c"),
             vec!["CREATE MATERIALIZED VIEW IF NOT EXISTS sonde.cpu_1m_mv ON CLUSTER c TO sonde.cpu_1m_agg_local AS SELECT a FROM sonde.cpu_local GROUP BY a"]
+        );
+        // The hour view of the cascade reads the minute view, which every server has.
+        assert_eq!(
+            rewrite("CREATE MATERIALIZED VIEW IF NOT EXISTS sonde.cpu_1h_mv TO sonde.cpu_1h_agg AS SELECT a FROM sonde.cpu_1m_mv GROUP BY a", "sonde", "c"),
+            vec!["CREATE MATERIALIZED VIEW IF NOT EXISTS sonde.cpu_1h_mv ON CLUSTER c TO sonde.cpu_1h_agg_local AS SELECT a FROM sonde.cpu_1m_mv GROUP BY a"]
         );
         assert_eq!(
             rewrite("CREATE VIEW IF NOT EXISTS sonde.cpu_1m AS SELECT a FROM sonde.cpu_1m_agg GROUP BY a", "sonde", "c"),

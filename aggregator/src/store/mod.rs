@@ -207,7 +207,9 @@ impl Store {
                 })?;
             }
             for (v, name, _) in ddl.migrations() {
-                c.query(&format!("INSERT INTO {}.schema_migrations (version, name, applied) VALUES ({v}, '{name}', now())", cfg.database))
+                c.query(&format!("INSERT INTO {}.schema_migrations (version, name, applied) VALUES (?, ?, now())", cfg.database))
+                    .bind(v)
+                    .bind(&name)
                     .execute()
                     .await?;
             }
@@ -240,9 +242,15 @@ impl Store {
                     .await
                     .with_context(|| format!("migration {v} ({name}) failed on:\n{s}"))?;
             }
-            c.query(&format!("INSERT INTO {}.schema_migrations (version, name, applied) VALUES ({v}, '{name}', now())", cfg.database))
-                .execute()
-                .await?;
+            // Bound, not spliced: a migration's name may hold a quote.
+            c.query(&format!(
+                "INSERT INTO {}.schema_migrations (version, name, applied) VALUES (?, ?, now())",
+                cfg.database
+            ))
+            .bind(v)
+            .bind(&name)
+            .execute()
+            .await?;
         }
         store.apply_ttl().await?;
         tracing::info!(%version, modern, database = %cfg.database, schema = SCHEMA_VERSION, "ClickHouse schema current");
@@ -433,17 +441,30 @@ impl Store {
             .collect();
         self.insert::<rows::IntentRow>("batch_intents", &intents)
             .await?;
-        let mut skipped = 0usize;
-        for (t, tu) in rows.tables.iter_mut().zip(rows_u.tables.iter_mut()) {
-            if !tu.is_empty() {
-                let present = self.present(t.def.name, tu.keys()).await?;
-                let before = tu.len();
-                tu.retain(|h, ts| !present.contains(&(h.to_string(), ts)));
-                skipped += before - tu.len();
-                t.append(tu);
-            }
-            self.insert_rows(t).await?;
-        }
+        // The metric tables' inserts run concurrently: each is one block ClickHouse
+        // commits whole, and on 18.16 an insert (with its tier views) runs on one server
+        // thread, so a round of one table after another left the second core to merges.
+        // Exactly once is unchanged: `batches` is written only after all of them succeeded.
+        let inserts =
+            rows.tables
+                .iter_mut()
+                .zip(rows_u.tables.iter_mut())
+                .map(|(t, tu)| async move {
+                    let mut skipped = 0usize;
+                    if !tu.is_empty() {
+                        let present = self.present(t.def.name, tu.keys()).await?;
+                        let before = tu.len();
+                        tu.retain(|h, ts| !present.contains(&(h.to_string(), ts)));
+                        skipped += before - tu.len();
+                        t.append(tu);
+                    }
+                    self.insert_rows(t).await?;
+                    Ok::<usize, anyhow::Error>(skipped)
+                });
+        let skipped: usize = futures_util::future::try_join_all(inserts)
+            .await?
+            .into_iter()
+            .sum();
         if skipped > 0 {
             tracing::info!(
                 rows = skipped,

@@ -220,6 +220,10 @@ impl Ddl<'_> {
                     "value codecs chosen by measurement (current servers)",
                     self.recodec(),
                 ),
+                super::tiers::CASCADE_SINCE => (
+                    "the 1h tier's views read the 1m tier's views (a cascade)",
+                    Vec::new(),
+                ),
                 _ => ("", Vec::new()),
             }
         };
@@ -314,10 +318,13 @@ impl Ddl<'_> {
     }
 }
 
-/// The newest migration: 7 (codecs by measurement) or the highest `since` of a declared
-/// table or column.
+/// The newest migration: 7 (codecs by measurement), 11 (the tier cascade) or the highest
+/// `since` of a declared table or column.
 pub const SCHEMA_VERSION: u32 = {
     let mut v = protocol::tables::CODECS_SINCE;
+    if super::tiers::CASCADE_SINCE > v {
+        v = super::tiers::CASCADE_SINCE;
+    }
     let mut i = 0;
     while i < TABLES.len() {
         if TABLES[i].since > v {

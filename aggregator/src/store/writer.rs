@@ -30,7 +30,8 @@ pub struct GapJob {
 pub struct Job {
     /// The host name from the sensor's certificate.
     pub host: Arc<str>,
-    pub batch: Batch,
+    /// Shared with the live detector (no copy per batch).
+    pub batch: Arc<Batch>,
     pub bytes: u32,
     pub reply: oneshot::Sender<Result<(), String>>,
 }
@@ -333,7 +334,7 @@ async fn round(
     }
     let refs: Vec<(&str, &Batch, u32)> = fresh
         .iter()
-        .map(|j| (&*j.host, &j.batch, j.bytes))
+        .map(|j| (&*j.host, &*j.batch, j.bytes))
         .collect();
     let mut attempt = 0;
     let mut quorum_waits = 0;

@@ -95,8 +95,7 @@ pub(super) fn ingest_steps(
             rate / 1e3
         ));
         let chp = ch_pids();
-        let (a0, c0) = (cpu_ns(agg_pid), chp.iter().map(|&p| cpu_ns(p)).sum::<u64>());
-        let t0 = Instant::now();
+        let merged0 = ch_events(env);
         let mut args = base("rate");
         args.extend([
             "--sensors".into(),
@@ -107,13 +106,31 @@ pub(super) fn ingest_steps(
             secs.to_string(),
             "--prefix".into(),
             format!("load{}", rate as u64 / 1000),
+            // CPU of the aggregator and ClickHouse over the timed run only (the batches
+            // are encoded before it).
+            "--watch".into(),
+            std::iter::once(agg_pid)
+                .chain(chp.iter().copied())
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
         ]);
         let mut r = loadgen(&args)?;
-        let wall = t0.elapsed().as_secs_f64();
-        let (a1, c1) = (cpu_ns(agg_pid), chp.iter().map(|&p| cpu_ns(p)).sum::<u64>());
-        r["aggregator_cores"] = json!((a1 - a0) as f64 / 1e9 / wall);
-        r["clickhouse_cores"] = json!((c1 - c0) as f64 / 1e9 / wall);
-        r["generator_cores"] = json!(r["generator_cpu_s"].as_f64().unwrap_or(0.0) / secs as f64);
+        let wall = r["wall_s"].as_f64().unwrap_or(secs as f64).max(1.0);
+        let watched: Vec<f64> = r["watched_cpu_s"]
+            .as_array()
+            .map(|v| v.iter().filter_map(|x| x.as_f64()).collect())
+            .unwrap_or_default();
+        r["aggregator_cores"] = json!(watched.first().copied().unwrap_or(0.0) / wall);
+        r["clickhouse_cores"] = json!(watched.iter().skip(1).sum::<f64>() / wall);
+        r["generator_cores"] = json!(r["generator_cpu_s"].as_f64().unwrap_or(0.0) / wall);
+        // ClickHouse's merges: rows rewritten per row inserted during the step.
+        let merged1 = ch_events(env);
+        let inserted = merged1.0.saturating_sub(merged0.0);
+        if inserted > 0 {
+            r["merged_rows_per_inserted_row"] =
+                json!(merged1.1.saturating_sub(merged0.1) as f64 / inserted as f64);
+        }
         let ok = r["errors"] == 0
             && r["acked_samples_per_s"].as_f64().unwrap_or(0.0) >= 0.98 * rate
             && r["lag_ms_p99"].as_f64().unwrap_or(f64::MAX) <= 5000.0;
@@ -130,6 +147,23 @@ pub(super) fn ingest_steps(
         steps.push(r);
     }
     Ok(steps)
+}
+
+/// ClickHouse's (InsertedRows, MergedRows) counters since it started.
+fn ch_events(env: &Env) -> (u64, u64) {
+    let q = "SELECT sumIf(value, event = 'InsertedRows'), sumIf(value, event = 'MergedRows') FROM system.events";
+    let enc: String = q
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'.' | b'_' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let text = super::http(&env.ch_http, &format!("/?query={enc}"), false)
+        .map(|(_, body)| String::from_utf8_lossy(&body).to_string())
+        .unwrap_or_default();
+    let mut it = text.split_whitespace().map(|v| v.parse().unwrap_or(0));
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
 }
 
 pub(super) fn ingest(env: &Env, agg_pid: u32, quick: bool) -> Result<Value> {
