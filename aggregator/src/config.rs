@@ -89,7 +89,11 @@ pub struct ClickHouseConfig {
     pub server_config: PathBuf,
     /// Most rows in one insert round.
     pub insert_max_rows: usize,
-    /// How long the writer waits to gather batches into one insert.
+    /// How long the writer waits to gather batches into one insert. ClickHouse advises
+    /// about one insert per table per second: each insert is a part its merges rewrite.
+    /// At 3 M samples/s here, 1 s instead of 200 ms took ClickHouse from 1.25 to 0.9 core
+    /// and the p99 ack lag from 8–21 s to 6.5–7.7 s (two runs each). A batch is
+    /// acknowledged up to this much later on a quiet aggregator.
     #[serde(with = "humantime_serde")]
     pub flush_interval: Duration,
     /// Decoded batches held at once, queued or in an insert round; when full, sensors are
@@ -167,7 +171,7 @@ impl Default for ClickHouseConfig {
             server_binary: "clickhouse-server".into(),
             server_config: "/etc/clickhouse-server/config.xml".into(),
             insert_max_rows: 500_000,
-            flush_interval: Duration::from_millis(200),
+            flush_interval: Duration::from_secs(1),
             queue_batches: 4096,
             insert_rounds: 1,
         }
