@@ -461,17 +461,18 @@ impl Store {
                     self.insert_rows(t).await?;
                     Ok::<usize, anyhow::Error>(skipped)
                 });
-        let skipped: usize = futures_util::future::try_join_all(inserts)
-            .await?
-            .into_iter()
-            .sum();
+        // The `hosts` rows of this round go in beside them.
+        let (per_table, ()) = tokio::try_join!(
+            futures_util::future::try_join_all(inserts),
+            self.insert::<HostRow>("hosts", hosts)
+        )?;
+        let skipped: usize = per_table.into_iter().sum();
         if skipped > 0 {
             tracing::info!(
                 rows = skipped,
                 "recovery: rows of partly stored batches were already in ClickHouse; not inserted again"
             );
         }
-        self.insert::<HostRow>("hosts", hosts).await?;
         let br: Vec<BatchRow> = batches
             .iter()
             .map(|(host, b, bytes)| BatchRow {

@@ -75,9 +75,10 @@ pub(super) fn markdown(r: &Value, quick: bool) -> String {
         s.push_str("\n## 3. Ingest\n\nMethod: `aggregator/benches/loadgen.rs` simulates sensors in one process: each has its own client \
                     certificate issued from the deployment CA (distinct host identity), its own QUIC connection with mutual TLS 1.3, and sends \
                     realistic 5-snapshot batches (9 CPU rows, 2 disks, 2 interfaces, 3 filesystems, PSI, TCP: 940 samples per batch, zstd \
-                    level 3) at a fixed offered rate, staggered. Lag = ack arrival − timestamp of the batch's newest sample; the aggregator acks \
+                    level 3) at a fixed offered rate, staggered; every batch is encoded before the timed step and stamped with the time it is due \
+                    (a late send counts in its lag). Lag = ack arrival − timestamp of the batch's newest sample; the aggregator acks \
                     only after the rows are committed in ClickHouse, so at ack time they are queryable. Everything (generator, aggregator, \
-                    ClickHouse 18.16) shares this 2-core machine; CPU is each process's CPU time over the step. A step counts as sustained when \
+                    ClickHouse 18.16) shares this 2-core machine; CPU is each process's CPU time over the timed step. A step counts as sustained when \
                     ≥ 98% of the offered samples were acked, no batch failed and lag p99 ≤ 5 s. Targets: ≥ 1,000,000 samples/s, 10,000 sensors.\n\n\
                     | offered samples/s | acked samples/s | batches acked | lag p50 ms | lag p99 ms | aggregator cores | ClickHouse cores | generator cores | sustained |\n|---|---|---|---|---|---|---|---|---|\n");
         for st in i["steps"].as_array().into_iter().flatten() {
