@@ -21,7 +21,23 @@ fn free_port() -> Result<u16> {
 }
 
 impl Managed {
+    /// Starts the server on free loopback ports. A port is free when chosen but may be
+    /// taken (by any process's outgoing connection) before the server binds it: then the
+    /// server exits with "Address already in use", and new ports are tried, up to 3 times.
     pub async fn start(data_dir: &Path, binary: &str, config_file: &Path) -> Result<Managed> {
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(data_dir, binary, config_file).await {
+                Err(e) if attempt < 3 && format!("{e:#}").contains("Address already in use") => {
+                    tracing::warn!(error = %format!("{e:#}"), attempt, "managed ClickHouse lost a port to another process; trying new ports");
+                    attempt += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn start_once(data_dir: &Path, binary: &str, config_file: &Path) -> Result<Managed> {
         let dir = data_dir.join("clickhouse");
         for sub in ["tmp", "user_files", "format_schemas", "log"] {
             std::fs::create_dir_all(dir.join(sub))
