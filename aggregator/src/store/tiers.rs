@@ -293,8 +293,11 @@ impl Ddl<'_> {
                 .into_iter()
                 .map(|s| format!("{}MergeState({n}) AS {n}", s.func, n = s.name)),
         );
+        // 18.16 runs a view on what another view produces only when it reads that view;
+        // current servers, when it reads the view's target table.
+        let src = if self.modern { "agg" } else { "mv" };
         format!(
-            "SELECT {} FROM {}.{}_{}_mv GROUP BY {}, bucket",
+            "SELECT {} FROM {}.{}_{}_{src} GROUP BY {}, bucket",
             sel.join(", "),
             self.db,
             t.name,
