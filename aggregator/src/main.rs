@@ -340,6 +340,7 @@ async fn run(cfg: Config) -> Result<()> {
         )
         .await?;
         let url = m.url();
+        m.lower_merge_priority(cfg.clickhouse.managed_merge_nice);
         managed = Some(m);
         url
     } else {

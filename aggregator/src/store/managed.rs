@@ -118,6 +118,41 @@ impl Managed {
         Ok(m)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Keeps the server's background merge threads at `nice` (see
+    /// `clickhouse.managed_merge_nice`): now, and every few seconds, since the pool is made
+    /// when the first MergeTree table is and a restarted pool would come back at 0.
+    pub fn lower_merge_priority(&self, nice: u8) -> Option<tokio::task::JoinHandle<()>> {
+        if nice == 0 {
+            return None;
+        }
+        let pid = self.child.id();
+        Some(tokio::spawn(async move {
+            let mut logged = false;
+            loop {
+                match renice_merge_threads(pid, nice as i32) {
+                    Ok(n) if n > 0 && !logged => {
+                        tracing::info!(
+                            threads = n,
+                            nice,
+                            "managed ClickHouse: merge threads run at lower priority than inserts"
+                        );
+                        logged = true;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "managed ClickHouse: cannot lower the merge threads' priority; merges compete with inserts");
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }))
+    }
+
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.http_port)
     }
@@ -145,6 +180,38 @@ impl Drop for Managed {
     }
 }
 
+/// Thread names of ClickHouse's background merge pools: `BackgrProcPool` up to 20.x
+/// (18.16 here), `MergeMutate` in later servers.
+const MERGE_THREADS: &[&str] = &["BackgrProcPool", "MergeMutate"];
+
+/// Sets the nice value of each of process `pid`'s merge threads to `nice`; returns how many
+/// threads it found. A thread that exits meanwhile is skipped.
+pub fn renice_merge_threads(pid: u32, nice: i32) -> std::io::Result<usize> {
+    let mut n = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let t = t?;
+        let Ok(comm) = std::fs::read_to_string(t.path().join("comm")) else {
+            continue;
+        };
+        if !MERGE_THREADS.iter().any(|m| comm.trim_end().starts_with(m)) {
+            continue;
+        }
+        let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        // On Linux, PRIO_PROCESS with a thread id sets that thread alone.
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ESRCH) {
+                continue;
+            }
+            return Err(e);
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
 /// True when `GET /ping` answers "Ok.".
 pub async fn ping(url: &str) -> bool {
     let Some(hostport) = url.strip_prefix("http://") else {
@@ -167,4 +234,42 @@ pub async fn ping(url: &str) -> bool {
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf)).await;
     String::from_utf8_lossy(&buf).contains("Ok.")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nice_of(tid: u32) -> i64 {
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+        // Fields after the ")" that ends the name: state is field 3, nice field 19.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        rest.split(' ').nth(16).unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn renices_merge_threads_only() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let merge = std::thread::Builder::new()
+            .name("BackgrProcPool".into())
+            .spawn(move || {
+                tx.send(unsafe { libc::gettid() } as u32).unwrap();
+                let _ = stop_rx.recv();
+            })
+            .unwrap();
+        let merge_tid = rx.recv().unwrap();
+        let me = unsafe { libc::gettid() } as u32;
+        let before = nice_of(me);
+        let n = renice_merge_threads(std::process::id(), 7).unwrap();
+        assert_eq!(n, 1, "one thread named like a merge thread");
+        assert_eq!(nice_of(merge_tid), 7);
+        assert_eq!(nice_of(me), before, "other threads keep their priority");
+        stop_tx.send(()).unwrap();
+        merge.join().unwrap();
+        assert!(
+            renice_merge_threads(u32::MAX, 7).is_err(),
+            "no such process"
+        );
+    }
 }

@@ -421,6 +421,7 @@ impl Store {
         now: u32,
         uncertain: &std::collections::HashSet<(String, String, u64)>,
     ) -> Result<usize> {
+        let t0 = std::time::Instant::now();
         let mut rows = Rows::default();
         let mut rows_u = Rows::default();
         for (host, b, _) in batches {
@@ -439,8 +440,10 @@ impl Store {
                 created: now,
             })
             .collect();
+        let t_rows = t0.elapsed();
         self.insert::<rows::IntentRow>("batch_intents", &intents)
             .await?;
+        let t_intents = t0.elapsed();
         // The metric tables' inserts run concurrently: each is one block ClickHouse
         // commits whole, and on 18.16 an insert (with its tier views) runs on one server
         // thread, so a round of one table after another left the second core to merges.
@@ -485,7 +488,17 @@ impl Store {
                 bytes: *bytes,
             })
             .collect();
+        let t_tables = t0.elapsed();
         self.insert::<BatchRow>("batches", &br).await?;
+        tracing::debug!(
+            batches = batches.len(),
+            rows = rows.len(),
+            rows_ms = t_rows.as_millis() as u64,
+            intents_ms = (t_intents - t_rows).as_millis() as u64,
+            tables_ms = (t_tables - t_intents).as_millis() as u64,
+            batches_ms = (t0.elapsed() - t_tables).as_millis() as u64,
+            "insert round stored"
+        );
         Ok(rows.len())
     }
 

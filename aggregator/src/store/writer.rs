@@ -136,6 +136,7 @@ pub async fn run(
     let mut rounds = tokio::task::JoinSet::new();
 
     while let Some(first) = rx.recv().await {
+        let t_first = Instant::now();
         let mut jobs = Vec::new();
         let mut gaps = Vec::new();
         let mut arrived = Vec::new();
@@ -180,9 +181,17 @@ pub async fn run(
             continue;
         }
         // A slot first: while every slot is busy, the queue fills and pushes back.
+        let t_gathered = t_first.elapsed();
         let Ok(slot) = slots.clone().acquire_owned().await else {
             break;
         };
+        tracing::debug!(
+            jobs = jobs.len(),
+            gather_ms = t_gathered.as_millis() as u64,
+            slot_ms = (t_first.elapsed() - t_gathered).as_millis() as u64,
+            queued = rx.len(),
+            "round gathered"
+        );
 
         // Drop duplicates: already stored, in a round in flight, or twice in this one.
         let now = now_secs();
@@ -403,6 +412,7 @@ async fn round(
             }
         }
     };
+    let t_post = Instant::now();
     drop(refs);
     drop(host_rows);
     let mut replies: Vec<(Reply, Result<(), String>)> = Vec::new();
@@ -457,6 +467,10 @@ async fn round(
     for (r, v) in replies {
         let _ = r.send(v);
     }
+    tracing::debug!(
+        post_ms = t_post.elapsed().as_millis() as u64,
+        "round answered"
+    );
 }
 
 async fn write_gaps(store: &Store, gaps: Vec<GapJob>, metrics: &Metrics) {
