@@ -345,7 +345,7 @@ fn ingest_only(dir: &Path, bin: PathBuf, quick: bool) -> Result<()> {
     let (rates, secs): (&[f64], u32) = if quick {
         (&[2e6], 6)
     } else {
-        (&[1.5e6, 2e6, 3e6], 20)
+        (&[1.5e6, 2e6, 3e6, 4e6], 20)
     };
     ingest::build_loadgen()?;
     let mut runs = Vec::new();
