@@ -82,6 +82,35 @@ fn pipeline_all_tables_cpu_matches_proc_stat_and_readme_queries_run() {
         "every table had rows {:.1} s after the sensor started",
         started.elapsed().as_secs_f64()
     );
+    // The managed server's merge threads run at nice 19 (`managed_merge_nice`), the others
+    // as the process was started.
+    let ch = children(agg.proc.child.id())
+        .into_iter()
+        .find(|&p| comm(p, p).is_some_and(|c| c.starts_with("clickhouse")))
+        .expect("the managed clickhouse-server is a child of the aggregator");
+    let mut merge = Vec::new();
+    wait_until(
+        "the managed ClickHouse's merge threads at nice 19",
+        Duration::from_secs(15),
+        || {
+            merge = threads(ch)
+                .into_iter()
+                .filter(|&t| comm(ch, t).is_some_and(|c| c.starts_with("BackgrProcPool")))
+                .map(|t| nice(ch, t))
+                .collect();
+            !merge.is_empty() && merge.iter().all(|&n| n == 19)
+        },
+    );
+    let others: Vec<i64> = threads(ch)
+        .into_iter()
+        .filter(|&t| comm(ch, t).is_some_and(|c| !c.starts_with("BackgrProcPool")))
+        .map(|t| nice(ch, t))
+        .collect();
+    assert!(
+        !others.is_empty() && others.iter().all(|&n| n == nice(ch, ch)),
+        "only the merge threads are reniced: {others:?}"
+    );
+    eprintln!("{} merge threads at nice 19", merge.len());
     // No rules file was given: the built-in default rules run on the live stream.
     assert!(
         agg.proc.log_text().contains("built-in default rules"),
@@ -932,4 +961,42 @@ fn host_labels_reach_clickhouse_the_api_and_rules() {
         err.contains("labels") && err.contains("certificate"),
         "{err}"
     );
+}
+
+/// Process ids whose parent is `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|st| {
+                st.rsplit_once(") ")
+                    .and_then(|(_, rest)| rest.split(' ').nth(1)?.parse::<u32>().ok())
+                    == Some(pid)
+            })
+        })
+        .collect()
+}
+
+fn threads(pid: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn comm(pid: u32, tid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+        .ok()
+        .map(|c| c.trim_end().to_string())
+}
+
+/// A thread's nice value (field 19 of its stat line).
+fn nice(pid: u32, tid: u32) -> i64 {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat"))
+        .ok()
+        .and_then(|st| st.rsplit_once(") ")?.1.split(' ').nth(16)?.parse().ok())
+        .unwrap_or(i64::MIN)
 }
