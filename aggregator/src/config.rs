@@ -90,10 +90,9 @@ pub struct ClickHouseConfig {
     /// For the managed server: the nice value (0–19) its background merge threads run at,
     /// so that on a machine it shares with the aggregator, inserts (and so acks) come
     /// before merges, which use the CPU left over. 0 leaves them as they are. At 3 M
-    /// samples/s here, 19 took the p99 ack lag from 6.3–7.2 s to 2.4–4.2 s (three runs
-    /// against two alternating with them) and ClickHouse's merged rows per inserted row
-    /// from 3.8 to 2.3–2.9 (merges that wait take more parts at once). Not applied to a
-    /// server given by `url`: tune that one on its own machine.
+    /// samples/s here, the p99 ack lag was 2.5–7.2 s in seven runs at 0 and 1.5–1.8 s in
+    /// three runs at 19 (1.7 s in `cargo xtask bench --only ingest`; docs/BENCHMARKS.md,
+    /// section 3). Not applied to a server given by `url`: tune that one on its own machine.
     pub managed_merge_nice: u8,
     /// Most rows in one insert round.
     pub insert_max_rows: usize,

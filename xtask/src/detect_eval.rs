@@ -20,10 +20,11 @@ pub fn run_eval(record: bool, normal_minutes: u64) -> Result<()> {
     }
     // The debug build, with only the two crates whose code the evaluation runs optimised: the
     // dependencies are those the test suite built already. The evaluation reports detection
-    // quality, not speed, and its figures do not depend on the build (checked: identical to
-    // the release build's). In CI this stage went from 5.9 min (a separate release-like
-    // profile, its dependencies built again) to about 2. A `cargo test` afterwards builds
-    // those two crates again without optimisation.
+    // quality, not speed, and its figures do not depend on the build (checked: the same
+    // DETECTION.md section as the former release-like `eval` profile wrote). In the
+    // fresh-clone CI dry runs this stage went from 5.9 min (that profile built every
+    // dependency again) to 4.2. A `cargo test` afterwards builds those two crates again
+    // without optimisation.
     step("building the aggregator (debug, with sonde-aggregator and sonde-protocol optimised)");
     let mut cmd = Command::new("cargo");
     cmd.current_dir(&root)

@@ -118,19 +118,15 @@ impl Managed {
         Ok(m)
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// Keeps the server's background merge threads at `nice` (see
     /// `clickhouse.managed_merge_nice`): now, and every few seconds, since the pool is made
     /// when the first MergeTree table is and a restarted pool would come back at 0.
-    pub fn lower_merge_priority(&self, nice: u8) -> Option<tokio::task::JoinHandle<()>> {
+    pub fn lower_merge_priority(&self, nice: u8) {
         if nice == 0 {
-            return None;
+            return;
         }
         let pid = self.child.id();
-        Some(tokio::spawn(async move {
+        tokio::spawn(async move {
             let mut logged = false;
             loop {
                 match renice_merge_threads(pid, nice as i32) {
@@ -150,7 +146,7 @@ impl Managed {
                 }
                 tokio::time::sleep(Duration::from_secs(5)).await;
             }
-        }))
+        });
     }
 
     pub fn url(&self) -> String {

@@ -412,7 +412,6 @@ async fn round(
             }
         }
     };
-    let t_post = Instant::now();
     drop(refs);
     drop(host_rows);
     let mut replies: Vec<(Reply, Result<(), String>)> = Vec::new();
@@ -467,10 +466,6 @@ async fn round(
     for (r, v) in replies {
         let _ = r.send(v);
     }
-    tracing::debug!(
-        post_ms = t_post.elapsed().as_millis() as u64,
-        "round answered"
-    );
 }
 
 async fn write_gaps(store: &Store, gaps: Vec<GapJob>, metrics: &Metrics) {
