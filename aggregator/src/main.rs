@@ -197,17 +197,25 @@ fn real_main(cli: Cli) -> Result<()> {
                     schema::SCHEMA_VERSION
                 );
             }
-            match cluster {
-                None => print!("{}", ddl.script(upto)),
+            let out = match cluster {
+                None => ddl.script(upto),
                 Some(c) => {
+                    let mut out = String::new();
                     for stmt in ddl.script(upto).split(";\n").filter(|s| !s.is_empty()) {
                         for s in sonde_aggregator::store::cluster::rewrite(stmt, &database, &c) {
-                            println!("{s};");
+                            out.push_str(&s);
+                            out.push_str(";\n");
                         }
                     }
+                    out
                 }
+            };
+            // A reader that stops early (`| head`) is not an error.
+            use std::io::Write;
+            match std::io::stdout().write_all(out.as_bytes()) {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                r => r.context("writing the schema to stdout"),
             }
-            Ok(())
         }
         Cmd::CheckRules { file } => {
             let rules = sonde_aggregator::detect::rules::load_rules(&file)?;

@@ -28,6 +28,7 @@ pub struct Metrics {
     pub quorum_retries: AtomicU64,
     pub rounds_overlapped: AtomicU64,
     pub clickhouse_down: AtomicU64,
+    pub schema_change_hold: AtomicU64,
     pub gaps_reported: AtomicU64,
     pub streams_waiting: AtomicU64,
     insert_buckets: [AtomicU64; 11],
@@ -195,6 +196,13 @@ impl Metrics {
             "1 while ClickHouse is unreachable (ingest is held, sensors spool).",
             "gauge",
             self.clickhouse_down.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "schema_change_hold",
+            "1 while inserts are held because another aggregator is changing the schema (sensors spool).",
+            "gauge",
+            self.schema_change_hold.load(Relaxed),
         );
         c(
             &mut s,

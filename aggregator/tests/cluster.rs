@@ -107,6 +107,22 @@ fn assert_exact(scenario: &str, url: &str, hosts: &[&str], min_rows: u64) {
     );
 }
 
+/// Each migration recorded once, on every server, and no schema lock left behind.
+fn assert_schema_once(urls: &[String]) {
+    for u in urls {
+        let dup = q(
+            u,
+            "SELECT count() - uniqExact(version) FROM sonde.schema_migrations",
+        );
+        assert_eq!(dup.trim(), "0", "{u}: a migration recorded twice");
+        let locks = q(
+            u,
+            "SELECT count() FROM system.tables WHERE database = 'sonde' AND name LIKE 'schema_lock%'",
+        );
+        assert_eq!(locks.trim(), "0", "{u}: a schema lock left behind");
+    }
+}
+
 /// Seconds of `host`'s CPU rows stored so far (through the Distributed table).
 fn seconds(url: &str, host: &str) -> u64 {
     q(
@@ -136,10 +152,28 @@ fn cluster_two_shards_two_aggregators_failover_exactly_once() {
         format!("127.0.0.1:{}", free_udp_port()),
     );
     // Quorum 1: ingest goes on with one replica of a shard down (the scenario below).
-    // One after the other: migrations are not coordinated between aggregators (the
-    // first creates the schema, the second finds it current).
-    let mut a = start_agg(&d.0, &la, &urls[0], "a0", 1, true);
-    let b = start_agg(&d.0, &lb, &urls[2], "b", 1, true);
+    // Both at once on the empty cluster: one takes the schema lock and creates the
+    // schema, the other waits for it.
+    let mut a = start_agg(&d.0, &la, &urls[0], "a0", 1, false);
+    let b = start_agg(&d.0, &lb, &urls[2], "b", 1, false);
+    for x in [&a, &b] {
+        wait_until("aggregator ready", Duration::from_secs(300), || {
+            matches!(http_get(&x.http, "/readyz"), Some((200, _)))
+        });
+    }
+    eprintln!("[cluster] both aggregators ready after {:?}", t.elapsed());
+    let logs = [&a, &b].map(|x| std::fs::read_to_string(&x.p.log).unwrap_or_default());
+    let creators = logs
+        .iter()
+        .filter(|l| l.contains("new cluster: creating the current schema"))
+        .count();
+    assert_eq!(creators, 1, "exactly one aggregator creates the schema");
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("is changing the schema") || l.contains("took the schema lock")),
+        "the other waited for the lock"
+    );
+    assert_schema_once(&urls);
     let list = format!("{la},{lb}");
     let mut sensors: Vec<Proc> = hosts
         .iter()
@@ -258,7 +292,75 @@ fn cluster_two_shards_two_aggregators_failover_exactly_once() {
         100,
     );
 
-    // 3. ZooKeeper stopped for 30 s: replicated tables go read-only; the aggregators hold
+    // 3. A schema change while the other aggregator ingests: A restarts and finds
+    // migration 11 (which drops and re-creates the 1h tier's views) pending. It takes
+    // the schema lock; B holds its inserts until the lock is gone, so no round lands
+    // between a DROP and its CREATE and the 1h tier misses nothing.
+    a.p.signal(libc::SIGTERM);
+    let _ = a.p.child.wait();
+    q(
+        &urls[1],
+        "ALTER TABLE sonde.schema_migrations DELETE WHERE version = 11",
+    );
+    wait_until("migration 11 unrecorded", Duration::from_secs(60), || {
+        q(
+            &urls[0],
+            "SELECT count() FROM sonde.schema_migrations WHERE version = 11",
+        )
+        .trim()
+            == "0"
+    });
+    let t0 = Instant::now();
+    a = start_agg(&d.0, &la, &urls[0], "a-migrate", 1, false);
+    let mut held = false;
+    wait_until("A migrated and ready", Duration::from_secs(300), || {
+        held |= metric_at(&b.http, "sonde_schema_change_hold") == 1;
+        matches!(http_get(&a.http, "/readyz"), Some((200, _)))
+    });
+    eprintln!(
+        "[schema change] migration 11 re-applied by A in {:?}",
+        t0.elapsed()
+    );
+    let log = std::fs::read_to_string(&a.p.log).unwrap_or_default();
+    assert!(
+        log.contains("applying schema migration") && log.contains("schema lock released"),
+        "A applied the migration under the lock"
+    );
+    assert!(held, "B held its inserts while A changed the schema");
+    assert_schema_once(&urls);
+    let n0: Vec<u64> = hosts.iter().map(|h| seconds(&urls[0], h)).collect();
+    wait_until(
+        "ingest after the schema change",
+        Duration::from_secs(60),
+        || {
+            hosts
+                .iter()
+                .enumerate()
+                .all(|(i, h)| seconds(&urls[0], h) > n0[i] + 5)
+        },
+    );
+    assert_exact("schema change under load", &urls[0], &hosts, 120);
+    // Every raw row is counted once in the 1m tier and once in the 1h tier (which reads
+    // the 1m views: rows inserted while a 1h view was dropped would be missing there).
+    for h in hosts {
+        let n = |t: &str| -> u64 {
+            q(
+                &urls[2],
+                &format!("SELECT sum(samples) FROM sonde.{t} WHERE host = '{h}' AND cpu = 'total'"),
+            )
+            .trim()
+            .parse()
+            .unwrap_or(0)
+        };
+        let (m, hr) = (n("cpu_1m"), n("cpu_1h"));
+        eprintln!("[schema change] {h}: 1m tier {m} samples, 1h tier {hr}");
+        assert!(
+            m > 0 && m == hr,
+            "{h}: the 1h tier has {hr} samples, the 1m tier {m}"
+        );
+    }
+
+    // 4. ZooKeeper stopped for 30 s: replicated tables go read-only; the aggregators hold
     // (sensors spool) and resume.
     cl.stop_zookeeper();
     std::thread::sleep(Duration::from_secs(30));

@@ -339,18 +339,36 @@ async fn serve(
             }
             if let Some(done) = probe.try_join_next() {
                 if let Ok(Ok(c)) = done {
-                    // Let what is in flight here finish first (bounded), then move.
+                    // Let what is in flight here finish first, then move. Batches this
+                    // aggregator still holds unanswered (storage down: it answers once
+                    // they are stored) are not sent to the other one meanwhile: both
+                    // would store them when storage returns, at the same moment, and the
+                    // shared intents make that exactly-once only one after the other.
+                    let mut broken = false;
                     let _ = tokio::time::timeout(Duration::from_secs(5), async {
                         while let Some(res) = tasks.join_next().await {
-                            if let Ok((seq, Ok(()))) = res {
-                                outbox.acked(seq);
+                            let Ok((seq, res)) = res else { continue };
+                            match res {
+                                Ok(()) => outbox.acked(seq),
+                                Err(SendError::Rejected(_)) => {
+                                    outbox.retry_later(seq, Duration::from_secs(2))
+                                }
+                                Err(SendError::Connection(_)) => broken = true,
                             }
                         }
                     })
                     .await;
-                    tasks.abort_all();
-                    outbox.unmark_all();
-                    return ("moving back".into(), Some(c));
+                    if tasks.is_empty() || broken {
+                        tasks.abort_all();
+                        outbox.unmark_all();
+                        return ("moving back".into(), Some(c));
+                    }
+                    tracing::info!(
+                        unanswered = tasks.len(),
+                        "the preferred aggregator answers again, but this one has not answered batches sent to it yet; staying until it does"
+                    );
+                    c.close(0u32.into(), b"not moving yet");
+                    next_try = tokio::time::Instant::now() + Duration::from_secs(5);
                 }
             }
         }

@@ -104,9 +104,9 @@ pub fn start(
         aggs: Vec::new(),
         cluster,
     };
-    // One after the other: the first creates (or migrates) the schema on the cluster, the
-    // next finds it current. Migrations are not coordinated between aggregators, and two
-    // running the same `ON CLUSTER` ALTER at once can wedge 18.16's DDL queue.
+    // One after the other, so that each start's progress is reported on its own: the
+    // first creates (or migrates) the schema on the cluster, the next finds it current.
+    // (Started at once they would also be right: the schema lock lets one migrate.)
     let deadline = Instant::now() + Duration::from_secs(600);
     for (i, (quic, http)) in addrs.iter().enumerate() {
         let url = run.cluster.server(i % 2 + 1, 1).url();

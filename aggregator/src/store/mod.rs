@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod import;
 pub mod localcluster;
+pub mod lock;
 pub mod managed;
 pub mod rows;
 pub mod schema;
@@ -90,6 +91,7 @@ pub fn open_in_background(
                     }
                     metrics.clickhouse_down.store(0, Relaxed);
                     why2.lock().unwrap().clear();
+                    tokio::spawn(lock::watch(store.clone(), store.fenced.clone()));
                     let _ = tx.send(Some(store));
                     return;
                 }
@@ -123,6 +125,9 @@ pub struct Store {
     pub cluster: Option<String>,
     /// On a cluster: the insert quorum in force (1 on a single server).
     pub quorum: u32,
+    /// True while another aggregator holds the schema lock: no insert attempt starts
+    /// (`lock::watch` keeps it).
+    pub fenced: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub fn client(url: &str, cfg: &ClickHouseConfig) -> Client {
@@ -134,6 +139,18 @@ pub fn client(url: &str, cfg: &ClickHouseConfig) -> Client {
         c = c.with_password(&cfg.password);
     }
     c
+}
+
+/// Who holds the schema lock, for the other aggregators' logs: host, process, and a
+/// random part (a restarted process may get the same pid).
+fn lock_holder() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!(
+        "{}-{}-{:08x}",
+        host.trim(),
+        std::process::id(),
+        writer::rand_u64() as u32
+    )
 }
 
 impl Store {
@@ -176,6 +193,7 @@ impl Store {
             tier_days: [cfg.retention_1m_days, cfg.retention_1h_days],
             cluster,
             quorum,
+            fenced: Default::default(),
         };
         store
             .exec_ddl(&format!("CREATE DATABASE IF NOT EXISTS {}", cfg.database))
@@ -186,15 +204,76 @@ impl Store {
             .exec_ddl(&ddl.migrations_table())
             .await
             .context("creating schema_migrations")?;
-        let applied: Vec<u32> = c
+        let applied = store.applied_migrations().await?;
+        let pending = ddl
+            .migrations()
+            .iter()
+            .any(|(v, _, _)| !applied.contains(v));
+        if pending {
+            // Several aggregators may share this database: one changes the schema at a
+            // time, and the others hold their inserts meanwhile (`lock`).
+            let holder = lock_holder();
+            let lock = lock::MigrationLock::acquire(&store, &holder).await?;
+            let r = store.migrate_locked(&lock, &ddl, !applied.is_empty()).await;
+            lock.release(&store).await;
+            r?;
+        }
+        store.apply_ttl().await?;
+        tracing::info!(%version, modern, database = %cfg.database, schema = SCHEMA_VERSION, "ClickHouse schema current");
+        // Inserts name tables without the database.
+        Ok(Store {
+            client: c.with_database(&cfg.database),
+            ..store
+        })
+    }
+
+    async fn applied_migrations(&self) -> Result<Vec<u32>> {
+        self.client
             .query(&format!(
                 "SELECT version FROM {}.schema_migrations",
-                cfg.database
+                self.db
             ))
             .fetch_all()
             .await
-            .context("reading schema_migrations")?;
-        if store.cluster.is_some() && applied.is_empty() {
+            .context("reading schema_migrations")
+    }
+
+    async fn record_migration(&self, v: u32, name: &str) -> Result<()> {
+        // Bound, not spliced: a migration's name may hold a quote.
+        self.client
+            .query(&format!(
+                "INSERT INTO {}.schema_migrations (version, name, applied) VALUES (?, ?, now())",
+                self.db
+            ))
+            .bind(v)
+            .bind(name)
+            .execute()
+            .await
+            .context("recording a schema migration")
+    }
+
+    /// Applies the pending migrations under the schema lock. The migrations applied are
+    /// read again first: another aggregator may have applied them while this one waited.
+    /// `in_use`: the database had a schema already, so other aggregators may be writing.
+    async fn migrate_locked(
+        &self,
+        lock: &lock::MigrationLock,
+        ddl: &schema::Ddl<'_>,
+        in_use: bool,
+    ) -> Result<()> {
+        let applied = self.applied_migrations().await?;
+        if ddl.migrations().iter().all(|(v, _, _)| applied.contains(v)) {
+            tracing::info!("schema migrations applied by another aggregator meanwhile");
+            return Ok(());
+        }
+        if in_use {
+            tracing::info!(
+                grace_s = lock::FENCE_GRACE.as_secs(),
+                "schema lock taken: waiting for other aggregators' inserts to stop before changing the schema"
+            );
+            tokio::time::sleep(lock::FENCE_GRACE).await;
+        }
+        if self.cluster.is_some() && applied.is_empty() {
             // A new cluster: the current schema at once (no ALTERs), every migration
             // recorded as applied.
             tracing::info!(
@@ -202,29 +281,16 @@ impl Store {
                 "new cluster: creating the current schema ON CLUSTER"
             );
             for s in ddl.current_schema() {
-                store.exec_ddl(&s).await.with_context(|| {
+                lock.check(self).await?;
+                self.exec_ddl(&s).await.with_context(|| {
                     format!("creating the schema on the cluster failed on:\n{s}")
                 })?;
             }
             for (v, name, _) in ddl.migrations() {
-                c.query(&format!("INSERT INTO {}.schema_migrations (version, name, applied) VALUES (?, ?, now())", cfg.database))
-                    .bind(v)
-                    .bind(&name)
-                    .execute()
-                    .await?;
+                self.record_migration(v, &name).await?;
             }
+            return Ok(());
         }
-        let applied: Vec<u32> = if store.cluster.is_some() {
-            c.query(&format!(
-                "SELECT version FROM {}.schema_migrations",
-                cfg.database
-            ))
-            .fetch_all()
-            .await
-            .context("reading schema_migrations")?
-        } else {
-            applied
-        };
         for (v, name, stmts) in ddl.migrations() {
             if applied.contains(&v) {
                 continue;
@@ -234,31 +300,17 @@ impl Store {
                 // Ingest is held while migrations run: what the raw tables hold now is
                 // exactly what the new tiers' views will not see. Keep it aside for the
                 // background backfill (hard links, instant).
-                store.snapshot_for_backfill().await?;
+                self.snapshot_for_backfill().await?;
             }
             for s in stmts {
-                store
-                    .exec_ddl(&s)
+                lock.check(self).await?;
+                self.exec_ddl(&s)
                     .await
                     .with_context(|| format!("migration {v} ({name}) failed on:\n{s}"))?;
             }
-            // Bound, not spliced: a migration's name may hold a quote.
-            c.query(&format!(
-                "INSERT INTO {}.schema_migrations (version, name, applied) VALUES (?, ?, now())",
-                cfg.database
-            ))
-            .bind(v)
-            .bind(&name)
-            .execute()
-            .await?;
+            self.record_migration(v, &name).await?;
         }
-        store.apply_ttl().await?;
-        tracing::info!(%version, modern, database = %cfg.database, schema = SCHEMA_VERSION, "ClickHouse schema current");
-        // Inserts name tables without the database.
-        Ok(Store {
-            client: c.with_database(&cfg.database),
-            ..store
-        })
+        Ok(())
     }
 
     /// Checks that `cfg.cluster` is a cluster of the server at `url`; the insert quorum

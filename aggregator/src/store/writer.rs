@@ -302,7 +302,7 @@ async fn load_hosts(
 const STARTUP_LOAD_FRESH: Duration = Duration::from_secs(5);
 
 /// A cheap random number (jitter).
-fn rand_u64() -> u64 {
+pub(super) fn rand_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(Instant::now().elapsed().as_nanos() as u64);
@@ -349,6 +349,14 @@ async fn round(
     let mut quorum_waits = 0;
     let mut outage_since: Option<Instant> = None;
     let result = loop {
+        // Another aggregator is changing the schema: no attempt starts until it is done.
+        if store.fenced.load(Relaxed) {
+            metrics.schema_change_hold.store(1, Relaxed);
+            while store.fenced.load(Relaxed) {
+                tokio::time::sleep(super::lock::FENCE_POLL / 4).await;
+            }
+            metrics.schema_change_hold.store(0, Relaxed);
+        }
         let t0 = Instant::now();
         match store.write(&refs, &host_rows, now, &unc).await {
             Ok(rows) => {
