@@ -612,7 +612,8 @@ fn a_sensor_that_moves_between_aggregators_raises_no_silence_and_no_duplicate_al
     std::fs::write(
         &rules,
         "[[rule]]\nname = \"silent\"\nkind = \"host_silent\"\nfor = \"15s\"\n\n\
-         [[rule]]\nname = \"always\"\nkind = \"threshold\"\nseries = \"memory.total\"\nwarning = 1\nfor = \"0s\"\n",
+         [[rule]]\nname = \"always\"\nkind = \"threshold\"\nseries = \"memory.total\"\nwarning = 1\nfor = \"0s\"\n\n\
+         [[rule]]\nname = \"full\"\nkind = \"forecast\"\nseries = \"memory.total\"\nlimit = 1\nwithin = \"1h\"\nwindow = \"60s\"\nfor = \"0s\"\n",
     )
     .unwrap();
     let cfg = d.0.join("agg.toml");
@@ -656,10 +657,12 @@ fn a_sensor_that_moves_between_aggregators_raises_no_silence_and_no_duplicate_al
             .filter(|b| b["rule"] == rule && b["status"] == "firing")
             .collect()
     };
+    // "full" is statistical: its detector needs history (a trend over 8 s at least) to
+    // judge; taken over without it, it would resolve at the next aggregator at once.
     wait_until(
-        "the alert fires at the first aggregator",
+        "the alerts fire at the first aggregator",
         Duration::from_secs(60),
-        || !firing("always").is_empty(),
+        || !firing("always").is_empty() && !firing("full").is_empty(),
     );
     let (agg_p, http_p) =
         start_agg_with(&d.0, &pref, &ch, "preferred", true, &["--config", &cfg_s]);
@@ -689,17 +692,37 @@ fn a_sensor_that_moves_between_aggregators_raises_no_silence_and_no_duplicate_al
         got.iter().all(|b| b["rule"] != "silent"),
         "a host_silent notification for a host that moved: {got:?}"
     );
-    assert_eq!(
-        firing("always").len(),
-        1,
-        "the still-firing alert was notified again: {got:?}"
-    );
+    for rule in ["always", "full"] {
+        assert_eq!(
+            firing(rule).len(),
+            1,
+            "the still-firing alert {rule} was notified again: {got:?}"
+        );
+        assert!(
+            got.iter()
+                .all(|b| b["rule"] != rule || b["status"] != "resolved"),
+            "{rule} resolved while its condition holds: {got:?}"
+        );
+    }
     assert!(agg_o
         .log_text()
         .contains("host moved to another aggregator"));
-    assert!(agg_p
-        .log_text()
-        .contains("took over the host's firing alerts"));
+    let log = agg_p.log_text();
+    let took = log
+        .lines()
+        .find(|l| l.contains("took over the host's firing alerts"))
+        .unwrap_or_else(|| panic!("no take-over at the preferred aggregator:\n{log}"));
+    let replayed: u64 = took
+        .split("history_samples=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    eprintln!("[move] {took}");
+    assert!(
+        replayed >= 8,
+        "the statistical alert's detector replayed {replayed} samples of history"
+    );
     assert!(s.stop().success());
     drop(agg_p);
     drop(agg_o);

@@ -179,62 +179,70 @@ pub async fn clickhouse_samples(args: &Args, cfg: &Config, rules: &[Rule]) -> Re
         format!("_{}", args.tier)
     };
     let mut out = Vec::new();
+    for q in history_queries(db, rules, |_| true, host, from, to, &suffix, true) {
+        let text = ch(
+            &client,
+            &url,
+            cfg,
+            &format!("{} FORMAT TabSeparated", q.sql),
+        )
+        .await?;
+        out.extend(parse_history(&q, rules, host, &text));
+    }
+    out.sort_by_key(|s| s.ts_ms);
+    Ok(out)
+}
+
+/// One query of a host's history for one rule (read as TabSeparated).
+pub struct HistoryQuery {
+    pub rule: usize,
+    /// Without a FORMAT clause.
+    pub sql: String,
+    /// None: latency histograms (rebuilt, the live code computes the statistic);
+    /// otherwise the label columns before the value.
+    labels: Option<Vec<&'static str>>,
+}
+
+/// The queries that read `host`'s history in [from, to) (Unix seconds) for the rules
+/// `want` selects, from the raw tables (`suffix` empty) or a tier (`_1m`, `_1h`). Absence
+/// rules have no history; rules over several series are skipped (said on stderr when
+/// `tell`). `host` must hold no quote (callers check).
+#[allow(clippy::too_many_arguments)]
+pub fn history_queries(
+    db: &str,
+    rules: &[Rule],
+    want: impl Fn(usize) -> bool,
+    host: &str,
+    from: u64,
+    to: u64,
+    suffix: &str,
+    tell: bool,
+) -> Vec<HistoryQuery> {
+    let mut out = Vec::new();
     for (ri, r) in rules.iter().enumerate() {
         let Some(spec) = &r.series else { continue };
-        if r.is_absence() {
+        if r.is_absence() || !want(ri) {
             continue;
         }
         if !r.more_series.is_empty() {
-            eprintln!(
-                "backtest: rule {:?} reads several series at once; it is evaluated live and by `aggregator evaluate`, not replayed here",
-                r.name
-            );
+            if tell {
+                eprintln!(
+                    "backtest: rule {:?} reads several series at once; it is evaluated live and by `aggregator evaluate`, not replayed here",
+                    r.name
+                );
+            }
             continue;
         }
         let window =
             format!("host = '{host}' AND ts >= toDateTime({from}) AND ts < toDateTime({to})");
         if let SeriesSpec::Latency { .. } = spec {
-            // Rebuild the histograms and let the live code compute the statistic.
-            let sql = format!(
-                "SELECT toUInt32(ts), source, unit, count, sum, bucket_upper, bucket_count FROM {db}.latency{suffix} WHERE {window} ORDER BY ts FORMAT TabSeparated"
-            );
-            let text = ch(&client, &url, cfg, &sql).await?;
-            for line in text.lines() {
-                let f: Vec<&str> = line.split('\t').collect();
-                if f.len() < 7 {
-                    continue;
-                }
-                let uppers = parse_array(f[5]);
-                let counts = parse_array(f[6]);
-                let rec = protocol::LatencyRec {
-                    source: f[1].to_string(),
-                    unit: f[2].to_string(),
-                    count: f[3].parse().unwrap_or(0),
-                    sum: f[4].parse().unwrap_or(0),
-                    buckets: uppers
-                        .iter()
-                        .zip(&counts)
-                        .map(|(u, c)| protocol::BucketRec {
-                            index: u.trailing_zeros(),
-                            count: *c,
-                        })
-                        .collect(),
-                };
-                let snap = protocol::Snapshot {
-                    latency: vec![rec],
-                    ..Default::default()
-                };
-                let ts = f[0].parse::<u64>().unwrap_or(0) * 1000;
-                spec.for_each(&snap, |labels, v| {
-                    out.push(Sample {
-                        ts_ms: ts,
-                        rule: ri,
-                        host: host.to_string(),
-                        labels: labels.iter().map(|(k, v)| (*k, v.to_string())).collect(),
-                        value: v,
-                    })
-                });
-            }
+            out.push(HistoryQuery {
+                rule: ri,
+                sql: format!(
+                    "SELECT toUInt32(ts), source, unit, count, sum, bucket_upper, bucket_count FROM {db}.latency{suffix} WHERE {window} ORDER BY ts"
+                ),
+                labels: None,
+            });
             continue;
         }
         let (table, labels, expr) = sql_for(spec);
@@ -242,30 +250,82 @@ pub async fn clickhouse_samples(args: &Args, cfg: &Config, rules: &[Rule]) -> Re
             .iter()
             .map(|l| format!(", toString(`{l}`)"))
             .collect();
-        let sql = format!(
-            "SELECT toUInt32(ts){label_sql}, toFloat64({expr}) FROM {db}.{table}{suffix} WHERE {window} ORDER BY ts FORMAT TabSeparated"
-        );
-        let text = ch(&client, &url, cfg, &sql).await?;
+        out.push(HistoryQuery {
+            rule: ri,
+            sql: format!(
+                "SELECT toUInt32(ts){label_sql}, toFloat64({expr}) FROM {db}.{table}{suffix} WHERE {window} ORDER BY ts"
+            ),
+            labels: Some(labels),
+        });
+    }
+    out
+}
+
+/// The samples in a [`HistoryQuery`]'s TabSeparated answer.
+pub fn parse_history(q: &HistoryQuery, rules: &[Rule], host: &str, text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    let ri = q.rule;
+    let Some(spec) = &rules[ri].series else {
+        return out;
+    };
+    let Some(labels) = &q.labels else {
+        // Rebuild the histograms and let the live code compute the statistic.
         for line in text.lines() {
             let f: Vec<&str> = line.split('\t').collect();
-            if f.len() != labels.len() + 2 {
+            if f.len() < 7 {
                 continue;
             }
-            out.push(Sample {
-                ts_ms: f[0].parse::<u64>().unwrap_or(0) * 1000,
-                rule: ri,
-                host: host.to_string(),
-                labels: labels
+            let uppers = parse_array(f[5]);
+            let counts = parse_array(f[6]);
+            let rec = protocol::LatencyRec {
+                source: f[1].to_string(),
+                unit: f[2].to_string(),
+                count: f[3].parse().unwrap_or(0),
+                sum: f[4].parse().unwrap_or(0),
+                buckets: uppers
                     .iter()
-                    .zip(&f[1..])
-                    .map(|(k, v)| (*k, v.to_string()))
+                    .zip(&counts)
+                    .map(|(u, c)| protocol::BucketRec {
+                        index: u.trailing_zeros(),
+                        count: *c,
+                    })
                     .collect(),
-                value: f[f.len() - 1].parse().unwrap_or(f64::NAN),
+            };
+            let snap = protocol::Snapshot {
+                latency: vec![rec],
+                ..Default::default()
+            };
+            let ts = f[0].parse::<u64>().unwrap_or(0) * 1000;
+            spec.for_each(&snap, |labels, v| {
+                out.push(Sample {
+                    ts_ms: ts,
+                    rule: ri,
+                    host: host.to_string(),
+                    labels: labels.iter().map(|(k, v)| (*k, v.to_string())).collect(),
+                    value: v,
+                })
             });
         }
+        return out;
+    };
+    for line in text.lines() {
+        let f: Vec<&str> = line.split('\t').collect();
+        if f.len() != labels.len() + 2 {
+            continue;
+        }
+        out.push(Sample {
+            ts_ms: f[0].parse::<u64>().unwrap_or(0) * 1000,
+            rule: ri,
+            host: host.to_string(),
+            labels: labels
+                .iter()
+                .zip(&f[1..])
+                .map(|(k, v)| (*k, v.to_string()))
+                .collect(),
+            value: f[f.len() - 1].parse().unwrap_or(f64::NAN),
+        });
     }
-    out.sort_by_key(|s| s.ts_ms);
-    Ok(out)
+    out
 }
 
 /// Feeds samples through the engine in time order. Returns the alert events and, per

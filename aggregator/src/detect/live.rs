@@ -48,7 +48,8 @@ pub async fn run(
                 }
                 dedup.insert(&a.host, &a.batch.boot_id, a.batch.seq);
                 if !engine.knows_host(&a.host) {
-                    take_over(&mut engine, &store, &a.host).await;
+                    let first = a.batch.snapshots.iter().map(|s| s.ts_ms).min().unwrap_or_else(now_ms);
+                    take_over(&mut engine, &store, &a.host, first).await;
                 }
                 engine.observe_batch(&a.host, &a.batch, now_ms(), &mut out);
                 Some(a.at)
@@ -89,13 +90,17 @@ const QUIET_MS: u64 = 8_000;
 
 /// A host this engine does not know started sending here: take over its firing alerts
 /// from the alerts table (another aggregator's, or this one's before a restart), so that
-/// a still-firing alert is not notified again and its resolution comes from here.
-async fn take_over(engine: &mut Engine, store: &StoreHandle, host: &str) {
+/// a still-firing alert is not notified again and its resolution comes from here. The
+/// detectors of statistical rules with a firing alert first replay the host's last hour
+/// from ClickHouse (before `before_ms`, the first sample of the batch that arrived), so
+/// that they resolve the alert when the aggregator it came from would have.
+async fn take_over(engine: &mut Engine, store: &StoreHandle, host: &str, before_ms: u64) {
     let Some(store) = store.get() else { return };
     match tokio::time::timeout(Duration::from_secs(2), store.open_alerts(host)).await {
         Ok(Ok(open)) if !open.is_empty() => {
+            let warmed = warm_from_history(engine, &store, host, &open, before_ms).await;
             let n = engine.adopt(host, &open, now_ms());
-            tracing::info!(%host, alerts = n, "took over the host's firing alerts from the alerts table");
+            tracing::info!(%host, alerts = n, history_samples = warmed, "took over the host's firing alerts from the alerts table");
         }
         Ok(Ok(_)) => {}
         Ok(Err(e)) => {
@@ -105,6 +110,78 @@ async fn take_over(engine: &mut Engine, store: &StoreHandle, host: &str) {
             tracing::warn!(%host, "reading the host's open alerts timed out; a still-firing alert may be notified again")
         }
     }
+}
+
+/// How much of a host's history the detectors of its taken-over statistical alerts replay.
+const TAKEOVER_HISTORY_S: u64 = 3600;
+
+/// Replays `host`'s stored history of the statistical rules among `open` into their
+/// detectors (no lifecycle, no notification). Returns the samples replayed; 0 when there
+/// is nothing to replay or ClickHouse does not answer in time (the alerts are then taken
+/// over with fresh detectors, which may resolve them early).
+async fn warm_from_history(
+    engine: &mut Engine,
+    store: &Store,
+    host: &str,
+    open: &[super::OpenAlert],
+    before_ms: u64,
+) -> usize {
+    let wanted: Vec<usize> = engine
+        .rules()
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.is_statistical() && open.iter().any(|a| a.rule == r.name))
+        .map(|(i, _)| i)
+        .collect();
+    // A host name is spliced into SQL: none that could change the statement.
+    if wanted.is_empty() || host.contains(['\'', '\\', '?']) {
+        return 0;
+    }
+    let to = before_ms / 1000;
+    let qs = super::backtest::history_queries(
+        &store.db,
+        engine.rules(),
+        |ri| wanted.contains(&ri),
+        host,
+        to.saturating_sub(TAKEOVER_HISTORY_S),
+        to,
+        "",
+        false,
+    );
+    let mut samples = Vec::new();
+    for q in &qs {
+        let read = tokio::time::timeout(Duration::from_secs(5), async {
+            store
+                .client
+                .query(&q.sql)
+                .fetch_bytes("TabSeparated")?
+                .collect()
+                .await
+        })
+        .await;
+        match read {
+            Ok(Ok(bytes)) => samples.extend(super::backtest::parse_history(
+                q,
+                engine.rules(),
+                host,
+                &String::from_utf8_lossy(&bytes),
+            )),
+            Ok(Err(e)) => {
+                tracing::warn!(%host, error = %e, "cannot read the host's history; its statistical alerts are taken over without it and may resolve early");
+                return 0;
+            }
+            Err(_) => {
+                tracing::warn!(%host, "reading the host's history timed out; its statistical alerts are taken over without it and may resolve early");
+                return 0;
+            }
+        }
+    }
+    samples.sort_by_key(|s| s.ts_ms);
+    for s in &samples {
+        let labels: Vec<(&str, &str)> = s.labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        engine.warm(s.rule, host, &labels, s.ts_ms, s.value);
+    }
+    samples.len()
 }
 
 /// Several aggregators: a host that went quiet here while another aggregator stored its

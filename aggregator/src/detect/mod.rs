@@ -424,6 +424,38 @@ impl Engine {
         verdict
     }
 
+    /// Feeds one sample of history to a series' detector without its alert lifecycle:
+    /// nothing fires, pends or resolves, nothing is notified. Used before taking a host's
+    /// alerts over (see [`Engine::adopt`]), so that a statistical detector judges the next
+    /// sample against the host's recent past rather than starting from nothing.
+    pub fn warm(
+        &mut self,
+        rule_idx: usize,
+        host: &str,
+        labels: &[(&str, &str)],
+        ts_ms: u64,
+        value: f64,
+    ) {
+        let rule = &self.rules[rule_idx];
+        if !matches(rule, host, labels, self.host_labels.get(host)) {
+            return;
+        }
+        let key = series_key(rule, host, labels);
+        let s = self.series.entry(key).or_insert_with(|| {
+            let mut l: Vec<(String, String)> = vec![("host".into(), host.into())];
+            l.extend(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            if let Some(sp) = &rule.series {
+                l.push(("series".into(), sp.name()));
+            }
+            SeriesState::new(rule_idx, host, l, rule.new_detector(key), ts_ms)
+        });
+        if let Some(d) = &mut s.det {
+            s.last_verdict = Some(d.eval(ts_ms, value));
+            s.last_value = value;
+            s.last_seen_ms = ts_ms;
+        }
+    }
+
     /// Evaluates a multi-series rule (a `forest` over several of one host's series) on one
     /// vector of values taken at one time.
     pub fn observe_vector(
@@ -633,15 +665,28 @@ impl Engine {
                 .map(|(k, v)| (k.as_str(), v.as_str()))
                 .collect();
             let key = series_key(rule, host, &series_labels);
-            if self.series.contains_key(&key) {
-                continue;
+            match self.series.get_mut(&key) {
+                // Warmed from history (`warm`): the detector is kept, the alert taken over.
+                Some(s) if s.adopted.is_none() && matches!(s.phase, Phase::Inactive) => {
+                    s.phase = phase;
+                    s.severity = severity;
+                    s.adopted = Some((a.starts_at_ms, a.id.clone()));
+                }
+                Some(_) => continue,
+                None => {
+                    let mut s = SeriesState::new(
+                        ri,
+                        host,
+                        a.labels.clone(),
+                        rule.new_detector(key),
+                        now_ms,
+                    );
+                    s.phase = phase;
+                    s.severity = severity;
+                    s.adopted = Some((a.starts_at_ms, a.id.clone()));
+                    self.series.insert(key, s);
+                }
             }
-            let mut s =
-                SeriesState::new(ri, host, a.labels.clone(), rule.new_detector(key), now_ms);
-            s.phase = phase;
-            s.severity = severity;
-            s.adopted = Some((a.starts_at_ms, a.id.clone()));
-            self.series.insert(key, s);
             n += 1;
         }
         n
@@ -859,6 +904,81 @@ mod tests {
     }
 
     /// A host moves from aggregator A to B: A forgets it without a host_silent alert; B
+    /// A statistical alert taken over: warmed from the host's history first, the new
+    /// aggregator resolves it when the one it came from would have; taken over cold (a
+    /// detector with no history), it resolves early, while the condition still holds.
+    #[test]
+    fn a_statistical_alert_taken_over_with_history_resolves_when_the_original_would() {
+        let text = "[[rule]]\nname = \"slow\"\nkind = \"mad\"\nseries = \"disk.w_await_ms\"\n\
+                    threshold = 6\nwindow = 120\nmin_samples = 30\nfor = \"5s\"\n";
+        let l = [("device", "sda")];
+        // Noise around 10 ms for 10 minutes, then 60 ms from then on.
+        let value = |t: u64| -> f64 {
+            let noise = ((t * 7919) % 13) as f64 / 13.0 - 0.5;
+            if t < 600 {
+                10.0 + noise
+            } else {
+                60.0 + noise
+            }
+        };
+        let mut a = Engine::new(rules(text));
+        let mut out = Vec::new();
+        let mut history = Vec::new();
+        let mut fired = None;
+        for t in 0..640u64 {
+            a.observe(0, "h", &l, t * 1000, value(t), &mut out);
+            history.push((t * 1000, value(t)));
+            if let Some(e) = out.iter().find(|e| e.state == "firing") {
+                fired.get_or_insert(e.clone());
+            }
+        }
+        let fired = fired.expect("the shift fires on A");
+        let open = OpenAlert {
+            id: fired.id.clone(),
+            rule: "slow".into(),
+            labels: fired.labels.clone(),
+            severity: fired.severity.to_string(),
+            starts_at_ms: fired.starts_at_ms / 1000 * 1000,
+        };
+        // From t = 640 the host sends elsewhere: A (had it stayed), B warmed, C cold.
+        let mut b = Engine::new(rules(text));
+        for (ts, v) in &history {
+            b.warm(0, "h", &l, *ts, *v);
+        }
+        assert_eq!(b.adopt("h", &[open.clone()], 640_000), 1);
+        let mut c = Engine::new(rules(text));
+        assert_eq!(c.adopt("h", &[open], 640_000), 1);
+        let resolved_at = |e: &mut Engine| -> Option<u64> {
+            let mut out = Vec::new();
+            for t in 640..900u64 {
+                e.observe(0, "h", &l, t * 1000, value(t), &mut out);
+                if let Some(r) = out.iter().find(|e| e.state == "resolved") {
+                    assert_eq!(r.id, fired.id, "resolved under the id it fired with");
+                    return Some(t);
+                }
+                assert!(
+                    out.iter().all(|e| e.state != "firing"),
+                    "no second firing: {out:?}"
+                );
+            }
+            None
+        };
+        let (ta, tb, tc) = (
+            resolved_at(&mut a),
+            resolved_at(&mut b),
+            resolved_at(&mut c),
+        );
+        assert!(
+            ta.is_some(),
+            "the shift resolves on A once the window holds the new level"
+        );
+        assert_eq!(tb, ta, "warmed from history: resolved when A would have");
+        assert!(
+            tc.is_some_and(|tc| tc < ta.unwrap()),
+            "cold: resolved early ({tc:?} against {ta:?})"
+        );
+    }
+
     /// takes its firing alerts over (no new "firing"), and resolves them under their ids.
     #[test]
     fn a_host_that_moves_is_handed_over_without_new_notifications() {
