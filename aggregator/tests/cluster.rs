@@ -377,11 +377,76 @@ fn cluster_two_shards_two_aggregators_failover_exactly_once() {
         },
     );
     std::thread::sleep(Duration::from_secs(10));
+    assert_exact("ZooKeeper down 30 s", &urls[0], &hosts, 150);
+
+    // 5. A shard added (one server) under load: it joins `remote_servers` everywhere, an
+    // aggregator restarted finds a server without the schema and creates it there; the
+    // hosts that hash to the new shard store there from then on.
+    let t0 = Instant::now();
+    let shard = cl.add_shard(1).unwrap_or_else(|e| panic!("{e}"));
+    let url3 = cl.server(shard, 1).url();
+    wait_until(
+        "the new shard in remote_servers",
+        Duration::from_secs(60),
+        || {
+            q(
+                &urls[0],
+                "SELECT count() FROM system.clusters WHERE cluster = 'sonde'",
+            )
+            .trim()
+                == "5"
+        },
+    );
+    a.p.signal(libc::SIGTERM);
+    let _ = a.p.child.wait();
+    a = start_agg(&d.0, &la, &urls[0], "a-shard", 1, true);
+    eprintln!(
+        "[add a shard] schema on the new shard after {:?}",
+        t0.elapsed()
+    );
+    assert!(std::fs::read_to_string(&a.p.log)
+        .unwrap_or_default()
+        .contains("servers of the cluster without the schema"));
+    let tables = |u: &str| {
+        q(
+            u,
+            "SELECT count() FROM system.tables WHERE database = 'sonde'",
+        )
+    };
+    assert_eq!(tables(&url3), tables(&urls[0]), "the new shard's tables");
+    // Which of the hosts the sharding key sends to the third shard (weights 1, 1, 1).
+    let names: Vec<String> = hosts.iter().map(|h| format!("'{h}'")).collect();
+    let to_new = q(
+        &urls[0],
+        &format!(
+            "SELECT count() FROM (SELECT arrayJoin([{}]) AS h) WHERE sipHash64(h) % 3 = 2",
+            names.join(",")
+        ),
+    );
+    let n0: Vec<u64> = hosts.iter().map(|h| seconds(&urls[0], h)).collect();
+    wait_until("ingest on three shards", Duration::from_secs(120), || {
+        hosts
+            .iter()
+            .enumerate()
+            .all(|(i, h)| seconds(&urls[0], h) > n0[i] + 15)
+    });
+    let on_new = q(&url3, "SELECT uniqExact(host) FROM sonde.cpu_local");
+    eprintln!(
+        "[add a shard] hosts the key sends to the new shard: {}, hosts with rows there: {}",
+        to_new.trim(),
+        on_new.trim()
+    );
+    assert_eq!(
+        on_new.trim(),
+        to_new.trim(),
+        "hosts storing on the new shard"
+    );
+    assert_schema_once(&urls);
     for s in &mut sensors {
         assert!(s.stop().success());
     }
     std::thread::sleep(Duration::from_secs(3));
-    assert_exact("ZooKeeper down 30 s", &urls[0], &hosts, 150);
+    assert_exact("a shard added", &urls[0], &hosts, 180);
     drop(b);
     drop(a);
 }

@@ -181,6 +181,24 @@ pub struct Engine {
     pub evaluations: u64,
 }
 
+/// The state of a series seen for the first time: its labels (`host`, the series' own,
+/// `series`) and a fresh detector.
+fn new_series(
+    rule: &Rule,
+    rule_idx: usize,
+    host: &str,
+    labels: &[(&str, &str)],
+    key: u64,
+    ts_ms: u64,
+) -> SeriesState {
+    let mut l: Vec<(String, String)> = vec![("host".into(), host.into())];
+    l.extend(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    if let Some(sp) = &rule.series {
+        l.push(("series".into(), sp.name()));
+    }
+    SeriesState::new(rule_idx, host, l, rule.new_detector(key), ts_ms)
+}
+
 fn series_key(rule: &Rule, host: &str, labels: &[(&str, &str)]) -> u64 {
     let mut h = fnv();
     h.write(rule.name.as_bytes());
@@ -393,14 +411,7 @@ impl Engine {
         let key = series_key(rule, host, labels);
         let mut s = match self.series.remove(&key) {
             Some(s) => s,
-            None => {
-                let mut l: Vec<(String, String)> = vec![("host".into(), host.into())];
-                l.extend(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-                if let Some(sp) = &rule.series {
-                    l.push(("series".into(), sp.name()));
-                }
-                SeriesState::new(rule_idx, host, l, rule.new_detector(key), ts_ms)
-            }
+            None => new_series(rule, rule_idx, host, labels, key, ts_ms),
         };
         self.evaluations += 1;
         s.last_seen_ms = ts_ms;
@@ -441,14 +452,10 @@ impl Engine {
             return;
         }
         let key = series_key(rule, host, labels);
-        let s = self.series.entry(key).or_insert_with(|| {
-            let mut l: Vec<(String, String)> = vec![("host".into(), host.into())];
-            l.extend(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-            if let Some(sp) = &rule.series {
-                l.push(("series".into(), sp.name()));
-            }
-            SeriesState::new(rule_idx, host, l, rule.new_detector(key), ts_ms)
-        });
+        let s = self
+            .series
+            .entry(key)
+            .or_insert_with(|| new_series(rule, rule_idx, host, labels, key, ts_ms));
         if let Some(d) = &mut s.det {
             s.last_verdict = Some(d.eval(ts_ms, value));
             s.last_value = value;

@@ -338,6 +338,41 @@ impl LocalCluster {
         self.wait_server(i)
     }
 
+    /// Adds a shard of `replicas` new servers: starts them with the cluster's new
+    /// `remote_servers`, and rewrites that of every running server (ClickHouse reloads it
+    /// within seconds). Returns the new shard's number. The new servers have no tables: an
+    /// aggregator creates them when it next starts (`aggregator run` checks every server).
+    pub fn add_shard(&mut self, replicas: usize) -> Res<usize> {
+        let shard = self.servers.iter().map(|s| s.shard).max().unwrap_or(0) + 1;
+        let first = self.servers.len();
+        for r in 1..=replicas {
+            self.servers.push(Server {
+                shard,
+                replica: r,
+                http_port: free_port()?,
+                tcp_port: free_port()?,
+                inter_port: free_port()?,
+                dir: self.dir.join(format!("s{shard}r{r}")),
+                child: None,
+            });
+        }
+        for i in 0..first {
+            std::fs::write(
+                self.servers[i].dir.join("config.d/cluster.xml"),
+                self.overrides(i),
+            )
+            .map_err(|e| e.to_string())?;
+        }
+        for i in first..self.servers.len() {
+            self.write_config(i)?;
+            self.spawn_server(i)?;
+        }
+        for i in first..self.servers.len() {
+            self.wait_server(i)?;
+        }
+        Ok(shard)
+    }
+
     /// Process ids of ZooKeeper and the servers (for CPU accounting).
     pub fn pids(&self) -> Vec<u32> {
         self.zk

@@ -217,6 +217,17 @@ impl Store {
             let r = store.migrate_locked(&lock, &ddl, !applied.is_empty()).await;
             lock.release(&store).await;
             r?;
+        } else if store.cluster.is_some() {
+            // A shard or replica added to `remote_servers` since the schema was created:
+            // its servers have no tables yet.
+            let bare = store.servers_without_schema(cfg).await;
+            if !bare.is_empty() {
+                tracing::info!(servers = %bare.join(", "), "servers of the cluster without the schema (a new shard or replica): creating it there");
+                let lock = lock::MigrationLock::acquire(&store, &lock_holder()).await?;
+                let r = store.complete_schema(&lock, &ddl, cfg).await;
+                lock.release(&store).await;
+                r?;
+            }
         }
         store.apply_ttl().await?;
         tracing::info!(%version, modern, database = %cfg.database, schema = SCHEMA_VERSION, "ClickHouse schema current");
@@ -310,6 +321,81 @@ impl Store {
             }
             self.record_migration(v, &name).await?;
         }
+        Ok(())
+    }
+
+    /// On a cluster: the servers (host:port) with fewer tables in the database than the
+    /// server with the most, read through `remote()`. A server that does not answer is
+    /// left out (a replica down must not stop a start).
+    async fn servers_without_schema(&self, cfg: &ClickHouseConfig) -> Vec<String> {
+        #[derive(Row, Deserialize)]
+        struct S {
+            host_name: String,
+            port: u16,
+        }
+        let Some(cluster) = &self.cluster else {
+            return Vec::new();
+        };
+        let servers: Vec<S> = match self
+            .client
+            .query("SELECT host_name, port FROM system.clusters WHERE cluster = ?")
+            .bind(cluster)
+            .fetch_all()
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the cluster's servers; not checking that each has the schema");
+                return Vec::new();
+            }
+        };
+        let q = |s: &str| s.replace('\\', "\\\\").replace('\'', "\\'");
+        let auth = if cfg.user.is_empty() {
+            String::new()
+        } else {
+            format!(", '{}', '{}'", q(&cfg.user), q(&cfg.password))
+        };
+        let mut counts = Vec::new();
+        for s in servers {
+            let addr = format!("{}:{}", s.host_name, s.port);
+            let sql = format!(
+                "SELECT count() FROM remote('{}', system, tables{auth}) WHERE database = '{}'",
+                q(&addr),
+                q(&self.db)
+            );
+            match self.client.query(&sql).fetch_one::<u64>().await {
+                Ok(n) => counts.push((addr, n)),
+                Err(e) => {
+                    tracing::debug!(server = %addr, error = %e, "cannot count a server's tables")
+                }
+            }
+        }
+        let most = counts.iter().map(|c| c.1).max().unwrap_or(0);
+        counts
+            .into_iter()
+            .filter(|c| c.1 < most)
+            .map(|c| c.0)
+            .collect()
+    }
+
+    /// Creates the current schema on the servers that lack it (`CREATE … IF NOT EXISTS ON
+    /// CLUSTER`: the others already have every table), under the schema lock.
+    async fn complete_schema(
+        &self,
+        lock: &lock::MigrationLock,
+        ddl: &schema::Ddl<'_>,
+        cfg: &ClickHouseConfig,
+    ) -> Result<()> {
+        if self.servers_without_schema(cfg).await.is_empty() {
+            return Ok(());
+        }
+        for s in ddl.current_schema() {
+            lock.check(self).await?;
+            self.exec_ddl(&s)
+                .await
+                .with_context(|| format!("creating the schema on new servers failed on:\n{s}"))?;
+        }
+        tracing::info!("schema created on the cluster's new servers");
         Ok(())
     }
 
