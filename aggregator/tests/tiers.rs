@@ -215,6 +215,15 @@ fn tiers_hold_exact_aggregates_from_backfill_and_live_inserts_and_keep_their_ret
             ),
         );
     }
+    // A schema lock its holder left 5 minutes ago (it died while migrating): taken over.
+    query(
+        &agg,
+        "CREATE TABLE sonde.schema_lock_g1 (`holder` String, `beat` DateTime) ENGINE = MergeTree() ORDER BY beat",
+    );
+    query(
+        &agg,
+        "INSERT INTO sonde.schema_lock_g1 VALUES ('dead-aggregator', now() - 300)",
+    );
     drop(agg);
 
     // This release: migration 6 creates the tiers; the backfill fills them in the
@@ -232,6 +241,18 @@ fn tiers_hold_exact_aggregates_from_backfill_and_live_inserts_and_keep_their_ret
     assert!(
         log.contains("version=6") && log.contains("rollup tiers: backfilled"),
         "{log}"
+    );
+    assert!(
+        log.contains("taking it over") && log.contains("lock=sonde.schema_lock_g2"),
+        "the stale schema lock taken over: {log}"
+    );
+    assert_eq!(
+        count(
+            &agg,
+            "SELECT count() FROM system.tables WHERE database = 'sonde' AND name LIKE 'schema_lock%'"
+        ),
+        0,
+        "a schema lock left behind"
     );
     assert_eq!(
         count(

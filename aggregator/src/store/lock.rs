@@ -39,8 +39,8 @@ pub const FENCE_POLL: Duration = Duration::from_secs(1);
 pub const FENCE_GRACE: Duration = Duration::from_secs(10);
 
 /// One lock table as read from the server: its generation, its holder (empty before the
-/// first beat) and the seconds since its newest beat (or since it was created, whichever
-/// is more recent).
+/// first beat) and the seconds since its newest beat (before the first beat: since the
+/// table was created).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LockState {
     pub gen: u32,
@@ -98,13 +98,13 @@ pub async fn read(store: &Store) -> Result<Vec<LockState>> {
         #[derive(Row, Deserialize)]
         struct B {
             holder: String,
+            beats: u64,
             age: u32,
         }
-        // An empty table gives the epoch: its age is then the table's own.
         let beat: Result<B, _> = store
             .client
             .query(&format!(
-                "SELECT argMax(holder, beat) AS holder, toUInt32(greatest(toInt64(now()) - toInt64(max(beat)), 0)) AS age FROM {}.{}",
+                "SELECT argMax(holder, beat) AS holder, count() AS beats, toUInt32(greatest(toInt64(now()) - toInt64(max(beat)), 0)) AS age FROM {}.{}",
                 store.db, t.name
             ))
             .fetch_one()
@@ -113,7 +113,8 @@ pub async fn read(store: &Store) -> Result<Vec<LockState>> {
             Ok(b) => out.push(LockState {
                 gen,
                 holder: b.holder,
-                age_s: b.age.min(t.age),
+                // Before its first beat (written right after the table), the table's age.
+                age_s: if b.beats == 0 { t.age } else { b.age },
             }),
             // Dropped between the two reads: released.
             Err(e) if format!("{e:#}").contains("doesn't exist") => {}
