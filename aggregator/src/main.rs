@@ -515,6 +515,7 @@ async fn run(cfg: Config) -> Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(30), writer).await;
     retention.abort();
     let _ = http_task.await;
+    store.stop_background();
     if let Some(mut m) = managed {
         m.stop();
     }

@@ -496,8 +496,17 @@ fn aggregator_restart_mid_stream_loses_no_batch() {
     wait_until("two batches stored", Duration::from_secs(20), || {
         metric(&agg, "sonde_batches_stored_total") >= 2
     });
+    let t_stop = std::time::Instant::now();
     let st = agg.proc.stop();
     assert!(st.success(), "aggregator exit status {st}");
+    // A clean stop: the managed server exits on SIGTERM (nothing keeps querying it), it
+    // is not killed after waiting.
+    let log = agg.proc.log_text();
+    assert!(
+        log.contains("managed ClickHouse stopped") && !log.contains("killed"),
+        "the managed ClickHouse did not stop cleanly:\n{log}"
+    );
+    eprintln!("aggregator stopped in {:?}", t_stop.elapsed());
     // The sensor keeps collecting while the aggregator is away.
     std::thread::sleep(Duration::from_secs(7));
     let agg2 = start_aggregator(&d.0, port, "2");

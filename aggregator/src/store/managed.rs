@@ -164,6 +164,7 @@ impl Managed {
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
+            tracing::warn!("managed ClickHouse did not stop within 15 s of SIGTERM; killed");
             let _ = self.child.kill();
             let _ = self.child.wait();
         }

@@ -28,6 +28,8 @@ use std::sync::Arc;
 pub struct StoreHandle {
     rx: tokio::sync::watch::Receiver<Option<Store>>,
     why: Arc<std::sync::Mutex<String>>,
+    /// Tasks that query the store for as long as it is open (the schema-lock watch).
+    background: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
 impl StoreHandle {
@@ -48,6 +50,14 @@ impl StoreHandle {
         }
     }
 
+    /// Stops the tasks that query the store in the background: at shutdown, before the
+    /// managed server is stopped (a query every second would keep it from exiting).
+    pub fn stop_background(&self) {
+        for t in self.background.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+
     /// Why the store is not open yet (empty once it is).
     pub fn why(&self) -> String {
         self.why.lock().unwrap().clone()
@@ -59,6 +69,7 @@ impl StoreHandle {
         StoreHandle {
             rx,
             why: Default::default(),
+            background: Default::default(),
         }
     }
 }
@@ -78,6 +89,8 @@ pub fn open_in_background(
         "connecting to ClickHouse at {url}"
     )));
     let why2 = why.clone();
+    let background: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Default::default();
+    let bg = background.clone();
     tokio::spawn(async move {
         let mut failures = 0u32;
         loop {
@@ -91,7 +104,8 @@ pub fn open_in_background(
                     }
                     metrics.clickhouse_down.store(0, Relaxed);
                     why2.lock().unwrap().clear();
-                    tokio::spawn(lock::watch(store.clone(), store.fenced.clone()));
+                    let w = tokio::spawn(lock::watch(store.clone(), store.fenced.clone()));
+                    bg.lock().unwrap().push(w.abort_handle());
                     let _ = tx.send(Some(store));
                     return;
                 }
@@ -110,7 +124,11 @@ pub fn open_in_background(
             }
         }
     });
-    StoreHandle { rx, why }
+    StoreHandle {
+        rx,
+        why,
+        background,
+    }
 }
 
 #[derive(Clone)]
