@@ -309,12 +309,7 @@ impl Store {
                 schema = SCHEMA_VERSION,
                 "new cluster: creating the current schema ON CLUSTER"
             );
-            for s in ddl.current_schema() {
-                lock.check(self).await?;
-                self.exec_ddl(&s).await.with_context(|| {
-                    format!("creating the schema on the cluster failed on:\n{s}")
-                })?;
-            }
+            self.create_current_schema(lock, ddl).await?;
             for (v, name, _) in ddl.migrations() {
                 self.record_migration(v, &name).await?;
             }
@@ -407,13 +402,24 @@ impl Store {
         if self.servers_without_schema(cfg).await.is_empty() {
             return Ok(());
         }
+        self.create_current_schema(lock, ddl).await?;
+        tracing::info!("schema created on the cluster's new servers");
+        Ok(())
+    }
+
+    /// Runs the current schema's `CREATE … IF NOT EXISTS` statements (`ON CLUSTER` on a
+    /// cluster), checking before each that the lock is still this aggregator's.
+    async fn create_current_schema(
+        &self,
+        lock: &lock::MigrationLock,
+        ddl: &schema::Ddl<'_>,
+    ) -> Result<()> {
         for s in ddl.current_schema() {
             lock.check(self).await?;
             self.exec_ddl(&s)
                 .await
-                .with_context(|| format!("creating the schema on new servers failed on:\n{s}"))?;
+                .with_context(|| format!("creating the schema failed on:\n{s}"))?;
         }
-        tracing::info!("schema created on the cluster's new servers");
         Ok(())
     }
 
