@@ -74,6 +74,65 @@ impl StoreHandle {
     }
 }
 
+/// How often a running aggregator on a cluster looks for servers added to the cluster.
+const NEW_SERVER_POLL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// On a cluster: notices servers added to `remote_servers` while the aggregator runs (a new
+/// shard or replica; ClickHouse reloads that section without a restart) and creates the
+/// current schema there, under the schema lock, as a start does. Until then an insert whose
+/// rows the sharding key sends to a new shard fails and is retried (nothing is acked, so
+/// nothing is lost); without this, that lasted until some aggregator restarted. A failed
+/// attempt (the lock is another's, a server does not answer) is tried again at the next poll.
+async fn watch_new_servers(store: Store, cfg: ClickHouseConfig) {
+    let mut known = store.cluster_servers().await.ok();
+    loop {
+        tokio::time::sleep(NEW_SERVER_POLL).await;
+        let Ok(n) = store.cluster_servers().await else {
+            continue;
+        };
+        if known == Some(n) {
+            continue;
+        }
+        let bare = store.servers_without_schema(&cfg).await;
+        if bare.is_empty() {
+            known = Some(n);
+            continue;
+        }
+        tracing::info!(servers = %bare.join(", "), "servers of the cluster without the schema (a new shard or replica): creating it there");
+        // The database and `schema_migrations` first, as a start does: the lock is a
+        // table in the database, created on every server, and its `CREATE … ON CLUSTER`
+        // fails on a server without the database (leaving the lock on the others, stale
+        // only after 60 s); `schema_migrations` is not part of the current schema's
+        // statements, and a server without it would count one table short for ever.
+        let ddl = store.ddl();
+        let first = async {
+            store
+                .exec_ddl(&format!("CREATE DATABASE IF NOT EXISTS {}", store.db))
+                .await?;
+            store.exec_ddl(&ddl.migrations_table()).await
+        };
+        if let Err(e) = first.await {
+            tracing::warn!(error = %format!("{e:#}"), "cannot create the database on the cluster's new servers; trying again in {} s", NEW_SERVER_POLL.as_secs());
+            continue;
+        }
+        let lock = match lock::MigrationLock::acquire(&store, &lock_holder()).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::info!(error = %format!("{e:#}"), "not creating the schema on the new servers now; trying again in {} s", NEW_SERVER_POLL.as_secs());
+                continue;
+            }
+        };
+        let r = store.complete_schema(&lock, &ddl, &cfg).await;
+        lock.release(&store).await;
+        match r {
+            Ok(()) => known = Some(n),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "creating the schema on the cluster's new servers failed; trying again in {} s", NEW_SERVER_POLL.as_secs())
+            }
+        }
+    }
+}
+
 /// Opens the store (connect, create, migrate), retrying every 2 s while ClickHouse cannot
 /// be reached or refuses, so the aggregator does not depend on start order: meanwhile
 /// ingest is held (the writer waits; the bounded queue pushes back on the sensors, which
@@ -106,6 +165,10 @@ pub fn open_in_background(
                     why2.lock().unwrap().clear();
                     let w = tokio::spawn(lock::watch(store.clone(), store.fenced.clone()));
                     bg.lock().unwrap().push(w.abort_handle());
+                    if store.cluster.is_some() {
+                        let w = tokio::spawn(watch_new_servers(store.clone(), cfg.clone()));
+                        bg.lock().unwrap().push(w.abort_handle());
+                    }
                     let _ = tx.send(Some(store));
                     return;
                 }
@@ -391,6 +454,19 @@ impl Store {
             .collect()
     }
 
+    /// The number of servers (shards × replicas) `remote_servers` defines for the cluster.
+    async fn cluster_servers(&self) -> Result<u64> {
+        let Some(cluster) = &self.cluster else {
+            return Ok(0);
+        };
+        Ok(self
+            .client
+            .query("SELECT count() FROM system.clusters WHERE cluster = ?")
+            .bind(cluster)
+            .fetch_one::<u64>()
+            .await?)
+    }
+
     /// Creates the current schema on the servers that lack it (`CREATE … IF NOT EXISTS ON
     /// CLUSTER`: the others already have every table), under the schema lock.
     async fn complete_schema(
@@ -638,8 +714,22 @@ impl Store {
                 "recovery: rows of partly stored batches were already in ClickHouse; not inserted again"
             );
         }
+        // A batch in `uncertain` may have its `batches` row already: on a cluster an
+        // insert through a Distributed table that failed on one shard (a new shard still
+        // without the schema, a quorum not reached in time) has committed on the others.
+        let in_doubt = |(h, b, _): &&(&str, &Batch, u32)| {
+            uncertain.contains(&(h.to_string(), b.boot_id.clone(), b.seq))
+        };
+        let recorded = if batches.iter().any(|x| in_doubt(&x)) {
+            self.recorded(batches.iter().filter(in_doubt)).await?
+        } else {
+            Default::default()
+        };
         let br: Vec<BatchRow> = batches
             .iter()
+            .filter(|(host, b, _)| {
+                !recorded.contains(&(host.to_string(), b.boot_id.clone(), b.seq))
+            })
             .map(|(host, b, bytes)| BatchRow {
                 host,
                 sensor_boot_id: &b.boot_id,
@@ -662,6 +752,39 @@ impl Store {
             "insert round stored"
         );
         Ok(rows.len())
+    }
+
+    /// Which of `batches` already have their `batches` row.
+    async fn recorded<'b>(
+        &self,
+        batches: impl Iterator<Item = &'b (&'b str, &'b Batch, u32)>,
+    ) -> Result<std::collections::HashSet<(String, String, u64)>> {
+        let mut hosts = BTreeSet::new();
+        let mut seqs = BTreeSet::new();
+        let mut keys = std::collections::HashSet::new();
+        for (h, b, _) in batches {
+            hosts.insert(h.to_string());
+            seqs.insert(b.seq);
+            keys.insert((h.to_string(), b.boot_id.clone(), b.seq));
+        }
+        #[derive(Row, Deserialize)]
+        struct K {
+            host: String,
+            sensor_boot_id: String,
+            seq: u64,
+        }
+        let found: Vec<K> = self
+            .dedup_query("SELECT DISTINCT toString(host) AS host, sensor_boot_id, seq FROM batches WHERE has(?, toString(host)) AND has(?, seq)")
+            .bind(hosts.into_iter().collect::<Vec<_>>())
+            .bind(seqs.into_iter().collect::<Vec<_>>())
+            .fetch_all()
+            .await
+            .context("recovery check on batches")?;
+        Ok(found
+            .into_iter()
+            .map(|k| (k.host, k.sensor_boot_id, k.seq))
+            .filter(|k| keys.contains(k))
+            .collect())
     }
 
     /// Which of the (host, ts) keys already have rows in `table`.

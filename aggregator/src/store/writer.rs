@@ -383,12 +383,18 @@ async fn round(
                 // unreachable: "Table is in readonly mode") is an outage too.
                 let readonly = store.cluster.is_some()
                     && (text.contains("readonly mode") || text.contains("ZooKeeper"));
-                if readonly || !store.reachable().await {
+                // A server of the cluster without the schema (a shard or replica just added
+                // to `remote_servers`; `watch_new_servers` creates it there within seconds)
+                // is an outage too: the round is held, not failed back to its sensors.
+                let bare = store.cluster.is_some() && text.contains("doesn't exist");
+                if readonly || bare || !store.reachable().await {
                     // Outage: hold the round (and, through the bounded queue and
                     // QUIC flow control, the sensors) until ClickHouse returns.
                     if outage_since.is_none() {
                         let what = if readonly {
                             "ClickHouse cluster cannot write (replication coordinator unreachable: tables read-only)"
+                        } else if bare {
+                            "ClickHouse cluster cannot write (a server has no table: a new shard or replica whose schema is not created yet)"
                         } else {
                             "ClickHouse unreachable"
                         };
