@@ -79,10 +79,11 @@ const NEW_SERVER_POLL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// On a cluster: notices servers added to `remote_servers` while the aggregator runs (a new
 /// shard or replica; ClickHouse reloads that section without a restart) and creates the
-/// current schema there, under the schema lock, as a start does. Until then an insert whose
-/// rows the sharding key sends to a new shard fails and is retried (nothing is acked, so
-/// nothing is lost); without this, that lasted until some aggregator restarted. A failed
-/// attempt (the lock is another's, a server does not answer) is tried again at the next poll.
+/// current schema there, under the schema lock, as a start does. Until then an insert round
+/// with rows the sharding key sends to a new shard fails there and is held as in an outage
+/// (nothing is acked, sensors spool); before this, that lasted until some aggregator
+/// restarted. A failed attempt (the lock is another's, a server does not answer) is tried
+/// again at the next poll.
 async fn watch_new_servers(store: Store, cfg: ClickHouseConfig) {
     let mut known = store.cluster_servers().await.ok();
     loop {
