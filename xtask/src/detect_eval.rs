@@ -28,10 +28,7 @@ pub fn run_eval(record: bool, normal_minutes: u64) -> Result<()> {
     step("building the aggregator (debug, with sonde-aggregator and sonde-protocol optimised)");
     let mut cmd = Command::new("cargo");
     cmd.current_dir(&root)
-        // `--workspace`: features resolved as for the test suite's build, whose
-        // dependencies are then reused (with `-p sonde-aggregator` alone, ring, rustls,
-        // quinn and reqwest were built again: 2.3 min of this stage in CI).
-        .args(["build", "--workspace", "--bin", "aggregator"]);
+        .args(["build", "-p", "sonde-aggregator", "--bin", "aggregator"]);
     for krate in ["sonde-aggregator", "sonde-protocol"] {
         for setting in ["opt-level=3", "debug=false"] {
             cmd.arg("--config")
