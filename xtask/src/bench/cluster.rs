@@ -48,7 +48,8 @@ pub(super) fn cluster_section(dir: &Path, bin: PathBuf, quick: bool) -> Result<V
         let (rates, secs): (&[f64], u32) = if quick {
             (&[2.5e5], 6)
         } else if quorum > 1 {
-            (&[2.5e5, 5e5], 20)
+            // From 50,000 up: nothing at 250,000 or more was sustained here.
+            (&[5e4, 1e5, 2.5e5, 5e5], 20)
         } else {
             (&[5e5, 1e6, 1.5e6], 20)
         };
