@@ -524,8 +524,13 @@ fn sensor_restarts_keep_the_spool_and_kill9_loses_at_most_the_open_batch() {
     std::thread::sleep(Duration::from_secs(6));
     let term_at = now_s();
     assert!(s.stop().success());
+    // A restart ends when the new sensor is collecting, that is once its probes
+    // are loaded (seconds on a loaded machine), not when it was spawned.
+    let spawned1 = now_s();
     let mut s = start_sensor(&d.0, &listen, "s1", &[]);
+    s.wait_log("sensor starting", Duration::from_secs(30));
     let restart1 = now_s();
+    eprintln!("[sensor restarts] restart 1: spawned {spawned1}, collecting {restart1}");
     std::thread::sleep(Duration::from_secs(4));
     let (mut agg, http) = start_agg(&d.0, &listen, &ch, "1", true);
     std::thread::sleep(Duration::from_secs(8));
@@ -533,8 +538,11 @@ fn sensor_restarts_keep_the_spool_and_kill9_loses_at_most_the_open_batch() {
     let kill_at = now_s();
     s.signal(libc::SIGKILL);
     let _ = s.child.wait();
+    let spawned2 = now_s();
     let mut s = start_sensor(&d.0, &listen, "s1", &[]);
+    s.wait_log("sensor starting", Duration::from_secs(30));
     let restart2 = now_s();
+    eprintln!("[sensor restarts] restart 2: spawned {spawned2}, collecting {restart2}");
     std::thread::sleep(Duration::from_secs(8));
     assert!(s.stop().success());
     wait_until("last batches stored", Duration::from_secs(20), || {
