@@ -345,7 +345,7 @@ async fn stream(
         (ingest.tx.max_capacity() - ingest.tx.capacity()) as u64,
         Relaxed,
     );
-    answer(send, seq, queued, rx).await;
+    answer(send, seq, queued, rx, conn).await;
 }
 
 /// Writes the writer's verdict (ack after commit, or an error) on the stream.
@@ -354,8 +354,16 @@ async fn answer(
     seq: u64,
     queued: bool,
     rx: oneshot::Receiver<Result<(), String>>,
+    conn: &quinn::Connection,
 ) {
-    let reply = match (queued, rx.await) {
+    // When the connection closes first (the sensor went away: it resends what was not
+    // answered, here or at another aggregator), the writer is told by the dropped
+    // receiver and defers the batch instead of storing it (see `store::writer`).
+    let verdict = tokio::select! {
+        v = rx => v,
+        _ = conn.closed() => return,
+    };
+    let reply = match (queued, verdict) {
         (true, Ok(Ok(()))) => encode_ack(seq),
         (true, Ok(Err(msg))) => encode_error(seq, &msg),
         _ => encode_error(seq, "aggregator is shutting down"),
@@ -393,7 +401,7 @@ async fn gap(
         reply: tx,
     };
     let queued = ingest.tx.send(Work::Gap(job)).await.is_ok();
-    answer(send, seq, queued, rx).await;
+    answer(send, seq, queued, rx, conn).await;
 }
 
 #[cfg(test)]

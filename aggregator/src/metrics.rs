@@ -15,6 +15,7 @@ pub struct Metrics {
     pub batches_stored: AtomicU64,
     pub batches_duplicate: AtomicU64,
     pub batches_failed: AtomicU64,
+    pub batches_deferred: AtomicU64,
     pub bytes_received: AtomicU64,
     pub samples_stored: AtomicU64,
     pub rows_inserted: AtomicU64,
@@ -98,6 +99,13 @@ impl Metrics {
             "Batches already stored (acknowledged, not stored again).",
             "counter",
             self.batches_duplicate.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "batches_deferred_total",
+            "Batches whose sensor connection closed before they were stored: stored after a grace period with storage up, unless another aggregator stored them meanwhile.",
+            "counter",
+            self.batches_deferred.load(Relaxed),
         );
         c(
             &mut s,

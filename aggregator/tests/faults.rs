@@ -766,3 +766,139 @@ fn sensor_fails_over_to_the_next_aggregator_address() {
     assert!(rows >= 5 && holes.is_empty() && dups == 0);
     drop(agg);
 }
+
+/// A sensor cut off from its aggregator while ClickHouse is down: its held batches are
+/// at that aggregator, and the sensor resends them to the other one. When ClickHouse
+/// returns, both have them. The one the sensor left defers them (its connection closed)
+/// for a grace period with storage up, then finds them stored by the other: every second
+/// is stored once. Without the deferral both stored them as soon as storage returned.
+#[test]
+fn a_sensor_cut_off_during_an_outage_fails_over_and_nothing_is_doubled() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: network namespaces need root");
+        return;
+    }
+    let d = Dir::new("fault-orphan");
+    certs(&d.0.join("certs"), &["cx1"]);
+    let mut ch = Ch::new(&d.0);
+    // Its own namespace and subnet (the link-cut test may run at the same time).
+    let ns = format!("so{}", std::process::id() % 100000);
+    let o = 100 + std::process::id() % 100;
+    let _guard = Netns(ns.clone());
+    for c in [
+        format!("ip netns add {ns}"),
+        format!("ip link add {ns}h type veth peer name {ns}s"),
+        format!("ip link set {ns}s netns {ns}"),
+        format!("ip addr add 10.232.{o}.1/24 dev {ns}h"),
+        format!("ip link set {ns}h up"),
+        format!("ip netns exec {ns} ip addr add 10.232.{o}.2/24 dev {ns}s"),
+        format!("ip netns exec {ns} ip link set {ns}s up"),
+        format!("ip netns exec {ns} ip link set lo up"),
+    ] {
+        assert!(sh(&c), "network setup failed: {c}");
+    }
+    let (pa, pb) = (free_udp_port(), free_udp_port());
+    let (la, lb) = (format!("10.232.{o}.1:{pa}"), format!("10.232.{o}.1:{pb}"));
+    let (agg_a, http_a) = start_agg(&d.0, &la, &ch, "a", true);
+    let (agg_b, http_b) = start_agg(&d.0, &lb, &ch, "b", true);
+    let c = d.0.join("certs");
+    let log = d.0.join("sensor-cx1.log");
+    let child = Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .arg(bin("sensor"))
+        .args(["run", "--aggregator", &format!("{la},{lb}"), "--ca"])
+        .arg(c.join("ca.pem"))
+        .arg("--cert")
+        .arg(c.join("hosts/cx1.pem"))
+        .arg("--key")
+        .arg(c.join("hosts/cx1-key.pem"))
+        .arg("--spool-dir")
+        .arg(d.0.join("spool-cx1"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut sensor = Proc::new(child, log, "sensor cx1");
+    wait_until(
+        "batches stored through one aggregator",
+        Duration::from_secs(40),
+        || {
+            metric_at(&http_a, "sonde_batches_stored_total")
+                + metric_at(&http_b, "sonde_batches_stored_total")
+                >= 2
+        },
+    );
+    let (cur, cur_port, other, other_http) = if metric_at(&http_a, "sonde_batches_stored_total") > 0
+    {
+        (&agg_a, pa, &agg_b, &http_b)
+    } else {
+        (&agg_b, pb, &agg_a, &http_a)
+    };
+    let cur_http = if cur_port == pa { &http_a } else { &http_b };
+    // Storage goes; the batches the sensor sends meanwhile are held where it is connected.
+    ch.stop();
+    let held_from = now_s();
+    wait_until(
+        "a batch held at the sensor's aggregator",
+        Duration::from_secs(30),
+        || {
+            metric_at(cur_http, "sonde_batches_received_total")
+                > metric_at(cur_http, "sonde_batches_stored_total") + 1
+        },
+    );
+    // Then the sensor loses that aggregator (and only that one).
+    let cut = format!(
+        "ip netns exec {ns} iptables -I OUTPUT -p udp -d 10.232.{o}.1 --dport {cur_port} -j DROP"
+    );
+    assert!(sh(&cut), "iptables in the namespace failed");
+    let cut_at = now_s();
+    wait_until(
+        "the sensor fails over to the other aggregator",
+        Duration::from_secs(60),
+        || other.log_text().contains("sensor connected"),
+    );
+    wait_until(
+        "the first aggregator sees the connection closed and defers what it holds",
+        Duration::from_secs(60),
+        || metric_at(cur_http, "sonde_batches_deferred_total") >= 1,
+    );
+    eprintln!(
+        "[orphans] held from {held_from}, cut at {cut_at}, failed over and deferred by {}",
+        now_s()
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    ch.start();
+    // The other aggregator stores the resent batches; the first one, 30 s of storage later,
+    // finds them stored.
+    wait_until(
+        "the deferred batches are settled",
+        Duration::from_secs(90),
+        || {
+            cur.log_text()
+                .contains("storing batches whose sensor went away")
+        },
+    );
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(sh(&format!(
+        "ip netns exec {ns} iptables -D OUTPUT -p udp -d 10.232.{o}.1 --dport {cur_port} -j DROP"
+    )));
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(sensor.stop().success());
+    std::thread::sleep(Duration::from_secs(2));
+    let (rows, holes, dups) = report("cut off during an outage", "cx1", &ch);
+    let (deferred, dup_at_cur, stored_other) = (
+        metric_at(cur_http, "sonde_batches_deferred_total"),
+        metric_at(cur_http, "sonde_batches_duplicate_total"),
+        metric_at(other_http, "sonde_batches_stored_total"),
+    );
+    eprintln!("[orphans] deferred {deferred}, found stored elsewhere {dup_at_cur}, stored by the other {stored_other}");
+    assert_eq!(dups, 0, "duplicated samples");
+    assert!(holes.is_empty(), "missing samples {holes:?}");
+    assert!(rows >= 40, "only {rows} seconds");
+    assert_tiers_agree(&ch, "cx1");
+    assert!(
+        dup_at_cur >= 1,
+        "the deferred batches were not found stored by the other aggregator"
+    );
+}

@@ -67,6 +67,9 @@ struct Book {
     in_flight: HashMap<Key, Vec<Reply>>,
     host_written: HashMap<Arc<str>, Instant>,
     first_seen: HashMap<String, u32>,
+    /// Hosts that connected while their stored state could not be read (storage down):
+    /// loaded before any of their batches is stored.
+    unloaded: HashSet<Arc<str>>,
 }
 
 fn key(host: &str, b: &Batch) -> Key {
@@ -245,8 +248,9 @@ pub async fn run(
         metrics.rounds_in_flight.fetch_add(1, Relaxed);
         let (store, book, metrics) = (store.clone(), book.clone(), metrics.clone());
         rounds.spawn(async move {
-            round(&store, &book, &metrics, fresh, host_rows_for, unc, now).await;
-            metrics.rounds_in_flight.fetch_sub(1, Relaxed);
+            let m = metrics.clone();
+            round(store, book, metrics, fresh, host_rows_for, unc, now, true).await;
+            m.rounds_in_flight.fetch_sub(1, Relaxed);
             drop(slot);
         });
     }
@@ -259,6 +263,8 @@ pub async fn run(
 /// here from another may resend a batch stored there whose ack it lost; this makes that
 /// copy a duplicate. A connection is the signal: a sensor that was away (even briefly)
 /// may have stored elsewhere meanwhile. The start-up load covers the first seconds.
+/// When it cannot be read (storage down), the hosts are marked: their batches are not
+/// stored until it has been (see `round`).
 async fn load_hosts(
     store: &Store,
     book: &std::sync::Mutex<Book>,
@@ -270,25 +276,35 @@ async fn load_hosts(
     }
     hosts.sort();
     hosts.dedup();
+    if let Err(e) = load_state(store, book, &hosts).await.map(drop) {
+        tracing::warn!(error = %format!("{e:#}"), hosts = hosts.len(), "cannot load stored batches of hosts that connected; their batches wait until it can be read");
+        book.lock().unwrap().unloaded.extend(hosts);
+    }
+}
+
+/// Reads `hosts`' stored sequence numbers and open intents into the book, and returns
+/// the open intents (those of batches in flight here too, which the book leaves to
+/// their round).
+async fn load_state(
+    store: &Store,
+    book: &std::sync::Mutex<Book>,
+    hosts: &[Arc<str>],
+) -> anyhow::Result<HashSet<Key>> {
     let names: Vec<String> = hosts.iter().map(|h| h.to_string()).collect();
-    let stored = store.recent_batches(Some(&names)).await;
-    let open = store.uncertain_batches(Some(&names)).await;
-    let (stored, open) = match (stored, open) {
-        (Ok(s), Ok(o)) => (s, o),
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::warn!(error = %format!("{e:#}"), hosts = names.len(), "cannot load stored batches of hosts that connected; a batch stored through another aggregator could be stored again");
-            return;
-        }
-    };
+    let stored = store.recent_batches(Some(&names)).await?;
+    let open = store.uncertain_batches(Some(&names)).await?;
     let mut b = book.lock().unwrap();
     let (ns, no) = (stored.len(), open.len());
     for (h, boot, seq) in stored {
         b.dedup.insert(&h, &boot, seq);
     }
-    for k in open {
-        if !b.dedup.seen(&k.0, &k.1, k.2) && !b.in_flight.contains_key(&k) {
-            b.uncertain.insert(k);
+    for k in &open {
+        if !b.dedup.seen(&k.0, &k.1, k.2) && !b.in_flight.contains_key(k) {
+            b.uncertain.insert(k.clone());
         }
+    }
+    for h in hosts {
+        b.unloaded.remove(h);
     }
     tracing::debug!(
         hosts = names.len(),
@@ -296,6 +312,75 @@ async fn load_hosts(
         open_intents = no,
         "loaded the stored state of hosts that connected"
     );
+    Ok(open.into_iter().collect())
+}
+
+/// A batch whose sensor connection closed before it was stored is stored this long after
+/// storage has answered without a break, unless another aggregator stored it meanwhile.
+/// The sensor resends it wherever it reconnects; were this aggregator to store it at
+/// once, both would when storage returns from an outage, and neither would see the
+/// other's rows yet. Another aggregator stores its copy in its first round after storage
+/// returns (seconds), well inside this.
+const ORPHAN_GRACE: Duration = Duration::from_secs(30);
+
+/// Moves out of `fresh` the batches nobody waits for any more (the connection that sent
+/// them closed, and no copy from another connection waits on them). They stay in flight,
+/// so a copy that arrives meanwhile waits for their verdict.
+fn take_orphans(book: &std::sync::Mutex<Book>, fresh: &mut Vec<Job>) -> Vec<Job> {
+    if !fresh.iter().any(|j| j.reply.is_closed()) {
+        return Vec::new();
+    }
+    let b = book.lock().unwrap();
+    let (orphans, kept): (Vec<Job>, Vec<Job>) = std::mem::take(fresh).into_iter().partition(|j| {
+        j.reply.is_closed()
+            && b.in_flight
+                .get(&key(&j.host, &j.batch))
+                .is_none_or(|w| w.iter().all(|r| r.is_closed()))
+    });
+    *fresh = kept;
+    orphans
+}
+
+/// Stores orphaned batches (see `ORPHAN_GRACE`): waits until storage has answered for the
+/// grace period without a break, reloads their hosts' stored state (a copy stored by
+/// another aggregator is then a duplicate) and checks their rows table by table (one
+/// stored partly elsewhere is completed, not doubled), then stores what is missing.
+fn store_orphans(
+    store: Store,
+    book: Arc<std::sync::Mutex<Book>>,
+    metrics: Arc<Metrics>,
+    jobs: Vec<Job>,
+    now: u32,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    // Boxed with a named type: `round` spawns this and this runs a `round`.
+    Box::pin(async move {
+        let mut up_since: Option<Instant> = None;
+        loop {
+            if store.reachable().await {
+                if up_since.get_or_insert_with(Instant::now).elapsed() >= ORPHAN_GRACE {
+                    break;
+                }
+            } else {
+                up_since = None;
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        let mut unc = HashSet::new();
+        {
+            let mut b = book.lock().unwrap();
+            for j in &jobs {
+                let k = key(&j.host, &j.batch);
+                b.uncertain.insert(k.clone());
+                unc.insert(k);
+                b.unloaded.insert(j.host.clone());
+            }
+        }
+        tracing::info!(
+            batches = jobs.len(),
+            "storing batches whose sensor went away, unless another aggregator stored them"
+        );
+        round(store, book, metrics, jobs, Vec::new(), unc, now, false).await
+    })
 }
 
 /// The start-up load is the state of every host for this long.
@@ -310,41 +395,19 @@ pub(super) fn rand_u64() -> u64 {
 }
 
 /// One insert round: stores `fresh` (retrying through outages), then answers every batch
-/// in it and every copy that arrived meanwhile.
+/// in it and every copy that arrived meanwhile. With `divert`, batches whose sensor went
+/// away before they were stored are handed to `store_orphans` (before each attempt).
+#[allow(clippy::too_many_arguments)]
 async fn round(
-    store: &Store,
-    book: &std::sync::Mutex<Book>,
-    metrics: &Metrics,
-    fresh: Vec<Job>,
+    store: Store,
+    book: Arc<std::sync::Mutex<Book>>,
+    metrics: Arc<Metrics>,
+    mut fresh: Vec<Job>,
     host_rows_for: Vec<(Arc<str>, u32)>,
     mut unc: HashSet<Key>,
     now: u32,
+    divert: bool,
 ) {
-    let mut host_rows = Vec::new();
-    for (h, fs) in &host_rows_for {
-        let Some(j) = fresh.iter().find(|j| j.host == *h) else {
-            continue;
-        };
-        let Some(info) = &j.batch.info else { continue };
-        host_rows.push(HostRow {
-            host: &j.host,
-            first_seen: *fs,
-            last_seen: now,
-            sensor_version: &info.sensor_version,
-            kernel: &info.kernel,
-            os: &info.os,
-            arch: &info.arch,
-            cpus: info.cpus,
-            memory_bytes: info.memory_bytes,
-            kernel_boot_id: &info.kernel_boot_id,
-            sensor_boot_id: &j.batch.boot_id,
-            probes: &info.probes,
-        });
-    }
-    let refs: Vec<(&str, &Batch, u32)> = fresh
-        .iter()
-        .map(|j| (&*j.host, &*j.batch, j.bytes))
-        .collect();
     let mut attempt = 0;
     let mut quorum_waits = 0;
     let mut outage_since: Option<Instant> = None;
@@ -357,6 +420,111 @@ async fn round(
             }
             metrics.schema_change_hold.store(0, Relaxed);
         }
+        if divert {
+            let orphans = take_orphans(&book, &mut fresh);
+            if !orphans.is_empty() {
+                metrics
+                    .batches_deferred
+                    .fetch_add(orphans.len() as u64, Relaxed);
+                tracing::info!(
+                    batches = orphans.len(),
+                    grace = ?ORPHAN_GRACE,
+                    "sensor connection closed before its batches were stored; they are stored once storage has answered for the grace period, unless another aggregator stores them first"
+                );
+                tokio::spawn(store_orphans(
+                    store.clone(),
+                    book.clone(),
+                    metrics.clone(),
+                    orphans,
+                    now,
+                ));
+            }
+        }
+        // Hosts that connected during an outage: their stored state first (another
+        // aggregator may have stored some of these batches).
+        let mut need: Vec<Arc<str>> = {
+            let b = book.lock().unwrap();
+            fresh
+                .iter()
+                .filter(|j| b.unloaded.contains(&j.host))
+                .map(|j| j.host.clone())
+                .collect()
+        };
+        if !need.is_empty() {
+            need.sort();
+            need.dedup();
+            let open = match load_state(&store, &book, &need).await {
+                Ok(open) => open,
+                Err(e) => {
+                    if outage_since.is_none() {
+                        tracing::error!(error = %format!("{e:#}"), hosts = need.len(), "cannot read the stored state of hosts that connected during an outage; holding their batches and retrying");
+                        outage_since = Some(Instant::now());
+                    }
+                    metrics.clickhouse_down.store(1, Relaxed);
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    continue;
+                }
+            };
+            let mut done = Vec::new();
+            {
+                let mut b = book.lock().unwrap();
+                let mut i = 0;
+                while i < fresh.len() {
+                    let j = &fresh[i];
+                    let k = key(&j.host, &j.batch);
+                    if b.dedup.seen(&j.host, &j.batch.boot_id, j.batch.seq) {
+                        metrics.batches_duplicate.fetch_add(1, Relaxed);
+                        tracing::debug!(host = %j.host, seq = j.batch.seq, "stored by another aggregator; acknowledged without storing");
+                        b.uncertain.remove(&k);
+                        let waiters = b.in_flight.remove(&k).unwrap_or_default();
+                        let j = fresh.swap_remove(i);
+                        done.push(j.reply);
+                        done.extend(waiters);
+                        continue;
+                    }
+                    // Open intents count for this round's own batches too: another
+                    // aggregator may have stored one partly before storage went.
+                    if b.uncertain.contains(&k) || open.contains(&k) {
+                        unc.insert(k);
+                    }
+                    i += 1;
+                }
+            }
+            for r in done {
+                let _ = r.send(Ok(()));
+            }
+        }
+        if fresh.is_empty() {
+            break Ok(0);
+        }
+        let mut host_rows = Vec::new();
+        for (h, fs) in &host_rows_for {
+            let Some(j) = fresh
+                .iter()
+                .find(|j| j.host == *h && j.batch.info.is_some())
+            else {
+                continue;
+            };
+            let Some(info) = &j.batch.info else { continue };
+            host_rows.push(HostRow {
+                host: &j.host,
+                first_seen: *fs,
+                last_seen: now,
+                sensor_version: &info.sensor_version,
+                kernel: &info.kernel,
+                os: &info.os,
+                arch: &info.arch,
+                cpus: info.cpus,
+                memory_bytes: info.memory_bytes,
+                kernel_boot_id: &info.kernel_boot_id,
+                sensor_boot_id: &j.batch.boot_id,
+                probes: &info.probes,
+            });
+        }
+        let refs: Vec<(&str, &Batch, u32)> = fresh
+            .iter()
+            .map(|j| (&*j.host, &*j.batch, j.bytes))
+            .collect();
         let t0 = Instant::now();
         match store.write(&refs, &host_rows, now, &unc).await {
             Ok(rows) => {
@@ -426,8 +594,6 @@ async fn round(
             }
         }
     };
-    drop(refs);
-    drop(host_rows);
     let mut replies: Vec<(Reply, Result<(), String>)> = Vec::new();
     {
         let mut b = book.lock().unwrap();
