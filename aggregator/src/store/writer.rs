@@ -315,13 +315,13 @@ async fn load_state(
     Ok(open.into_iter().collect())
 }
 
-/// A batch whose sensor connection closed before it was stored is stored this long after
-/// storage has answered without a break, unless another aggregator stored it meanwhile.
-/// The sensor resends it wherever it reconnects; were this aggregator to store it at
-/// once, both would when storage returns from an outage, and neither would see the
-/// other's rows yet. Another aggregator stores its copy in its first round after storage
-/// returns (seconds), well inside this.
-const ORPHAN_GRACE: Duration = Duration::from_secs(30);
+/// A batch whose sensor connection closed before it was stored (an orphan) is stored
+/// after storage has answered this long without a break, unless another aggregator
+/// stored it meanwhile. The sensor resends it wherever it reconnects; were this aggregator
+/// to store it at once, both would when storage returns from an outage, and neither would
+/// see the other's rows yet. The other aggregator stores its copy in its first round
+/// after storage returns (seconds), well inside this.
+const ORPHAN_WAIT: Duration = Duration::from_secs(60);
 
 /// Moves out of `fresh` the batches nobody waits for any more (the connection that sent
 /// them closed, and no copy from another connection waits on them). They stay in flight,
@@ -341,8 +341,8 @@ fn take_orphans(book: &std::sync::Mutex<Book>, fresh: &mut Vec<Job>) -> Vec<Job>
     orphans
 }
 
-/// Stores orphaned batches (see `ORPHAN_GRACE`): waits until storage has answered for the
-/// grace period without a break, reloads their hosts' stored state (a copy stored by
+/// Stores orphaned batches (see `ORPHAN_WAIT`): waits until storage has answered for that
+/// long without a break, reloads their hosts' stored state (a copy stored by
 /// another aggregator is then a duplicate) and checks their rows table by table (one
 /// stored partly elsewhere is completed, not doubled), then stores what is missing.
 fn store_orphans(
@@ -357,7 +357,7 @@ fn store_orphans(
         let mut up_since: Option<Instant> = None;
         loop {
             if store.reachable().await {
-                if up_since.get_or_insert_with(Instant::now).elapsed() >= ORPHAN_GRACE {
+                if up_since.get_or_insert_with(Instant::now).elapsed() >= ORPHAN_WAIT {
                     break;
                 }
             } else {
@@ -377,7 +377,7 @@ fn store_orphans(
         }
         tracing::info!(
             batches = jobs.len(),
-            "storing batches whose sensor went away, unless another aggregator stored them"
+            "storing deferred batches (their sensor went away), unless another aggregator stored them"
         );
         round(store, book, metrics, jobs, Vec::new(), unc, now, false).await
     })
@@ -428,8 +428,8 @@ async fn round(
                     .fetch_add(orphans.len() as u64, Relaxed);
                 tracing::info!(
                     batches = orphans.len(),
-                    grace = ?ORPHAN_GRACE,
-                    "sensor connection closed before its batches were stored; they are stored once storage has answered for the grace period, unless another aggregator stores them first"
+                    wait = ?ORPHAN_WAIT,
+                    "sensor connection closed before its batches were stored; they are stored once storage has answered for the wait, unless another aggregator stores them first"
                 );
                 tokio::spawn(store_orphans(
                     store.clone(),
