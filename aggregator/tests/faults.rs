@@ -878,6 +878,8 @@ fn a_sensor_cut_off_during_an_outage_fails_over_and_nothing_is_doubled() {
         || cur.log_text().contains("storing deferred batches"),
     );
     std::thread::sleep(Duration::from_secs(6));
+    // Its last round wrote nothing (all stored elsewhere): storage is up all the same.
+    let down_at_cur = metric_at(cur_http, "sonde_clickhouse_down");
     assert!(sh(&format!(
         "ip netns exec {ns} iptables -D OUTPUT -p udp -d 10.232.{o}.1 --dport {cur_port} -j DROP"
     )));
@@ -898,5 +900,9 @@ fn a_sensor_cut_off_during_an_outage_fails_over_and_nothing_is_doubled() {
     assert!(
         dup_at_cur >= 1,
         "the deferred batches were not found stored by the other aggregator"
+    );
+    assert_eq!(
+        down_at_cur, 0,
+        "sonde_clickhouse_down stayed 1 after the deferred batches were settled"
     );
 }

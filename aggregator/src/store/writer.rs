@@ -454,7 +454,12 @@ async fn round(
             need.sort();
             need.dedup();
             let open = match load_state(&store, &book, &need).await {
-                Ok(open) => open,
+                Ok(open) => {
+                    // ClickHouse answered: a round whose batches all turn out stored
+                    // (or deferred) writes nothing, and must not leave the flag up.
+                    metrics.clickhouse_down.store(0, Relaxed);
+                    open
+                }
                 Err(e) => {
                     if outage_since.is_none() {
                         tracing::error!(error = %format!("{e:#}"), hosts = need.len(), "cannot read the stored state of hosts that connected during an outage; holding their batches and retrying");
