@@ -441,6 +441,58 @@ impl Drop for Netns {
     }
 }
 
+impl Netns {
+    /// A namespace for a sensor, linked to this one by a veth pair (a private link):
+    /// this side is `10.{net}.{o}.1`, the sensor's `.2`. Returns it and this side's
+    /// address. `prefix` and `net` keep tests that run at once apart.
+    fn new(prefix: &str, net: u8) -> (Netns, String) {
+        let ns = format!("{prefix}{}", std::process::id() % 100000);
+        let o = 100 + std::process::id() % 100;
+        let guard = Netns(ns.clone());
+        for c in [
+            format!("ip netns add {ns}"),
+            format!("ip link add {ns}h type veth peer name {ns}s"),
+            format!("ip link set {ns}s netns {ns}"),
+            format!("ip addr add 10.{net}.{o}.1/24 dev {ns}h"),
+            format!("ip link set {ns}h up"),
+            format!("ip netns exec {ns} ip addr add 10.{net}.{o}.2/24 dev {ns}s"),
+            format!("ip netns exec {ns} ip link set {ns}s up"),
+            format!("ip netns exec {ns} ip link set lo up"),
+        ] {
+            assert!(sh(&c), "network setup failed: {c}");
+        }
+        (guard, format!("10.{net}.{o}.1"))
+    }
+
+    /// Starts the sensor for `host` inside the namespace (logs to `sensor-{host}.log`).
+    fn start_sensor(&self, dir: &Path, aggregators: &str, host: &str) -> Proc {
+        let c = dir.join("certs");
+        let log = dir.join(format!("sensor-{host}.log"));
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .arg(bin("sensor"))
+            .args(["run", "--aggregator", aggregators, "--ca"])
+            .arg(c.join("ca.pem"))
+            .arg("--cert")
+            .arg(c.join(format!("hosts/{host}.pem")))
+            .arg("--key")
+            .arg(c.join(format!("hosts/{host}-key.pem")))
+            .arg("--spool-dir")
+            .arg(dir.join(format!("spool-{host}")))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Proc::new(child, log, &format!("sensor {host}"))
+    }
+
+    /// Runs `iptables ARGS` in the namespace.
+    fn iptables(&self, args: &str) -> bool {
+        sh(&format!("ip netns exec {} iptables {args}", self.0))
+    }
+}
+
 #[test]
 fn network_cut_for_a_minute_nothing_missing() {
     if unsafe { libc::geteuid() } != 0 {
@@ -450,51 +502,18 @@ fn network_cut_for_a_minute_nothing_missing() {
     let d = Dir::new("fault-net");
     certs(&d.0.join("certs"), &["n1"]);
     let ch = Ch::new(&d.0);
-    // A namespace for the sensor, linked to this one by a veth pair (private link).
-    let ns = format!("sf{}", std::process::id() % 100000);
-    let o = 100 + std::process::id() % 100;
-    let _guard = Netns(ns.clone());
-    for c in [
-        format!("ip netns add {ns}"),
-        format!("ip link add {ns}h type veth peer name {ns}s"),
-        format!("ip link set {ns}s netns {ns}"),
-        format!("ip addr add 10.231.{o}.1/24 dev {ns}h"),
-        format!("ip link set {ns}h up"),
-        format!("ip netns exec {ns} ip addr add 10.231.{o}.2/24 dev {ns}s"),
-        format!("ip netns exec {ns} ip link set {ns}s up"),
-        format!("ip netns exec {ns} ip link set lo up"),
-    ] {
-        assert!(sh(&c), "network setup failed: {c}");
-    }
-    let listen = format!("10.231.{o}.1:{}", free_udp_port());
+    let (ns, here) = Netns::new("sf", 231);
+    let listen = format!("{here}:{}", free_udp_port());
     let (agg, http) = start_agg(&d.0, &listen, &ch, "0", true);
-    let c = d.0.join("certs");
-    let log = d.0.join("sensor-n1.log");
-    let child = Command::new("ip")
-        .args(["netns", "exec", &ns])
-        .arg(bin("sensor"))
-        .args(["run", "--aggregator", &listen, "--ca"])
-        .arg(c.join("ca.pem"))
-        .arg("--cert")
-        .arg(c.join("hosts/n1.pem"))
-        .arg("--key")
-        .arg(c.join("hosts/n1-key.pem"))
-        .arg("--spool-dir")
-        .arg(d.0.join("spool-n1"))
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut sensor = Proc::new(child, log, "sensor n1");
+    let mut sensor = ns.start_sensor(&d.0, &listen, "n1");
     wait_drained(&http, 2, Duration::from_secs(30));
-    let cut = format!("ip netns exec {ns} iptables -I OUTPUT -d 10.231.{o}.1 -j DROP");
-    assert!(sh(&cut), "iptables in the namespace failed");
+    assert!(
+        ns.iptables(&format!("-I OUTPUT -d {here} -j DROP")),
+        "iptables in the namespace failed"
+    );
     std::thread::sleep(Duration::from_secs(60));
     let stored = metric_at(&http, "sonde_batches_stored_total");
-    assert!(sh(&format!(
-        "ip netns exec {ns} iptables -D OUTPUT -d 10.231.{o}.1 -j DROP"
-    )));
+    assert!(ns.iptables(&format!("-D OUTPUT -d {here} -j DROP")));
     wait_until(
         "the sensor replays its spool",
         Duration::from_secs(60),
@@ -783,44 +802,12 @@ fn a_sensor_cut_off_during_an_outage_fails_over_and_nothing_is_doubled() {
     certs(&d.0.join("certs"), &["cx1"]);
     let mut ch = Ch::new(&d.0);
     // Its own namespace and subnet (the link-cut test may run at the same time).
-    let ns = format!("so{}", std::process::id() % 100000);
-    let o = 100 + std::process::id() % 100;
-    let _guard = Netns(ns.clone());
-    for c in [
-        format!("ip netns add {ns}"),
-        format!("ip link add {ns}h type veth peer name {ns}s"),
-        format!("ip link set {ns}s netns {ns}"),
-        format!("ip addr add 10.232.{o}.1/24 dev {ns}h"),
-        format!("ip link set {ns}h up"),
-        format!("ip netns exec {ns} ip addr add 10.232.{o}.2/24 dev {ns}s"),
-        format!("ip netns exec {ns} ip link set {ns}s up"),
-        format!("ip netns exec {ns} ip link set lo up"),
-    ] {
-        assert!(sh(&c), "network setup failed: {c}");
-    }
+    let (ns, here) = Netns::new("so", 232);
     let (pa, pb) = (free_udp_port(), free_udp_port());
-    let (la, lb) = (format!("10.232.{o}.1:{pa}"), format!("10.232.{o}.1:{pb}"));
+    let (la, lb) = (format!("{here}:{pa}"), format!("{here}:{pb}"));
     let (agg_a, http_a) = start_agg(&d.0, &la, &ch, "a", true);
     let (agg_b, http_b) = start_agg(&d.0, &lb, &ch, "b", true);
-    let c = d.0.join("certs");
-    let log = d.0.join("sensor-cx1.log");
-    let child = Command::new("ip")
-        .args(["netns", "exec", &ns])
-        .arg(bin("sensor"))
-        .args(["run", "--aggregator", &format!("{la},{lb}"), "--ca"])
-        .arg(c.join("ca.pem"))
-        .arg("--cert")
-        .arg(c.join("hosts/cx1.pem"))
-        .arg("--key")
-        .arg(c.join("hosts/cx1-key.pem"))
-        .arg("--spool-dir")
-        .arg(d.0.join("spool-cx1"))
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut sensor = Proc::new(child, log, "sensor cx1");
+    let mut sensor = ns.start_sensor(&d.0, &format!("{la},{lb}"), "cx1");
     wait_until(
         "batches stored through one aggregator",
         Duration::from_secs(40),
@@ -849,10 +836,11 @@ fn a_sensor_cut_off_during_an_outage_fails_over_and_nothing_is_doubled() {
         },
     );
     // Then the sensor loses that aggregator (and only that one).
-    let cut = format!(
-        "ip netns exec {ns} iptables -I OUTPUT -p udp -d 10.232.{o}.1 --dport {cur_port} -j DROP"
+    let rule = format!("OUTPUT -p udp -d {here} --dport {cur_port} -j DROP");
+    assert!(
+        ns.iptables(&format!("-I {rule}")),
+        "iptables in the namespace failed"
     );
-    assert!(sh(&cut), "iptables in the namespace failed");
     let cut_at = now_s();
     wait_until(
         "the sensor fails over to the other aggregator",
@@ -880,9 +868,7 @@ fn a_sensor_cut_off_during_an_outage_fails_over_and_nothing_is_doubled() {
     std::thread::sleep(Duration::from_secs(6));
     // Its last round wrote nothing (all stored elsewhere): storage is up all the same.
     let down_at_cur = metric_at(cur_http, "sonde_clickhouse_down");
-    assert!(sh(&format!(
-        "ip netns exec {ns} iptables -D OUTPUT -p udp -d 10.232.{o}.1 --dport {cur_port} -j DROP"
-    )));
+    assert!(ns.iptables(&format!("-D {rule}")));
     std::thread::sleep(Duration::from_secs(6));
     assert!(sensor.stop().success());
     std::thread::sleep(Duration::from_secs(2));

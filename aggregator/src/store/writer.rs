@@ -684,3 +684,65 @@ async fn write_gaps(store: &Store, gaps: Vec<GapJob>, metrics: &Metrics) {
         let _ = g.reply.send(r.clone());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(seq: u64) -> (Job, oneshot::Receiver<Result<(), String>>) {
+        let (tx, rx) = oneshot::channel();
+        let batch = Batch {
+            boot_id: "boot".into(),
+            seq,
+            ..Default::default()
+        };
+        let j = Job {
+            host: "h".into(),
+            batch: Arc::new(batch),
+            bytes: 0,
+            reply: tx,
+        };
+        (j, rx)
+    }
+
+    #[test]
+    fn orphans_are_the_batches_nobody_waits_for() {
+        let book = std::sync::Mutex::new(Book::default());
+        let (j1, r1) = job(1); // its connection is open
+        let (j2, r2) = job(2); // its connection closed
+        let (j3, r3) = job(3); // closed, but a copy from another connection waits on it
+        let (j4, r4) = job(4); // closed, and the copy waiting on it closed too
+        let (w3, rw3) = oneshot::channel();
+        let (w4, rw4) = oneshot::channel();
+        {
+            let mut b = book.lock().unwrap();
+            for j in [&j1, &j2, &j3, &j4] {
+                b.in_flight.insert(key(&j.host, &j.batch), Vec::new());
+            }
+            b.in_flight.get_mut(&key("h", &j3.batch)).unwrap().push(w3);
+            b.in_flight.get_mut(&key("h", &j4.batch)).unwrap().push(w4);
+        }
+        drop((r2, r3, r4, rw4));
+        let mut fresh = vec![j1, j2, j3, j4];
+        let orphans = take_orphans(&book, &mut fresh);
+        let seqs = |v: &[Job]| v.iter().map(|j| j.batch.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(&orphans), vec![2, 4]);
+        assert_eq!(seqs(&fresh), vec![1, 3]);
+        // They stay in flight: a copy that arrives later waits for their verdict.
+        assert!(book
+            .lock()
+            .unwrap()
+            .in_flight
+            .contains_key(&key("h", &orphans[0].batch)));
+        drop((r1, rw3));
+    }
+
+    #[test]
+    fn nothing_is_taken_while_every_connection_is_open() {
+        let book = std::sync::Mutex::new(Book::default());
+        let (j1, _r1) = job(1);
+        let mut fresh = vec![j1];
+        assert!(take_orphans(&book, &mut fresh).is_empty());
+        assert_eq!(fresh.len(), 1);
+    }
+}
