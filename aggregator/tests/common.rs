@@ -212,9 +212,28 @@ pub fn start_aggregator_at(dir: &Path, quic: &str, tag: &str, extra: &[&str]) ->
 }
 
 pub fn start_sensor(dir: &Path, quic: &str, host: &str, extra: &[&str]) -> Proc {
+    start_sensor_under(&[], dir, quic, host, extra)
+}
+
+/// `start_sensor`, run under a wrapper command (`ip netns exec NS`, say).
+pub fn start_sensor_under(
+    wrapper: &[&str],
+    dir: &Path,
+    quic: &str,
+    host: &str,
+    extra: &[&str],
+) -> Proc {
     let c = dir.join("certs");
     let log = dir.join(format!("sensor-{host}.log"));
-    let child = Command::new(bin("sensor"))
+    let mut cmd = match wrapper {
+        [] => Command::new(bin("sensor")),
+        [w, rest @ ..] => {
+            let mut cmd = Command::new(w);
+            cmd.args(rest).arg(bin("sensor"));
+            cmd
+        }
+    };
+    let child = cmd
         .arg("run")
         .args(["--aggregator", quic])
         .arg("--ca")

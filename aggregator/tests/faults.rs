@@ -466,25 +466,13 @@ impl Netns {
 
     /// Starts the sensor for `host` inside the namespace (logs to `sensor-{host}.log`).
     fn start_sensor(&self, dir: &Path, aggregators: &str, host: &str) -> Proc {
-        let c = dir.join("certs");
-        let log = dir.join(format!("sensor-{host}.log"));
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.0])
-            .arg(bin("sensor"))
-            .args(["run", "--aggregator", aggregators, "--ca"])
-            .arg(c.join("ca.pem"))
-            .arg("--cert")
-            .arg(c.join(format!("hosts/{host}.pem")))
-            .arg("--key")
-            .arg(c.join(format!("hosts/{host}-key.pem")))
-            .arg("--spool-dir")
-            .arg(dir.join(format!("spool-{host}")))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Proc::new(child, log, &format!("sensor {host}"))
+        start_sensor_under(
+            &["ip", "netns", "exec", &self.0],
+            dir,
+            aggregators,
+            host,
+            &[],
+        )
     }
 
     /// Runs `iptables ARGS` in the namespace.
