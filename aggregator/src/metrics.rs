@@ -103,7 +103,7 @@ impl Metrics {
         c(
             &mut s,
             "batches_deferred_total",
-            "Batches whose sensor connection closed before they were stored: stored after a grace period with storage up, unless another aggregator stored them meanwhile.",
+            "Batches whose sensor connection closed before they were stored: stored once ClickHouse has answered for 60 s without a break, unless another aggregator stored them meanwhile.",
             "counter",
             self.batches_deferred.load(Relaxed),
         );

@@ -535,7 +535,9 @@ fn sensor_restarts_keep_the_spool_and_kill9_loses_at_most_the_open_batch() {
     // are loaded (seconds on a loaded machine), not when it was spawned.
     let spawned1 = now_s();
     let mut s = start_sensor(&d.0, &listen, "s1", &[]);
-    s.wait_log("sensor starting", Duration::from_secs(30));
+    wait_until("the sensor is collecting", Duration::from_secs(30), || {
+        s.log_text().contains("sensor starting")
+    });
     let restart1 = now_s();
     eprintln!("[sensor restarts] restart 1: spawned {spawned1}, collecting {restart1}");
     std::thread::sleep(Duration::from_secs(4));
@@ -547,7 +549,9 @@ fn sensor_restarts_keep_the_spool_and_kill9_loses_at_most_the_open_batch() {
     let _ = s.child.wait();
     let spawned2 = now_s();
     let mut s = start_sensor(&d.0, &listen, "s1", &[]);
-    s.wait_log("sensor starting", Duration::from_secs(30));
+    wait_until("the sensor is collecting", Duration::from_secs(30), || {
+        s.log_text().contains("sensor starting")
+    });
     let restart2 = now_s();
     eprintln!("[sensor restarts] restart 2: spawned {spawned2}, collecting {restart2}");
     std::thread::sleep(Duration::from_secs(8));

@@ -504,13 +504,14 @@ async fn round(
         }
         let mut host_rows = Vec::new();
         for (h, fs) in &host_rows_for {
-            let Some(j) = fresh
+            // The host's row comes from one of its batches still in the round.
+            let Some((j, info)) = fresh
                 .iter()
-                .find(|j| j.host == *h && j.batch.info.is_some())
+                .filter(|j| j.host == *h)
+                .find_map(|j| Some((j, j.batch.info.as_ref()?)))
             else {
                 continue;
             };
-            let Some(info) = &j.batch.info else { continue };
             host_rows.push(HostRow {
                 host: &j.host,
                 first_seen: *fs,
