@@ -44,6 +44,10 @@ pub struct Metrics {
     pub detect_dropped: AtomicU64,
     pub detect_series: AtomicU64,
     pub detect_state_bytes: AtomicU64,
+    pub detect_hosts_warmed: AtomicU64,
+    pub detect_warm_samples: AtomicU64,
+    pub detect_hosts_cold: AtomicU64,
+    pub detect_hosts_waiting: AtomicU64,
     /// Batch arrival → notification POST answered, microseconds (recent samples for p50/p99).
     pub alert_latency_us: Mutex<std::collections::VecDeque<u64>>,
     /// Last time (Unix seconds) each host's batch was stored.
@@ -280,6 +284,30 @@ impl Metrics {
                 "Approximate memory held by detector state.",
                 "gauge",
                 &self.detect_state_bytes,
+            ),
+            (
+                "detect_hosts_warmed_total",
+                "Hosts new to this aggregator (a move, a restart) whose statistical detectors replayed their stored history before their first batch was evaluated.",
+                "counter",
+                &self.detect_hosts_warmed,
+            ),
+            (
+                "detect_warm_samples_total",
+                "Samples of stored history replayed into detectors of hosts new to this aggregator.",
+                "counter",
+                &self.detect_warm_samples,
+            ),
+            (
+                "detect_hosts_cold_total",
+                "Hosts new to this aggregator whose detectors started without their history (ClickHouse did not answer in time, or too many hosts arrived at once).",
+                "counter",
+                &self.detect_hosts_cold,
+            ),
+            (
+                "detect_hosts_waiting",
+                "Hosts whose first batches wait while their alerts and history are read.",
+                "gauge",
+                &self.detect_hosts_waiting,
             ),
         ] {
             c(&mut s, name, help, kind, v.load(Relaxed));

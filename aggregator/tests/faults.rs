@@ -646,6 +646,29 @@ fn a_sensor_that_moves_between_aggregators_raises_no_silence_and_no_duplicate_al
     )
     .unwrap();
     let cfg_s = cfg.display().to_string();
+    // The preferred aggregator also has "warm", a statistical rule the first one lacks: it
+    // fires on the first sample past its warm-up of 20 (any change of CPU busy breaches its
+    // tiny threshold). Warmed from the host's history it fires as soon as the host arrives;
+    // cold it would need 20 s there.
+    let rules_p = d.0.join("rules-p.toml");
+    std::fs::write(
+        &rules_p,
+        std::fs::read_to_string(&rules).unwrap()
+            + "\n[[rule]]\nname = \"warm\"\nkind = \"ewma\"\nseries = \"cpu.busy\"\nlabels = { cpu = \"total\" }\n\
+               threshold = 0.000001\nwarmup = 20\nfor = \"0s\"\n",
+    )
+    .unwrap();
+    let cfg_p = d.0.join("agg-p.toml");
+    std::fs::write(
+        &cfg_p,
+        format!(
+            "rules = \"{}\"\n[[alerting.webhook]]\nurl = \"{}\"\n",
+            rules_p.display(),
+            hook.url()
+        ),
+    )
+    .unwrap();
+    let cfg_p = cfg_p.display().to_string();
     let (la, lb) = (
         format!("127.0.0.1:{}", free_udp_port()),
         format!("127.0.0.1:{}", free_udp_port()),
@@ -683,12 +706,24 @@ fn a_sensor_that_moves_between_aggregators_raises_no_silence_and_no_duplicate_al
         Duration::from_secs(60),
         || !firing("always").is_empty() && !firing("full").is_empty(),
     );
+    // At least 30 s of the host's history stored before it moves.
+    wait_until(
+        "6 batches stored through the first aggregator",
+        Duration::from_secs(60),
+        || metric_at(&http_o, "sonde_batches_stored_total") >= 6,
+    );
     let (agg_p, http_p) =
-        start_agg_with(&d.0, &pref, &ch, "preferred", true, &["--config", &cfg_s]);
+        start_agg_with(&d.0, &pref, &ch, "preferred", true, &["--config", &cfg_p]);
     // The sensor tries its preferred aggregator again every 30 s.
     wait_until(
         "the sensor moved to its preferred aggregator",
         Duration::from_secs(50),
+        || metric_at(&http_p, "sonde_batches_stored_total") >= 1,
+    );
+    let moved_at = std::time::SystemTime::now();
+    wait_until(
+        "a second batch at the preferred aggregator",
+        Duration::from_secs(20),
         || metric_at(&http_p, "sonde_batches_stored_total") >= 2,
     );
     let stored_o = metric_at(&http_o, "sonde_batches_stored_total");
@@ -723,6 +758,35 @@ fn a_sensor_that_moves_between_aggregators_raises_no_silence_and_no_duplicate_al
             "{rule} resolved while its condition holds: {got:?}"
         );
     }
+    // "warm" was never on the first aggregator: its detector at the preferred one starts
+    // from the host's stored history.
+    let warm = firing("warm");
+    assert_eq!(warm.len(), 1, "warm fired once: {got:?}");
+    let warm_at = hook
+        .accepted()
+        .into_iter()
+        .find(|r| r.body["rule"] == "warm" && r.body["status"] == "firing")
+        .unwrap()
+        .at;
+    // Negative: the alert left before the batch was stored (detection runs first).
+    let after = match warm_at.duration_since(moved_at) {
+        Ok(d) => d.as_secs_f64(),
+        Err(e) => -e.duration().as_secs_f64(),
+    };
+    let (hosts_warmed, warm_samples) = (
+        metric_at(&http_p, "sonde_detect_hosts_warmed_total"),
+        metric_at(&http_p, "sonde_detect_warm_samples_total"),
+    );
+    eprintln!(
+        "[move] warm fired {after:.1} s after the host's first batch was stored at the preferred aggregator; \
+         hosts warmed {hosts_warmed}, history samples replayed {warm_samples}"
+    );
+    assert!(
+        after <= 8.0,
+        "the statistical rule fired {after:.1} s after the move: its detector started cold"
+    );
+    assert_eq!(hosts_warmed, 1);
+    assert!(warm_samples >= 25, "replayed {warm_samples} samples");
     assert!(agg_o
         .log_text()
         .contains("host moved to another aggregator"));

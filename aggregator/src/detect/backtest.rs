@@ -6,6 +6,7 @@ use super::{AlertEvent, Engine};
 use crate::alert::rfc3339_ms;
 use crate::config::Config;
 use anyhow::{bail, Context, Result};
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -218,6 +219,63 @@ pub fn history_queries(
     suffix: &str,
     tell: bool,
 ) -> Vec<HistoryQuery> {
+    let cond = format!("host = '{host}'");
+    queries_where(db, rules, want, &cond, "", "", from, to, suffix, tell)
+}
+
+/// As [`history_queries`] for several hosts in one query per rule, from the raw tables:
+/// each row starts with its host's name (split with [`split_by_host`]). `hosts` must hold
+/// no quote (callers check).
+pub fn history_queries_of(
+    db: &str,
+    rules: &[Rule],
+    want: impl Fn(usize) -> bool,
+    hosts: &[&str],
+    from: u64,
+    to: u64,
+) -> Vec<HistoryQuery> {
+    let list: Vec<String> = hosts.iter().map(|h| format!("'{h}'")).collect();
+    let cond = format!("host IN ({})", list.join(", "));
+    queries_where(
+        db,
+        rules,
+        want,
+        &cond,
+        "toString(host), ",
+        "host, ",
+        from,
+        to,
+        "",
+        false,
+    )
+}
+
+/// The lines of a [`history_queries_of`] answer, by host, without the host column.
+pub fn split_by_host(text: &str) -> HashMap<&str, String> {
+    let mut out: HashMap<&str, String> = HashMap::new();
+    for line in text.lines() {
+        if let Some((h, rest)) = line.split_once('\t') {
+            let t = out.entry(h).or_default();
+            t.push_str(rest);
+            t.push('\n');
+        }
+    }
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+fn queries_where(
+    db: &str,
+    rules: &[Rule],
+    want: impl Fn(usize) -> bool,
+    cond: &str,
+    first: &str,
+    order: &str,
+    from: u64,
+    to: u64,
+    suffix: &str,
+    tell: bool,
+) -> Vec<HistoryQuery> {
     let mut out = Vec::new();
     for (ri, r) in rules.iter().enumerate() {
         let Some(spec) = &r.series else { continue };
@@ -233,13 +291,12 @@ pub fn history_queries(
             }
             continue;
         }
-        let window =
-            format!("host = '{host}' AND ts >= toDateTime({from}) AND ts < toDateTime({to})");
+        let window = format!("{cond} AND ts >= toDateTime({from}) AND ts < toDateTime({to})");
         if let SeriesSpec::Latency { .. } = spec {
             out.push(HistoryQuery {
                 rule: ri,
                 sql: format!(
-                    "SELECT toUInt32(ts), source, unit, count, sum, bucket_upper, bucket_count FROM {db}.latency{suffix} WHERE {window} ORDER BY ts"
+                    "SELECT {first}toUInt32(ts), source, unit, count, sum, bucket_upper, bucket_count FROM {db}.latency{suffix} WHERE {window} ORDER BY {order}ts"
                 ),
                 labels: None,
             });
@@ -253,7 +310,7 @@ pub fn history_queries(
         out.push(HistoryQuery {
             rule: ri,
             sql: format!(
-                "SELECT toUInt32(ts){label_sql}, toFloat64({expr}) FROM {db}.{table}{suffix} WHERE {window} ORDER BY ts"
+                "SELECT {first}toUInt32(ts){label_sql}, toFloat64({expr}) FROM {db}.{table}{suffix} WHERE {window} ORDER BY {order}ts"
             ),
             labels: Some(labels),
         });
@@ -490,6 +547,58 @@ window = "2m"
                 (1_700_000_000_000 + i * 1000, v + noise)
             })
             .collect()
+    }
+
+    /// Several hosts' history in one query per rule: each row leads with its host, and
+    /// split by host it parses as the one-host query's answer does.
+    #[test]
+    fn history_of_several_hosts_splits_back_into_each_hosts() {
+        let rules = parse_rules("t", RULES).unwrap();
+        let one = history_queries("sonde", &rules, |_| true, "a", 100, 200, "", false);
+        let many = history_queries_of("sonde", &rules, |_| true, &["a", "b"], 100, 200);
+        assert_eq!(one.len(), many.len());
+        assert!(!many.is_empty());
+        for (o, m) in one.iter().zip(&many) {
+            assert_eq!(o.rule, m.rule);
+            assert!(
+                o.sql.contains("WHERE host = 'a' AND ts >= toDateTime(100)"),
+                "{}",
+                o.sql
+            );
+            assert!(
+                m.sql.starts_with("SELECT toString(host), toUInt32(ts)"),
+                "{}",
+                m.sql
+            );
+            assert!(m
+                .sql
+                .contains("WHERE host IN ('a', 'b') AND ts >= toDateTime(100)"));
+            assert!(m.sql.ends_with("ORDER BY host, ts"), "{}", m.sql);
+        }
+        let q = many.iter().find(|q| q.labels.is_some()).unwrap();
+        let n = q.labels.as_ref().unwrap().len();
+        let row = |ts: u32, v: f64| {
+            let mut f = vec![ts.to_string()];
+            f.extend((0..n).map(|_| "total".to_string()));
+            f.push(v.to_string());
+            f.join("\t")
+        };
+        let text = format!(
+            "a\t{}\na\t{}\nb\t{}\n",
+            row(100, 1.0),
+            row(101, 2.0),
+            row(100, 7.0)
+        );
+        let split = split_by_host(&text);
+        assert_eq!(split.len(), 2);
+        let a = parse_history(q, &rules, "a", &split["a"]);
+        let b = parse_history(q, &rules, "b", &split["b"]);
+        assert_eq!(
+            a.iter().map(|s| (s.ts_ms, s.value)).collect::<Vec<_>>(),
+            [(100_000, 1.0), (101_000, 2.0)]
+        );
+        assert_eq!(b.len(), 1);
+        assert_eq!((b[0].host.as_str(), b[0].value), ("b", 7.0));
     }
 
     #[test]

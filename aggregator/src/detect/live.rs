@@ -8,6 +8,7 @@ use crate::alert::Alerter;
 use crate::metrics::Metrics;
 use crate::store::{Dedup, Store, StoreHandle};
 use protocol::Batch;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -39,6 +40,14 @@ pub async fn run(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut ticks = 0u64;
+    // Hosts new to this engine wait here, their batches queued in order, while the loader
+    // reads their firing alerts and history.
+    let mut waiting: HashMap<Arc<str>, Waiting> = HashMap::new();
+    let mut rules_now: Arc<Vec<Rule>> = Arc::new(engine.rules().to_vec());
+    let (ask, asked) = mpsc::unbounded_channel::<WarmRequest>();
+    let (done_tx, mut done) = mpsc::channel::<Warmed>(256);
+    tokio::spawn(loader(store.clone(), asked, done_tx));
+    let mut loader_alive = true;
     loop {
         let arrived = tokio::select! {
             a = rx.recv() => {
@@ -47,28 +56,70 @@ pub async fn run(
                     continue;
                 }
                 dedup.insert(&a.host, &a.batch.boot_id, a.batch.seq);
-                if !engine.knows_host(&a.host) {
+                if let Some(w) = waiting.get_mut(&a.host) {
+                    w.batches.push(a);
+                    continue;
+                }
+                if !engine.knows_host(&a.host) && loader_alive {
                     let first = a.batch.snapshots.iter().map(|s| s.ts_ms).min().unwrap_or_else(now_ms);
-                    take_over(&mut engine, &store, &a.host, first).await;
+                    let labels = a.batch.snapshots.iter().find_map(super::host_labels_of);
+                    let _ = ask.send(WarmRequest {
+                        host: a.host.clone(),
+                        before_ms: first,
+                        labels,
+                        rules: rules_now.clone(),
+                        asked: Instant::now(),
+                    });
+                    waiting.insert(a.host.clone(), Waiting { since: Instant::now(), batches: vec![a] });
+                    metrics.detect_hosts_waiting.store(waiting.len() as u64, Relaxed);
+                    continue;
                 }
                 engine.observe_batch(&a.host, &a.batch, now_ms(), &mut out);
                 Some(a.at)
             }
+            w = done.recv(), if loader_alive => {
+                let Some(w) = w else {
+                    // Cannot happen short of a bug: new hosts then start cold; `WAIT_MAX`
+                    // releases those waiting.
+                    tracing::error!("the detection loader stopped; new hosts' detectors start without history");
+                    loader_alive = false;
+                    continue;
+                };
+                let Some(wait) = waiting.remove(&w.host) else { continue };
+                metrics.detect_hosts_waiting.store(waiting.len() as u64, Relaxed);
+                take_over(&mut engine, w, &metrics);
+                release(&mut engine, wait, &mut out)
+            }
             _ = tick.tick() => {
                 ticks += 1;
-                if ticks % MOVED_CHECK_EVERY_S == 0 {
+                if ticks.is_multiple_of(MOVED_CHECK_EVERY_S) {
                     drop_moved_hosts(&mut engine, &store).await;
                 }
+                // The loader answers within its budget; this only guards against it stalling.
+                let late: Vec<Arc<str>> = waiting
+                    .iter()
+                    .filter(|(_, w)| w.since.elapsed() > WAIT_MAX)
+                    .map(|(h, _)| h.clone())
+                    .collect();
+                let mut first = None;
+                for h in late {
+                    let w = waiting.remove(&h).unwrap();
+                    tracing::warn!(host = %h, "no answer about the host's alerts and history; its detectors start without them (a still-firing alert may be notified again)");
+                    metrics.detect_hosts_cold.fetch_add(1, Relaxed);
+                    first = first.or(release(&mut engine, w, &mut out));
+                }
+                metrics.detect_hosts_waiting.store(waiting.len() as u64, Relaxed);
                 engine.tick(now_ms(), &mut out);
                 let (n, b) = engine.state_size();
                 metrics.detect_series.store(n as u64, Relaxed);
                 metrics.detect_state_bytes.store(b as u64, Relaxed);
                 *metrics.rules.lock().unwrap() = engine.rule_status();
-                None
+                first
             }
             r = reload.recv() => {
                 if let Some(rules) = r {
                     tracing::info!(rules = rules.len(), "rules reloaded");
+                    rules_now = Arc::new(rules.clone());
                     engine.reload(rules, now_ms(), &mut out);
                 }
                 None
@@ -87,70 +138,297 @@ pub async fn run(
 const MOVED_CHECK_EVERY_S: u64 = 5;
 /// A host is checked once it has sent nothing here for this long (batches come every 5 s).
 const QUIET_MS: u64 = 8_000;
+/// The longest a new host's batches wait for the loader (it answers within `WARM_BUDGET`
+/// plus its queries' timeouts; this guards against a stall).
+const WAIT_MAX: Duration = Duration::from_secs(40);
+/// A host asked about longer ago than this gets its firing alerts taken over but no history
+/// replayed (many hosts arrived at once: an aggregator restart in a large fleet), so that its
+/// batches are not held long.
+const WARM_BUDGET: Duration = Duration::from_secs(10);
+/// How much stored history the detectors of a new host replay: statistical rules with a
+/// firing alert (so that it resolves when the aggregator it came from would have), and the
+/// others (past their warm-up: 300 samples for `anomaly` at 1 s; the forecast window).
+const FIRING_HISTORY_S: u64 = 3600;
+const WARM_HISTORY_S: u64 = 600;
 
-/// A host this engine does not know started sending here: take over its firing alerts
-/// from the alerts table (another aggregator's, or this one's before a restart), so that
-/// a still-firing alert is not notified again and its resolution comes from here. The
-/// detectors of statistical rules with a firing alert first replay the host's last hour
-/// from ClickHouse (before `before_ms`, the first sample of the batch that arrived), so
-/// that they resolve the alert when the aggregator it came from would have.
-async fn take_over(engine: &mut Engine, store: &StoreHandle, host: &str, before_ms: u64) {
-    let Some(store) = store.get() else { return };
-    match tokio::time::timeout(Duration::from_secs(2), store.open_alerts(host)).await {
-        Ok(Ok(open)) if !open.is_empty() => {
-            let warmed = warm_from_history(engine, &store, host, &open, before_ms).await;
-            let n = engine.adopt(host, &open, now_ms());
-            tracing::info!(%host, alerts = n, history_samples = warmed, "took over the host's firing alerts from the alerts table");
+/// A host new to this engine whose batches wait for its alerts and history.
+struct Waiting {
+    since: Instant,
+    batches: Vec<Arrival>,
+}
+
+/// A host's labels (its sensor's `labels`).
+type HostLabels = Vec<(String, String)>;
+
+struct WarmRequest {
+    host: Arc<str>,
+    /// The first sample of the batch that arrived: history is read before it.
+    before_ms: u64,
+    labels: Option<HostLabels>,
+    rules: Arc<Vec<Rule>>,
+    asked: Instant,
+}
+
+/// What the loader found about a new host.
+struct Warmed {
+    host: Arc<str>,
+    /// Its firing alerts (Err: ClickHouse did not answer).
+    open: Result<Vec<super::OpenAlert>, String>,
+    warmed: Option<super::WarmedHost>,
+    samples: usize,
+    /// Why no history was replayed, when none was.
+    cold: Option<String>,
+    /// No history because too many hosts arrived at once (logged once for all of them).
+    crowded: bool,
+}
+
+/// Evaluates the batches a host's arrival held, in order; returns when the first arrived.
+fn release(engine: &mut Engine, w: Waiting, out: &mut Vec<AlertEvent>) -> Option<Instant> {
+    let first = w.batches.first().map(|a| a.at);
+    for a in &w.batches {
+        engine.observe_batch(&a.host, &a.batch, now_ms(), out);
+    }
+    first
+}
+
+/// A host this engine does not know started sending here (it moved from another
+/// aggregator, this one restarted, or it is new): its detectors take in the history the
+/// loader replayed, so a statistical rule judges the next sample against the host's recent
+/// past instead of starting its warm-up again, and its firing alerts are taken over from
+/// the alerts table, so that a still-firing alert is not notified again and its resolution
+/// comes from here.
+fn take_over(engine: &mut Engine, w: Warmed, metrics: &Metrics) {
+    let host = &*w.host;
+    let series = w.warmed.map_or(0, |h| engine.absorb(h));
+    if w.samples > 0 {
+        metrics.detect_hosts_warmed.fetch_add(1, Relaxed);
+        metrics
+            .detect_warm_samples
+            .fetch_add(w.samples as u64, Relaxed);
+    }
+    if let Some(why) = &w.cold {
+        metrics.detect_hosts_cold.fetch_add(1, Relaxed);
+        if !w.crowded {
+            tracing::warn!(%host, why = %why, "the host's detectors start without its history (statistical rules warm up again; a firing statistical alert may resolve early)");
         }
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => {
-            tracing::warn!(%host, error = %format!("{e:#}"), "cannot read the host's open alerts; a still-firing alert may be notified again")
+    } else {
+        tracing::debug!(%host, series, history_samples = w.samples, "the host's detectors replayed its history");
+    }
+    match &w.open {
+        Ok(open) if !open.is_empty() => {
+            let n = engine.adopt(host, open, now_ms());
+            tracing::info!(%host, alerts = n, history_samples = w.samples, "took over the host's firing alerts from the alerts table");
         }
-        Err(_) => {
-            tracing::warn!(%host, "reading the host's open alerts timed out; a still-firing alert may be notified again")
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(%host, error = %e, "cannot read the host's open alerts; a still-firing alert may be notified again")
         }
     }
 }
 
-/// How much of a host's history the detectors of its taken-over statistical alerts replay.
-const TAKEOVER_HISTORY_S: u64 = 3600;
-
-/// Replays `host`'s stored history of the statistical rules among `open` into their
-/// detectors (no lifecycle, no notification). Returns the samples replayed; 0 when there
-/// is nothing to replay or ClickHouse does not answer in time (the alerts are then taken
-/// over with fresh detectors, which may resolve them early).
-async fn warm_from_history(
-    engine: &mut Engine,
-    store: &Store,
-    host: &str,
-    open: &[super::OpenAlert],
-    before_ms: u64,
-) -> usize {
-    let wanted: Vec<usize> = engine
-        .rules()
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| r.is_statistical() && open.iter().any(|a| a.rule == r.name))
-        .map(|(i, _)| i)
-        .collect();
-    // A host name is spliced into SQL: none that could change the statement.
-    if wanted.is_empty() || host.contains(['\'', '\\', '?']) {
-        return 0;
+/// Answers the live loop's questions about hosts new to it, off its path: their firing
+/// alerts (one query for all the hosts waiting), then their stored history, `WARM_CHUNK`
+/// hosts per query, replayed into a side engine's detectors on a blocking thread.
+async fn loader(
+    store: StoreHandle,
+    mut asked: mpsc::UnboundedReceiver<WarmRequest>,
+    done: mpsc::Sender<Warmed>,
+) {
+    while let Some(first) = asked.recv().await {
+        let mut reqs = vec![first];
+        while reqs.len() < 512 {
+            match asked.try_recv() {
+                Ok(r) => reqs.push(r),
+                Err(_) => break,
+            }
+        }
+        let Some(st) = store.get() else {
+            // Not open yet: nothing to take over or replay (the host starts as new).
+            for r in reqs {
+                let w = Warmed {
+                    host: r.host,
+                    open: Ok(Vec::new()),
+                    warmed: None,
+                    samples: 0,
+                    cold: None,
+                    crowded: false,
+                };
+                if done.send(w).await.is_err() {
+                    return;
+                }
+            }
+            continue;
+        };
+        let hosts: Vec<String> = reqs.iter().map(|r| r.host.to_string()).collect();
+        let mut open =
+            match tokio::time::timeout(Duration::from_secs(5), st.open_alerts(&hosts)).await {
+                Ok(Ok(m)) => Ok(m),
+                Ok(Err(e)) => Err(format!("{e:#}")),
+                Err(_) => Err("reading the alerts table timed out (5 s)".to_string()),
+            };
+        let (n, mut crowded) = (reqs.len(), 0usize);
+        let mut reqs = reqs.into_iter().peekable();
+        while reqs.peek().is_some() {
+            let chunk: Vec<WarmRequest> = reqs.by_ref().take(WARM_CHUNK).collect();
+            let mut answers = Vec::with_capacity(chunk.len());
+            let mut plain = Vec::new();
+            for r in chunk {
+                let host_open = match &mut open {
+                    Ok(m) => Ok(m.remove(&*r.host).unwrap_or_default()),
+                    Err(e) => Err(e.clone()),
+                };
+                let late = r.asked.elapsed() > WARM_BUDGET;
+                crowded += late as usize;
+                let firing: Vec<String> = host_open
+                    .as_ref()
+                    .map(|v| v.iter().map(|a| a.rule.clone()).collect())
+                    .unwrap_or_default();
+                let statistical_firing = firing
+                    .iter()
+                    .any(|f| r.rules.iter().any(|x| x.name == *f && x.is_statistical()));
+                let mut w = Warmed {
+                    host: r.host.clone(),
+                    open: host_open,
+                    warmed: None,
+                    samples: 0,
+                    cold: None,
+                    crowded: late,
+                };
+                if late {
+                    w.cold = Some("too many hosts arrived at once".to_string());
+                } else if statistical_firing {
+                    // Rare: a longer history for the firing rules, this host alone.
+                    match warm_from_history(&st, &r, &firing).await {
+                        Ok((h, k)) => (w.warmed, w.samples) = (Some(h), k),
+                        Err(e) => w.cold = Some(e),
+                    }
+                } else {
+                    plain.push((answers.len(), r));
+                }
+                answers.push(w);
+            }
+            if !plain.is_empty() {
+                let reqs: Vec<&WarmRequest> = plain.iter().map(|(_, r)| r).collect();
+                match warm_many(&st, &reqs).await {
+                    Ok(mut got) => {
+                        for (i, r) in &plain {
+                            if let Some((h, k)) = got.remove(&*r.host) {
+                                (answers[*i].warmed, answers[*i].samples) = (Some(h), k);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        for (i, _) in &plain {
+                            answers[*i].cold = Some(e.clone());
+                        }
+                    }
+                }
+            }
+            for w in answers {
+                if done.send(w).await.is_err() {
+                    return;
+                }
+            }
+        }
+        if crowded > 0 {
+            tracing::warn!(hosts = n, without_history = crowded, budget = ?WARM_BUDGET, "many hosts arrived at once: those whose history was not replayed within the budget start without it (statistical rules warm up again; their firing alerts are still taken over)");
+        }
     }
-    let to = before_ms / 1000;
-    let qs = super::backtest::history_queries(
+}
+
+/// Hosts whose history is read with one query per rule.
+const WARM_CHUNK: usize = 32;
+
+/// A host name is spliced into SQL: none that could change the statement.
+fn sql_safe(host: &str) -> bool {
+    !host.contains(['\'', '\\', '?'])
+}
+
+/// Reads the last `WARM_HISTORY_S` of history of several hosts (one query per rule, for
+/// the statistical rules over one series) and replays each host's, before its first batch
+/// here, into a side engine. Returns each host's warmed series and samples replayed; Err
+/// when ClickHouse did not answer in time.
+async fn warm_many(
+    store: &Store,
+    reqs: &[&WarmRequest],
+) -> Result<HashMap<String, (super::WarmedHost, usize)>, String> {
+    let rules = reqs[0].rules.clone();
+    let hosts: Vec<&str> = reqs
+        .iter()
+        .map(|r| &*r.host)
+        .filter(|h| sql_safe(h))
+        .collect();
+    if hosts.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let to = reqs.iter().map(|r| r.before_ms / 1000).max().unwrap_or(0) + 1;
+    let from = reqs
+        .iter()
+        .map(|r| r.before_ms / 1000)
+        .min()
+        .unwrap_or(0)
+        .saturating_sub(WARM_HISTORY_S);
+    let qs = super::backtest::history_queries_of(
         &store.db,
-        engine.rules(),
-        |ri| wanted.contains(&ri),
-        host,
-        to.saturating_sub(TAKEOVER_HISTORY_S),
+        &rules,
+        |ri| rules[ri].is_statistical(),
+        &hosts,
+        from,
         to,
-        "",
-        false,
     );
-    let mut samples = Vec::new();
-    for q in &qs {
-        let read = tokio::time::timeout(Duration::from_secs(5), async {
+    let texts = fetch(store, &qs).await?;
+    let wanted: Vec<(String, u64, Option<HostLabels>)> = reqs
+        .iter()
+        .filter(|r| sql_safe(&r.host))
+        .map(|r| (r.host.to_string(), r.before_ms, r.labels.clone()))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let by_host: Vec<HashMap<&str, String>> = texts
+            .iter()
+            .map(|t| super::backtest::split_by_host(t))
+            .collect();
+        let mut side = Engine::new(rules.to_vec());
+        let mut counts = HashMap::new();
+        for (host, before_ms, labels) in &wanted {
+            if let Some(l) = labels {
+                side.set_host_labels(host, l.clone());
+            }
+            let since = before_ms.saturating_sub(WARM_HISTORY_S * 1000);
+            let mut samples = Vec::new();
+            for (q, t) in qs.iter().zip(&by_host) {
+                if let Some(text) = t.get(host.as_str()) {
+                    samples.extend(
+                        super::backtest::parse_history(q, &rules, host, text)
+                            .into_iter()
+                            .filter(|s| s.ts_ms >= since && s.ts_ms < *before_ms),
+                    );
+                }
+            }
+            samples.sort_by_key(|s| s.ts_ms);
+            for s in &samples {
+                let labels: Vec<(&str, &str)> =
+                    s.labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                side.warm(s.rule, host, &labels, s.ts_ms, s.value);
+            }
+            counts.insert(host.clone(), samples.len());
+        }
+        side.take_hosts()
+            .into_iter()
+            .map(|(h, w)| {
+                let n = counts.get(&h).copied().unwrap_or(0);
+                (h, (w, n))
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| format!("replaying the hosts' history failed: {e}"))
+}
+
+/// The TabSeparated answers of `qs`, in order; Err at the first that fails or takes over 10 s.
+async fn fetch(store: &Store, qs: &[super::backtest::HistoryQuery]) -> Result<Vec<String>, String> {
+    let mut texts = Vec::with_capacity(qs.len());
+    for q in qs {
+        let read = tokio::time::timeout(Duration::from_secs(10), async {
             store
                 .client
                 .query(&q.sql)
@@ -160,28 +438,67 @@ async fn warm_from_history(
         })
         .await;
         match read {
-            Ok(Ok(bytes)) => samples.extend(super::backtest::parse_history(
-                q,
-                engine.rules(),
-                host,
-                &String::from_utf8_lossy(&bytes),
-            )),
-            Ok(Err(e)) => {
-                tracing::warn!(%host, error = %e, "cannot read the host's history; its statistical alerts are taken over without it and may resolve early");
-                return 0;
-            }
-            Err(_) => {
-                tracing::warn!(%host, "reading the host's history timed out; its statistical alerts are taken over without it and may resolve early");
-                return 0;
-            }
+            Ok(Ok(bytes)) => texts.push(String::from_utf8_lossy(&bytes).into_owned()),
+            Ok(Err(e)) => return Err(format!("cannot read the hosts' history: {e}")),
+            Err(_) => return Err("reading the hosts' history timed out (10 s)".into()),
         }
     }
-    samples.sort_by_key(|s| s.ts_ms);
-    for s in &samples {
-        let labels: Vec<(&str, &str)> = s.labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        engine.warm(s.rule, host, &labels, s.ts_ms, s.value);
+    Ok(texts)
+}
+
+/// Replays `r.host`'s stored history before `r.before_ms` into a side engine with the
+/// rules `r.rules`: `FIRING_HISTORY_S` for statistical rules among `firing` (so that a
+/// taken-over alert resolves when the aggregator it came from would have),
+/// `WARM_HISTORY_S` for the other statistical rules over one series (`forest` rules over
+/// several series are not replayed). No lifecycle, no notification. Returns the host's
+/// warmed series and the samples replayed; Err when ClickHouse did not answer in time.
+async fn warm_from_history(
+    store: &Store,
+    r: &WarmRequest,
+    firing: &[String],
+) -> Result<(super::WarmedHost, usize), String> {
+    let host = &*r.host;
+    let rules = &r.rules;
+    let mut side = Engine::new(rules.to_vec());
+    if let Some(l) = &r.labels {
+        side.set_host_labels(host, l.clone());
     }
-    samples.len()
+    if !sql_safe(host) {
+        return Ok((side.take_host(host), 0));
+    }
+    let to = r.before_ms / 1000;
+    let is_firing = |ri: usize| firing.iter().any(|f| *f == rules[ri].name);
+    let mut qs = Vec::new();
+    for (span, want_firing) in [(FIRING_HISTORY_S, true), (WARM_HISTORY_S, false)] {
+        qs.extend(super::backtest::history_queries(
+            &store.db,
+            rules,
+            |ri| rules[ri].is_statistical() && is_firing(ri) == want_firing,
+            host,
+            to.saturating_sub(span),
+            to,
+            "",
+            false,
+        ));
+    }
+    let texts = fetch(store, &qs).await?;
+    let host_s = host.to_string();
+    let rules = rules.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut samples = Vec::new();
+        for (q, t) in qs.iter().zip(&texts) {
+            samples.extend(super::backtest::parse_history(q, &rules, &host_s, t));
+        }
+        samples.sort_by_key(|s| s.ts_ms);
+        for s in &samples {
+            let labels: Vec<(&str, &str)> =
+                s.labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            side.warm(s.rule, &host_s, &labels, s.ts_ms, s.value);
+        }
+        (side.take_host(&host_s), samples.len())
+    })
+    .await
+    .map_err(|e| format!("replaying the host's history failed: {e}"))
 }
 
 /// Several aggregators: a host that went quiet here while another aggregator stored its

@@ -169,6 +169,33 @@ fn expand_summary(text: &str, s: &SeriesState, score: Option<f64>, kind: &RuleKi
     out
 }
 
+/// The labels a snapshot carries for its host (the sensor's `labels`), if any.
+pub fn host_labels_of(snap: &protocol::Snapshot) -> Option<Vec<(String, String)>> {
+    if snap.host_labels.is_empty() {
+        return None;
+    }
+    Some(
+        snap.host_labels
+            .iter()
+            .filter(|l| l.name != "host")
+            .map(|l| (l.name.clone(), l.value.clone()))
+            .collect(),
+    )
+}
+
+/// One host's series, their detectors warmed from history by a side engine (see
+/// [`Engine::take_host`] and [`Engine::absorb`]).
+pub struct WarmedHost {
+    rules: Vec<Rule>,
+    series: Vec<(u64, SeriesState)>,
+}
+
+impl WarmedHost {
+    pub fn series(&self) -> usize {
+        self.series.len()
+    }
+}
+
 /// The live detection engine.
 pub struct Engine {
     rules: Vec<Rule>,
@@ -547,16 +574,8 @@ impl Engine {
         snap: &protocol::Snapshot,
         out: &mut Vec<AlertEvent>,
     ) {
-        if !snap.host_labels.is_empty() {
-            let labels: Vec<(String, String)> = snap
-                .host_labels
-                .iter()
-                .filter(|l| l.name != "host")
-                .map(|l| (l.name.clone(), l.value.clone()))
-                .collect();
-            if self.host_labels.get(host) != Some(&labels) {
-                self.host_labels.insert(host.to_string(), labels);
-            }
+        if let Some(labels) = host_labels_of(snap) {
+            self.set_host_labels(host, labels);
         }
         let mut samples: Vec<(usize, Vec<(&'static str, String)>, f64)> = Vec::new();
         let mut vectors: Vec<(usize, Vec<f64>)> = Vec::new();
@@ -602,6 +621,67 @@ impl Engine {
         for (i, v) in vectors {
             self.observe_vector(i, host, snap.ts_ms, &v, out);
         }
+    }
+
+    /// Sets `host`'s labels (as its sensor's `labels` reports them): a side engine warming
+    /// a host from history needs them so that rules selecting by a host label pick the same
+    /// series as live.
+    pub fn set_host_labels(&mut self, host: &str, labels: Vec<(String, String)>) {
+        if self.host_labels.get(host) != Some(&labels) {
+            self.host_labels.insert(host.to_string(), labels);
+        }
+    }
+
+    /// Moves `host`'s series (detectors warmed by [`Engine::warm`]) out of this engine, to be
+    /// taken in by another with [`Engine::absorb`].
+    pub fn take_host(&mut self, host: &str) -> WarmedHost {
+        let (mine, rest): (Vec<(u64, SeriesState)>, Vec<(u64, SeriesState)>) =
+            std::mem::take(&mut self.series)
+                .into_iter()
+                .partition(|(_, s)| s.host == host);
+        self.series = rest.into_iter().collect();
+        WarmedHost {
+            rules: self.rules.clone(),
+            series: mine,
+        }
+    }
+
+    /// Moves every host's series out of this engine (a side engine that warmed several), by
+    /// host; see [`Engine::take_host`].
+    pub fn take_hosts(self) -> HashMap<String, WarmedHost> {
+        let mut out: HashMap<String, WarmedHost> = HashMap::new();
+        for (k, s) in self.series {
+            out.entry(s.host.clone())
+                .or_insert_with(|| WarmedHost {
+                    rules: self.rules.clone(),
+                    series: Vec::new(),
+                })
+                .series
+                .push((k, s));
+        }
+        out
+    }
+
+    /// Takes in series warmed by another engine, each with its detector. A series' rule is
+    /// found by its definition: one whose rule changed or went since (a reload) is dropped,
+    /// as is one this engine already has. Returns how many were taken in.
+    pub fn absorb(&mut self, w: WarmedHost) -> usize {
+        let map: Vec<Option<usize>> = w
+            .rules
+            .iter()
+            .map(|old| self.rules.iter().position(|r| r == old))
+            .collect();
+        let mut n = 0;
+        for (k, mut s) in w.series {
+            let Some(ri) = map[s.rule] else { continue };
+            if self.series.contains_key(&k) {
+                continue;
+            }
+            s.rule = ri;
+            self.series.insert(k, s);
+            n += 1;
+        }
+        n
     }
 
     /// Whether this engine holds anything about `host` (it has sent here since this engine
@@ -984,6 +1064,78 @@ mod tests {
             tc.is_some_and(|tc| tc < ta.unwrap()),
             "cold: resolved early ({tc:?} against {ta:?})"
         );
+    }
+
+    /// A host new to an engine (it moved, or the aggregator restarted) with nothing firing:
+    /// a side engine replays its history and hands the detectors over (`take_host`,
+    /// `absorb`). The statistical rule then alerts on the same sample as an engine that saw
+    /// everything; a cold engine is still in its warm-up and misses it. A rule that changed
+    /// between the replay and the hand-over (a reload) is not handed over.
+    #[test]
+    fn a_new_host_warmed_from_history_alerts_as_if_it_had_never_moved() {
+        let text = "[[rule]]\nname = \"spike\"\nkind = \"ewma\"\nseries = \"disk.w_await_ms\"\n\
+                    threshold = 5\nwarmup = 60\nfor = \"0s\"\n\
+                    [[rule]]\nname = \"other\"\nkind = \"ewma\"\nseries = \"disk.w_await_ms\"\nthreshold = 5\n";
+        let l = [("device", "sda")];
+        // Noise around 10 ms; one spike at t = 130.
+        let value = |t: u64| -> f64 {
+            let noise = ((t * 7919) % 13) as f64 / 13.0 - 0.5;
+            if t == 130 {
+                50.0
+            } else {
+                10.0 + noise
+            }
+        };
+        let fired_at = |e: &mut Engine, from: u64| -> Option<u64> {
+            let mut out = Vec::new();
+            for t in from..200u64 {
+                e.observe(0, "h", &l, t * 1000, value(t), &mut out);
+                if out.iter().any(|e| e.state == "firing" && e.rule == "spike") {
+                    return Some(t);
+                }
+            }
+            None
+        };
+        let mut a = Engine::new(rules(text));
+        let mut out = Vec::new();
+        for t in 0..100u64 {
+            a.observe(0, "h", &l, t * 1000, value(t), &mut out);
+        }
+        // From t = 100 the host sends to a new engine: B warmed through a side engine, C cold.
+        let mut side = Engine::new(rules(text));
+        side.set_host_labels("h", vec![("env".into(), "prod".into())]);
+        for t in 0..100u64 {
+            side.warm(0, "h", &l, t * 1000, value(t));
+            side.warm(1, "h", &l, t * 1000, value(t));
+        }
+        let w = side.take_host("h");
+        assert_eq!(w.series(), 2);
+        assert_eq!(side.state_size().0, 0, "taken out of the side engine");
+        let mut b = Engine::new(rules(text));
+        assert_eq!(b.absorb(w), 2);
+        let mut c = Engine::new(rules(text));
+        let (ta, tb, tc) = (
+            fired_at(&mut a, 100),
+            fired_at(&mut b, 100),
+            fired_at(&mut c, 100),
+        );
+        assert_eq!(ta, Some(130), "the spike fires on A");
+        assert_eq!(tb, ta, "warmed: fires when A does");
+        assert_eq!(tc, None, "cold: still in its warm-up at the spike");
+        // Rule "other" changed between the replay and the hand-over: only "spike" is taken.
+        let mut side = Engine::new(rules(text));
+        for t in 0..100u64 {
+            side.warm(0, "h", &l, t * 1000, value(t));
+            side.warm(1, "h", &l, t * 1000, value(t));
+        }
+        let w = side.take_host("h");
+        let changed = text.replace(
+            "name = \"other\"\nkind = \"ewma\"\nseries = \"disk.w_await_ms\"\nthreshold = 5",
+            "name = \"other\"\nkind = \"ewma\"\nseries = \"disk.w_await_ms\"\nthreshold = 4",
+        );
+        let mut d = Engine::new(rules(&changed));
+        assert_eq!(d.absorb(w), 1, "the changed rule's series is not taken in");
+        assert_eq!(fired_at(&mut d, 100), Some(130));
     }
 
     /// takes its firing alerts over (no new "firing"), and resolves them under their ids.

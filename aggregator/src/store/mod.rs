@@ -911,11 +911,15 @@ impl Store {
         .await
     }
 
-    /// `host`'s alerts that are firing according to the alerts table (their latest
-    /// transition is "firing"; the last week).
-    pub async fn open_alerts(&self, host: &str) -> Result<Vec<crate::detect::OpenAlert>> {
+    /// The alerts of `hosts` that are firing according to the alerts table (their latest
+    /// transition is "firing"; the last week), by host. One query for all of them.
+    pub async fn open_alerts(
+        &self,
+        hosts: &[String],
+    ) -> Result<HashMap<String, Vec<crate::detect::OpenAlert>>> {
         #[derive(Row, Deserialize)]
         struct A {
+            host: String,
             alert_id: String,
             rule: String,
             labels: String,
@@ -923,27 +927,30 @@ impl Store {
             starts_at: u32,
         }
         let q = format!(
-            "SELECT alert_id, any(toString(rule)) AS rule, any(labels) AS labels, toString(argMax(severity, ts)) AS severity, \
-             toUInt32(min(starts_at)) AS starts_at FROM {}.alerts WHERE toString(host) = ? AND ts > now() - 604800 \
-             GROUP BY alert_id HAVING countIf(state = 'firing') > 0 AND countIf(state IN ('resolved', 'cleared')) = 0",
+            "SELECT toString(host) AS host, alert_id, any(toString(rule)) AS rule, any(labels) AS labels, toString(argMax(severity, ts)) AS severity, \
+             toUInt32(min(starts_at)) AS starts_at FROM {}.alerts WHERE has(?, toString(host)) AND ts > now() - 604800 \
+             GROUP BY host, alert_id HAVING countIf(state = 'firing') > 0 AND countIf(state IN ('resolved', 'cleared')) = 0",
             self.db
         );
-        let rows: Vec<A> = self.client.query(&q).bind(host).fetch_all().await?;
-        Ok(rows
-            .into_iter()
-            .map(|a| crate::detect::OpenAlert {
-                id: a.alert_id,
-                rule: a.rule,
-                labels: a
-                    .labels
-                    .split(',')
-                    .filter_map(|kv| kv.split_once('='))
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-                severity: a.severity,
-                starts_at_ms: a.starts_at as u64 * 1000,
-            })
-            .collect())
+        let rows: Vec<A> = self.client.query(&q).bind(hosts).fetch_all().await?;
+        let mut out: HashMap<String, Vec<crate::detect::OpenAlert>> = HashMap::new();
+        for a in rows {
+            out.entry(a.host)
+                .or_default()
+                .push(crate::detect::OpenAlert {
+                    id: a.alert_id,
+                    rule: a.rule,
+                    labels: a
+                        .labels
+                        .split(',')
+                        .filter_map(|kv| kv.split_once('='))
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                    severity: a.severity,
+                    starts_at_ms: a.starts_at as u64 * 1000,
+                });
+        }
+        Ok(out)
     }
 
     /// When each of `hosts` last had a batch stored (by any aggregator), in seconds.
