@@ -31,6 +31,7 @@ start() {
 metrics() {
   curl -s 127.0.0.1:19464/metrics | grep -E "^sonde_detect_(dropped_total|series |hosts|warm)" \
     | sed 's/^sonde_detect_//' | tr '\n' ' '
+  echo "rss_mb $(( $(ps -o rss= -p "$(cat $D/agg.pid)") / 1024 ))"
 }
 LG=$(ls -t target/release/deps/loadgen-* | grep -v '\.d$' | head -1)
 for run in 1 2; do

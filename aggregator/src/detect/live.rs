@@ -9,7 +9,7 @@ use crate::metrics::Metrics;
 use crate::store::{Dedup, Store, StoreHandle};
 use protocol::Batch;
 use std::collections::HashMap;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
@@ -48,6 +48,9 @@ pub async fn run(
     let (done_tx, mut done) = mpsc::channel::<Warmed>(256);
     tokio::spawn(loader(store.clone(), asked, done_tx));
     let mut loader_alive = true;
+    // Batches held for waiting hosts, and hosts released before their answer came.
+    let mut held = 0usize;
+    let mut early: std::collections::HashSet<Arc<str>> = Default::default();
     loop {
         let arrived = tokio::select! {
             a = rx.recv() => {
@@ -57,25 +60,41 @@ pub async fn run(
                 }
                 dedup.insert(&a.host, &a.batch.boot_id, a.batch.seq);
                 if let Some(w) = waiting.get_mut(&a.host) {
+                    if held < MAX_HELD {
+                        w.batches.push(a);
+                        held += 1;
+                        continue;
+                    }
+                    // Too much held (a restart, sensors resending their spools): this host
+                    // goes on without its history; its alerts are still taken over.
+                    let mut w = waiting.remove(&a.host).unwrap();
+                    held -= w.batches.len();
                     w.batches.push(a);
-                    continue;
-                }
-                if !engine.knows_host(&a.host) && loader_alive {
+                    metrics.detect_hosts_waiting.store(waiting.len() as u64, Relaxed);
+                    metrics.detect_hosts_cold.fetch_add(1, Relaxed);
+                    tracing::debug!(host = %w.batches[0].host, "too many batches held for new hosts: this one starts without its history");
+                    early.insert(w.batches[0].host.clone());
+                    release(&mut engine, w, &mut out)
+                } else if !engine.knows_host(&a.host) && loader_alive {
                     let first = a.batch.snapshots.iter().map(|s| s.ts_ms).min().unwrap_or_else(now_ms);
                     let labels = a.batch.snapshots.iter().find_map(super::host_labels_of);
+                    let released = Arc::new(AtomicBool::new(false));
                     let _ = ask.send(WarmRequest {
                         host: a.host.clone(),
                         before_ms: first,
                         labels,
                         rules: rules_now.clone(),
                         asked: Instant::now(),
+                        released: released.clone(),
                     });
-                    waiting.insert(a.host.clone(), Waiting { since: Instant::now(), batches: vec![a] });
+                    waiting.insert(a.host.clone(), Waiting { since: Instant::now(), batches: vec![a], released });
+                    held += 1;
                     metrics.detect_hosts_waiting.store(waiting.len() as u64, Relaxed);
                     continue;
+                } else {
+                    engine.observe_batch(&a.host, &a.batch, now_ms(), &mut out);
+                    Some(a.at)
                 }
-                engine.observe_batch(&a.host, &a.batch, now_ms(), &mut out);
-                Some(a.at)
             }
             w = done.recv(), if loader_alive => {
                 let Some(w) = w else {
@@ -85,7 +104,14 @@ pub async fn run(
                     loader_alive = false;
                     continue;
                 };
-                let Some(wait) = waiting.remove(&w.host) else { continue };
+                let Some(wait) = waiting.remove(&w.host) else {
+                    // Released before the answer came: its firing alerts are still taken over.
+                    if early.remove(&w.host) {
+                        adopt(&mut engine, &w);
+                    }
+                    continue;
+                };
+                held -= wait.batches.len();
                 metrics.detect_hosts_waiting.store(waiting.len() as u64, Relaxed);
                 take_over(&mut engine, w, &metrics);
                 release(&mut engine, wait, &mut out)
@@ -104,6 +130,8 @@ pub async fn run(
                 let mut first = None;
                 for h in late {
                     let w = waiting.remove(&h).unwrap();
+                    held -= w.batches.len();
+                    early.insert(h.clone());
                     tracing::warn!(host = %h, "no answer about the host's alerts and history; its detectors start without them (a still-firing alert may be notified again)");
                     metrics.detect_hosts_cold.fetch_add(1, Relaxed);
                     first = first.or(release(&mut engine, w, &mut out));
@@ -144,17 +172,23 @@ const WAIT_MAX: Duration = Duration::from_secs(40);
 /// A host asked about longer ago than this gets its firing alerts taken over but no history
 /// replayed (many hosts arrived at once: an aggregator restart in a large fleet), so that its
 /// batches are not held long.
-const WARM_BUDGET: Duration = Duration::from_secs(10);
+const WARM_BUDGET: Duration = Duration::from_secs(20);
 /// How much stored history the detectors of a new host replay: statistical rules with a
 /// firing alert (so that it resolves when the aggregator it came from would have), and the
 /// others (past their warm-up: 300 samples for `anomaly` at 1 s; the forecast window).
 const FIRING_HISTORY_S: u64 = 3600;
 const WARM_HISTORY_S: u64 = 600;
 
+/// The most batches held for waiting hosts at once (a host's batch past it releases that
+/// host without its history): bounds the memory a restart with many hosts resending their
+/// spools can take.
+const MAX_HELD: usize = 4096;
+
 /// A host new to this engine whose batches wait for its alerts and history.
 struct Waiting {
     since: Instant,
     batches: Vec<Arrival>,
+    released: Arc<AtomicBool>,
 }
 
 /// A host's labels (its sensor's `labels`).
@@ -167,6 +201,8 @@ struct WarmRequest {
     labels: Option<HostLabels>,
     rules: Arc<Vec<Rule>>,
     asked: Instant,
+    /// Set when the host was released before the answer: no history to read.
+    released: Arc<AtomicBool>,
 }
 
 /// What the loader found about a new host.
@@ -184,6 +220,7 @@ struct Warmed {
 
 /// Evaluates the batches a host's arrival held, in order; returns when the first arrived.
 fn release(engine: &mut Engine, w: Waiting, out: &mut Vec<AlertEvent>) -> Option<Instant> {
+    w.released.store(true, Relaxed);
     let first = w.batches.first().map(|a| a.at);
     for a in &w.batches {
         engine.observe_batch(&a.host, &a.batch, now_ms(), out);
@@ -197,9 +234,9 @@ fn release(engine: &mut Engine, w: Waiting, out: &mut Vec<AlertEvent>) -> Option
 /// past instead of starting its warm-up again, and its firing alerts are taken over from
 /// the alerts table, so that a still-firing alert is not notified again and its resolution
 /// comes from here.
-fn take_over(engine: &mut Engine, w: Warmed, metrics: &Metrics) {
+fn take_over(engine: &mut Engine, mut w: Warmed, metrics: &Metrics) {
+    let series = w.warmed.take().map_or(0, |h| engine.absorb(h));
     let host = &*w.host;
-    let series = w.warmed.map_or(0, |h| engine.absorb(h));
     if w.samples > 0 {
         metrics.detect_hosts_warmed.fetch_add(1, Relaxed);
         metrics
@@ -214,6 +251,12 @@ fn take_over(engine: &mut Engine, w: Warmed, metrics: &Metrics) {
     } else {
         tracing::debug!(%host, series, history_samples = w.samples, "the host's detectors replayed its history");
     }
+    adopt(engine, &w);
+}
+
+/// Takes over the host's firing alerts the loader found.
+fn adopt(engine: &mut Engine, w: &Warmed) {
+    let host = &*w.host;
     match &w.open {
         Ok(open) if !open.is_empty() => {
             let n = engine.adopt(host, open, now_ms());
@@ -277,7 +320,7 @@ async fn loader(
                     Ok(m) => Ok(m.remove(&*r.host).unwrap_or_default()),
                     Err(e) => Err(e.clone()),
                 };
-                let late = r.asked.elapsed() > WARM_BUDGET;
+                let late = r.asked.elapsed() > WARM_BUDGET || r.released.load(Relaxed);
                 crowded += late as usize;
                 let firing: Vec<String> = host_open
                     .as_ref()
