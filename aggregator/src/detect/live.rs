@@ -447,13 +447,7 @@ async fn warm_many(
                     );
                 }
             }
-            samples.sort_by_key(|s| s.ts_ms);
-            for s in &samples {
-                let labels: Vec<(&str, &str)> =
-                    s.labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                side.warm(s.rule, host, &labels, s.ts_ms, s.value);
-            }
-            counts.insert(host.clone(), samples.len());
+            counts.insert(host.clone(), replay(&mut side, host, samples));
         }
         side.take_hosts()
             .into_iter()
@@ -465,6 +459,16 @@ async fn warm_many(
     })
     .await
     .map_err(|e| format!("replaying the hosts' history failed: {e}"))
+}
+
+/// Feeds one host's history to `side`'s detectors in time order; returns the samples fed.
+fn replay(side: &mut Engine, host: &str, mut samples: Vec<super::backtest::Sample>) -> usize {
+    samples.sort_by_key(|s| s.ts_ms);
+    for s in &samples {
+        let labels: Vec<(&str, &str)> = s.labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        side.warm(s.rule, host, &labels, s.ts_ms, s.value);
+    }
+    samples.len()
 }
 
 /// The TabSeparated answers of `qs`, in order; Err at the first that fails or takes over 10 s.
@@ -532,13 +536,8 @@ async fn warm_from_history(
         for (q, t) in qs.iter().zip(&texts) {
             samples.extend(super::backtest::parse_history(q, &rules, &host_s, t));
         }
-        samples.sort_by_key(|s| s.ts_ms);
-        for s in &samples {
-            let labels: Vec<(&str, &str)> =
-                s.labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            side.warm(s.rule, &host_s, &labels, s.ts_ms, s.value);
-        }
-        (side.take_host(&host_s), samples.len())
+        let n = replay(&mut side, &host_s, samples);
+        (side.take_host(&host_s), n)
     })
     .await
     .map_err(|e| format!("replaying the host's history failed: {e}"))
