@@ -659,13 +659,12 @@ fn a_sensor_that_moves_between_aggregators_raises_no_silence_and_no_duplicate_al
     )
     .unwrap();
     let cfg_p = d.0.join("agg-p.toml");
+    // The first aggregator's configuration with the other rules file.
     std::fs::write(
         &cfg_p,
-        format!(
-            "rules = \"{}\"\n[[alerting.webhook]]\nurl = \"{}\"\n",
-            rules_p.display(),
-            hook.url()
-        ),
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace(&rules.display().to_string(), &rules_p.display().to_string()),
     )
     .unwrap();
     let cfg_p = cfg_p.display().to_string();

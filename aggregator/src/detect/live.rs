@@ -218,6 +218,20 @@ struct Warmed {
     crowded: bool,
 }
 
+impl Warmed {
+    /// The answer for `host` with its firing alerts and nothing replayed yet.
+    fn new(host: Arc<str>, open: Result<Vec<super::OpenAlert>, String>) -> Warmed {
+        Warmed {
+            host,
+            open,
+            warmed: None,
+            samples: 0,
+            cold: None,
+            crowded: false,
+        }
+    }
+}
+
 /// Evaluates the batches a host's arrival held, in order; returns when the first arrived.
 fn release(engine: &mut Engine, w: Waiting, out: &mut Vec<AlertEvent>) -> Option<Instant> {
     w.released.store(true, Relaxed);
@@ -288,15 +302,11 @@ async fn loader(
         let Some(st) = store.get() else {
             // Not open yet: nothing to take over or replay (the host starts as new).
             for r in reqs {
-                let w = Warmed {
-                    host: r.host,
-                    open: Ok(Vec::new()),
-                    warmed: None,
-                    samples: 0,
-                    cold: None,
-                    crowded: false,
-                };
-                if done.send(w).await.is_err() {
+                if done
+                    .send(Warmed::new(r.host, Ok(Vec::new())))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -329,14 +339,8 @@ async fn loader(
                 let statistical_firing = firing
                     .iter()
                     .any(|f| r.rules.iter().any(|x| x.name == *f && x.is_statistical()));
-                let mut w = Warmed {
-                    host: r.host.clone(),
-                    open: host_open,
-                    warmed: None,
-                    samples: 0,
-                    cold: None,
-                    crowded: late,
-                };
+                let mut w = Warmed::new(r.host.clone(), host_open);
+                w.crowded = late;
                 if late {
                     w.cold = Some("too many hosts arrived at once".to_string());
                 } else if statistical_firing {
