@@ -16,6 +16,7 @@ pub struct Metrics {
     pub batches_duplicate: AtomicU64,
     pub batches_failed: AtomicU64,
     pub batches_deferred: AtomicU64,
+    pub batches_awaited: AtomicU64,
     pub bytes_received: AtomicU64,
     pub samples_stored: AtomicU64,
     pub rows_inserted: AtomicU64,
@@ -110,6 +111,13 @@ impl Metrics {
             "Batches whose sensor connection closed before they were stored: stored once ClickHouse has answered for 60 s without a break, unless another aggregator stored them meanwhile.",
             "counter",
             self.batches_deferred.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "batches_awaited_total",
+            "Batches another aggregator was still inserting when they arrived here (their sensor moved): stored, or found stored, once that insert ended.",
+            "counter",
+            self.batches_awaited.load(Relaxed),
         );
         c(
             &mut s,

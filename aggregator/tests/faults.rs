@@ -947,3 +947,127 @@ fn a_sensor_cut_off_during_an_outage_fails_over_and_nothing_is_doubled() {
         "sonde_clickhouse_down stayed 1 after the deferred batches were settled"
     );
 }
+
+/// The window the deferral above leaves: the aggregator's insert of a batch is already
+/// running when its sensor leaves. The sensor resends the batch to the other aggregator,
+/// which finds the first one's open intent and, without waiting, would store the batch
+/// while the first one's insert goes on: stored twice. Here every insert into
+/// `batch_intents` is made slow (views that sleep 3 s each, 60 s in all: a real server
+/// made slow, as a loaded one is), the sensor is cut off from its aggregator while that
+/// one's insert runs, and the other must wait for it to end and find the batch stored.
+#[test]
+fn a_batch_whose_insert_is_running_when_its_sensor_leaves_is_stored_once() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: network namespaces need root");
+        return;
+    }
+    let d = Dir::new("fault-running-insert");
+    certs(&d.0.join("certs"), &["cx2"]);
+    let ch = Ch::new(&d.0);
+    let (ns, here) = Netns::new("sr", 233);
+    let (pa, pb) = (free_udp_port(), free_udp_port());
+    let (la, lb) = (format!("{here}:{pa}"), format!("{here}:{pb}"));
+    let (_agg_a, http_a) = start_agg(&d.0, &la, &ch, "a", true);
+    let (_agg_b, http_b) = start_agg(&d.0, &lb, &ch, "b", true);
+    let mut sensor = ns.start_sensor(&d.0, &format!("{la},{lb}"), "cx2");
+    wait_until(
+        "batches stored through one aggregator",
+        Duration::from_secs(40),
+        || {
+            metric_at(&http_a, "sonde_batches_stored_total")
+                + metric_at(&http_b, "sonde_batches_stored_total")
+                >= 3
+        },
+    );
+    let (cur_port, other_http) = if metric_at(&http_a, "sonde_batches_stored_total") > 0 {
+        (pa, &http_b)
+    } else {
+        (pb, &http_a)
+    };
+    // Every insert into batch_intents now takes 60 s.
+    const VIEWS: usize = 20;
+    for i in 0..VIEWS {
+        ch.q(&format!(
+            "CREATE MATERIALIZED VIEW sonde.slow_{i} ENGINE = Null AS SELECT sleep(3) AS s FROM sonde.batch_intents"
+        ));
+    }
+    let slow_from = Instant::now();
+    // A round of the sensor's aggregator begun since: its intents are written, its rows
+    // not yet.
+    let intents_running = |min_s: f64| {
+        ch.q(&format!(
+            "SELECT count() FROM system.processes WHERE query LIKE 'INSERT INTO%batch_intents%' \
+             AND elapsed > {min_s} AND elapsed < {}",
+            slow_from.elapsed().as_secs_f64()
+        ))
+        .trim()
+            != "0"
+    };
+    wait_until(
+        "an insert round with its intents written and its rows not",
+        Duration::from_secs(30),
+        || intents_running(1.0),
+    );
+    // The sensor loses its aggregator while that insert runs.
+    let rule = format!("OUTPUT -p udp -d {here} --dport {cur_port} -j DROP");
+    assert!(
+        ns.iptables(&format!("-I {rule}")),
+        "iptables in the namespace failed"
+    );
+    let cut = Instant::now();
+    // Inserts after this one are fast again (each DROP waits for the running insert; the
+    // client may give up waiting first, the server does not).
+    let drop_views = {
+        let addr = ch.addr();
+        std::thread::spawn(move || {
+            for i in 0..VIEWS {
+                let _ = ch_query(&addr, &format!("DROP TABLE IF EXISTS sonde.slow_{i}"));
+            }
+        })
+    };
+    // The sensor resends to the other aggregator, which finds the first one's intent and
+    // waits while that one's insert runs; when it ends, the batch is stored there.
+    wait_until(
+        "the other aggregator waits for the running insert",
+        Duration::from_secs(60),
+        || metric_at(other_http, "sonde_batches_awaited_total") >= 1,
+    );
+    let awaited_at = cut.elapsed();
+    assert!(
+        intents_running(0.0),
+        "the first aggregator's insert ended before the batch arrived at the other one: nothing was tested"
+    );
+    wait_until(
+        "the other aggregator finds the batch stored by the first",
+        Duration::from_secs(120),
+        || metric_at(other_http, "sonde_batches_duplicate_total") >= 1,
+    );
+    eprintln!(
+        "[running insert] the other aggregator waited from {awaited_at:?} to {:?} after the cut",
+        cut.elapsed()
+    );
+    drop_views.join().unwrap();
+    wait_until("the slow views dropped", Duration::from_secs(60), || {
+        for i in 0..VIEWS {
+            let _ = ch_query(&ch.addr(), &format!("DROP TABLE IF EXISTS sonde.slow_{i}"));
+        }
+        ch.q("SELECT count() FROM system.tables WHERE database = 'sonde' AND name LIKE 'slow%'")
+            .trim()
+            == "0"
+    });
+    let stored = metric_at(other_http, "sonde_batches_stored_total");
+    wait_drained(other_http, stored + 3, Duration::from_secs(60));
+    assert!(sensor.stop().success());
+    std::thread::sleep(Duration::from_secs(2));
+    let (rows, holes, dups) = report("insert running when the sensor left", "cx2", &ch);
+    assert_eq!(dups, 0, "duplicated samples");
+    assert!(holes.is_empty(), "missing samples {holes:?}");
+    assert!(rows >= 40, "only {rows} seconds");
+    assert_tiers_agree(&ch, "cx2");
+    assert_eq!(
+        ch.q("SELECT count() FROM (SELECT seq FROM sonde.batches WHERE host = 'cx2' GROUP BY sensor_boot_id, seq HAVING count() > 1)")
+            .trim(),
+        "0",
+        "a batch recorded twice"
+    );
+}

@@ -84,7 +84,7 @@ const NEW_SERVER_POLL: std::time::Duration = std::time::Duration::from_secs(10);
 /// (nothing is acked, sensors spool); before this, that lasted until some aggregator
 /// restarted. A failed attempt (the lock is another's, a server does not answer) is tried
 /// again at the next poll.
-async fn watch_new_servers(store: Store, cfg: ClickHouseConfig) {
+async fn watch_new_servers(store: Store) {
     let mut known = store.cluster_servers().await.ok();
     loop {
         tokio::time::sleep(NEW_SERVER_POLL).await;
@@ -94,7 +94,7 @@ async fn watch_new_servers(store: Store, cfg: ClickHouseConfig) {
         if known == Some(n) {
             continue;
         }
-        let bare = store.servers_without_schema(&cfg).await;
+        let bare = store.servers_without_schema().await;
         if bare.is_empty() {
             known = Some(n);
             continue;
@@ -123,7 +123,7 @@ async fn watch_new_servers(store: Store, cfg: ClickHouseConfig) {
                 continue;
             }
         };
-        let r = store.complete_schema(&lock, &ddl, &cfg).await;
+        let r = store.complete_schema(&lock, &ddl).await;
         lock.release(&store).await;
         match r {
             Ok(()) => known = Some(n),
@@ -167,7 +167,7 @@ pub fn open_in_background(
                     let w = tokio::spawn(lock::watch(store.clone(), store.fenced.clone()));
                     bg.lock().unwrap().push(w.abort_handle());
                     if store.cluster.is_some() {
-                        let w = tokio::spawn(watch_new_servers(store.clone(), cfg.clone()));
+                        let w = tokio::spawn(watch_new_servers(store.clone()));
                         bg.lock().unwrap().push(w.abort_handle());
                     }
                     let _ = tx.send(Some(store));
@@ -210,6 +210,44 @@ pub struct Store {
     /// True while another aggregator holds the schema lock: no insert attempt starts
     /// (`lock::watch` keeps it).
     pub fenced: Arc<std::sync::atomic::AtomicBool>,
+    /// `, 'user', 'password'` for `remote()` (empty without a user).
+    remote_auth: String,
+}
+
+/// This aggregator process, as its intent rows and query ids name it: host, process and
+/// a random part (a restarted process may get the same pid). Another aggregator that
+/// finds an open intent of this writer looks for its queries still running.
+pub fn writer_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!(
+            "{}-{}-{:08x}",
+            host.trim(),
+            std::process::id(),
+            writer::rand_u64() as u32
+        )
+    })
+}
+
+/// The prefix of the query ids of `writer`'s statements.
+const QUERY_ID_PREFIX: &str = "sonde-w:";
+
+/// A fresh query id of this writer's: `sonde-w:WRITER:N`.
+fn query_id() -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!(
+        "{QUERY_ID_PREFIX}{}:{}",
+        writer_id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
+/// The writer a query id of `query_id()` names.
+fn writer_of_query(id: &str) -> Option<&str> {
+    id.strip_prefix(QUERY_ID_PREFIX)?
+        .rsplit_once(':')
+        .map(|(w, _)| w)
 }
 
 pub fn client(url: &str, cfg: &ClickHouseConfig) -> Client {
@@ -276,6 +314,7 @@ impl Store {
             cluster,
             quorum,
             fenced: Default::default(),
+            remote_auth: remote_auth(cfg),
         };
         store
             .exec_ddl(&format!("CREATE DATABASE IF NOT EXISTS {}", cfg.database))
@@ -302,11 +341,11 @@ impl Store {
         } else if store.cluster.is_some() {
             // A shard or replica added to `remote_servers` since the schema was created:
             // its servers have no tables yet.
-            let bare = store.servers_without_schema(cfg).await;
+            let bare = store.servers_without_schema().await;
             if !bare.is_empty() {
                 tracing::info!(servers = %bare.join(", "), "servers of the cluster without the schema (a new shard or replica): creating it there");
                 let lock = lock::MigrationLock::acquire(&store, &lock_holder()).await?;
-                let r = store.complete_schema(&lock, &ddl, cfg).await;
+                let r = store.complete_schema(&lock, &ddl).await;
                 lock.release(&store).await;
                 r?;
             }
@@ -404,7 +443,7 @@ impl Store {
     /// On a cluster: the servers (host:port) with fewer tables in the database than the
     /// server with the most, read through `remote()`. A server that does not answer is
     /// left out (a replica down must not stop a start).
-    async fn servers_without_schema(&self, cfg: &ClickHouseConfig) -> Vec<String> {
+    async fn servers_without_schema(&self) -> Vec<String> {
         #[derive(Row, Deserialize)]
         struct S {
             host_name: String,
@@ -427,11 +466,7 @@ impl Store {
             }
         };
         let q = |s: &str| s.replace('\\', "\\\\").replace('\'', "\\'");
-        let auth = if cfg.user.is_empty() {
-            String::new()
-        } else {
-            format!(", '{}', '{}'", q(&cfg.user), q(&cfg.password))
-        };
+        let auth = &self.remote_auth;
         let mut counts = Vec::new();
         for s in servers {
             let addr = format!("{}:{}", s.host_name, s.port);
@@ -474,9 +509,8 @@ impl Store {
         &self,
         lock: &lock::MigrationLock,
         ddl: &schema::Ddl<'_>,
-        cfg: &ClickHouseConfig,
     ) -> Result<()> {
-        if self.servers_without_schema(cfg).await.is_empty() {
+        if self.servers_without_schema().await.is_empty() {
             return Ok(());
         }
         self.create_current_schema(lock, ddl).await?;
@@ -586,7 +620,7 @@ impl Store {
     /// On a cluster, a subquery over a Distributed table runs against the shard's local
     /// table: a host's intents and batches live on one shard.
     fn dedup_query(&self, q: &str) -> clickhouse::query::Query {
-        let mut q = self.client.query(q);
+        let mut q = self.client.query(q).with_setting("query_id", query_id());
         if self.cluster.is_some() {
             q = q.with_setting("distributed_product_mode", "local");
             if self.quorum > 1 {
@@ -615,7 +649,11 @@ impl Store {
         if rows.is_empty() {
             return Ok(());
         }
-        let mut ins = self.client.insert::<T>(table).await?;
+        let mut ins = self
+            .client
+            .insert::<T>(table)
+            .await?
+            .with_setting("query_id", query_id());
         for r in rows {
             ins.write(r).await?;
         }
@@ -636,7 +674,10 @@ impl Store {
             t.def.name,
             t.column_list()
         );
-        let mut ins = self.client.insert_formatted_with(sql);
+        let mut ins = self
+            .client
+            .insert_formatted_with(sql)
+            .with_setting("query_id", query_id());
         ins.send(bytes::Bytes::copy_from_slice(t.bytes())).await?;
         ins.end()
             .await
@@ -661,6 +702,10 @@ impl Store {
         uncertain: &std::collections::HashSet<(String, String, u64)>,
     ) -> Result<usize> {
         let t0 = std::time::Instant::now();
+        let attempt = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as u32)
+            .unwrap_or(now);
         let mut rows = Rows::default();
         let mut rows_u = Rows::default();
         for (host, b, _) in batches {
@@ -676,7 +721,9 @@ impl Store {
                 host,
                 sensor_boot_id: &b.boot_id,
                 seq: b.seq,
-                created: now,
+                // The time of this attempt (a retry writes its intents again).
+                created: attempt,
+                writer: writer_id(),
             })
             .collect();
         let t_rows = t0.elapsed();
@@ -819,20 +866,95 @@ impl Store {
     }
 
     /// Batches with an intent but no `batches` row in the last day: possibly
-    /// partly stored by an aggregator that died mid-round.
-    /// `hosts`: only those hosts' (None: all).
+    /// partly stored by an aggregator that died mid-round, or being stored right now by
+    /// another. Each with the writers of its intents (`writer_id`; empty for intents of
+    /// releases before migration 12). `hosts`: only those hosts' (None: all).
     pub async fn uncertain_batches(
         &self,
         hosts: Option<&[String]>,
-    ) -> Result<Vec<(String, String, u64)>> {
+    ) -> Result<Vec<((String, String, u64), Vec<String>)>> {
+        #[derive(Row, Deserialize)]
+        struct R {
+            host: String,
+            sensor_boot_id: String,
+            seq: u64,
+            writers: Vec<String>,
+        }
         let only = host_filter(hosts);
-        self.batch_keys(&format!(
-            "SELECT toString(host) AS host, sensor_boot_id, seq FROM {db}.batch_intents WHERE created > now() - 86400 {only} \
-             AND (toString(host), sensor_boot_id, seq) NOT IN \
-             (SELECT toString(host), sensor_boot_id, seq FROM {db}.batches WHERE received > now() - 90000 {only})",
-            db = self.db
-        ))
-        .await
+        let rows: Vec<R> = self
+            .dedup_query(&format!(
+                "SELECT toString(host) AS host, sensor_boot_id, seq, groupUniqArray(writer) AS writers \
+                 FROM {db}.batch_intents WHERE created > now() - 86400 {only} \
+                 AND (toString(host), sensor_boot_id, seq) NOT IN \
+                 (SELECT toString(host), sensor_boot_id, seq FROM {db}.batches WHERE received > now() - 90000 {only}) \
+                 GROUP BY host, sensor_boot_id, seq",
+                db = self.db
+            ))
+            .fetch_all()
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| ((r.host, r.sensor_boot_id, r.seq), r.writers))
+            .collect())
+    }
+
+    /// Which of `writers` have a statement running on ClickHouse now (any server of the
+    /// cluster: through a Distributed table the shards' parts of an insert carry its id
+    /// as their initial query id). An insert's rows are committed before it ends, so a
+    /// writer with nothing running has committed or abandoned every insert it began.
+    /// A server that does not answer is skipped.
+    pub async fn writers_running(
+        &self,
+        writers: &std::collections::HashSet<String>,
+    ) -> Result<std::collections::HashSet<String>> {
+        #[derive(Row, Deserialize)]
+        struct P {
+            query_id: String,
+            initial_query_id: String,
+        }
+        let filter = format!(
+            "WHERE query_id LIKE '{QUERY_ID_PREFIX}%' OR initial_query_id LIKE '{QUERY_ID_PREFIX}%'"
+        );
+        let sql = match &self.cluster {
+            None => format!("SELECT query_id, initial_query_id FROM system.processes {filter}"),
+            Some(cluster) => {
+                #[derive(Row, Deserialize)]
+                struct S {
+                    host_name: String,
+                    port: u16,
+                }
+                let servers: Vec<S> = self
+                    .client
+                    .query("SELECT host_name, port FROM system.clusters WHERE cluster = ?")
+                    .bind(cluster)
+                    .fetch_all()
+                    .await
+                    .context("listing the cluster's servers")?;
+                let addrs: Vec<String> = servers
+                    .iter()
+                    .map(|s| format!("{}:{}", s.host_name, s.port).replace('\'', ""))
+                    .collect();
+                format!(
+                    "SELECT query_id, initial_query_id FROM remote('{}', system, processes{}) {filter}",
+                    addrs.join(","),
+                    self.remote_auth
+                )
+            }
+        };
+        let running: Vec<P> = self
+            .client
+            .query(&sql)
+            .with_setting("skip_unavailable_shards", "1")
+            .fetch_all()
+            .await
+            .context("reading system.processes")?;
+        Ok(running
+            .iter()
+            .flat_map(|p| [&p.query_id, &p.initial_query_id])
+            .filter_map(|id| writer_of_query(id))
+            .filter(|w| writers.contains(*w))
+            .map(str::to_string)
+            .collect())
     }
 
     /// (host, sensor boot id, seq) rows of a query selecting those three columns.
@@ -1271,6 +1393,16 @@ impl Store {
 
 /// `AND host IN (...)` for the given hosts (quoted as ClickHouse string literals), or
 /// nothing. Host names come from verified certificates, but are quoted all the same.
+/// `, 'user', 'password'` for `remote()` (empty without a user).
+fn remote_auth(cfg: &ClickHouseConfig) -> String {
+    let q = |s: &str| s.replace('\\', "\\\\").replace('\'', "\\'");
+    if cfg.user.is_empty() {
+        String::new()
+    } else {
+        format!(", '{}', '{}'", q(&cfg.user), q(&cfg.password))
+    }
+}
+
 fn host_filter(hosts: Option<&[String]>) -> String {
     match hosts {
         None => String::new(),
@@ -1410,6 +1542,18 @@ fn partition_expired(p: &str, monthly: bool, days: u32, today: i64) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn query_ids_name_their_writer() {
+        let id = super::query_id();
+        assert_eq!(super::writer_of_query(&id), Some(super::writer_id()));
+        assert_ne!(super::query_id(), id, "each statement its own id");
+        assert_eq!(
+            super::writer_of_query("sonde-w:host-1-ab:cd-12:7"),
+            Some("host-1-ab:cd-12")
+        );
+        assert_eq!(super::writer_of_query("3f1c-other-client"), None);
+    }
+
     use super::*;
 
     #[test]

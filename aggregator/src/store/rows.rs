@@ -326,4 +326,6 @@ pub struct IntentRow<'a> {
     pub sensor_boot_id: &'a str,
     pub seq: u64,
     pub created: u32,
+    /// The aggregator process that wrote it (`store::writer_id`).
+    pub writer: &'a str,
 }

@@ -92,7 +92,10 @@ impl Ddl<'_> {
             self.batches(),
             self.alerts(),
             self.gaps(),
-            self.batch_intents(),
+            self.batch_intents().replace(
+                "`created` DateTime\n)",
+                "`created` DateTime,\n    `writer` String\n)",
+            ),
         ];
         for t in TABLES.iter() {
             let cols: Vec<String> = t
@@ -224,6 +227,13 @@ impl Ddl<'_> {
                     "the 1h tier's views read the 1m tier's views (a cascade)",
                     Vec::new(),
                 ),
+                INTENT_WRITER_SINCE => (
+                    "batch_intents.writer",
+                    vec![format!(
+                        "ALTER TABLE {}.batch_intents ADD COLUMN `writer` String",
+                        self.db
+                    )],
+                ),
                 _ => ("", Vec::new()),
             }
         };
@@ -318,12 +328,20 @@ impl Ddl<'_> {
     }
 }
 
-/// The newest migration: 7 (codecs by measurement), 11 (the tier cascade) or the highest
-/// `since` of a declared table or column.
+/// The migration that records which aggregator process wrote each intent
+/// (`batch_intents.writer`): another aggregator waits while that one's insert of a batch
+/// is still running (see `writer::await_writers`).
+pub const INTENT_WRITER_SINCE: u32 = 12;
+
+/// The newest migration: 7 (codecs by measurement), 11 (the tier cascade), 12 (the
+/// intents' writer) or the highest `since` of a declared table or column.
 pub const SCHEMA_VERSION: u32 = {
     let mut v = protocol::tables::CODECS_SINCE;
     if super::tiers::CASCADE_SINCE > v {
         v = super::tiers::CASCADE_SINCE;
+    }
+    if INTENT_WRITER_SINCE > v {
+        v = INTENT_WRITER_SINCE;
     }
     let mut i = 0;
     while i < TABLES.len() {

@@ -70,6 +70,49 @@ struct Book {
     /// Hosts that connected while their stored state could not be read (storage down):
     /// loaded before any of their batches is stored.
     unloaded: HashSet<Arc<str>>,
+    /// Batches with an open intent written by another aggregator process (its writers):
+    /// that one may be inserting them right now. A copy here waits until none of those
+    /// writers has a statement running (`await_writers`).
+    foreign: HashMap<Key, Vec<String>>,
+}
+
+impl Book {
+    /// Takes in open intents read from ClickHouse (`Store::uncertain_batches`): a batch
+    /// not stored and not in a round here is uncertain (its rows are checked before they
+    /// are inserted), and one another aggregator process began is marked foreign.
+    fn note_open(&mut self, open: &[(Key, Vec<String>)]) {
+        for (k, writers) in open {
+            if self.dedup.seen(&k.0, &k.1, k.2) {
+                continue;
+            }
+            if !self.in_flight.contains_key(k) {
+                self.uncertain.insert(k.clone());
+            }
+            // Intents of releases before migration 12 name no writer.
+            let others: Vec<String> = writers
+                .iter()
+                .filter(|w| !w.is_empty() && w.as_str() != super::writer_id())
+                .cloned()
+                .collect();
+            if others.is_empty() {
+                self.foreign.remove(k);
+            } else {
+                self.foreign.insert(k.clone(), others);
+            }
+        }
+    }
+
+    /// Moves out of `fresh` the batches marked foreign (see `note_open`).
+    fn take_foreign(&self, fresh: &mut Vec<Job>) -> Vec<Job> {
+        if self.foreign.is_empty() {
+            return Vec::new();
+        }
+        let (held, kept) = std::mem::take(fresh)
+            .into_iter()
+            .partition(|j| self.foreign.contains_key(&key(&j.host, &j.batch)));
+        *fresh = kept;
+        held
+    }
 }
 
 fn key(host: &str, b: &Batch) -> Key {
@@ -114,7 +157,7 @@ pub async fn run(
                     "batches possibly partly stored before this start; their rows are checked when they arrive again"
                 );
             }
-            book.uncertain = v.into_iter().collect();
+            book.note_open(&v);
         }
         Err(e) => tracing::warn!(error = %e, "cannot read batch intents"),
     }
@@ -201,6 +244,7 @@ pub async fn run(
         let mut fresh: Vec<Job> = Vec::with_capacity(jobs.len());
         let mut host_rows_for: Vec<(Arc<str>, u32)> = Vec::new();
         let mut unc: HashSet<Key> = HashSet::new();
+        let held;
         {
             let mut b = book.lock().unwrap();
             for j in jobs {
@@ -223,6 +267,7 @@ pub async fn run(
                 b.in_flight.insert(k, Vec::new());
                 fresh.push(j);
             }
+            held = b.take_foreign(&mut fresh);
             for j in &fresh {
                 if j.batch.info.is_none()
                     || b.host_written
@@ -238,6 +283,16 @@ pub async fn run(
                 b.host_written.insert(j.host.clone(), Instant::now());
                 host_rows_for.push((j.host.clone(), fs));
             }
+        }
+        if !held.is_empty() {
+            tokio::spawn(await_writers(
+                store.clone(),
+                book.clone(),
+                metrics.clone(),
+                held,
+                now,
+                true,
+            ));
         }
         if fresh.is_empty() {
             continue;
@@ -298,11 +353,7 @@ async fn load_state(
     for (h, boot, seq) in stored {
         b.dedup.insert(&h, &boot, seq);
     }
-    for k in &open {
-        if !b.dedup.seen(&k.0, &k.1, k.2) && !b.in_flight.contains_key(k) {
-            b.uncertain.insert(k.clone());
-        }
-    }
+    b.note_open(&open);
     for h in hosts {
         b.unloaded.remove(h);
     }
@@ -312,7 +363,7 @@ async fn load_state(
         open_intents = no,
         "loaded the stored state of hosts that connected"
     );
-    Ok(open.into_iter().collect())
+    Ok(open.into_iter().map(|(k, _)| k).collect())
 }
 
 /// A batch whose sensor connection closed before it was stored (an orphan) is stored
@@ -380,6 +431,139 @@ fn store_orphans(
             "storing deferred batches (their sensor went away), unless another aggregator stored them"
         );
         round(store, book, metrics, jobs, Vec::new(), unc, now, false).await
+    })
+}
+
+/// How often `await_writers` looks whether the other writers' statements have ended.
+const WRITER_POLL: Duration = Duration::from_millis(500);
+
+/// How long the other writers must show nothing running (looked at every quarter of it)
+/// before their batches are taken up: a round is several statements one after another
+/// (intents, tables, `batches`), and one look could fall between two of them.
+const WRITER_QUIET: Duration = Duration::from_secs(1);
+
+/// Stores batches another aggregator process began storing (an open intent of its;
+/// see `Book::note_open`) once that process has had no statement running on ClickHouse
+/// for `WRITER_QUIET`: its insert of them has then committed or failed. Their hosts'
+/// stored state is read again (what it stored is a duplicate here), and the round checks
+/// the rest table by table. Without this wait a sensor that left an aggregator while that
+/// one's insert of its batch was running, and resent the batch here, could have it
+/// stored by both. The batches stay in flight meanwhile: a copy that arrives waits for
+/// their verdict.
+fn await_writers(
+    store: Store,
+    book: Arc<std::sync::Mutex<Book>>,
+    metrics: Arc<Metrics>,
+    jobs: Vec<Job>,
+    now: u32,
+    divert: bool,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    // Boxed with a named type: `round` spawns this and this runs a `round`.
+    Box::pin(async move {
+        let keys: Vec<Key> = jobs.iter().map(|j| key(&j.host, &j.batch)).collect();
+        let writers: HashSet<String> = {
+            let b = book.lock().unwrap();
+            keys.iter()
+                .filter_map(|k| b.foreign.get(k))
+                .flatten()
+                .cloned()
+                .collect()
+        };
+        let t0 = Instant::now();
+        let mut told = false;
+        let mut warned = Instant::now();
+        let mut last_error: Option<Instant> = None;
+        let mut quiet_since: Option<Instant> = None;
+        loop {
+            match store.writers_running(&writers).await {
+                Ok(running) if running.is_empty() => {
+                    if quiet_since.get_or_insert_with(Instant::now).elapsed() >= WRITER_QUIET {
+                        break;
+                    }
+                    tokio::time::sleep(WRITER_QUIET / 4).await;
+                }
+                Ok(running) => {
+                    quiet_since = None;
+                    if !told {
+                        told = true;
+                        metrics
+                            .batches_awaited
+                            .fetch_add(jobs.len() as u64, Relaxed);
+                        tracing::info!(
+                            batches = jobs.len(),
+                            writers = %running.into_iter().collect::<Vec<_>>().join(", "),
+                            "another aggregator's insert of these batches is still running; they are stored (or found stored) when it ends"
+                        );
+                    } else if warned.elapsed() >= Duration::from_secs(60) {
+                        warned = Instant::now();
+                        tracing::warn!(
+                            batches = jobs.len(),
+                            waited = ?t0.elapsed(),
+                            "still waiting for another aggregator's insert of these batches to end"
+                        );
+                    }
+                    tokio::time::sleep(WRITER_POLL).await;
+                }
+                Err(e) => {
+                    // Storage down: the other writer's insert cannot commit either.
+                    quiet_since = None;
+                    if last_error.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                        last_error = Some(Instant::now());
+                        tracing::warn!(error = %format!("{e:#}"), batches = jobs.len(), "cannot read which inserts are running on ClickHouse; these batches wait");
+                    }
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            }
+        }
+        let mut hosts: Vec<Arc<str>> = jobs.iter().map(|j| j.host.clone()).collect();
+        hosts.sort();
+        hosts.dedup();
+        let loaded = load_state(&store, &book, &hosts).await;
+        let mut jobs = jobs;
+        let mut unc = HashSet::new();
+        let mut done = Vec::new();
+        let mut found = 0;
+        {
+            let mut b = book.lock().unwrap();
+            if loaded.is_err() {
+                // The round reads it first.
+                b.unloaded.extend(hosts);
+            }
+            for k in &keys {
+                b.foreign.remove(k);
+            }
+            jobs.retain_mut(|j| {
+                let k = key(&j.host, &j.batch);
+                if b.dedup.seen(&j.host, &j.batch.boot_id, j.batch.seq) {
+                    metrics.batches_duplicate.fetch_add(1, Relaxed);
+                    found += 1;
+                    b.uncertain.remove(&k);
+                    done.extend(b.in_flight.remove(&k).unwrap_or_default());
+                    // Answered below; the reply is taken out of the job.
+                    let (tx, _) = oneshot::channel();
+                    done.push(std::mem::replace(&mut j.reply, tx));
+                    return false;
+                }
+                b.uncertain.insert(k.clone());
+                unc.insert(k);
+                true
+            });
+        }
+        if told {
+            tracing::info!(
+                waited = ?t0.elapsed(),
+                stored_by_the_other = found,
+                left = jobs.len(),
+                "the other aggregator's insert ended; what it stored is acknowledged here, the rest checked row by row and stored"
+            );
+        }
+        for r in done {
+            let _ = r.send(Ok(()));
+        }
+        if jobs.is_empty() {
+            return;
+        }
+        round(store, book, metrics, jobs, Vec::new(), unc, now, divert).await
     })
 }
 
@@ -497,6 +681,18 @@ async fn round(
             }
             for r in done {
                 let _ = r.send(Ok(()));
+            }
+            // Another aggregator began storing some of them: they wait for it.
+            let held = book.lock().unwrap().take_foreign(&mut fresh);
+            if !held.is_empty() {
+                tokio::spawn(await_writers(
+                    store.clone(),
+                    book.clone(),
+                    metrics.clone(),
+                    held,
+                    now,
+                    divert,
+                ));
             }
         }
         if fresh.is_empty() {
@@ -745,5 +941,40 @@ mod tests {
         let mut fresh = vec![j1];
         assert!(take_orphans(&book, &mut fresh).is_empty());
         assert_eq!(fresh.len(), 1);
+    }
+
+    #[test]
+    fn a_batch_another_aggregator_began_is_held_and_ours_or_unnamed_ones_are_not() {
+        let mut b = Book::default();
+        let me = super::super::writer_id().to_string();
+        let k = |seq: u64| ("h".to_string(), "boot".to_string(), seq);
+        b.dedup.insert("h", "boot", 5);
+        b.note_open(&[
+            (k(1), vec!["other-1-aa".into()]),
+            (k(2), vec![me.clone()]),
+            (k(3), vec![String::new()]),
+            (k(4), vec![me, "other-2-bb".into()]),
+            (k(5), vec!["other-1-aa".into()]), // stored meanwhile
+        ]);
+        // Every open one is uncertain (rows checked before inserting); only those with
+        // another writer are held.
+        for s in [1, 2, 3, 4] {
+            assert!(b.uncertain.contains(&k(s)), "{s}");
+        }
+        assert!(!b.uncertain.contains(&k(5)));
+        let mut held: Vec<u64> = b.foreign.keys().map(|k| k.2).collect();
+        held.sort();
+        assert_eq!(held, [1, 4]);
+        assert_eq!(b.foreign[&k(4)], ["other-2-bb"]);
+        let (jobs, _rx): (Vec<Job>, Vec<_>) = (1..=4).map(job).unzip();
+        let mut fresh = jobs;
+        let taken = b.take_foreign(&mut fresh);
+        let seqs = |v: &[Job]| v.iter().map(|j| j.batch.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(&taken), [1, 4]);
+        assert_eq!(seqs(&fresh), [2, 3]);
+        // Read again once the other writer stored it elsewhere as an intent of its own
+        // (no other writer left): no longer held.
+        b.note_open(&[(k(1), vec![String::new()])]);
+        assert!(!b.foreign.contains_key(&k(1)));
     }
 }
