@@ -342,18 +342,31 @@ fn cluster_two_shards_two_aggregators_failover_exactly_once() {
     assert_exact("schema change under load", &urls[0], &hosts, 120);
     // Every raw row is counted once in the 1m tier and once in the 1h tier (which reads
     // the 1m views: rows inserted while a 1h view was dropped would be missing there).
+    // Ingest goes on and each read may go to either replica, one of which can lag by a
+    // part: the two are read together until they agree (a sample missing from the 1h
+    // tier never comes back, so a real loss still fails after 30 s).
     for h in hosts {
-        let n = |t: &str| -> u64 {
-            q(
+        let both = || -> (u64, u64) {
+            let t = q(
                 &urls[2],
-                &format!("SELECT sum(samples) FROM sonde.{t} WHERE host = '{h}' AND cpu = 'total'"),
-            )
-            .trim()
-            .parse()
-            .unwrap_or(0)
+                &format!(
+                    "SELECT (SELECT sum(samples) FROM sonde.cpu_1m WHERE host = '{h}' AND cpu = 'total'), \
+                     (SELECT sum(samples) FROM sonde.cpu_1h WHERE host = '{h}' AND cpu = 'total') FORMAT TSV"
+                ),
+            );
+            let mut f = t.split_whitespace().map(|x| x.parse::<u64>().unwrap_or(0));
+            (f.next().unwrap_or(0), f.next().unwrap_or(0))
         };
-        let (m, hr) = (n("cpu_1m"), n("cpu_1h"));
-        eprintln!("[schema change] {h}: 1m tier {m} samples, 1h tier {hr}");
+        let t0 = Instant::now();
+        let (mut m, mut hr) = both();
+        while (m == 0 || m != hr) && t0.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(500));
+            (m, hr) = both();
+        }
+        eprintln!(
+            "[schema change] {h}: 1m tier {m} samples, 1h tier {hr} (read after {:?})",
+            t0.elapsed()
+        );
         assert!(
             m > 0 && m == hr,
             "{h}: the 1h tier has {hr} samples, the 1m tier {m}"
