@@ -481,6 +481,51 @@ impl Netns {
     }
 }
 
+/// Two aggregators on this side of a namespace's link and, in it, a sensor listing both.
+/// Fields drop in order: the sensor first, the namespace last.
+struct Pair {
+    sensor: Proc,
+    /// The aggregator the sensor chose (process, HTTP address, QUIC port), then the other.
+    cur: (Proc, String, u16),
+    other: (Proc, String, u16),
+    /// This side's address on the link.
+    here: String,
+    ns: Netns,
+}
+
+/// Starts a [`Pair`] (namespace `prefix`, subnet `net`: tests that run at once keep
+/// theirs apart) and returns once `batches` of the sensor's are stored.
+fn pair_with_sensor(d: &Path, ch: &Ch, prefix: &str, net: u8, host: &str, batches: u64) -> Pair {
+    let (ns, here) = Netns::new(prefix, net);
+    let (pa, pb) = (free_udp_port(), free_udp_port());
+    let (la, lb) = (format!("{here}:{pa}"), format!("{here}:{pb}"));
+    let (agg_a, http_a) = start_agg(d, &la, ch, "a", true);
+    let (agg_b, http_b) = start_agg(d, &lb, ch, "b", true);
+    let sensor = ns.start_sensor(d, &format!("{la},{lb}"), host);
+    wait_until(
+        "batches stored through one aggregator",
+        Duration::from_secs(40),
+        || {
+            metric_at(&http_a, "sonde_batches_stored_total")
+                + metric_at(&http_b, "sonde_batches_stored_total")
+                >= batches
+        },
+    );
+    let (a, b) = ((agg_a, http_a, pa), (agg_b, http_b, pb));
+    let (cur, other) = if metric_at(&a.1, "sonde_batches_stored_total") > 0 {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    Pair {
+        sensor,
+        cur,
+        other,
+        here,
+        ns,
+    }
+}
+
 #[test]
 fn network_cut_for_a_minute_nothing_missing() {
     if unsafe { libc::geteuid() } != 0 {
@@ -856,29 +901,10 @@ fn a_sensor_cut_off_during_an_outage_fails_over_and_nothing_is_doubled() {
     let d = Dir::new("fault-orphan");
     certs(&d.0.join("certs"), &["cx1"]);
     let mut ch = Ch::new(&d.0);
-    // Its own namespace and subnet (the link-cut test may run at the same time).
-    let (ns, here) = Netns::new("so", 232);
-    let (pa, pb) = (free_udp_port(), free_udp_port());
-    let (la, lb) = (format!("{here}:{pa}"), format!("{here}:{pb}"));
-    let (agg_a, http_a) = start_agg(&d.0, &la, &ch, "a", true);
-    let (agg_b, http_b) = start_agg(&d.0, &lb, &ch, "b", true);
-    let mut sensor = ns.start_sensor(&d.0, &format!("{la},{lb}"), "cx1");
-    wait_until(
-        "batches stored through one aggregator",
-        Duration::from_secs(40),
-        || {
-            metric_at(&http_a, "sonde_batches_stored_total")
-                + metric_at(&http_b, "sonde_batches_stored_total")
-                >= 2
-        },
-    );
-    let (cur, cur_port, other, other_http) = if metric_at(&http_a, "sonde_batches_stored_total") > 0
-    {
-        (&agg_a, pa, &agg_b, &http_b)
-    } else {
-        (&agg_b, pb, &agg_a, &http_a)
-    };
-    let cur_http = if cur_port == pa { &http_a } else { &http_b };
+    let mut p = pair_with_sensor(&d.0, &ch, "so", 232, "cx1", 2);
+    let (ns, here) = (&p.ns, &p.here);
+    let (cur, cur_http, cur_port) = (&p.cur.0, &p.cur.1, p.cur.2);
+    let (other, other_http) = (&p.other.0, &p.other.1);
     // Storage goes; the batches the sensor sends meanwhile are held where it is connected.
     ch.stop();
     let held_from = now_s();
@@ -925,7 +951,7 @@ fn a_sensor_cut_off_during_an_outage_fails_over_and_nothing_is_doubled() {
     let down_at_cur = metric_at(cur_http, "sonde_clickhouse_down");
     assert!(ns.iptables(&format!("-D {rule}")));
     std::thread::sleep(Duration::from_secs(6));
-    assert!(sensor.stop().success());
+    assert!(p.sensor.stop().success());
     std::thread::sleep(Duration::from_secs(2));
     let (rows, holes, dups) = report("cut off during an outage", "cx1", &ch);
     let (deferred, dup_at_cur, stored_other) = (
@@ -951,49 +977,46 @@ fn a_sensor_cut_off_during_an_outage_fails_over_and_nothing_is_doubled() {
 /// The window the deferral above leaves: the aggregator's insert of a batch is already
 /// running when its sensor leaves. The sensor resends the batch to the other aggregator,
 /// which finds the first one's open intent and, without waiting, would store the batch
-/// while the first one's insert goes on: stored twice. Here every insert into
-/// `batch_intents` is made slow (views that sleep 3 s each, 60 s in all: a real server
-/// made slow, as a loaded one is), the sensor is cut off from its aggregator while that
-/// one's insert runs, and the other must wait for it to end and find the batch stored.
+/// while the first one's insert goes on: stored twice. Here the first aggregator's inserts
+/// into `batch_intents` are made slow (a view that sleeps 45 s on the rows its process
+/// writes: a real server made slow, as a loaded one is), the sensor is cut off
+/// from it while such an insert runs, and the other must wait for that insert to end and
+/// find the batch stored.
 #[test]
 fn a_batch_whose_insert_is_running_when_its_sensor_leaves_is_stored_once() {
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("SKIP: network namespaces need root");
         return;
     }
+    let t_start = Instant::now();
     let d = Dir::new("fault-running-insert");
     certs(&d.0.join("certs"), &["cx2"]);
     let ch = Ch::new(&d.0);
-    let (ns, here) = Netns::new("sr", 233);
-    let (pa, pb) = (free_udp_port(), free_udp_port());
-    let (la, lb) = (format!("{here}:{pa}"), format!("{here}:{pb}"));
-    let (agg_a, http_a) = start_agg(&d.0, &la, &ch, "a", true);
-    let (agg_b, http_b) = start_agg(&d.0, &lb, &ch, "b", true);
-    let mut sensor = ns.start_sensor(&d.0, &format!("{la},{lb}"), "cx2");
-    wait_until(
-        "batches stored through one aggregator",
-        Duration::from_secs(40),
-        || {
-            metric_at(&http_a, "sonde_batches_stored_total")
-                + metric_at(&http_b, "sonde_batches_stored_total")
-                >= 3
-        },
+    let mut p = pair_with_sensor(&d.0, &ch, "sr", 233, "cx2", 3);
+    eprintln!(
+        "[running insert] batches stored {:?} after the start",
+        t_start.elapsed()
     );
-    let (cur, cur_port, other_http) = if metric_at(&http_a, "sonde_batches_stored_total") > 0 {
-        (&agg_a, pa, &http_b)
-    } else {
-        (&agg_b, pb, &http_a)
-    };
-    // Every insert into batch_intents by the sensor's aggregator now takes 60 s (its
-    // intents name its process); the other's are not slowed.
-    const VIEWS: usize = 20;
-    for i in 0..VIEWS {
-        ch.q(&format!(
-            "CREATE MATERIALIZED VIEW sonde.slow_{i} ENGINE = Null AS SELECT sleep(3) AS s \
-             FROM sonde.batch_intents WHERE writer LIKE '%-{}-%'",
-            cur.child.id()
-        ));
-    }
+    let (ns, here) = (&p.ns, &p.here);
+    let (cur, cur_port, other_http) = (&p.cur.0, p.cur.2, &p.other.1);
+    // Every insert into batch_intents by the sensor's aggregator now takes 45 s (its
+    // intents name its process); the other's are not slowed. One view of thirty distinct
+    // sleeps (at most 3 s each per block) inside lambdas: a bare `sleep` would run when
+    // the view is created too.
+    let sleeps: Vec<String> = (0..30)
+        .map(|i| {
+            format!(
+                "arrayMap(x -> sleepEachRow({}), [seq]) AS s{i}",
+                1.5 - i as f64 / 10000.0
+            )
+        })
+        .collect();
+    ch.q(&format!(
+        "CREATE MATERIALIZED VIEW sonde.slow ENGINE = Null AS SELECT {} \
+         FROM sonde.batch_intents WHERE writer LIKE '%-{}-%'",
+        sleeps.join(", "),
+        cur.child.id()
+    ));
     let slow_from = Instant::now();
     // A round of the sensor's aggregator begun since: its intents are written, its rows
     // not yet.
@@ -1018,6 +1041,10 @@ fn a_batch_whose_insert_is_running_when_its_sensor_leaves_is_stored_once() {
         "iptables in the namespace failed"
     );
     let cut = Instant::now();
+    eprintln!(
+        "[running insert] cut {:?} after the start",
+        t_start.elapsed()
+    );
     // The sensor resends to the other aggregator, which finds the first one's intent and
     // waits while that one's insert runs; when it ends, the batch is stored there.
     wait_until(
@@ -1037,20 +1064,18 @@ fn a_batch_whose_insert_is_running_when_its_sensor_leaves_is_stored_once() {
     );
     let t_found = cut.elapsed();
     // (A DROP waits for the running insert; the client may give up waiting first.)
-    wait_until("the slow views dropped", Duration::from_secs(60), || {
-        for i in 0..VIEWS {
-            let _ = ch_query(&ch.addr(), &format!("DROP TABLE IF EXISTS sonde.slow_{i}"));
-        }
-        ch.q("SELECT count() FROM system.tables WHERE database = 'sonde' AND name LIKE 'slow%'")
+    wait_until("the slow view dropped", Duration::from_secs(60), || {
+        let _ = ch_query(&ch.addr(), "DROP TABLE IF EXISTS sonde.slow");
+        ch.q("SELECT count() FROM system.tables WHERE database = 'sonde' AND name = 'slow'")
             .trim()
             == "0"
     });
     let t_dropped = cut.elapsed();
     let stored = metric_at(other_http, "sonde_batches_stored_total");
     wait_drained(other_http, stored + 3, Duration::from_secs(60));
-    assert!(sensor.stop().success());
+    assert!(p.sensor.stop().success());
     eprintln!(
-        "[running insert] after the cut: the other aggregator waited from {awaited_at:?}, found the batch stored at {t_found:?}; views dropped {t_dropped:?}, sensor stopped {:?}",
+        "[running insert] after the cut: the other aggregator waited from {awaited_at:?}, found the batch stored at {t_found:?}; view dropped {t_dropped:?}, sensor stopped {:?}",
         cut.elapsed()
     );
     std::thread::sleep(Duration::from_secs(2));

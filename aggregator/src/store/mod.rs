@@ -261,16 +261,10 @@ pub fn client(url: &str, cfg: &ClickHouseConfig) -> Client {
     c
 }
 
-/// Who holds the schema lock, for the other aggregators' logs: host, process, and a
-/// random part (a restarted process may get the same pid).
+/// Who holds the schema lock, for the other aggregators' logs: this process's
+/// [`writer_id`].
 fn lock_holder() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    format!(
-        "{}-{}-{:08x}",
-        host.trim(),
-        std::process::id(),
-        writer::rand_u64() as u32
-    )
+    writer_id().to_string()
 }
 
 impl Store {

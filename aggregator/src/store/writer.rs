@@ -284,16 +284,7 @@ pub async fn run(
                 host_rows_for.push((j.host.clone(), fs));
             }
         }
-        if !held.is_empty() {
-            tokio::spawn(await_writers(
-                store.clone(),
-                book.clone(),
-                metrics.clone(),
-                held,
-                now,
-                true,
-            ));
-        }
+        hold(&store, &book, &metrics, held, now, true);
         if fresh.is_empty() {
             continue;
         }
@@ -441,6 +432,27 @@ const WRITER_POLL: Duration = Duration::from_millis(500);
 /// before their batches are taken up: a round is several statements one after another
 /// (intents, tables, `batches`), and one look could fall between two of them.
 const WRITER_QUIET: Duration = Duration::from_secs(1);
+
+/// Hands `held` (batches another aggregator process began storing) to `await_writers`.
+fn hold(
+    store: &Store,
+    book: &Arc<std::sync::Mutex<Book>>,
+    metrics: &Arc<Metrics>,
+    held: Vec<Job>,
+    now: u32,
+    divert: bool,
+) {
+    if !held.is_empty() {
+        tokio::spawn(await_writers(
+            store.clone(),
+            book.clone(),
+            metrics.clone(),
+            held,
+            now,
+            divert,
+        ));
+    }
+}
 
 /// Stores batches another aggregator process began storing (an open intent of its;
 /// see `Book::note_open`) once that process has had no statement running on ClickHouse
@@ -684,16 +696,7 @@ async fn round(
             }
             // Another aggregator began storing some of them: they wait for it.
             let held = book.lock().unwrap().take_foreign(&mut fresh);
-            if !held.is_empty() {
-                tokio::spawn(await_writers(
-                    store.clone(),
-                    book.clone(),
-                    metrics.clone(),
-                    held,
-                    now,
-                    divert,
-                ));
-            }
+            hold(&store, &book, &metrics, held, now, divert);
         }
         if fresh.is_empty() {
             break Ok(0);
