@@ -568,6 +568,13 @@ fn await_writers(
                 left = jobs.len(),
                 "the other aggregator's insert ended; what it stored is acknowledged here, the rest checked row by row and stored"
             );
+        } else {
+            tracing::info!(
+                waited = ?t0.elapsed(),
+                stored_elsewhere = found,
+                left = jobs.len(),
+                "batches with an open intent of another aggregator process (nothing of it running: it ended or died); the rest checked row by row and stored"
+            );
         }
         for r in done {
             let _ = r.send(Ok(()));
