@@ -438,36 +438,23 @@ impl Store {
     /// server with the most, read through `remote()`. A server that does not answer is
     /// left out (a replica down must not stop a start).
     async fn servers_without_schema(&self) -> Vec<String> {
-        #[derive(Row, Deserialize)]
-        struct S {
-            host_name: String,
-            port: u16,
-        }
-        let Some(cluster) = &self.cluster else {
+        if self.cluster.is_none() {
             return Vec::new();
-        };
-        let servers: Vec<S> = match self
-            .client
-            .query("SELECT host_name, port FROM system.clusters WHERE cluster = ?")
-            .bind(cluster)
-            .fetch_all()
-            .await
-        {
+        }
+        let servers = match self.cluster_addrs().await {
             Ok(v) => v,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot list the cluster's servers; not checking that each has the schema");
+                tracing::warn!(error = %format!("{e:#}"), "cannot list the cluster's servers; not checking that each has the schema");
                 return Vec::new();
             }
         };
-        let q = |s: &str| s.replace('\\', "\\\\").replace('\'', "\\'");
         let auth = &self.remote_auth;
         let mut counts = Vec::new();
-        for s in servers {
-            let addr = format!("{}:{}", s.host_name, s.port);
+        for addr in servers {
             let sql = format!(
                 "SELECT count() FROM remote('{}', system, tables{auth}) WHERE database = '{}'",
-                q(&addr),
-                q(&self.db)
+                quote(&addr),
+                quote(&self.db)
             );
             match self.client.query(&sql).fetch_one::<u64>().await {
                 Ok(n) => counts.push((addr, n)),
@@ -482,6 +469,29 @@ impl Store {
             .filter(|c| c.1 < most)
             .map(|c| c.0)
             .collect()
+    }
+
+    /// The servers (`host:port`, native protocol) `remote_servers` defines for the cluster.
+    async fn cluster_addrs(&self) -> Result<Vec<String>> {
+        #[derive(Row, Deserialize)]
+        struct S {
+            host_name: String,
+            port: u16,
+        }
+        let Some(cluster) = &self.cluster else {
+            return Ok(Vec::new());
+        };
+        let servers: Vec<S> = self
+            .client
+            .query("SELECT host_name, port FROM system.clusters WHERE cluster = ?")
+            .bind(cluster)
+            .fetch_all()
+            .await
+            .context("listing the cluster's servers")?;
+        Ok(servers
+            .into_iter()
+            .map(|s| format!("{}:{}", s.host_name, s.port))
+            .collect())
     }
 
     /// The number of servers (shards × replicas) `remote_servers` defines for the cluster.
@@ -909,31 +919,14 @@ impl Store {
         let filter = format!(
             "WHERE query_id LIKE '{QUERY_ID_PREFIX}%' OR initial_query_id LIKE '{QUERY_ID_PREFIX}%'"
         );
-        let sql = match &self.cluster {
-            None => format!("SELECT query_id, initial_query_id FROM system.processes {filter}"),
-            Some(cluster) => {
-                #[derive(Row, Deserialize)]
-                struct S {
-                    host_name: String,
-                    port: u16,
-                }
-                let servers: Vec<S> = self
-                    .client
-                    .query("SELECT host_name, port FROM system.clusters WHERE cluster = ?")
-                    .bind(cluster)
-                    .fetch_all()
-                    .await
-                    .context("listing the cluster's servers")?;
-                let addrs: Vec<String> = servers
-                    .iter()
-                    .map(|s| format!("{}:{}", s.host_name, s.port).replace('\'', ""))
-                    .collect();
-                format!(
-                    "SELECT query_id, initial_query_id FROM remote('{}', system, processes{}) {filter}",
-                    addrs.join(","),
-                    self.remote_auth
-                )
-            }
+        let sql = if self.cluster.is_none() {
+            format!("SELECT query_id, initial_query_id FROM system.processes {filter}")
+        } else {
+            format!(
+                "SELECT query_id, initial_query_id FROM remote('{}', system, processes{}) {filter}",
+                quote(&self.cluster_addrs().await?.join(",")),
+                self.remote_auth
+            )
         };
         let running: Vec<P> = self
             .client
@@ -1385,18 +1378,22 @@ impl Store {
     }
 }
 
-/// `AND host IN (...)` for the given hosts (quoted as ClickHouse string literals), or
-/// nothing. Host names come from verified certificates, but are quoted all the same.
 /// `, 'user', 'password'` for `remote()` (empty without a user).
 fn remote_auth(cfg: &ClickHouseConfig) -> String {
-    let q = |s: &str| s.replace('\\', "\\\\").replace('\'', "\\'");
     if cfg.user.is_empty() {
         String::new()
     } else {
-        format!(", '{}', '{}'", q(&cfg.user), q(&cfg.password))
+        format!(", '{}', '{}'", quote(&cfg.user), quote(&cfg.password))
     }
 }
 
+/// `s` escaped for a ClickHouse string literal (between single quotes).
+fn quote(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('\'', "\\'")
+}
+
+/// `AND host IN (...)` for the given hosts (quoted as ClickHouse string literals), or
+/// nothing. Host names come from verified certificates, but are quoted all the same.
 fn host_filter(hosts: Option<&[String]>) -> String {
     match hosts {
         None => String::new(),

@@ -531,10 +531,9 @@ fn await_writers(
         hosts.sort();
         hosts.dedup();
         let loaded = load_state(&store, &book, &hosts).await;
-        let mut jobs = jobs;
         let mut unc = HashSet::new();
         let mut done = Vec::new();
-        let mut found = 0;
+        let (stored, rest): (Vec<Job>, Vec<Job>);
         {
             let mut b = book.lock().unwrap();
             if loaded.is_err() {
@@ -544,23 +543,24 @@ fn await_writers(
             for k in &keys {
                 b.foreign.remove(k);
             }
-            jobs.retain_mut(|j| {
+            (stored, rest) = jobs
+                .into_iter()
+                .partition(|j| b.dedup.seen(&j.host, &j.batch.boot_id, j.batch.seq));
+            for j in &stored {
                 let k = key(&j.host, &j.batch);
-                if b.dedup.seen(&j.host, &j.batch.boot_id, j.batch.seq) {
-                    metrics.batches_duplicate.fetch_add(1, Relaxed);
-                    found += 1;
-                    b.uncertain.remove(&k);
-                    done.extend(b.in_flight.remove(&k).unwrap_or_default());
-                    // Answered below; the reply is taken out of the job.
-                    let (tx, _) = oneshot::channel();
-                    done.push(std::mem::replace(&mut j.reply, tx));
-                    return false;
-                }
+                b.uncertain.remove(&k);
+                done.extend(b.in_flight.remove(&k).unwrap_or_default());
+            }
+            for j in &rest {
+                let k = key(&j.host, &j.batch);
                 b.uncertain.insert(k.clone());
                 unc.insert(k);
-                true
-            });
+            }
         }
+        let jobs = rest;
+        let found = stored.len();
+        metrics.batches_duplicate.fetch_add(found as u64, Relaxed);
+        done.extend(stored.into_iter().map(|j| j.reply));
         if told {
             tracing::info!(
                 waited = ?t0.elapsed(),
@@ -982,8 +982,7 @@ mod tests {
         let seqs = |v: &[Job]| v.iter().map(|j| j.batch.seq).collect::<Vec<_>>();
         assert_eq!(seqs(&taken), [1, 4]);
         assert_eq!(seqs(&fresh), [2, 3]);
-        // Read again once the other writer stored it elsewhere as an intent of its own
-        // (no other writer left): no longer held.
+        // Read again naming no other writer: no longer held.
         b.note_open(&[(k(1), vec![String::new()])]);
         assert!(!b.foreign.contains_key(&k(1)));
     }
