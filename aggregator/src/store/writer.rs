@@ -102,6 +102,15 @@ impl Book {
         }
     }
 
+    /// Forgets the uncertain and foreign marks of batches now known stored (by this
+    /// aggregator or another): a batch whose copy never came here (its sensor's copy was
+    /// stored elsewhere) would otherwise keep its marks for the process's life.
+    fn forget_stored(&mut self) {
+        let dedup = &self.dedup;
+        self.uncertain.retain(|k| !dedup.seen(&k.0, &k.1, k.2));
+        self.foreign.retain(|k, _| !dedup.seen(&k.0, &k.1, k.2));
+    }
+
     /// Moves out of `fresh` the batches marked foreign (see `note_open`).
     fn take_foreign(&self, fresh: &mut Vec<Job>) -> Vec<Job> {
         if self.foreign.is_empty() {
@@ -344,6 +353,7 @@ async fn load_state(
     for (h, boot, seq) in stored {
         b.dedup.insert(&h, &boot, seq);
     }
+    b.forget_stored();
     b.note_open(&open);
     for h in hosts {
         b.unloaded.remove(h);
@@ -985,5 +995,12 @@ mod tests {
         // Read again naming no other writer: no longer held.
         b.note_open(&[(k(1), vec![String::new()])]);
         assert!(!b.foreign.contains_key(&k(1)));
+        // Found stored later (the other aggregator stored it; no copy came here): its
+        // marks go, the others' stay.
+        b.dedup.insert("h", "boot", 4);
+        b.forget_stored();
+        assert!(!b.foreign.contains_key(&k(4)));
+        assert!(!b.uncertain.contains(&k(4)));
+        assert!(b.uncertain.contains(&k(1)) && b.uncertain.contains(&k(2)));
     }
 }
