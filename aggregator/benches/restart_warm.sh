@@ -20,7 +20,7 @@ D=/tmp/sonde-restart-warm; rm -rf $D; mkdir -p $D
 cd "$ROOT"
 cargo run -q -p xtask -- certs --dir $D/certs --host x >/dev/null || exit 1
 start() {
-  RUST_LOG=info $B/aggregator run --listen 127.0.0.1:14433 --http-listen 127.0.0.1:19464 --data-dir $D/agg \
+  RUST_LOG=${RUST_LOG:-info} $B/aggregator run --listen 127.0.0.1:14433 --http-listen 127.0.0.1:19464 --data-dir $D/agg \
     --ca $D/certs/ca.pem --cert $D/certs/aggregator.pem --key $D/certs/aggregator-key.pem >> $D/agg.log 2>&1 &
   echo $! > $D/agg.pid
   for _ in $(seq 1 300); do

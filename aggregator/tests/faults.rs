@@ -694,13 +694,16 @@ fn a_sensor_that_moves_between_aggregators_raises_no_silence_and_no_duplicate_al
     // The preferred aggregator also has "warm", a statistical rule the first one lacks: it
     // fires on the first sample past its warm-up of 20 (any change of CPU busy breaches its
     // tiny threshold). Warmed from the host's history it fires as soon as the host arrives;
-    // cold it would need 20 s there.
+    // cold it would need 20 s there. And "shape", a forest over two tables' series, whose
+    // history is read in the same queries as the others' (one per table): a query
+    // ClickHouse refused would leave the host without history, and "warm" late.
     let rules_p = d.0.join("rules-p.toml");
     std::fs::write(
         &rules_p,
         std::fs::read_to_string(&rules).unwrap()
             + "\n[[rule]]\nname = \"warm\"\nkind = \"ewma\"\nseries = \"cpu.busy\"\nlabels = { cpu = \"total\" }\n\
-               threshold = 0.000001\nwarmup = 20\nfor = \"0s\"\n",
+               threshold = 0.000001\nwarmup = 20\nfor = \"0s\"\n\
+               \n[[rule]]\nname = \"shape\"\nkind = \"forest\"\nseries = [\"cpu.busy\", \"memory.used\"]\nlabels = { cpu = \"total\" }\n",
     )
     .unwrap();
     let cfg_p = d.0.join("agg-p.toml");

@@ -6,7 +6,6 @@ use super::{AlertEvent, Engine};
 use crate::alert::rfc3339_ms;
 use crate::config::Config;
 use anyhow::{bail, Context, Result};
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -194,20 +193,25 @@ pub async fn clickhouse_samples(args: &Args, cfg: &Config, rules: &[Rule]) -> Re
     Ok(out)
 }
 
-/// One query of a host's history for one rule (read as TabSeparated).
+/// One query of a host's history (read as TabSeparated): one per table, for all the
+/// wanted rules over that table's series.
 pub struct HistoryQuery {
-    pub rule: usize,
+    /// The (rule, part) it reads, in the order of its value columns (latency: one set of
+    /// histograms, from which each rule's code computes its statistic). Part 0 is a
+    /// rule's `series`, part k its k-th of `more_series` (see [`part_spec`]).
+    pub rules: Vec<(usize, usize)>,
     /// Without a FORMAT clause.
     pub sql: String,
     /// None: latency histograms (rebuilt, the live code computes the statistic);
-    /// otherwise the label columns before the value.
+    /// otherwise the label columns before the values.
     labels: Option<Vec<&'static str>>,
 }
 
 /// The queries that read `host`'s history in [from, to) (Unix seconds) for the rules
 /// `want` selects, from the raw tables (`suffix` empty) or a tier (`_1m`, `_1h`). Absence
-/// rules have no history; rules over several series are skipped (said on stderr when
-/// `tell`). `host` must hold no quote (callers check).
+/// rules have no history; rules over several series are read only when `tell` is false
+/// (the live warm-up replays them; the backtest says on stderr that it skips them).
+/// `host` must hold no quote (callers check).
 #[allow(clippy::too_many_arguments)]
 pub fn history_queries(
     db: &str,
@@ -224,7 +228,7 @@ pub fn history_queries(
 }
 
 /// As [`history_queries`] for several hosts in one query per rule, from the raw tables:
-/// each row starts with its host's name (split with [`split_by_host`]). `hosts` must hold
+/// each row starts with its host's name (read with [`each_sample`]). `hosts` must hold
 /// no quote (callers check).
 pub fn history_queries_of(
     db: &str,
@@ -250,19 +254,6 @@ pub fn history_queries_of(
     )
 }
 
-/// The lines of a [`history_queries_of`] answer, by host, without the host column.
-pub fn split_by_host(text: &str) -> HashMap<&str, String> {
-    let mut out: HashMap<&str, String> = HashMap::new();
-    for line in text.lines() {
-        if let Some((h, rest)) = line.split_once('\t') {
-            let t = out.entry(h).or_default();
-            t.push_str(rest);
-            t.push('\n');
-        }
-    }
-    out
-}
-
 #[allow(clippy::too_many_arguments)]
 fn queries_where(
     db: &str,
@@ -276,69 +267,137 @@ fn queries_where(
     suffix: &str,
     tell: bool,
 ) -> Vec<HistoryQuery> {
-    let mut out = Vec::new();
+    // (table, label columns) → ((rule, part)s, value expressions), in the rules' order.
+    type Group = (
+        &'static str,
+        Option<Vec<&'static str>>,
+        Vec<(usize, usize)>,
+        Vec<String>,
+    );
+    let mut by_table: Vec<Group> = Vec::new();
     for (ri, r) in rules.iter().enumerate() {
         let Some(spec) = &r.series else { continue };
         if r.is_absence() || !want(ri) {
             continue;
         }
-        if !r.more_series.is_empty() {
-            if tell {
-                eprintln!(
-                    "backtest: rule {:?} reads several series at once; it is evaluated live and by `aggregator evaluate`, not replayed here",
-                    r.name
-                );
+        if !r.more_series.is_empty() && tell {
+            eprintln!(
+                "backtest: rule {:?} reads several series at once; it is evaluated live and by `aggregator evaluate`, not replayed here",
+                r.name
+            );
+            continue;
+        }
+        for (part, spec) in std::iter::once(spec).chain(&r.more_series).enumerate() {
+            let (table, labels, expr) = match spec {
+                SeriesSpec::Latency { .. } => ("latency", None, String::new()),
+                _ => {
+                    let (t, l, e) = sql_for(spec);
+                    (t, Some(l), e)
+                }
+            };
+            match by_table
+                .iter_mut()
+                .find(|(t, l, ..)| *t == table && *l == labels)
+            {
+                Some((_, _, rs, es)) => {
+                    rs.push((ri, part));
+                    es.push(expr);
+                }
+                None => by_table.push((table, labels, vec![(ri, part)], vec![expr])),
             }
-            continue;
         }
-        let window = format!("{cond} AND ts >= toDateTime({from}) AND ts < toDateTime({to})");
-        if let SeriesSpec::Latency { .. } = spec {
-            out.push(HistoryQuery {
-                rule: ri,
-                sql: format!(
-                    "SELECT {first}toUInt32(ts), source, unit, count, sum, bucket_upper, bucket_count FROM {db}.latency{suffix} WHERE {window} ORDER BY {order}ts"
-                ),
-                labels: None,
-            });
-            continue;
-        }
-        let (table, labels, expr) = sql_for(spec);
-        let label_sql: String = labels
-            .iter()
-            .map(|l| format!(", toString(`{l}`)"))
-            .collect();
-        out.push(HistoryQuery {
-            rule: ri,
-            sql: format!(
-                "SELECT {first}toUInt32(ts){label_sql}, toFloat64({expr}) FROM {db}.{table}{suffix} WHERE {window} ORDER BY {order}ts"
-            ),
-            labels: Some(labels),
-        });
     }
-    out
+    let window = format!("{cond} AND ts >= toDateTime({from}) AND ts < toDateTime({to})");
+    by_table
+        .into_iter()
+        .map(|(table, labels, rules, exprs)| {
+            let columns = match &labels {
+                None => ", source, unit, count, sum, bucket_upper, bucket_count".to_string(),
+                Some(labels) => {
+                    let mut c: String = labels
+                        .iter()
+                        .map(|l| format!(", toString(`{l}`)"))
+                        .collect();
+                    for e in &exprs {
+                        c.push_str(&format!(", toFloat64({e})"));
+                    }
+                    c
+                }
+            };
+            HistoryQuery {
+                rules,
+                sql: format!(
+                    "SELECT {first}toUInt32(ts){columns} FROM {db}.{table}{suffix} WHERE {window} ORDER BY {order}ts"
+                ),
+                labels,
+            }
+        })
+        .collect()
 }
 
 /// The samples in a [`HistoryQuery`]'s TabSeparated answer.
 pub fn parse_history(q: &HistoryQuery, rules: &[Rule], host: &str, text: &str) -> Vec<Sample> {
     let mut out = Vec::new();
-    let ri = q.rule;
-    let Some(spec) = &rules[ri].series else {
-        return out;
-    };
-    let Some(labels) = &q.labels else {
-        // Rebuild the histograms and let the live code compute the statistic.
-        for line in text.lines() {
-            let f: Vec<&str> = line.split('\t').collect();
-            if f.len() < 7 {
+    each_sample(
+        q,
+        rules,
+        text,
+        false,
+        |(rule, _), _, ts_ms, labels, value| {
+            out.push(Sample {
+                ts_ms,
+                rule,
+                host: host.to_string(),
+                labels: labels.iter().map(|(k, v)| (*k, v.to_string())).collect(),
+                value,
+            })
+        },
+    );
+    out
+}
+
+/// The series of a rule's part: 0 its `series`, k its k-th of `more_series`.
+pub fn part_spec(rule: &Rule, part: usize) -> Option<&SeriesSpec> {
+    match part {
+        0 => rule.series.as_ref(),
+        k => rule.more_series.get(k - 1),
+    }
+}
+
+/// Calls `f((rule, part), host, ts_ms, labels, value)` for each sample in a [`HistoryQuery`]'s
+/// TabSeparated answer, in the answer's order, borrowing from `text` (nothing is allocated
+/// per sample but for latency histograms). `with_host`: each row starts with its host's
+/// name (a [`history_queries_of`] answer); otherwise `f` gets "" for the host.
+pub fn each_sample<'t>(
+    q: &HistoryQuery,
+    rules: &[Rule],
+    text: &'t str,
+    with_host: bool,
+    mut f: impl FnMut((usize, usize), &'t str, u64, &[(&'static str, &str)], f64),
+) {
+    let mut fields: Vec<&'t str> = Vec::with_capacity(16);
+    let mut labels: Vec<(&'static str, &'t str)> = Vec::with_capacity(8);
+    for line in text.lines() {
+        fields.clear();
+        fields.extend(line.split('\t'));
+        let (host, f_) = match with_host {
+            true if fields.len() < 2 => continue,
+            true => (fields[0], &fields[1..]),
+            false => ("", &fields[..]),
+        };
+        let ts = f_.first().and_then(|t| t.parse::<u64>().ok()).unwrap_or(0) * 1000;
+        let Some(names) = &q.labels else {
+            // Rebuild the histogram and let the live code compute each rule's statistic.
+            if f_.len() < 7 {
                 continue;
             }
-            let uppers = parse_array(f[5]);
-            let counts = parse_array(f[6]);
+            let uppers = parse_array(f_[5]);
+            let counts = parse_array(f_[6]);
             let rec = protocol::LatencyRec {
-                source: f[1].to_string(),
-                unit: f[2].to_string(),
-                count: f[3].parse().unwrap_or(0),
-                sum: f[4].parse().unwrap_or(0),
+                source: f_[1].to_string(),
+                unit: f_[2].to_string(),
+                count: f_[3].parse().unwrap_or(0),
+                sum: f_[4].parse().unwrap_or(0),
                 buckets: uppers
                     .iter()
                     .zip(&counts)
@@ -352,37 +411,22 @@ pub fn parse_history(q: &HistoryQuery, rules: &[Rule], host: &str, text: &str) -
                 latency: vec![rec],
                 ..Default::default()
             };
-            let ts = f[0].parse::<u64>().unwrap_or(0) * 1000;
-            spec.for_each(&snap, |labels, v| {
-                out.push(Sample {
-                    ts_ms: ts,
-                    rule: ri,
-                    host: host.to_string(),
-                    labels: labels.iter().map(|(k, v)| (*k, v.to_string())).collect(),
-                    value: v,
-                })
-            });
-        }
-        return out;
-    };
-    for line in text.lines() {
-        let f: Vec<&str> = line.split('\t').collect();
-        if f.len() != labels.len() + 2 {
+            for &(ri, part) in &q.rules {
+                if let Some(spec) = part_spec(&rules[ri], part) {
+                    spec.for_each(&snap, |l, v| f((ri, part), host, ts, l, v));
+                }
+            }
+            continue;
+        };
+        if f_.len() != 1 + names.len() + q.rules.len() {
             continue;
         }
-        out.push(Sample {
-            ts_ms: f[0].parse::<u64>().unwrap_or(0) * 1000,
-            rule: ri,
-            host: host.to_string(),
-            labels: labels
-                .iter()
-                .zip(&f[1..])
-                .map(|(k, v)| (*k, v.to_string()))
-                .collect(),
-            value: f[f.len() - 1].parse().unwrap_or(f64::NAN),
-        });
+        labels.clear();
+        labels.extend(names.iter().copied().zip(f_[1..].iter().copied()));
+        for (&c, v) in q.rules.iter().zip(&f_[1 + names.len()..]) {
+            f(c, host, ts, &labels, v.parse().unwrap_or(f64::NAN));
+        }
     }
-    out
 }
 
 /// Feeds samples through the engine in time order. Returns the alert events and, per
@@ -549,38 +593,54 @@ window = "2m"
             .collect()
     }
 
-    /// Several hosts' history in one query per rule: each row leads with its host, and
-    /// split by host it parses as the one-host query's answer does.
+    /// Several hosts' history in one query per table: each row leads with its host, then
+    /// one value per rule over that table, each read back as its rule's sample.
     #[test]
-    fn history_of_several_hosts_splits_back_into_each_hosts() {
+    fn history_of_several_hosts_reads_back_each_hosts_samples_per_rule() {
         let rules = parse_rules("t", RULES).unwrap();
         let one = history_queries("sonde", &rules, |_| true, "a", 100, 200, "", false);
         let many = history_queries_of("sonde", &rules, |_| true, &["a", "b"], 100, 200);
-        assert_eq!(one.len(), many.len());
-        assert!(!many.is_empty());
-        for (o, m) in one.iter().zip(&many) {
-            assert_eq!(o.rule, m.rule);
-            assert!(
-                o.sql.contains("WHERE host = 'a' AND ts >= toDateTime(100)"),
-                "{}",
-                o.sql
-            );
-            assert!(
-                m.sql.starts_with("SELECT toString(host), toUInt32(ts)"),
-                "{}",
-                m.sql
-            );
-            assert!(m
-                .sql
-                .contains("WHERE host IN ('a', 'b') AND ts >= toDateTime(100)"));
-            assert!(m.sql.ends_with("ORDER BY host, ts"), "{}", m.sql);
-        }
-        let q = many.iter().find(|q| q.labels.is_some()).unwrap();
+        // Every rule here is over cpu.busy: one query for all of them.
+        assert_eq!((one.len(), many.len()), (1, 1));
+        let (o, m) = (&one[0], &many[0]);
+        assert_eq!(o.rules, m.rules);
+        assert_eq!(
+            m.rules,
+            (0..rules.len()).map(|i| (i, 0)).collect::<Vec<_>>()
+        );
+        assert!(
+            o.sql.contains("WHERE host = 'a' AND ts >= toDateTime(100)"),
+            "{}",
+            o.sql
+        );
+        assert!(
+            m.sql.starts_with("SELECT toString(host), toUInt32(ts)"),
+            "{}",
+            m.sql
+        );
+        assert!(m
+            .sql
+            .contains("WHERE host IN ('a', 'b') AND ts >= toDateTime(100)"));
+        assert!(m.sql.ends_with("ORDER BY host, ts"), "{}", m.sql);
+        assert_eq!(
+            m.sql.matches("toFloat64(").count(),
+            rules.len(),
+            "{}",
+            m.sql
+        );
+        // Only the rules wanted.
+        let two = history_queries_of("sonde", &rules, |ri| ri == 1 || ri == 2, &["a"], 1, 2);
+        assert_eq!(two[0].rules, [(1, 0), (2, 0)]);
+        assert_eq!(two[0].sql.matches("toFloat64(").count(), 2);
+
+        let q = m;
         let n = q.labels.as_ref().unwrap().len();
+        let k = q.rules.len();
+        // Rule j's value is v + j.
         let row = |ts: u32, v: f64| {
             let mut f = vec![ts.to_string()];
             f.extend((0..n).map(|_| "total".to_string()));
-            f.push(v.to_string());
+            f.extend((0..k).map(|j| (v + j as f64).to_string()));
             f.join("\t")
         };
         let text = format!(
@@ -589,16 +649,33 @@ window = "2m"
             row(101, 2.0),
             row(100, 7.0)
         );
-        let split = split_by_host(&text);
-        assert_eq!(split.len(), 2);
-        let a = parse_history(q, &rules, "a", &split["a"]);
-        let b = parse_history(q, &rules, "b", &split["b"]);
-        assert_eq!(
-            a.iter().map(|s| (s.ts_ms, s.value)).collect::<Vec<_>>(),
-            [(100_000, 1.0), (101_000, 2.0)]
-        );
-        assert_eq!(b.len(), 1);
-        assert_eq!((b[0].host.as_str(), b[0].value), ("b", 7.0));
+        let mut got = Vec::new();
+        each_sample(q, &rules, &text, true, |ri, h, ts, labels, v| {
+            assert_eq!(labels.len(), n);
+            assert!(labels.iter().all(|(_, l)| *l == "total"), "{labels:?}");
+            got.push((ri, h.to_string(), ts, v));
+        });
+        let want: Vec<((usize, usize), String, u64, f64)> = [
+            ("a", 100_000, 1.0),
+            ("a", 101_000, 2.0),
+            ("b", 100_000, 7.0),
+        ]
+        .iter()
+        .flat_map(|&(h, ts, v)| (0..k).map(move |j| ((j, 0), h.to_string(), ts, v + j as f64)))
+        .collect();
+        assert_eq!(got, want);
+        // A row cut short is skipped, not misread.
+        let mut short = 0;
+        each_sample(q, &rules, "a\t100\t1\n", true, |_, _, _, _, _| short += 1);
+        assert_eq!(short, 0);
+        // The one-host answer, read as the backtest reads it.
+        let one_text: String = row(100, 1.0) + "\n";
+        let samples = parse_history(o, &rules, "a", &one_text);
+        assert_eq!(samples.len(), k);
+        assert!(samples
+            .iter()
+            .enumerate()
+            .all(|(j, s)| s.rule == j && s.host == "a" && s.value == 1.0 + j as f64));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use crate::alert::Alerter;
 use crate::metrics::Metrics;
 use crate::store::{Dedup, Store, StoreHandle};
 use protocol::Batch;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -285,7 +285,8 @@ fn adopt(engine: &mut Engine, w: &Warmed) {
 
 /// Answers the live loop's questions about hosts new to it, off its path: their firing
 /// alerts (one query for all the hosts waiting), then their stored history, `WARM_CHUNK`
-/// hosts per query, replayed into a side engine's detectors on a blocking thread.
+/// hosts per query, replayed into a side engine's detectors on a blocking thread while
+/// the next chunk is read.
 async fn loader(
     store: StoreHandle,
     mut asked: mpsc::UnboundedReceiver<WarmRequest>,
@@ -321,6 +322,8 @@ async fn loader(
             };
         let (n, mut crowded) = (reqs.len(), 0usize);
         let mut reqs = reqs.into_iter().peekable();
+        // The chunk before, replaying while this one is read.
+        let mut previous: Option<Replaying> = None;
         while reqs.peek().is_some() {
             let chunk: Vec<WarmRequest> = reqs.by_ref().take(WARM_CHUNK).collect();
             let mut answers = Vec::with_capacity(chunk.len());
@@ -354,27 +357,30 @@ async fn loader(
                 }
                 answers.push(w);
             }
-            if !plain.is_empty() {
+            let job = if plain.is_empty() {
+                None
+            } else {
                 let reqs: Vec<&WarmRequest> = plain.iter().map(|(_, r)| r).collect();
-                match warm_many(&st, &reqs).await {
-                    Ok(mut got) => {
-                        for (i, r) in &plain {
-                            if let Some((h, k)) = got.remove(&*r.host) {
-                                (answers[*i].warmed, answers[*i].samples) = (Some(h), k);
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        for (i, _) in &plain {
-                            answers[*i].cold = Some(e.clone());
-                        }
-                    }
-                }
-            }
-            for w in answers {
-                if done.send(w).await.is_err() {
+                Some(match read_history(&st, &reqs).await {
+                    Ok(h) => Ok(tokio::task::spawn_blocking(move || h.replay())),
+                    Err(e) => Err(e),
+                })
+            };
+            if let Some(p) = previous.take() {
+                if !p.finish(&done).await {
                     return;
                 }
+            }
+            let plain = plain.into_iter().map(|(i, r)| (i, r.host)).collect();
+            previous = Some(Replaying {
+                answers,
+                plain,
+                job,
+            });
+        }
+        if let Some(p) = previous.take() {
+            if !p.finish(&done).await {
+                return;
             }
         }
         if crowded > 0 {
@@ -383,7 +389,7 @@ async fn loader(
     }
 }
 
-/// Hosts whose history is read with one query per rule.
+/// Hosts whose history is read together (one query per table).
 const WARM_CHUNK: usize = 32;
 
 /// A host name is spliced into SQL: none that could change the statement.
@@ -391,68 +397,136 @@ fn sql_safe(host: &str) -> bool {
     !host.contains(['\'', '\\', '?'])
 }
 
-/// Reads the last `WARM_HISTORY_S` of history of several hosts (one query per rule, for
-/// the statistical rules over one series) and replays each host's, before its first batch
-/// here, into a side engine. Returns each host's warmed series and samples replayed; Err
-/// when ClickHouse did not answer in time.
-async fn warm_many(
-    store: &Store,
-    reqs: &[&WarmRequest],
-) -> Result<HashMap<String, (super::WarmedHost, usize)>, String> {
-    let rules = reqs[0].rules.clone();
-    let hosts: Vec<&str> = reqs
-        .iter()
-        .map(|r| &*r.host)
-        .filter(|h| sql_safe(h))
-        .collect();
-    if hosts.is_empty() {
-        return Ok(HashMap::new());
+/// A chunk's answers, its hosts' history replaying on a blocking thread.
+struct Replaying {
+    answers: Vec<Warmed>,
+    /// The answers to fill from the replay, by index.
+    plain: Vec<(usize, Arc<str>)>,
+    job: Option<Result<tokio::task::JoinHandle<WarmedHosts>, String>>,
+}
+
+/// Each host's warmed series and the samples replayed.
+type WarmedHosts = HashMap<String, (super::WarmedHost, usize)>;
+
+impl Replaying {
+    /// Waits for the replay and sends the chunk's answers; false when the live loop is gone.
+    async fn finish(mut self, done: &mpsc::Sender<Warmed>) -> bool {
+        let got = match self.job {
+            None => Ok(HashMap::new()),
+            Some(Err(e)) => Err(e),
+            Some(Ok(h)) => h
+                .await
+                .map_err(|e| format!("replaying the hosts' history failed: {e}")),
+        };
+        match got {
+            Ok(mut got) => {
+                for (i, host) in &self.plain {
+                    if let Some((h, k)) = got.remove(&**host) {
+                        (self.answers[*i].warmed, self.answers[*i].samples) = (Some(h), k);
+                    }
+                }
+            }
+            Err(e) => {
+                for (i, _) in &self.plain {
+                    self.answers[*i].cold = Some(e.clone());
+                }
+            }
+        }
+        for w in self.answers {
+            if done.send(w).await.is_err() {
+                return false;
+            }
+        }
+        true
     }
-    let to = reqs.iter().map(|r| r.before_ms / 1000).max().unwrap_or(0) + 1;
-    let from = reqs
-        .iter()
-        .map(|r| r.before_ms / 1000)
-        .min()
-        .unwrap_or(0)
-        .saturating_sub(WARM_HISTORY_S);
-    let qs = super::backtest::history_queries_of(
-        &store.db,
-        &rules,
-        |ri| rules[ri].is_statistical(),
-        &hosts,
-        from,
-        to,
-    );
-    let texts = fetch(store, &qs).await?;
+}
+
+/// Several hosts' history as read, to replay.
+struct ChunkHistory {
+    rules: Arc<Vec<Rule>>,
+    qs: Vec<super::backtest::HistoryQuery>,
+    texts: Vec<String>,
+    /// Each host: the first sample time it must not replay, and its labels.
+    wanted: Vec<(String, u64, Option<HostLabels>)>,
+    fetched: Duration,
+}
+
+/// Reads the last `WARM_HISTORY_S` of history of several hosts for the statistical rules
+/// (one query per table); Err when ClickHouse did not answer in time.
+async fn read_history(store: &Store, reqs: &[&WarmRequest]) -> Result<ChunkHistory, String> {
+    let rules = reqs[0].rules.clone();
     let wanted: Vec<(String, u64, Option<HostLabels>)> = reqs
         .iter()
         .filter(|r| sql_safe(&r.host))
         .map(|r| (r.host.to_string(), r.before_ms, r.labels.clone()))
         .collect();
-    tokio::task::spawn_blocking(move || {
-        let by_host: Vec<HashMap<&str, String>> = texts
-            .iter()
-            .map(|t| super::backtest::split_by_host(t))
-            .collect();
-        let mut side = Engine::new(rules.to_vec());
-        let mut counts = HashMap::new();
-        for (host, before_ms, labels) in &wanted {
+    let hosts: Vec<&str> = wanted.iter().map(|w| w.0.as_str()).collect();
+    let to = wanted.iter().map(|w| w.1 / 1000).max().unwrap_or(0) + 1;
+    let from = wanted
+        .iter()
+        .map(|w| w.1 / 1000)
+        .min()
+        .unwrap_or(0)
+        .saturating_sub(WARM_HISTORY_S);
+    let qs = if hosts.is_empty() {
+        Vec::new()
+    } else {
+        super::backtest::history_queries_of(
+            &store.db,
+            &rules,
+            |ri| rules[ri].is_statistical(),
+            &hosts,
+            from,
+            to,
+        )
+    };
+    let t0 = Instant::now();
+    let texts = fetch(store, &qs).await?;
+    Ok(ChunkHistory {
+        rules,
+        qs,
+        texts,
+        wanted,
+        fetched: t0.elapsed(),
+    })
+}
+
+impl ChunkHistory {
+    /// Replays each host's history before its first batch here into a side engine, one
+    /// pass over each answer (its rows are in time order per host, and each series is one
+    /// rule's, so each series sees its samples in order).
+    fn replay(self) -> WarmedHosts {
+        let t0 = Instant::now();
+        let mut side = Engine::new(self.rules.to_vec());
+        // Each host's window [since, before).
+        let mut window: HashMap<&str, (u64, u64)> = HashMap::new();
+        for (host, before_ms, labels) in &self.wanted {
             if let Some(l) = labels {
                 side.set_host_labels(host, l.clone());
             }
             let since = before_ms.saturating_sub(WARM_HISTORY_S * 1000);
-            let mut samples = Vec::new();
-            for (q, t) in qs.iter().zip(&by_host) {
-                if let Some(text) = t.get(host.as_str()) {
-                    samples.extend(
-                        super::backtest::parse_history(q, &rules, host, text)
-                            .into_iter()
-                            .filter(|s| s.ts_ms >= since && s.ts_ms < *before_ms),
-                    );
-                }
-            }
-            counts.insert(host.clone(), replay(&mut side, host, samples));
+            window.insert(host, (since, *before_ms));
         }
+        let mut feed = Feeder::new(side, &self.rules);
+        for (q, t) in self.qs.iter().zip(&self.texts) {
+            super::backtest::each_sample(q, &self.rules, t, true, |c, host, ts, labels, v| {
+                if let Some((since, before)) = window.get(host) {
+                    if ts >= *since && ts < *before {
+                        feed.sample(c, host, ts, labels, v);
+                    }
+                }
+            });
+        }
+        let (side, counts) = feed.finish();
+        tracing::debug!(
+            hosts = self.wanted.len(),
+            queries = self.qs.len(),
+            bytes = self.texts.iter().map(|t| t.len()).sum::<usize>(),
+            samples = counts.values().sum::<usize>(),
+            fetch_ms = self.fetched.as_millis() as u64,
+            replay_ms = t0.elapsed().as_millis() as u64,
+            "a chunk of hosts' history read and replayed"
+        );
         side.take_hosts()
             .into_iter()
             .map(|(h, w)| {
@@ -460,19 +534,102 @@ async fn warm_many(
                 (h, (w, n))
             })
             .collect()
-    })
-    .await
-    .map_err(|e| format!("replaying the hosts' history failed: {e}"))
+    }
 }
 
-/// Feeds one host's history to `side`'s detectors in time order; returns the samples fed.
-fn replay(side: &mut Engine, host: &str, mut samples: Vec<super::backtest::Sample>) -> usize {
-    samples.sort_by_key(|s| s.ts_ms);
-    for s in &samples {
-        let labels: Vec<(&str, &str)> = s.labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        side.warm(s.rule, host, &labels, s.ts_ms, s.value);
+/// A multi-series rule's values by time, each series' when it came.
+type Vectors = BTreeMap<u64, Vec<Option<f64>>>;
+
+/// Feeds history to a side engine's detectors. A rule over one series gets each sample
+/// as it comes (an answer is in time order per host, and each series is one rule's). A
+/// rule over several series (a `forest`) gets, per host and time, one vector of its
+/// series' values (each the largest of the label sets the rule selects, as live), in
+/// time order, once every answer is read; a time missing one of the series is skipped, as
+/// live.
+struct Feeder<'r> {
+    side: Engine,
+    rules: &'r [Rule],
+    /// (host, rule) → time → each series' value.
+    vectors: HashMap<(String, usize), Vectors>,
+    /// Samples and vectors fed, by host, but for the last host's latest run.
+    fed: HashMap<String, usize>,
+    last: Option<(String, usize)>,
+}
+
+impl<'r> Feeder<'r> {
+    fn new(side: Engine, rules: &'r [Rule]) -> Self {
+        Feeder {
+            side,
+            rules,
+            vectors: HashMap::new(),
+            fed: HashMap::new(),
+            last: None,
+        }
     }
-    samples.len()
+
+    fn count(&mut self, host: &str) {
+        // An answer's rows come host by host: the last host counted is usually this one.
+        if let Some((h, n)) = &mut self.last {
+            if **h == *host {
+                *n += 1;
+                return;
+            }
+        }
+        if let Some((h, n)) = self.last.take() {
+            *self.fed.entry(h).or_default() += n;
+        }
+        self.last = Some((host.to_string(), 1));
+    }
+
+    /// One sample of `(rule, part)` (see `backtest::HistoryQuery::rules`).
+    fn sample(
+        &mut self,
+        (ri, part): (usize, usize),
+        host: &str,
+        ts: u64,
+        labels: &[(&'static str, &str)],
+        v: f64,
+    ) {
+        let r = &self.rules[ri];
+        if r.more_series.is_empty() {
+            self.side.warm(ri, host, labels, ts, v);
+            self.count(host);
+            return;
+        }
+        let Some(spec) = super::backtest::part_spec(r, part) else {
+            return;
+        };
+        if !v.is_finite() || !super::vector_part_selects(r, spec, labels) {
+            return;
+        }
+        let n = 1 + r.more_series.len();
+        let parts = self
+            .vectors
+            .entry((host.to_string(), ri))
+            .or_default()
+            .entry(ts)
+            .or_insert_with(|| vec![None; n]);
+        parts[part] = Some(parts[part].map_or(v, |b: f64| b.max(v)));
+    }
+
+    /// Feeds the vectors gathered; returns the engine and what each host was fed.
+    fn finish(mut self) -> (Engine, HashMap<String, usize>) {
+        let mut values = Vec::new();
+        for ((host, ri), by_ts) in std::mem::take(&mut self.vectors) {
+            for (ts, parts) in by_ts {
+                values.clear();
+                values.extend(parts.iter().map_while(|p| *p));
+                if values.len() == parts.len() {
+                    self.side.warm_vector(ri, &host, ts, &values);
+                    self.count(&host);
+                }
+            }
+        }
+        if let Some((h, n)) = self.last.take() {
+            *self.fed.entry(h).or_default() += n;
+        }
+        (self.side, self.fed)
+    }
 }
 
 /// The TabSeparated answers of `qs`, in order; Err at the first that fails or takes over 10 s.
@@ -500,8 +657,8 @@ async fn fetch(store: &Store, qs: &[super::backtest::HistoryQuery]) -> Result<Ve
 /// Replays `r.host`'s stored history before `r.before_ms` into a side engine with the
 /// rules `r.rules`: `FIRING_HISTORY_S` for statistical rules among `firing` (so that a
 /// taken-over alert resolves when the aggregator it came from would have),
-/// `WARM_HISTORY_S` for the other statistical rules over one series (`forest` rules over
-/// several series are not replayed). No lifecycle, no notification. Returns the host's
+/// `WARM_HISTORY_S` for the other statistical rules (a `forest` over several series gets
+/// its vectors, see `Feeder`). No lifecycle, no notification. Returns the host's
 /// warmed series and the samples replayed; Err when ClickHouse did not answer in time.
 async fn warm_from_history(
     store: &Store,
@@ -536,11 +693,14 @@ async fn warm_from_history(
     let host_s = host.to_string();
     let rules = rules.clone();
     tokio::task::spawn_blocking(move || {
-        let mut samples = Vec::new();
+        let mut feed = Feeder::new(side, &rules);
         for (q, t) in qs.iter().zip(&texts) {
-            samples.extend(super::backtest::parse_history(q, &rules, &host_s, t));
+            super::backtest::each_sample(q, &rules, t, false, |c, _, ts, labels, v| {
+                feed.sample(c, &host_s, ts, labels, v)
+            });
         }
-        let n = replay(&mut side, &host_s, samples);
+        let (mut side, fed) = feed.finish();
+        let n = fed.get(&host_s).copied().unwrap_or(0);
         (side.take_host(&host_s), n)
     })
     .await
@@ -600,5 +760,184 @@ pub async fn store_alerts(store: Store, mut rx: mpsc::Receiver<Arc<AlertEvent>>)
             }
         }
         buf.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detect::backtest::{self, history_queries_of, part_spec};
+    use crate::detect::rules::parse_rules;
+
+    const RULES: &str = r#"
+[[rule]]
+name = "fingerprint"
+kind = "forest"
+series = ["cpu.busy", "disk.util_pct", "memory.used"]
+labels = { cpu = "total" }
+
+[[rule]]
+name = "busy"
+kind = "anomaly"
+series = "cpu.busy"
+labels = { cpu = "total" }
+"#;
+
+    /// Second `i` of a host with two CPUs and two disks, values varying smoothly.
+    fn snap(i: u64) -> protocol::Snapshot {
+        let x = i as f32;
+        let cpu = |cpu: u32, idle: f32| protocol::CpuRec {
+            cpu,
+            idle,
+            user: 100.0 - idle,
+            ..Default::default()
+        };
+        let disk = |d: &str, util: f32| protocol::DiskRec {
+            device: d.into(),
+            util_pct: util,
+            ..Default::default()
+        };
+        protocol::Snapshot {
+            ts_ms: 1_700_000_000_000 + i * 1000,
+            cpu: vec![
+                cpu(protocol::CPU_TOTAL, 60.0 + 10.0 * (x / 7.0).sin()),
+                cpu(0, 50.0 + (x / 3.0).cos()),
+            ],
+            disks: vec![
+                disk("sda", 20.0 + 5.0 * (x / 5.0).sin()),
+                disk("sdb", 10.0 + (x / 11.0).cos()),
+            ],
+            memory: protocol::MemoryRec {
+                total: 1 << 34,
+                available: (1 << 33) + ((x / 13.0).sin() * 1e8) as u64,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    /// `q`'s TabSeparated answer as ClickHouse gives it for `host`'s snapshots: one row
+    /// per table row, the labels, then one value per (rule, part) the query reads.
+    fn answer(
+        q: &backtest::HistoryQuery,
+        rules: &[Rule],
+        host: &str,
+        snaps: &[protocol::Snapshot],
+    ) -> String {
+        let mut out = String::new();
+        for s in snaps {
+            let cols: Vec<Vec<(Vec<String>, f64)>> = q
+                .rules
+                .iter()
+                .map(|&(ri, part)| {
+                    let mut rows = Vec::new();
+                    part_spec(&rules[ri], part).unwrap().for_each(s, |l, v| {
+                        rows.push((l.iter().map(|(_, v)| v.to_string()).collect(), v))
+                    });
+                    rows
+                })
+                .collect();
+            for r in 0..cols[0].len() {
+                let mut f = vec![host.to_string(), (s.ts_ms / 1000).to_string()];
+                f.extend(cols[0][r].0.iter().cloned());
+                f.extend(cols.iter().map(|c| c[r].1.to_string()));
+                out.push_str(&f.join("\t"));
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// A host's detectors warmed from its stored history (as the loader reads it) judge
+    /// the next samples exactly as detectors that saw the same history live, for a rule
+    /// over one series and a `forest` over several series from three tables; detectors
+    /// that saw nothing judge them differently.
+    #[test]
+    fn detectors_warmed_from_history_judge_as_if_they_had_seen_it_live() {
+        let rules = parse_rules("t", RULES).unwrap();
+        let history: Vec<protocol::Snapshot> = (0..600).map(snap).collect();
+        let before_ms = 1_700_000_000_000 + 600 * 1000;
+
+        let mut live = Engine::new(rules.clone());
+        let mut out = Vec::new();
+        for s in &history {
+            live.observe_snapshot("h", s, &mut out);
+        }
+
+        let qs = history_queries_of(
+            "sonde",
+            &rules,
+            |ri| rules[ri].is_statistical(),
+            &["h", "other"],
+            0,
+            2_000_000_000,
+        );
+        // One query per table: cpu (both rules), disk, memory.
+        assert_eq!(
+            qs.len(),
+            3,
+            "{:?}",
+            qs.iter().map(|q| &q.sql).collect::<Vec<_>>()
+        );
+        let texts: Vec<String> = qs
+            .iter()
+            .map(|q| {
+                // Another host's rows in the same answer, and rows at and after the first
+                // live batch, are not the host's history here.
+                let late: Vec<protocol::Snapshot> = (600..620).map(snap).collect();
+                answer(q, &rules, "h", &history)
+                    + &answer(q, &rules, "h", &late)
+                    + &answer(q, &rules, "other", &history[..50])
+            })
+            .collect();
+        let chunk = ChunkHistory {
+            rules: Arc::new(rules.clone()),
+            qs,
+            texts,
+            wanted: vec![("h".to_string(), before_ms, None)],
+            fetched: Duration::ZERO,
+        };
+        let mut warmed = chunk.replay();
+        let (w, fed) = warmed.remove("h").expect("h warmed");
+        // 600 seconds: two CPU rows (the rule takes the total's) and one forest vector each.
+        assert_eq!(fed, 1800);
+        let mut warm = Engine::new(rules.clone());
+        assert_eq!(warm.absorb(w), 2);
+        let mut cold = Engine::new(rules.clone());
+
+        let (mut same, mut differ_cold) = (0, 0);
+        for i in 600..700 {
+            let s = snap(i);
+            let busy = 100.0 - s.cpu[0].idle as f64;
+            let util = s
+                .disks
+                .iter()
+                .map(|d| d.util_pct as f64)
+                .fold(f64::MIN, f64::max);
+            let mem = (s.memory.total - s.memory.available) as f64;
+            let vector = [busy, util, mem];
+            let labels = [("cpu", "total")];
+            let judged = |e: &mut Engine, out: &mut Vec<AlertEvent>| {
+                let f = e
+                    .observe_vector(0, "h", s.ts_ms, &vector, out)
+                    .map(|v| v.score);
+                let a = e
+                    .observe(1, "h", &labels, s.ts_ms, busy, out)
+                    .map(|v| v.score);
+                (f, a)
+            };
+            let l = judged(&mut live, &mut out);
+            let w = judged(&mut warm, &mut out);
+            let c = judged(&mut cold, &mut out);
+            assert!(l.0.is_some() && l.1.is_some());
+            assert_eq!(l, w, "second {i}: live {l:?}, warmed {w:?}");
+            same += 1;
+            differ_cold += (l != c) as usize;
+        }
+        assert_eq!(same, 100);
+        assert!(
+            differ_cold > 50,
+            "cold detectors judged like warmed ones: {differ_cold}"
+        );
     }
 }

@@ -21,6 +21,7 @@ use detectors::{Detector, Severity, Verdict};
 pub const DEFAULT_RULES: &str = include_str!("../../rules/default.toml");
 use protocol::Batch;
 use rules::{Rule, RuleKind};
+use series::SeriesSpec;
 use std::collections::HashMap;
 use std::hash::Hasher;
 
@@ -224,6 +225,17 @@ fn new_series(
         l.push(("series".into(), sp.name()));
     }
     SeriesState::new(rule_idx, host, l, rule.new_detector(key), ts_ms)
+}
+
+/// Whether a multi-series rule takes the value of `spec` (one of its series) with these
+/// labels: every matcher naming one of `spec`'s labels matches (of the values it takes at
+/// one time, the largest is the series' value).
+pub fn vector_part_selects(rule: &Rule, spec: &SeriesSpec, labels: &[(&str, &str)]) -> bool {
+    rule.labels.iter().all(|(k, pat)| {
+        k == "host"
+            || !spec.label_names().contains(&k.as_str())
+            || labels.iter().any(|(n, l)| n == k && glob(pat, l))
+    })
 }
 
 fn series_key(rule: &Rule, host: &str, labels: &[(&str, &str)]) -> u64 {
@@ -500,9 +512,44 @@ impl Engine {
         values: &[f64],
         out: &mut Vec<AlertEvent>,
     ) -> Option<Verdict> {
+        let (key, mut s) = self.vector_series(rule_idx, host, ts_ms)?;
+        self.evaluations += 1;
+        s.last_seen_ms = ts_ms;
+        s.last_value = values.first().copied().unwrap_or(0.0);
+        let v = s.det.as_mut().map(|d| d.eval_vector(ts_ms, values));
+        if let Some(v) = v {
+            s.last_verdict = Some(v);
+            self.step(&mut s, v.breach, ts_ms, out);
+        }
+        self.series.insert(key, s);
+        v
+    }
+
+    /// As [`Engine::warm`] for a multi-series rule: one vector of history, no lifecycle.
+    pub fn warm_vector(&mut self, rule_idx: usize, host: &str, ts_ms: u64, values: &[f64]) {
+        let Some((key, mut s)) = self.vector_series(rule_idx, host, ts_ms) else {
+            return;
+        };
+        if let Some(d) = &mut s.det {
+            s.last_verdict = Some(d.eval_vector(ts_ms, values));
+            s.last_seen_ms = ts_ms;
+            s.last_value = values.first().copied().unwrap_or(0.0);
+        }
+        self.series.insert(key, s);
+    }
+
+    /// The state of a multi-series rule's one series for `host`, taken out of the map (or
+    /// new), with its key; None when the rule does not select the host.
+    fn vector_series(
+        &mut self,
+        rule_idx: usize,
+        host: &str,
+        ts_ms: u64,
+    ) -> Option<(u64, SeriesState)> {
         let rule = &self.rules[rule_idx];
         // Matchers naming a label of one of the series select the series' values (done by
-        // the caller); the others are the host name or the host's labels.
+        // the caller, `vector_part_selects`); the others are the host name or the host's
+        // labels.
         let series_labels: Vec<&str> = rule
             .series
             .iter()
@@ -525,7 +572,7 @@ impl Engine {
             return None;
         }
         let key = series_key(rule, host, &[]);
-        let mut s = match self.series.remove(&key) {
+        let s = match self.series.remove(&key) {
             Some(s) => s,
             None => {
                 let names: Vec<String> = rule
@@ -541,16 +588,7 @@ impl Engine {
                 SeriesState::new(rule_idx, host, labels, rule.new_detector(key), ts_ms)
             }
         };
-        self.evaluations += 1;
-        s.last_seen_ms = ts_ms;
-        s.last_value = values.first().copied().unwrap_or(0.0);
-        let v = s.det.as_mut().map(|d| d.eval_vector(ts_ms, values));
-        if let Some(v) = v {
-            s.last_verdict = Some(v);
-            self.step(&mut s, v.breach, ts_ms, out);
-        }
-        self.series.insert(key, s);
-        v
+        Some((key, s))
     }
 
     /// Evaluates every rule on every snapshot of a batch from `host`.
@@ -595,12 +633,7 @@ impl Engine {
                 for spec in std::iter::once(sp).chain(r.more_series.iter()) {
                     let mut best: Option<f64> = None;
                     spec.for_each(snap, |labels, v| {
-                        let ok = r.labels.iter().all(|(k, pat)| {
-                            k == "host"
-                                || !spec.label_names().contains(&k.as_str())
-                                || labels.iter().any(|(n, l)| n == k && glob(pat, l))
-                        });
-                        if ok && v.is_finite() {
+                        if vector_part_selects(r, spec, labels) && v.is_finite() {
                             best = Some(best.map_or(v, |b: f64| b.max(v)));
                         }
                     });
