@@ -42,6 +42,7 @@ pub struct Metrics {
     pub alert_notifications_dropped: AtomicU64,
     pub alerts_store_dropped: AtomicU64,
     pub detect_evaluations: AtomicU64,
+    pub detect_replayed_skipped: AtomicU64,
     pub detect_dropped: AtomicU64,
     pub detect_series: AtomicU64,
     pub detect_state_bytes: AtomicU64,
@@ -274,6 +275,12 @@ impl Metrics {
                 "Samples evaluated by detection rules.",
                 "counter",
                 &self.detect_evaluations,
+            ),
+            (
+                "detect_replayed_skipped_total",
+                "Live samples a detector did not judge because it had replayed them from the host's stored history (a batch that reached detection after a newer one).",
+                "counter",
+                &self.detect_replayed_skipped,
             ),
             (
                 "detect_dropped_total",

@@ -156,6 +156,9 @@ pub async fn run(
         metrics
             .detect_evaluations
             .store(engine.evaluations, Relaxed);
+        metrics
+            .detect_replayed_skipped
+            .store(engine.replayed_skipped, Relaxed);
         for e in out.drain(..) {
             alerter.dispatch(e, arrived);
         }
@@ -781,6 +784,13 @@ name = "busy"
 kind = "anomaly"
 series = "cpu.busy"
 labels = { cpu = "total" }
+
+[[rule]]
+name = "hot"
+kind = "threshold"
+series = "cpu.busy"
+labels = { cpu = "total" }
+warning = 1
 "#;
 
     /// Second `i` of a host with two CPUs and two disks, values varying smoothly.
@@ -904,6 +914,21 @@ labels = { cpu = "total" }
         let mut warm = Engine::new(rules.clone());
         assert_eq!(warm.absorb(w), 2);
         let mut cold = Engine::new(rules.clone());
+        // A batch that reaches detection late, with a second the history held: the
+        // statistical detectors do not judge it again; the threshold rule does.
+        let evaluated = warm.evaluations;
+        let mut late = Vec::new();
+        warm.observe_snapshot("h", &snap(590), &mut late);
+        assert_eq!(
+            warm.replayed_skipped, 2,
+            "the anomaly's sample and the forest's vector"
+        );
+        assert_eq!(
+            warm.evaluations,
+            evaluated + 1,
+            "the threshold rule's sample"
+        );
+        assert!(late.iter().any(|e| e.rule == "hot"), "{late:?}");
 
         let (mut same, mut differ_cold) = (0, 0);
         for i in 600..700 {

@@ -100,6 +100,10 @@ struct SeriesState {
     last_seen_ms: u64,
     /// Taken over from the alerts table (start, id): the alert keeps its id.
     adopted: Option<(u64, String)>,
+    /// The newest sample of history its detector replayed (see [`Engine::warm`]): a live
+    /// sample no newer is not judged again (a batch that reached detection after a newer
+    /// one may hold samples already replayed).
+    warmed_until: Option<u64>,
 }
 
 /// An alert the alerts table says is firing (another aggregator's, or this one's before a
@@ -132,6 +136,7 @@ impl SeriesState {
             last_verdict: None,
             last_seen_ms: seen_ms,
             adopted: None,
+            warmed_until: None,
         }
     }
 
@@ -207,6 +212,8 @@ pub struct Engine {
     /// Host → its labels, from the latest batch that carried them.
     host_labels: HashMap<String, Vec<(String, String)>>,
     pub evaluations: u64,
+    /// Live samples not judged by a detector because it had replayed them from history.
+    pub replayed_skipped: u64,
 }
 
 /// The state of a series seen for the first time: its labels (`host`, the series' own,
@@ -296,6 +303,7 @@ impl Engine {
             host_alerts: HashMap::new(),
             host_labels: HashMap::new(),
             evaluations: 0,
+            replayed_skipped: 0,
         }
     }
 
@@ -452,6 +460,11 @@ impl Engine {
             Some(s) => s,
             None => new_series(rule, rule_idx, host, labels, key, ts_ms),
         };
+        if s.warmed_until.is_some_and(|w| ts_ms <= w) {
+            self.replayed_skipped += 1;
+            self.series.insert(key, s);
+            return None;
+        }
         self.evaluations += 1;
         s.last_seen_ms = ts_ms;
         s.last_value = value;
@@ -499,6 +512,7 @@ impl Engine {
             s.last_verdict = Some(d.eval(ts_ms, value));
             s.last_value = value;
             s.last_seen_ms = ts_ms;
+            s.warmed_until = Some(s.warmed_until.map_or(ts_ms, |w| w.max(ts_ms)));
         }
     }
 
@@ -513,6 +527,11 @@ impl Engine {
         out: &mut Vec<AlertEvent>,
     ) -> Option<Verdict> {
         let (key, mut s) = self.vector_series(rule_idx, host, ts_ms)?;
+        if s.warmed_until.is_some_and(|w| ts_ms <= w) {
+            self.replayed_skipped += 1;
+            self.series.insert(key, s);
+            return None;
+        }
         self.evaluations += 1;
         s.last_seen_ms = ts_ms;
         s.last_value = values.first().copied().unwrap_or(0.0);
@@ -534,6 +553,7 @@ impl Engine {
             s.last_verdict = Some(d.eval_vector(ts_ms, values));
             s.last_seen_ms = ts_ms;
             s.last_value = values.first().copied().unwrap_or(0.0);
+            s.warmed_until = Some(s.warmed_until.map_or(ts_ms, |w| w.max(ts_ms)));
         }
         self.series.insert(key, s);
     }
