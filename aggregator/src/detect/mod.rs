@@ -441,6 +441,17 @@ impl Engine {
         }
     }
 
+    /// `s` (taken out of the map under `key`) to evaluate at `ts_ms`; None, with `s` put
+    /// back, when its detector replayed a sample that new from history (`warmed_until`).
+    fn unless_replayed(&mut self, key: u64, s: SeriesState, ts_ms: u64) -> Option<SeriesState> {
+        if s.warmed_until.is_some_and(|w| ts_ms <= w) {
+            self.replayed_skipped += 1;
+            self.series.insert(key, s);
+            return None;
+        }
+        Some(s)
+    }
+
     /// Evaluates one sample of one rule's series.
     pub fn observe(
         &mut self,
@@ -456,15 +467,11 @@ impl Engine {
             return None;
         }
         let key = series_key(rule, host, labels);
-        let mut s = match self.series.remove(&key) {
+        let s = match self.series.remove(&key) {
             Some(s) => s,
             None => new_series(rule, rule_idx, host, labels, key, ts_ms),
         };
-        if s.warmed_until.is_some_and(|w| ts_ms <= w) {
-            self.replayed_skipped += 1;
-            self.series.insert(key, s);
-            return None;
-        }
+        let mut s = self.unless_replayed(key, s, ts_ms)?;
         self.evaluations += 1;
         s.last_seen_ms = ts_ms;
         s.last_value = value;
@@ -526,12 +533,8 @@ impl Engine {
         values: &[f64],
         out: &mut Vec<AlertEvent>,
     ) -> Option<Verdict> {
-        let (key, mut s) = self.vector_series(rule_idx, host, ts_ms)?;
-        if s.warmed_until.is_some_and(|w| ts_ms <= w) {
-            self.replayed_skipped += 1;
-            self.series.insert(key, s);
-            return None;
-        }
+        let (key, s) = self.vector_series(rule_idx, host, ts_ms)?;
+        let mut s = self.unless_replayed(key, s, ts_ms)?;
         self.evaluations += 1;
         s.last_seen_ms = ts_ms;
         s.last_value = values.first().copied().unwrap_or(0.0);
