@@ -507,8 +507,11 @@ impl ChunkHistory {
             if let Some(l) = labels {
                 side.set_host_labels(host, l.clone());
             }
-            let since = before_ms.saturating_sub(WARM_HISTORY_S * 1000);
-            window.insert(host, (since, *before_ms));
+            // Stored times are whole seconds: the second of the first live sample is left
+            // to live evaluation (it is that sample, truncated).
+            let before = before_ms / 1000 * 1000;
+            let since = before.saturating_sub(WARM_HISTORY_S * 1000);
+            window.insert(host, (since, before));
         }
         let mut feed = Feeder::new(side, &self.rules);
         for (q, t) in self.qs.iter().zip(&self.texts) {
@@ -900,6 +903,9 @@ warning = 1
                     + &answer(q, &rules, "other", &history[..50])
             })
             .collect();
+        // The first live batch's first sample falls within a second, as a sensor's do: its
+        // stored copy (truncated to the second) is not history.
+        let before_ms = before_ms + 400;
         let chunk = ChunkHistory {
             rules: Arc::new(rules.clone()),
             qs,

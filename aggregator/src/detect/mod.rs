@@ -101,7 +101,7 @@ struct SeriesState {
     /// Taken over from the alerts table (start, id): the alert keeps its id.
     adopted: Option<(u64, String)>,
     /// The newest sample of history its detector replayed (see [`Engine::warm`]): a live
-    /// sample no newer is not judged again (a batch that reached detection after a newer
+    /// sample of that second or an earlier one is not judged again (a batch that reached detection after a newer
     /// one may hold samples already replayed).
     warmed_until: Option<u64>,
 }
@@ -442,9 +442,12 @@ impl Engine {
     }
 
     /// `s` (taken out of the map under `key`) to evaluate at `ts_ms`; None, with `s` put
-    /// back, when its detector replayed a sample that new from history (`warmed_until`).
+    /// back, when its detector replayed a sample of that second or a later one from history
+    /// (`warmed_until`).
     fn unless_replayed(&mut self, key: u64, s: SeriesState, ts_ms: u64) -> Option<SeriesState> {
-        if s.warmed_until.is_some_and(|w| ts_ms <= w) {
+        // History is stored by the second: a live sample in the newest second replayed is
+        // that sample.
+        if s.warmed_until.is_some_and(|w| ts_ms / 1000 <= w / 1000) {
             self.replayed_skipped += 1;
             self.series.insert(key, s);
             return None;
