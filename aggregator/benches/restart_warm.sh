@@ -29,7 +29,7 @@ start() {
   done
 }
 metrics() {
-  curl -s 127.0.0.1:19464/metrics | grep -E "^sonde_detect_(dropped_total|series |hosts|warm)" \
+  curl -s 127.0.0.1:19464/metrics | grep -E "^sonde_detect_(dropped_total|series |hosts|warm|replayed)" \
     | sed 's/^sonde_detect_//' | tr '\n' ' '
   echo "rss_mb $(( $(ps -o rss= -p "$(cat $D/agg.pid)") / 1024 ))"
 }
