@@ -48,6 +48,7 @@ pub struct Metrics {
     pub detect_state_bytes: AtomicU64,
     pub detect_hosts_warmed: AtomicU64,
     pub detect_warm_samples: AtomicU64,
+    pub detect_hosts_caught_up: AtomicU64,
     pub detect_hosts_cold: AtomicU64,
     pub detect_hosts_waiting: AtomicU64,
     /// Batch arrival → notification POST answered, microseconds (recent samples for p50/p99).
@@ -305,6 +306,12 @@ impl Metrics {
                 "Hosts new to this aggregator (a move, a restart) whose statistical detectors replayed their stored history before their first batch was evaluated.",
                 "counter",
                 &self.detect_hosts_warmed,
+            ),
+            (
+                "detect_hosts_caught_up_total",
+                "Hosts that started without their history (too many at once) whose statistical detectors later caught up with it.",
+                "counter",
+                &self.detect_hosts_caught_up,
             ),
             (
                 "detect_warm_samples_total",

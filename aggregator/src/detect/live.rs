@@ -45,8 +45,22 @@ pub async fn run(
     let mut waiting: HashMap<Arc<str>, Waiting> = HashMap::new();
     let mut rules_now: Arc<Vec<Rule>> = Arc::new(engine.rules().to_vec());
     let (ask, asked) = mpsc::unbounded_channel::<WarmRequest>();
+    let (ask_late, asked_late) = mpsc::unbounded_channel::<WarmRequest>();
+    let catch_up = |host: &Arc<str>, batches: &[Arrival], rules: &Arc<Vec<Rule>>| {
+        let _ = ask_late.send(WarmRequest {
+            host: host.clone(),
+            before_ms: 0,
+            labels: batches
+                .iter()
+                .flat_map(|a| a.batch.snapshots.iter())
+                .find_map(super::host_labels_of),
+            rules: rules.clone(),
+            asked: Instant::now(),
+            released: Arc::new(AtomicBool::new(false)),
+        });
+    };
     let (done_tx, mut done) = mpsc::channel::<Warmed>(256);
-    tokio::spawn(loader(store.clone(), asked, done_tx));
+    tokio::spawn(loader(store.clone(), asked, asked_late, done_tx));
     let mut loader_alive = true;
     // Batches held for waiting hosts, and hosts released before their answer came.
     let mut held = 0usize;
@@ -74,6 +88,7 @@ pub async fn run(
                     metrics.detect_hosts_cold.fetch_add(1, Relaxed);
                     tracing::debug!(host = %w.batches[0].host, "too many batches held for new hosts: this one starts without its history");
                     early.insert(w.batches[0].host.clone());
+                    catch_up(&w.batches[0].host, &w.batches, &rules_now);
                     release(&mut engine, w, &mut out)
                 } else if !engine.knows_host(&a.host) && loader_alive {
                     let first = a.batch.snapshots.iter().map(|s| s.ts_ms).min().unwrap_or_else(now_ms);
@@ -104,6 +119,19 @@ pub async fn run(
                     loader_alive = false;
                     continue;
                 };
+                if w.catch_up {
+                    // A host released without its history: its detectors catch up, unless
+                    // it left, or came back as new, meanwhile.
+                    if let (Some(h), false) = (w.warmed, waiting.contains_key(&w.host)) {
+                        if engine.knows_host(&w.host) {
+                            let n = engine.catch_up(h);
+                            metrics.detect_hosts_caught_up.fetch_add(1, Relaxed);
+                            metrics.detect_warm_samples.fetch_add(w.samples as u64, Relaxed);
+                            tracing::debug!(host = %w.host, series = n, history_samples = w.samples, "the host's detectors caught up with its history");
+                        }
+                    }
+                    continue;
+                }
                 let Some(wait) = waiting.remove(&w.host) else {
                     // Released before the answer came: its firing alerts are still taken over.
                     if early.remove(&w.host) {
@@ -113,6 +141,9 @@ pub async fn run(
                 };
                 held -= wait.batches.len();
                 metrics.detect_hosts_waiting.store(waiting.len() as u64, Relaxed);
+                if w.crowded {
+                    catch_up(&w.host, &wait.batches, &rules_now);
+                }
                 take_over(&mut engine, w, &metrics);
                 release(&mut engine, wait, &mut out)
             }
@@ -132,6 +163,7 @@ pub async fn run(
                     let w = waiting.remove(&h).unwrap();
                     held -= w.batches.len();
                     early.insert(h.clone());
+                    catch_up(&h, &w.batches, &rules_now);
                     tracing::warn!(host = %h, "no answer about the host's alerts and history; its detectors start without them (a still-firing alert may be notified again)");
                     metrics.detect_hosts_cold.fetch_add(1, Relaxed);
                     first = first.or(release(&mut engine, w, &mut out));
@@ -181,6 +213,12 @@ const WARM_BUDGET: Duration = Duration::from_secs(20);
 /// others (past their warm-up: 300 samples for `anomaly` at 1 s; the forecast window).
 const FIRING_HISTORY_S: u64 = 3600;
 const WARM_HISTORY_S: u64 = 600;
+/// A host released without its history (too many hosts at once) has its statistical
+/// detectors caught up later, when the loader has no new host to answer: its history up to
+/// the time of reading is replayed into new detectors, which replace those still in their
+/// warm-up and not alerting. Not past this age: by then the live detectors have warmed up
+/// on their own (`anomaly` needs 300 samples at 1 s).
+const CATCH_UP_MAX: Duration = Duration::from_secs(240);
 
 /// The most batches held for waiting hosts at once (a host's batch past it releases that
 /// host without its history): bounds the memory a restart with many hosts resending their
@@ -219,6 +257,8 @@ struct Warmed {
     cold: Option<String>,
     /// No history because too many hosts arrived at once (logged once for all of them).
     crowded: bool,
+    /// The answer to a catch-up request.
+    catch_up: bool,
 }
 
 impl Warmed {
@@ -231,6 +271,7 @@ impl Warmed {
             samples: 0,
             cold: None,
             crowded: false,
+            catch_up: false,
         }
     }
 }
@@ -293,9 +334,27 @@ fn adopt(engine: &mut Engine, w: &Warmed) {
 async fn loader(
     store: StoreHandle,
     mut asked: mpsc::UnboundedReceiver<WarmRequest>,
+    mut asked_late: mpsc::UnboundedReceiver<WarmRequest>,
     done: mpsc::Sender<Warmed>,
 ) {
-    while let Some(first) = asked.recv().await {
+    loop {
+        // New hosts first; catch-ups when none is waiting.
+        let first = tokio::select! {
+            biased;
+            r = asked.recv() => match r {
+                Some(r) => r,
+                None => return,
+            },
+            r = asked_late.recv() => match r {
+                Some(r) => {
+                    if !catch_up_chunk(&store, r, &mut asked_late, &done).await {
+                        return;
+                    }
+                    continue;
+                }
+                None => return,
+            },
+        };
         let mut reqs = vec![first];
         while reqs.len() < 512 {
             match asked.try_recv() {
@@ -390,6 +449,52 @@ async fn loader(
             tracing::warn!(hosts = n, without_history = crowded, budget = ?WARM_BUDGET, "many hosts arrived at once: those whose history was not replayed within the budget start without it (statistical rules warm up again; their firing alerts are still taken over)");
         }
     }
+}
+
+/// Answers a chunk of catch-up requests (`first` and those queued behind it): each host's
+/// history up to now, replayed. False when the live loop is gone.
+async fn catch_up_chunk(
+    store: &StoreHandle,
+    first: WarmRequest,
+    asked_late: &mut mpsc::UnboundedReceiver<WarmRequest>,
+    done: &mpsc::Sender<Warmed>,
+) -> bool {
+    let mut reqs = vec![first];
+    while reqs.len() < WARM_CHUNK {
+        match asked_late.try_recv() {
+            Ok(r) => reqs.push(r),
+            Err(_) => break,
+        }
+    }
+    reqs.retain(|r| r.asked.elapsed() < CATCH_UP_MAX);
+    let Some(st) = store.get() else { return true };
+    if reqs.is_empty() {
+        return true;
+    }
+    let now = now_ms();
+    for r in &mut reqs {
+        r.before_ms = now;
+    }
+    let refs: Vec<&WarmRequest> = reqs.iter().collect();
+    let got = match read_history(&st, &refs).await {
+        Ok(h) => tokio::task::spawn_blocking(move || h.replay()).await.ok(),
+        Err(e) => {
+            tracing::debug!(hosts = reqs.len(), error = %e, "cannot catch the hosts' detectors up");
+            None
+        }
+    };
+    let Some(mut got) = got else { return true };
+    for r in reqs {
+        let mut w = Warmed::new(r.host.clone(), Ok(Vec::new()));
+        w.catch_up = true;
+        if let Some((h, k)) = got.remove(&*r.host) {
+            (w.warmed, w.samples) = (Some(h), k);
+        }
+        if done.send(w).await.is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 /// Hosts whose history is read together (one query per table).
@@ -557,7 +662,7 @@ struct Feeder<'r> {
     rules: &'r [Rule],
     /// (host, rule) → time → each series' value.
     vectors: HashMap<(String, usize), Vectors>,
-    /// Samples and vectors fed, by host, but for the last host's latest run.
+    /// Samples and vectors a detector took, by host, but for the last host's latest run.
     fed: HashMap<String, usize>,
     last: Option<(String, usize)>,
 }
@@ -598,8 +703,9 @@ impl<'r> Feeder<'r> {
     ) {
         let r = &self.rules[ri];
         if r.more_series.is_empty() {
-            self.side.warm(ri, host, labels, ts, v);
-            self.count(host);
+            if self.side.warm(ri, host, labels, ts, v) {
+                self.count(host);
+            }
             return;
         }
         let Some(spec) = super::backtest::part_spec(r, part) else {
@@ -625,8 +731,7 @@ impl<'r> Feeder<'r> {
             for (ts, parts) in by_ts {
                 values.clear();
                 values.extend(parts.iter().map_while(|p| *p));
-                if values.len() == parts.len() {
-                    self.side.warm_vector(ri, &host, ts, &values);
+                if values.len() == parts.len() && self.side.warm_vector(ri, &host, ts, &values) {
                     self.count(&host);
                 }
             }
@@ -915,8 +1020,9 @@ warning = 1
         };
         let mut warmed = chunk.replay();
         let (w, fed) = warmed.remove("h").expect("h warmed");
-        // 600 seconds: two CPU rows (the rule takes the total's) and one forest vector each.
-        assert_eq!(fed, 1800);
+        // 600 seconds: the anomaly rule's sample (the total CPU's row, not CPU 0's) and one
+        // forest vector each.
+        assert_eq!(fed, 1200);
         let mut warm = Engine::new(rules.clone());
         assert_eq!(warm.absorb(w), 2);
         let mut cold = Engine::new(rules.clone());
@@ -970,5 +1076,64 @@ warning = 1
             differ_cold > 50,
             "cold detectors judged like warmed ones: {differ_cold}"
         );
+    }
+
+    /// A host that started without its history (too many hosts at once) and ran cold for a
+    /// while catches up: its statistical detectors are replaced by ones that replayed its
+    /// history up to now, and judge from then on as if they had seen it all live.
+    #[test]
+    fn a_host_started_cold_catches_up_with_its_history() {
+        let rules = parse_rules("t", RULES).unwrap();
+        let snaps: Vec<protocol::Snapshot> = (0..600).map(snap).collect();
+        let mut live = Engine::new(rules.clone());
+        let mut cold = Engine::new(rules.clone());
+        let mut out = Vec::new();
+        for (i, s) in snaps.iter().enumerate() {
+            live.observe_snapshot("h", s, &mut out);
+            // Released cold at second 500.
+            if i >= 500 {
+                cold.observe_snapshot("h", s, &mut out);
+            }
+        }
+        let qs = history_queries_of(
+            "sonde",
+            &rules,
+            |ri| rules[ri].is_statistical(),
+            &["h"],
+            0,
+            2_000_000_000,
+        );
+        let texts = qs.iter().map(|q| answer(q, &rules, "h", &snaps)).collect();
+        let chunk = ChunkHistory {
+            rules: Arc::new(rules.clone()),
+            qs,
+            texts,
+            wanted: vec![("h".to_string(), 1_700_000_000_000 + 600_400, None)],
+            fetched: Duration::ZERO,
+        };
+        let (w, _) = chunk.replay().remove("h").unwrap();
+        assert_eq!(cold.catch_up(w), 2);
+        for i in 600..650 {
+            let s = snap(i);
+            let busy = 100.0 - s.cpu[0].idle as f64;
+            let util = s
+                .disks
+                .iter()
+                .map(|d| d.util_pct as f64)
+                .fold(f64::MIN, f64::max);
+            let mem = (s.memory.total - s.memory.available) as f64;
+            let judged = |e: &mut Engine, out: &mut Vec<AlertEvent>| {
+                let f = e
+                    .observe_vector(0, "h", s.ts_ms, &[busy, util, mem], out)
+                    .map(|v| v.score);
+                let a = e
+                    .observe(1, "h", &[("cpu", "total")], s.ts_ms, busy, out)
+                    .map(|v| v.score);
+                (f, a)
+            };
+            let (l, c) = (judged(&mut live, &mut out), judged(&mut cold, &mut out));
+            assert!(l.0.is_some() && l.1.is_some());
+            assert_eq!(l, c, "second {i}");
+        }
     }
 }

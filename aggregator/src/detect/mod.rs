@@ -508,22 +508,22 @@ impl Engine {
         labels: &[(&str, &str)],
         ts_ms: u64,
         value: f64,
-    ) {
+    ) -> bool {
         let rule = &self.rules[rule_idx];
         if !matches(rule, host, labels, self.host_labels.get(host)) {
-            return;
+            return false;
         }
         let key = series_key(rule, host, labels);
         let s = self
             .series
             .entry(key)
             .or_insert_with(|| new_series(rule, rule_idx, host, labels, key, ts_ms));
-        if let Some(d) = &mut s.det {
-            s.last_verdict = Some(d.eval(ts_ms, value));
-            s.last_value = value;
-            s.last_seen_ms = ts_ms;
-            s.warmed_until = Some(s.warmed_until.map_or(ts_ms, |w| w.max(ts_ms)));
-        }
+        let Some(d) = &mut s.det else { return false };
+        s.last_verdict = Some(d.eval(ts_ms, value));
+        s.last_value = value;
+        s.last_seen_ms = ts_ms;
+        s.warmed_until = Some(s.warmed_until.map_or(ts_ms, |w| w.max(ts_ms)));
+        true
     }
 
     /// Evaluates a multi-series rule (a `forest` over several of one host's series) on one
@@ -551,17 +551,22 @@ impl Engine {
     }
 
     /// As [`Engine::warm`] for a multi-series rule: one vector of history, no lifecycle.
-    pub fn warm_vector(&mut self, rule_idx: usize, host: &str, ts_ms: u64, values: &[f64]) {
+    pub fn warm_vector(&mut self, rule_idx: usize, host: &str, ts_ms: u64, values: &[f64]) -> bool {
         let Some((key, mut s)) = self.vector_series(rule_idx, host, ts_ms) else {
-            return;
+            return false;
         };
-        if let Some(d) = &mut s.det {
-            s.last_verdict = Some(d.eval_vector(ts_ms, values));
-            s.last_seen_ms = ts_ms;
-            s.last_value = values.first().copied().unwrap_or(0.0);
-            s.warmed_until = Some(s.warmed_until.map_or(ts_ms, |w| w.max(ts_ms)));
-        }
+        let fed = match &mut s.det {
+            Some(d) => {
+                s.last_verdict = Some(d.eval_vector(ts_ms, values));
+                s.last_seen_ms = ts_ms;
+                s.last_value = values.first().copied().unwrap_or(0.0);
+                s.warmed_until = Some(s.warmed_until.map_or(ts_ms, |w| w.max(ts_ms)));
+                true
+            }
+            None => false,
+        };
         self.series.insert(key, s);
+        fed
     }
 
     /// The state of a multi-series rule's one series for `host`, taken out of the map (or
@@ -738,6 +743,37 @@ impl Engine {
             }
             s.rule = ri;
             self.series.insert(k, s);
+            n += 1;
+        }
+        n
+    }
+
+    /// A host's detectors catch up with its history (it started here without it): each
+    /// warmed series replaces the live one's detector while that one is not alerting
+    /// (inactive, not taken over); a series not live yet is added. Returns how many changed.
+    pub fn catch_up(&mut self, w: WarmedHost) -> usize {
+        let map: Vec<Option<usize>> = w
+            .rules
+            .iter()
+            .map(|old| self.rules.iter().position(|r| r == old))
+            .collect();
+        let mut n = 0;
+        for (k, mut s) in w.series {
+            let Some(ri) = map[s.rule] else { continue };
+            match self.series.get_mut(&k) {
+                Some(live) => {
+                    if !matches!(live.phase, Phase::Inactive) || live.adopted.is_some() {
+                        continue;
+                    }
+                    live.det = s.det;
+                    live.last_verdict = s.last_verdict;
+                    live.warmed_until = s.warmed_until;
+                }
+                None => {
+                    s.rule = ri;
+                    self.series.insert(k, s);
+                }
+            }
             n += 1;
         }
         n
