@@ -966,6 +966,25 @@ warning = 1
         out
     }
 
+    /// The forest's and the anomaly rule's scores for second `i`, fed as live.
+    fn judge(e: &mut Engine, i: u64, out: &mut Vec<AlertEvent>) -> (Option<f64>, Option<f64>) {
+        let s = snap(i);
+        let busy = 100.0 - s.cpu[0].idle as f64;
+        let util = s
+            .disks
+            .iter()
+            .map(|d| d.util_pct as f64)
+            .fold(f64::MIN, f64::max);
+        let mem = (s.memory.total - s.memory.available) as f64;
+        let f = e
+            .observe_vector(0, "h", s.ts_ms, &[busy, util, mem], out)
+            .map(|v| v.score);
+        let a = e
+            .observe(1, "h", &[("cpu", "total")], s.ts_ms, busy, out)
+            .map(|v| v.score);
+        (f, a)
+    }
+
     /// A host's detectors warmed from its stored history (as the loader reads it) judge
     /// the next samples exactly as detectors that saw the same history live, for a rule
     /// over one series and a `forest` over several series from three tables; detectors
@@ -1044,28 +1063,9 @@ warning = 1
 
         let (mut same, mut differ_cold) = (0, 0);
         for i in 600..700 {
-            let s = snap(i);
-            let busy = 100.0 - s.cpu[0].idle as f64;
-            let util = s
-                .disks
-                .iter()
-                .map(|d| d.util_pct as f64)
-                .fold(f64::MIN, f64::max);
-            let mem = (s.memory.total - s.memory.available) as f64;
-            let vector = [busy, util, mem];
-            let labels = [("cpu", "total")];
-            let judged = |e: &mut Engine, out: &mut Vec<AlertEvent>| {
-                let f = e
-                    .observe_vector(0, "h", s.ts_ms, &vector, out)
-                    .map(|v| v.score);
-                let a = e
-                    .observe(1, "h", &labels, s.ts_ms, busy, out)
-                    .map(|v| v.score);
-                (f, a)
-            };
-            let l = judged(&mut live, &mut out);
-            let w = judged(&mut warm, &mut out);
-            let c = judged(&mut cold, &mut out);
+            let l = judge(&mut live, i, &mut out);
+            let w = judge(&mut warm, i, &mut out);
+            let c = judge(&mut cold, i, &mut out);
             assert!(l.0.is_some() && l.1.is_some());
             assert_eq!(l, w, "second {i}: live {l:?}, warmed {w:?}");
             same += 1;
@@ -1114,24 +1114,7 @@ warning = 1
         let (w, _) = chunk.replay().remove("h").unwrap();
         assert_eq!(cold.catch_up(w), 2);
         for i in 600..650 {
-            let s = snap(i);
-            let busy = 100.0 - s.cpu[0].idle as f64;
-            let util = s
-                .disks
-                .iter()
-                .map(|d| d.util_pct as f64)
-                .fold(f64::MIN, f64::max);
-            let mem = (s.memory.total - s.memory.available) as f64;
-            let judged = |e: &mut Engine, out: &mut Vec<AlertEvent>| {
-                let f = e
-                    .observe_vector(0, "h", s.ts_ms, &[busy, util, mem], out)
-                    .map(|v| v.score);
-                let a = e
-                    .observe(1, "h", &[("cpu", "total")], s.ts_ms, busy, out)
-                    .map(|v| v.score);
-                (f, a)
-            };
-            let (l, c) = (judged(&mut live, &mut out), judged(&mut cold, &mut out));
+            let (l, c) = (judge(&mut live, i, &mut out), judge(&mut cold, i, &mut out));
             assert!(l.0.is_some() && l.1.is_some());
             assert_eq!(l, c, "second {i}");
         }

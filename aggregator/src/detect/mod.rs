@@ -730,28 +730,17 @@ impl Engine {
     /// found by its definition: one whose rule changed or went since (a reload) is dropped,
     /// as is one this engine already has. Returns how many were taken in.
     pub fn absorb(&mut self, w: WarmedHost) -> usize {
-        let map: Vec<Option<usize>> = w
-            .rules
-            .iter()
-            .map(|old| self.rules.iter().position(|r| r == old))
-            .collect();
-        let mut n = 0;
-        for (k, mut s) in w.series {
-            let Some(ri) = map[s.rule] else { continue };
-            if self.series.contains_key(&k) {
-                continue;
-            }
-            s.rule = ri;
-            self.series.insert(k, s);
-            n += 1;
-        }
-        n
+        self.take_in(w, false)
     }
 
-    /// A host's detectors catch up with its history (it started here without it): each
-    /// warmed series replaces the live one's detector while that one is not alerting
-    /// (inactive, not taken over); a series not live yet is added. Returns how many changed.
+    /// A host's detectors catch up with its history (it started here without it): as
+    /// [`Engine::absorb`], but a warmed series also replaces the live one's detector while
+    /// that one is not alerting (inactive, not taken over). Returns how many changed.
     pub fn catch_up(&mut self, w: WarmedHost) -> usize {
+        self.take_in(w, true)
+    }
+
+    fn take_in(&mut self, w: WarmedHost, replace: bool) -> usize {
         let map: Vec<Option<usize>> = w
             .rules
             .iter()
@@ -762,7 +751,8 @@ impl Engine {
             let Some(ri) = map[s.rule] else { continue };
             match self.series.get_mut(&k) {
                 Some(live) => {
-                    if !matches!(live.phase, Phase::Inactive) || live.adopted.is_some() {
+                    if !replace || !matches!(live.phase, Phase::Inactive) || live.adopted.is_some()
+                    {
                         continue;
                     }
                     live.det = s.det;
