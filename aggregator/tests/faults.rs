@@ -1094,3 +1094,84 @@ fn a_batch_whose_insert_is_running_when_its_sensor_leaves_is_stored_once() {
         "a batch recorded twice"
     );
 }
+
+/// An aggregator restarted while ClickHouse is down cannot read a returning host's history,
+/// so the host's statistical detectors start cold; once ClickHouse answers, the loader
+/// retries and they catch up with it, instead of warming up again from live samples.
+#[test]
+fn a_host_that_arrives_while_clickhouse_is_down_catches_up_with_its_history() {
+    let d = Dir::new("fault-catch-up");
+    certs(&d.0.join("certs"), &["cu1"]);
+    let mut ch = Ch::new(&d.0);
+    let hook = Receiver::start(None);
+    // "warm" fires on the first sample past a warm-up of 90 (any change of CPU busy
+    // breaches its tiny threshold): 90 s after the host arrives if its detector starts
+    // cold, at the first sample after the catch-up if it is replaced by one that replayed
+    // the host's stored history.
+    let rules = d.0.join("rules.toml");
+    std::fs::write(
+        &rules,
+        "[[rule]]\nname = \"warm\"\nkind = \"ewma\"\nseries = \"cpu.busy\"\nlabels = { cpu = \"total\" }\n\
+         threshold = 0.000001\nwarmup = 90\nfor = \"0s\"\n",
+    )
+    .unwrap();
+    let cfg = d.0.join("agg.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "rules = \"{}\"\n[[alerting.webhook]]\nurl = \"{}\"\n",
+            rules.display(),
+            hook.url()
+        ),
+    )
+    .unwrap();
+    let cfg = cfg.display().to_string();
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    // The first aggregator has no rules: it only stores the host's history.
+    let (mut first, _) = start_agg(&d.0, &listen, &ch, "1", true);
+    let mut s = start_sensor(&d.0, &listen, "cu1", &[]);
+    wait_until(
+        "100 s of the host's history stored",
+        Duration::from_secs(200),
+        || series(&ch, "cu1").0 >= 100,
+    );
+    first.stop();
+    ch.stop();
+    let restarted = Instant::now();
+    let (agg, http) = start_agg_with(&d.0, &listen, &ch, "2", false, &["--config", &cfg]);
+    wait_until(
+        "the host arrives and starts without its history",
+        Duration::from_secs(40),
+        || metric_at(&http, "sonde_detect_hosts_cold_total") >= 1,
+    );
+    assert_eq!(metric_at(&http, "sonde_detect_hosts_caught_up_total"), 0);
+    std::thread::sleep(Duration::from_secs(15).saturating_sub(restarted.elapsed()));
+    ch.start();
+    wait_until(
+        "the host's detectors caught up",
+        Duration::from_secs(60),
+        || metric_at(&http, "sonde_detect_hosts_caught_up_total") >= 1,
+    );
+    let caught_up_s = restarted.elapsed().as_secs_f64();
+    wait_until("warm fires", Duration::from_secs(120), || {
+        hook.accepted()
+            .iter()
+            .any(|r| r.body["rule"] == "warm" && r.body["status"] == "firing")
+    });
+    let fired_s = restarted.elapsed().as_secs_f64();
+    let replayed = metric_at(&http, "sonde_detect_warm_samples_total");
+    eprintln!(
+        "[catch-up] restarted with ClickHouse down; it started again 15 s later; caught up after {caught_up_s:.1} s \
+         ({replayed} samples replayed), warm fired after {fired_s:.1} s"
+    );
+    assert_eq!(metric_at(&http, "sonde_detect_hosts_caught_up_total"), 1);
+    assert!(replayed >= 90, "replayed {replayed} samples");
+    // Cold, 90 samples from the host's arrival: about 90 s.
+    assert!(
+        fired_s < 60.0,
+        "the statistical rule fired {fired_s:.1} s after the restart: its detector did not catch up"
+    );
+    assert!(agg.log_text().contains("ClickHouse is not open yet"));
+    assert!(s.stop().success());
+    drop(agg);
+}

@@ -8,7 +8,7 @@ use crate::alert::Alerter;
 use crate::metrics::Metrics;
 use crate::store::{Dedup, Store, StoreHandle};
 use protocol::Batch;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -141,7 +141,8 @@ pub async fn run(
                 };
                 held -= wait.batches.len();
                 metrics.detect_hosts_waiting.store(waiting.len() as u64, Relaxed);
-                if w.crowded {
+                if w.cold.is_some() {
+                    // Without its history, whatever the reason: it catches up later.
                     catch_up(&w.host, &wait.batches, &rules_now);
                 }
                 take_over(&mut engine, w, &metrics);
@@ -219,6 +220,10 @@ const WARM_HISTORY_S: u64 = 600;
 /// warm-up and not alerting. Not past this age: by then the live detectors have warmed up
 /// on their own (`anomaly` needs 300 samples at 1 s).
 const CATCH_UP_MAX: Duration = Duration::from_secs(240);
+/// After a catch-up chunk failed (ClickHouse not open, refusing or slow), the requests wait
+/// this long before the next is tried: one chunk per try while ClickHouse does not answer,
+/// so that a slow server is not sent every chunk's queries in turn.
+const CATCH_UP_RETRY: Duration = Duration::from_secs(10);
 
 /// The most batches held for waiting hosts at once (a host's batch past it releases that
 /// host without its history): bounds the memory a restart with many hosts resending their
@@ -255,8 +260,9 @@ struct Warmed {
     samples: usize,
     /// Why no history was replayed, when none was.
     cold: Option<String>,
-    /// No history because too many hosts arrived at once (logged once for all of them).
-    crowded: bool,
+    /// Why no history was replayed was logged once for all the hosts asked together (too
+    /// many arrived at once, or ClickHouse was not open yet).
+    told: bool,
     /// The answer to a catch-up request.
     catch_up: bool,
 }
@@ -270,7 +276,7 @@ impl Warmed {
             warmed: None,
             samples: 0,
             cold: None,
-            crowded: false,
+            told: false,
             catch_up: false,
         }
     }
@@ -303,7 +309,7 @@ fn take_over(engine: &mut Engine, mut w: Warmed, metrics: &Metrics) {
     }
     if let Some(why) = &w.cold {
         metrics.detect_hosts_cold.fetch_add(1, Relaxed);
-        if !w.crowded {
+        if !w.told {
             tracing::warn!(%host, why = %why, "the host's detectors start without its history (statistical rules warm up again; a firing statistical alert may resolve early)");
         }
     } else {
@@ -337,6 +343,10 @@ async fn loader(
     mut asked_late: mpsc::UnboundedReceiver<WarmRequest>,
     done: mpsc::Sender<Warmed>,
 ) {
+    // Catch-up requests not answered yet, oldest first; after a chunk failed (ClickHouse
+    // down or too slow), none is tried before `retry_at`.
+    let mut late: VecDeque<WarmRequest> = VecDeque::new();
+    let mut retry_at: Option<tokio::time::Instant> = None;
     loop {
         // New hosts first; catch-ups when none is waiting.
         let first = tokio::select! {
@@ -347,13 +357,35 @@ async fn loader(
             },
             r = asked_late.recv() => match r {
                 Some(r) => {
-                    if !catch_up_chunk(&store, r, &mut asked_late, &done).await {
-                        return;
-                    }
+                    late.push_back(r);
                     continue;
                 }
                 None => return,
             },
+            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
+                retry_at = None;
+                continue;
+            }
+            _ = std::future::ready(()), if retry_at.is_none() && !late.is_empty() => {
+                while let Ok(r) = asked_late.try_recv() {
+                    late.push_back(r);
+                }
+                late.retain(|r| r.asked.elapsed() < CATCH_UP_MAX);
+                let n = late.len().min(WARM_CHUNK);
+                let chunk: Vec<WarmRequest> = late.drain(..n).collect();
+                match catch_up_chunk(&store, chunk, &done).await {
+                    CatchUp::Done => {}
+                    CatchUp::Gone => return,
+                    CatchUp::Failed(chunk, why) => {
+                        tracing::info!(hosts = late.len() + chunk.len(), error = %why, retry_in = ?CATCH_UP_RETRY, "hosts that started without their history cannot catch up with it yet; retrying");
+                        for r in chunk.into_iter().rev() {
+                            late.push_front(r);
+                        }
+                        retry_at = Some(tokio::time::Instant::now() + CATCH_UP_RETRY);
+                    }
+                }
+                continue;
+            }
         };
         let mut reqs = vec![first];
         while reqs.len() < 512 {
@@ -363,13 +395,14 @@ async fn loader(
             }
         }
         let Some(st) = store.get() else {
-            // Not open yet: nothing to take over or replay (the host starts as new).
+            // Not open yet: nothing to take over or replay now. The hosts start without
+            // their history, and catch up with it once the store opens.
+            tracing::warn!(hosts = reqs.len(), "ClickHouse is not open yet: new hosts' detectors start without their history (statistical rules warm up) and catch up with it once it is");
             for r in reqs {
-                if done
-                    .send(Warmed::new(r.host, Ok(Vec::new())))
-                    .await
-                    .is_err()
-                {
+                let mut w = Warmed::new(r.host, Ok(Vec::new()));
+                w.cold = Some("ClickHouse is not open yet".to_string());
+                w.told = true;
+                if done.send(w).await.is_err() {
                     return;
                 }
             }
@@ -405,7 +438,7 @@ async fn loader(
                     .iter()
                     .any(|f| r.rules.iter().any(|x| x.name == *f && x.is_statistical()));
                 let mut w = Warmed::new(r.host.clone(), host_open);
-                w.crowded = late;
+                w.told = late;
                 if late {
                     w.cold = Some("too many hosts arrived at once".to_string());
                 } else if statistical_firing {
@@ -451,39 +484,43 @@ async fn loader(
     }
 }
 
-/// Answers a chunk of catch-up requests (`first` and those queued behind it): each host's
-/// history up to now, replayed. False when the live loop is gone.
+/// How a chunk of catch-up requests went.
+enum CatchUp {
+    Done,
+    /// The live loop is gone.
+    Gone,
+    /// ClickHouse is not open, refused or did not answer in time: the requests, and why.
+    Failed(Vec<WarmRequest>, String),
+}
+
+/// Answers a chunk of catch-up requests: each host's history up to now, replayed.
 async fn catch_up_chunk(
     store: &StoreHandle,
-    first: WarmRequest,
-    asked_late: &mut mpsc::UnboundedReceiver<WarmRequest>,
+    mut reqs: Vec<WarmRequest>,
     done: &mpsc::Sender<Warmed>,
-) -> bool {
-    let mut reqs = vec![first];
-    while reqs.len() < WARM_CHUNK {
-        match asked_late.try_recv() {
-            Ok(r) => reqs.push(r),
-            Err(_) => break,
-        }
-    }
-    reqs.retain(|r| r.asked.elapsed() < CATCH_UP_MAX);
-    let Some(st) = store.get() else { return true };
+) -> CatchUp {
     if reqs.is_empty() {
-        return true;
+        return CatchUp::Done;
     }
+    let Some(st) = store.get() else {
+        return CatchUp::Failed(reqs, "ClickHouse is not open yet".into());
+    };
     let now = now_ms();
     for r in &mut reqs {
         r.before_ms = now;
     }
     let refs: Vec<&WarmRequest> = reqs.iter().collect();
-    let got = match read_history(&st, &refs).await {
-        Ok(h) => tokio::task::spawn_blocking(move || h.replay()).await.ok(),
-        Err(e) => {
-            tracing::debug!(hosts = reqs.len(), error = %e, "cannot catch the hosts' detectors up");
-            None
-        }
+    let read = read_history(&st, &refs).await;
+    let mut got = match read {
+        Ok(h) => match tokio::task::spawn_blocking(move || h.replay()).await {
+            Ok(got) => got,
+            Err(e) => {
+                tracing::error!(error = %e, "replaying hosts' history failed; their detectors do not catch up");
+                return CatchUp::Done;
+            }
+        },
+        Err(e) => return CatchUp::Failed(reqs, e),
     };
-    let Some(mut got) = got else { return true };
     for r in reqs {
         let mut w = Warmed::new(r.host.clone(), Ok(Vec::new()));
         w.catch_up = true;
@@ -491,10 +528,10 @@ async fn catch_up_chunk(
             (w.warmed, w.samples) = (Some(h), k);
         }
         if done.send(w).await.is_err() {
-            return false;
+            return CatchUp::Gone;
         }
     }
-    true
+    CatchUp::Done
 }
 
 /// Hosts whose history is read together (one query per table).
