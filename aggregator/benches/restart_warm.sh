@@ -9,13 +9,14 @@
 #   cargo build --release -p sonde-aggregator
 #   cargo bench -q --no-run -p sonde-aggregator --bench loadgen
 #   bash aggregator/benches/restart_warm.sh 3000 600 60
+# (SONDE_BIN_DIR=DIR runs DIR/aggregator instead of target/release/aggregator.)
 #
 # Uses 127.0.0.1:14433 (QUIC) and :19464 (HTTP) and /tmp/sonde-restart-warm.
 set -u
 N=${1:-3000}; S1=${2:-600}; S2=${3:-60}
 R=$((N * 188))
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-B=$ROOT/target/release
+B=${SONDE_BIN_DIR:-$ROOT/target/release}
 D=/tmp/sonde-restart-warm; rm -rf $D; mkdir -p $D
 cd "$ROOT"
 cargo run -q -p xtask -- certs --dir $D/certs --host x >/dev/null || exit 1

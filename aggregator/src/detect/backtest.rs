@@ -429,6 +429,100 @@ pub fn each_sample<'t>(
     }
 }
 
+/// The format a [`HistoryQuery`]'s answer is read in: RowBinary (every column is cast to
+/// String, UInt32 or Float64 by the query) but for latency histograms (arrays), which are
+/// read as TabSeparated. Binary is about a quarter smaller, cheaper for ClickHouse to write
+/// and for [`each_sample_in`] to read (no number is parsed from text).
+pub fn answer_format(q: &HistoryQuery) -> &'static str {
+    if q.labels.is_some() {
+        "RowBinary"
+    } else {
+        "TabSeparated"
+    }
+}
+
+/// [`each_sample`] over an answer in [`answer_format`]. Returns false when the answer is
+/// malformed (a binary answer is read up to the first row that does not fit the query).
+pub fn each_sample_in<'t>(
+    q: &HistoryQuery,
+    rules: &[Rule],
+    answer: &'t [u8],
+    with_host: bool,
+    mut f: impl FnMut((usize, usize), &str, u64, &[(&'static str, &str)], f64),
+) -> bool {
+    let Some(names) = &q.labels else {
+        match std::str::from_utf8(answer) {
+            Ok(t) => each_sample(q, rules, t, with_host, &mut f),
+            Err(_) => each_sample(
+                q,
+                rules,
+                &String::from_utf8_lossy(answer),
+                with_host,
+                &mut f,
+            ),
+        }
+        return true;
+    };
+    let mut r = RowBinary(answer);
+    let mut labels: Vec<(&'static str, &'t str)> = Vec::with_capacity(names.len());
+    while !r.0.is_empty() {
+        let host = match with_host {
+            true => match r.string() {
+                Some(h) => h,
+                None => return false,
+            },
+            false => "",
+        };
+        let Some(ts) = r.u32() else { return false };
+        labels.clear();
+        for &n in names {
+            let Some(l) = r.string() else { return false };
+            labels.push((n, l));
+        }
+        // The whole row is read before any of it is used.
+        let Some(values) = r.take(8 * q.rules.len()) else {
+            return false;
+        };
+        for (&c, v) in q.rules.iter().zip(values.chunks_exact(8)) {
+            let v = f64::from_le_bytes(v.try_into().expect("8 bytes"));
+            f(c, host, ts as u64 * 1000, &labels, v);
+        }
+    }
+    true
+}
+
+/// A RowBinary answer being read.
+struct RowBinary<'t>(&'t [u8]);
+
+impl<'t> RowBinary<'t> {
+    fn take(&mut self, n: usize) -> Option<&'t [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Some(a)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+
+    /// A String: its length as an unsigned LEB128, then its bytes (not UTF-8: read lossily
+    /// as empty, which no label or host matcher selects).
+    fn string(&mut self) -> Option<&'t str> {
+        let mut n = 0usize;
+        for shift in (0..64).step_by(7) {
+            let b = *self.take(1)?.first()?;
+            n |= ((b & 0x7f) as usize) << shift;
+            if b & 0x80 == 0 {
+                return Some(std::str::from_utf8(self.take(n)?).unwrap_or(""));
+            }
+        }
+        None
+    }
+}
+
 /// Feeds samples through the engine in time order. Returns the alert events and, per
 /// sample, (ts, rule, host, labels, value, score, norm).
 pub fn replay(
@@ -664,6 +758,41 @@ window = "2m"
         .flat_map(|&(h, ts, v)| (0..k).map(move |j| ((j, 0), h.to_string(), ts, v + j as f64)))
         .collect();
         assert_eq!(got, want);
+        // The same rows as RowBinary, the format the loader asks for: the same samples.
+        assert_eq!(answer_format(q), "RowBinary");
+        let bin_row = |out: &mut Vec<u8>, h: &str, ts: u32, v: f64| {
+            for s in std::iter::once(h).chain((0..n).map(|_| "total")) {
+                out.push(s.len() as u8);
+                out.extend_from_slice(s.as_bytes());
+                if s == h {
+                    out.extend_from_slice(&ts.to_le_bytes());
+                }
+            }
+            for j in 0..k {
+                out.extend_from_slice(&(v + j as f64).to_le_bytes());
+            }
+        };
+        let mut bin = Vec::new();
+        bin_row(&mut bin, "a", 100, 1.0);
+        bin_row(&mut bin, "a", 101, 2.0);
+        bin_row(&mut bin, "b", 100, 7.0);
+        let mut got_bin = Vec::new();
+        let whole = each_sample_in(q, &rules, &bin, true, |ri, h, ts, labels, v| {
+            assert!(labels.iter().all(|(_, l)| *l == "total"), "{labels:?}");
+            got_bin.push((ri, h.to_string(), ts, v));
+        });
+        assert!(whole);
+        assert_eq!(got_bin, want);
+        // An answer cut within a row: the rows before it, and a false.
+        let mut cut = 0;
+        assert!(!each_sample_in(
+            q,
+            &rules,
+            &bin[..bin.len() - 3],
+            true,
+            |_, _, _, _, _| cut += 1
+        ));
+        assert_eq!(cut, 2 * k);
         // A row cut short is skipped, not misread.
         let mut short = 0;
         each_sample(q, &rules, "a\t100\t1\n", true, |_, _, _, _, _| short += 1);

@@ -590,7 +590,8 @@ impl Replaying {
 struct ChunkHistory {
     rules: Arc<Vec<Rule>>,
     qs: Vec<super::backtest::HistoryQuery>,
-    texts: Vec<String>,
+    /// Each query's answer, in `backtest::answer_format`.
+    answers: Vec<bytes::Bytes>,
     /// Each host: the first sample time it must not replay, and its labels.
     wanted: Vec<(String, u64, Option<HostLabels>)>,
     fetched: Duration,
@@ -626,11 +627,11 @@ async fn read_history(store: &Store, reqs: &[&WarmRequest]) -> Result<ChunkHisto
         )
     };
     let t0 = Instant::now();
-    let texts = fetch(store, &qs).await?;
+    let answers = fetch(store, &qs).await?;
     Ok(ChunkHistory {
         rules,
         qs,
-        texts,
+        answers,
         wanted,
         fetched: t0.elapsed(),
     })
@@ -656,20 +657,29 @@ impl ChunkHistory {
             window.insert(host, (since, before));
         }
         let mut feed = Feeder::new(side, &self.rules);
-        for (q, t) in self.qs.iter().zip(&self.texts) {
-            super::backtest::each_sample(q, &self.rules, t, true, |c, host, ts, labels, v| {
-                if let Some((since, before)) = window.get(host) {
-                    if ts >= *since && ts < *before {
-                        feed.sample(c, host, ts, labels, v);
+        for (q, a) in self.qs.iter().zip(&self.answers) {
+            let whole = super::backtest::each_sample_in(
+                q,
+                &self.rules,
+                a,
+                true,
+                |c, host, ts, labels, v| {
+                    if let Some((since, before)) = window.get(host) {
+                        if ts >= *since && ts < *before {
+                            feed.sample(c, host, ts, labels, v);
+                        }
                     }
-                }
-            });
+                },
+            );
+            if !whole {
+                tracing::warn!(query = %q.sql, "a history answer ends in a row that does not fit its query; the rest of it is not replayed");
+            }
         }
         let (side, counts) = feed.finish();
         tracing::debug!(
             hosts = self.wanted.len(),
             queries = self.qs.len(),
-            bytes = self.texts.iter().map(|t| t.len()).sum::<usize>(),
+            bytes = self.answers.iter().map(|t| t.len()).sum::<usize>(),
             samples = counts.values().sum::<usize>(),
             fetch_ms = self.fetched.as_millis() as u64,
             replay_ms = t0.elapsed().as_millis() as u64,
@@ -780,26 +790,30 @@ impl<'r> Feeder<'r> {
     }
 }
 
-/// The TabSeparated answers of `qs`, in order; Err at the first that fails or takes over 10 s.
-async fn fetch(store: &Store, qs: &[super::backtest::HistoryQuery]) -> Result<Vec<String>, String> {
-    let mut texts = Vec::with_capacity(qs.len());
+/// The answers of `qs` (each in `backtest::answer_format`), in order; Err at the first
+/// that fails or takes over 10 s.
+async fn fetch(
+    store: &Store,
+    qs: &[super::backtest::HistoryQuery],
+) -> Result<Vec<bytes::Bytes>, String> {
+    let mut answers = Vec::with_capacity(qs.len());
     for q in qs {
         let read = tokio::time::timeout(Duration::from_secs(10), async {
             store
                 .client
                 .query(&q.sql)
-                .fetch_bytes("TabSeparated")?
+                .fetch_bytes(super::backtest::answer_format(q))?
                 .collect()
                 .await
         })
         .await;
         match read {
-            Ok(Ok(bytes)) => texts.push(String::from_utf8_lossy(&bytes).into_owned()),
+            Ok(Ok(bytes)) => answers.push(bytes),
             Ok(Err(e)) => return Err(format!("cannot read the hosts' history: {e}")),
             Err(_) => return Err("reading the hosts' history timed out (10 s)".into()),
         }
     }
-    Ok(texts)
+    Ok(answers)
 }
 
 /// Replays `r.host`'s stored history before `r.before_ms` into a side engine with the
@@ -837,13 +851,13 @@ async fn warm_from_history(
             false,
         ));
     }
-    let texts = fetch(store, &qs).await?;
+    let answers = fetch(store, &qs).await?;
     let host_s = host.to_string();
     let rules = rules.clone();
     tokio::task::spawn_blocking(move || {
         let mut feed = Feeder::new(side, &rules);
-        for (q, t) in qs.iter().zip(&texts) {
-            super::backtest::each_sample(q, &rules, t, false, |c, _, ts, labels, v| {
+        for (q, a) in qs.iter().zip(&answers) {
+            super::backtest::each_sample_in(q, &rules, a, false, |c, _, ts, labels, v| {
                 feed.sample(c, &host_s, ts, labels, v)
             });
         }
@@ -973,13 +987,28 @@ warning = 1
 
     /// `q`'s TabSeparated answer as ClickHouse gives it for `host`'s snapshots: one row
     /// per table row, the labels, then one value per (rule, part) the query reads.
+    /// The answer ClickHouse gives to `q` about `host`'s snapshots, in the format the
+    /// loader asks for (`backtest::answer_format`).
     fn answer(
         q: &backtest::HistoryQuery,
         rules: &[Rule],
         host: &str,
         snaps: &[protocol::Snapshot],
-    ) -> String {
-        let mut out = String::new();
+    ) -> Vec<u8> {
+        let binary = backtest::answer_format(q) == "RowBinary";
+        let mut out = Vec::new();
+        let string = |out: &mut Vec<u8>, s: &str| {
+            let mut n = s.len();
+            loop {
+                let b = (n & 0x7f) as u8;
+                n >>= 7;
+                out.push(if n > 0 { b | 0x80 } else { b });
+                if n == 0 {
+                    break;
+                }
+            }
+            out.extend_from_slice(s.as_bytes());
+        };
         for s in snaps {
             let cols: Vec<Vec<(Vec<String>, f64)>> = q
                 .rules
@@ -993,11 +1022,23 @@ warning = 1
                 })
                 .collect();
             for r in 0..cols[0].len() {
-                let mut f = vec![host.to_string(), (s.ts_ms / 1000).to_string()];
+                let ts = s.ts_ms / 1000;
+                if binary {
+                    string(&mut out, host);
+                    out.extend_from_slice(&(ts as u32).to_le_bytes());
+                    for l in &cols[0][r].0 {
+                        string(&mut out, l);
+                    }
+                    for c in &cols {
+                        out.extend_from_slice(&c[r].1.to_le_bytes());
+                    }
+                    continue;
+                }
+                let mut f = vec![host.to_string(), ts.to_string()];
                 f.extend(cols[0][r].0.iter().cloned());
                 f.extend(cols.iter().map(|c| c[r].1.to_string()));
-                out.push_str(&f.join("\t"));
-                out.push('\n');
+                out.extend_from_slice(f.join("\t").as_bytes());
+                out.push(b'\n');
             }
         }
         out
@@ -1053,15 +1094,16 @@ warning = 1
             "{:?}",
             qs.iter().map(|q| &q.sql).collect::<Vec<_>>()
         );
-        let texts: Vec<String> = qs
+        let answers: Vec<bytes::Bytes> = qs
             .iter()
             .map(|q| {
                 // Another host's rows in the same answer, and rows at and after the first
                 // live batch, are not the host's history here.
                 let late: Vec<protocol::Snapshot> = (600..620).map(snap).collect();
-                answer(q, &rules, "h", &history)
-                    + &answer(q, &rules, "h", &late)
-                    + &answer(q, &rules, "other", &history[..50])
+                let mut a = answer(q, &rules, "h", &history);
+                a.extend(answer(q, &rules, "h", &late));
+                a.extend(answer(q, &rules, "other", &history[..50]));
+                a.into()
             })
             .collect();
         // The first live batch's first sample falls within a second, as a sensor's do: its
@@ -1070,7 +1112,7 @@ warning = 1
         let chunk = ChunkHistory {
             rules: Arc::new(rules.clone()),
             qs,
-            texts,
+            answers,
             wanted: vec![("h".to_string(), before_ms, None)],
             fetched: Duration::ZERO,
         };
@@ -1140,11 +1182,14 @@ warning = 1
             0,
             2_000_000_000,
         );
-        let texts = qs.iter().map(|q| answer(q, &rules, "h", &snaps)).collect();
+        let answers = qs
+            .iter()
+            .map(|q| answer(q, &rules, "h", &snaps).into())
+            .collect();
         let chunk = ChunkHistory {
             rules: Arc::new(rules.clone()),
             qs,
-            texts,
+            answers,
             wanted: vec![("h".to_string(), 1_700_000_000_000 + 600_400, None)],
             fetched: Duration::ZERO,
         };
