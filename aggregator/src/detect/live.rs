@@ -534,8 +534,10 @@ async fn catch_up_chunk(
     CatchUp::Done
 }
 
-/// Hosts whose history is read together (one query per table).
-const WARM_CHUNK: usize = 32;
+/// Hosts whose history is read together (one query per table). A query's cost is mostly
+/// fixed at 32 hosts (on ClickHouse 18.16 here, 128 hosts' 10 minutes took 0.33 s a chunk
+/// against 0.15 s for 32), and a chunk's answers are about 30 MB at 128.
+const WARM_CHUNK: usize = 128;
 
 /// A host name is spliced into SQL: none that could change the statement.
 fn sql_safe(host: &str) -> bool {
