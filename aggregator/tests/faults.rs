@@ -1095,55 +1095,99 @@ fn a_batch_whose_insert_is_running_when_its_sensor_leaves_is_stored_once() {
     );
 }
 
-/// An aggregator restarted while ClickHouse is down cannot read a returning host's history,
-/// so the host's statistical detectors start cold; once ClickHouse answers, the loader
-/// retries and they catch up with it, instead of warming up again from live samples.
+/// An aggregator restarted while ClickHouse is down: a returning host's batches wait up to
+/// 10 s for it. When ClickHouse answers within that wait, the host's firing alert is taken
+/// over (not notified again) and its detectors replay its history as usual. When it does
+/// not, the host's statistical detectors start cold, and once ClickHouse answers the
+/// loader retries and they catch up with the history, instead of warming up again.
 #[test]
 fn a_host_that_arrives_while_clickhouse_is_down_catches_up_with_its_history() {
     let d = Dir::new("fault-catch-up");
     certs(&d.0.join("certs"), &["cu1"]);
     let mut ch = Ch::new(&d.0);
     let hook = Receiver::start(None);
-    // "warm" fires on the first sample past a warm-up of 90 (any change of CPU busy
-    // breaches its tiny threshold): 90 s after the host arrives if its detector starts
-    // cold, at the first sample after the catch-up if it is replaced by one that replayed
-    // the host's stored history.
-    let rules = d.0.join("rules.toml");
-    std::fs::write(
-        &rules,
-        "[[rule]]\nname = \"warm\"\nkind = \"ewma\"\nseries = \"cpu.busy\"\nlabels = { cpu = \"total\" }\n\
-         threshold = 0.000001\nwarmup = 90\nfor = \"0s\"\n",
-    )
-    .unwrap();
-    let cfg = d.0.join("agg.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "rules = \"{}\"\n[[alerting.webhook]]\nurl = \"{}\"\n",
-            rules.display(),
-            hook.url()
-        ),
-    )
-    .unwrap();
-    let cfg = cfg.display().to_string();
+    // "always" fires at once and holds. "warm" fires on the first sample past a warm-up
+    // of 90 (any change of CPU busy breaches its tiny threshold): 90 s after the host
+    // arrives if its detector starts cold, at the first sample after the catch-up if it is
+    // replaced by one that replayed the host's stored history.
+    let always = "[[rule]]\nname = \"always\"\nkind = \"threshold\"\nseries = \"memory.total\"\nwarning = 1\nfor = \"0s\"\n";
+    let warm = "[[rule]]\nname = \"warm\"\nkind = \"ewma\"\nseries = \"cpu.busy\"\nlabels = { cpu = \"total\" }\n\
+                threshold = 0.000001\nwarmup = 90\nfor = \"0s\"\n";
+    let config = |name: &str, rules: &str| -> String {
+        let r = d.0.join(format!("{name}.rules.toml"));
+        std::fs::write(&r, rules).unwrap();
+        let c = d.0.join(format!("{name}.toml"));
+        std::fs::write(
+            &c,
+            format!(
+                "rules = \"{}\"\n[[alerting.webhook]]\nurl = \"{}\"\n",
+                r.display(),
+                hook.url()
+            ),
+        )
+        .unwrap();
+        c.display().to_string()
+    };
+    let (cfg_1, cfg) = (
+        config("first", always),
+        config("later", &format!("{always}\n{warm}")),
+    );
+    let firing = |rule: &str| {
+        hook.accepted()
+            .iter()
+            .filter(|r| r.body["rule"] == rule && r.body["status"] == "firing")
+            .count()
+    };
     let listen = format!("127.0.0.1:{}", free_udp_port());
-    // The first aggregator has no rules: it only stores the host's history.
-    let (mut first, _) = start_agg(&d.0, &listen, &ch, "1", true);
+    // The first aggregator lacks "warm": it stores the host's history.
+    let (mut first, _) = start_agg_with(&d.0, &listen, &ch, "1", true, &["--config", &cfg_1]);
     let mut s = start_sensor(&d.0, &listen, "cu1", &[]);
     wait_until(
         "100 s of the host's history stored",
         Duration::from_secs(200),
         || series(&ch, "cu1").0 >= 100,
     );
+    assert_eq!(firing("always"), 1);
     first.stop();
+
+    // 1. ClickHouse back within the wait: the alert is taken over, the history replayed.
+    ch.stop();
+    let (mut second, http) = start_agg_with(&d.0, &listen, &ch, "2", false, &["--config", &cfg]);
+    wait_until(
+        "the host's first batch arrives",
+        Duration::from_secs(30),
+        || metric_at(&http, "sonde_batches_received_total") >= 1,
+    );
+    let held = Instant::now();
+    ch.start();
+    wait_until(
+        "the host's detectors replayed its history",
+        Duration::from_secs(30),
+        || metric_at(&http, "sonde_detect_hosts_warmed_total") >= 1,
+    );
+    eprintln!(
+        "[catch-up] ClickHouse answered within the wait: the host was warmed {:.1} s after its first batch arrived",
+        held.elapsed().as_secs_f64()
+    );
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(metric_at(&http, "sonde_detect_hosts_cold_total"), 0);
+    assert_eq!(
+        firing("always"),
+        1,
+        "the still-firing alert was notified again after the restart"
+    );
+    second.stop();
+
+    // 2. ClickHouse down longer than the wait: cold, then caught up.
     ch.stop();
     let restarted = Instant::now();
-    let (agg, http) = start_agg_with(&d.0, &listen, &ch, "2", false, &["--config", &cfg]);
+    let (agg, http) = start_agg_with(&d.0, &listen, &ch, "3", false, &["--config", &cfg]);
     wait_until(
         "the host arrives and starts without its history",
         Duration::from_secs(40),
         || metric_at(&http, "sonde_detect_hosts_cold_total") >= 1,
     );
+    let cold_s = restarted.elapsed().as_secs_f64();
     assert_eq!(metric_at(&http, "sonde_detect_hosts_caught_up_total"), 0);
     std::thread::sleep(Duration::from_secs(15).saturating_sub(restarted.elapsed()));
     ch.start();
@@ -1154,15 +1198,13 @@ fn a_host_that_arrives_while_clickhouse_is_down_catches_up_with_its_history() {
     );
     let caught_up_s = restarted.elapsed().as_secs_f64();
     wait_until("warm fires", Duration::from_secs(120), || {
-        hook.accepted()
-            .iter()
-            .any(|r| r.body["rule"] == "warm" && r.body["status"] == "firing")
+        firing("warm") >= 1
     });
     let fired_s = restarted.elapsed().as_secs_f64();
     let replayed = metric_at(&http, "sonde_detect_warm_samples_total");
     eprintln!(
-        "[catch-up] restarted with ClickHouse down; it started again 15 s later; caught up after {caught_up_s:.1} s \
-         ({replayed} samples replayed), warm fired after {fired_s:.1} s"
+        "[catch-up] restarted with ClickHouse down: cold after {cold_s:.1} s, ClickHouse back after 15 s, \
+         caught up after {caught_up_s:.1} s ({replayed} samples replayed), warm fired after {fired_s:.1} s"
     );
     assert_eq!(metric_at(&http, "sonde_detect_hosts_caught_up_total"), 1);
     assert!(replayed >= 90, "replayed {replayed} samples");

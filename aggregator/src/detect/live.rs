@@ -224,6 +224,10 @@ const CATCH_UP_MAX: Duration = Duration::from_secs(240);
 /// this long before the next is tried: one chunk per try while ClickHouse does not answer,
 /// so that a slow server is not sent every chunk's queries in turn.
 const CATCH_UP_RETRY: Duration = Duration::from_secs(10);
+/// How long a new host's batches wait for the store to open (the aggregator started while
+/// ClickHouse is down or slow): long enough for a server starting beside it, short enough
+/// that the host's alerts are not held long in an outage.
+const NOT_OPEN_WAIT: Duration = Duration::from_secs(10);
 
 /// The most batches held for waiting hosts at once (a host's batch past it releases that
 /// host without its history): bounds the memory a restart with many hosts resending their
@@ -394,9 +398,18 @@ async fn loader(
                 Err(_) => break,
             }
         }
-        let Some(st) = store.get() else {
-            // Not open yet: nothing to take over or replay now. The hosts start without
-            // their history, and catch up with it once the store opens.
+        // Not open yet (the aggregator started while ClickHouse is down or slow): the hosts'
+        // batches wait for it up to `NOT_OPEN_WAIT` after the first of them was asked about.
+        let open_by = tokio::time::Instant::from_std(reqs[0].asked + NOT_OPEN_WAIT);
+        let mut handle = store.clone();
+        let st = match store.get() {
+            Some(st) => Some(st),
+            None => tokio::time::timeout_at(open_by, handle.wait()).await.ok(),
+        };
+        let Some(st) = st else {
+            // Still not open: nothing to take over or replay now. The hosts start without
+            // their history, and catch up with it once the store opens; a firing alert of
+            // theirs that still holds is notified again.
             tracing::warn!(hosts = reqs.len(), "ClickHouse is not open yet: new hosts' detectors start without their history (statistical rules warm up) and catch up with it once it is");
             for r in reqs {
                 let mut w = Warmed::new(r.host, Ok(Vec::new()));
