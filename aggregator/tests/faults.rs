@@ -1110,7 +1110,10 @@ fn a_host_that_arrives_while_clickhouse_is_down_catches_up_with_its_history() {
     // of 90 (any change of CPU busy breaches its tiny threshold): 90 s after the host
     // arrives if its detector starts cold, at the first sample after the catch-up if it is
     // replaced by one that replayed the host's stored history.
-    let always = "[[rule]]\nname = \"always\"\nkind = \"threshold\"\nseries = \"memory.total\"\nwarning = 1\nfor = \"0s\"\n";
+    // "slow" is "always" with a `for` of 60 s: it fires on the first aggregator, and would
+    // fire again 60 s after the host arrives at one that did not take it over.
+    let always = "[[rule]]\nname = \"always\"\nkind = \"threshold\"\nseries = \"memory.total\"\nwarning = 1\nfor = \"0s\"\n\
+                  [[rule]]\nname = \"slow\"\nkind = \"threshold\"\nseries = \"memory.total\"\nwarning = 1\nfor = \"60s\"\n";
     let warm = "[[rule]]\nname = \"warm\"\nkind = \"ewma\"\nseries = \"cpu.busy\"\nlabels = { cpu = \"total\" }\n\
                 threshold = 0.000001\nwarmup = 90\nfor = \"0s\"\n";
     let config = |name: &str, rules: &str| -> String {
@@ -1148,6 +1151,9 @@ fn a_host_that_arrives_while_clickhouse_is_down_catches_up_with_its_history() {
         || series(&ch, "cu1").0 >= 100,
     );
     assert_eq!(firing("always"), 1);
+    wait_until("slow fires", Duration::from_secs(30), || {
+        firing("slow") == 1
+    });
     first.stop();
 
     // 1. ClickHouse back within the wait: the alert is taken over, the history replayed.
@@ -1214,6 +1220,37 @@ fn a_host_that_arrives_while_clickhouse_is_down_catches_up_with_its_history() {
         "the statistical rule fired {fired_s:.1} s after the restart: its detector did not catch up"
     );
     assert!(agg.log_text().contains("ClickHouse is not open yet"));
+    // "slow" was pending here (its condition holds) when the catch-up read the alerts
+    // table: the first aggregator's alert is taken over, and not notified again when
+    // this one's `for` would have elapsed (about 60 s after the host's first batch).
+    std::thread::sleep(Duration::from_secs(80).saturating_sub(restarted.elapsed()));
+    assert_eq!(
+        firing("slow"),
+        1,
+        "an alert firing before the outage was notified again after the catch-up"
+    );
+    assert!(agg
+        .log_text()
+        .contains("took over the host's firing alerts from the alerts table"));
+    // "always" fired here before its alert could be read: notified twice, as documented.
+    eprintln!(
+        "[catch-up] firing notifications: slow {}, always {}",
+        firing("slow"),
+        firing("always")
+    );
+    // The pending incarnation of "slow" here was closed ("cleared"): none is left pending.
+    wait_until(
+        "no alert of slow left pending in the alerts table",
+        Duration::from_secs(20),
+        || {
+            ch.q(
+                "SELECT count() FROM (SELECT alert_id, argMax(state, ts) AS s FROM sonde.alerts \
+                  WHERE rule = 'slow' GROUP BY alert_id HAVING s = 'pending')",
+            )
+            .trim()
+                == "0"
+        },
+    );
     assert!(s.stop().success());
     drop(agg);
 }

@@ -46,10 +46,19 @@ pub async fn run(
     let mut rules_now: Arc<Vec<Rule>> = Arc::new(engine.rules().to_vec());
     let (ask, asked) = mpsc::unbounded_channel::<WarmRequest>();
     let (ask_late, asked_late) = mpsc::unbounded_channel::<WarmRequest>();
-    let catch_up = |host: &Arc<str>, batches: &[Arrival], rules: &Arc<Vec<Rule>>| {
+    // `alerts`: the host's firing alerts were not read (ClickHouse down or too slow): the
+    // catch-up takes over those that began before the host arrived here.
+    let catch_up = |host: &Arc<str>, batches: &[Arrival], rules: &Arc<Vec<Rule>>, alerts: bool| {
+        let arrived_ms = batches
+            .iter()
+            .flat_map(|a| a.batch.snapshots.iter())
+            .map(|s| s.ts_ms)
+            .min()
+            .unwrap_or_else(now_ms);
         let _ = ask_late.send(WarmRequest {
             host: host.clone(),
             before_ms: 0,
+            alerts_before_ms: alerts.then_some(arrived_ms),
             labels: batches
                 .iter()
                 .flat_map(|a| a.batch.snapshots.iter())
@@ -88,7 +97,7 @@ pub async fn run(
                     metrics.detect_hosts_cold.fetch_add(1, Relaxed);
                     tracing::debug!(host = %w.batches[0].host, "too many batches held for new hosts: this one starts without its history");
                     early.insert(w.batches[0].host.clone());
-                    catch_up(&w.batches[0].host, &w.batches, &rules_now);
+                    catch_up(&w.batches[0].host, &w.batches, &rules_now, false);
                     release(&mut engine, w, &mut out)
                 } else if !engine.knows_host(&a.host) && loader_alive {
                     let first = a.batch.snapshots.iter().map(|s| s.ts_ms).min().unwrap_or_else(now_ms);
@@ -97,6 +106,7 @@ pub async fn run(
                     let _ = ask.send(WarmRequest {
                         host: a.host.clone(),
                         before_ms: first,
+                        alerts_before_ms: None,
                         labels,
                         rules: rules_now.clone(),
                         asked: Instant::now(),
@@ -112,7 +122,7 @@ pub async fn run(
                 }
             }
             w = done.recv(), if loader_alive => {
-                let Some(w) = w else {
+                let Some(mut w) = w else {
                     // Cannot happen short of a bug: new hosts then start cold; `WAIT_MAX`
                     // releases those waiting.
                     tracing::error!("the detection loader stopped; new hosts' detectors start without history");
@@ -122,31 +132,35 @@ pub async fn run(
                 if w.catch_up {
                     // A host released without its history: its detectors catch up, unless
                     // it left, or came back as new, meanwhile.
-                    if let (Some(h), false) = (w.warmed, waiting.contains_key(&w.host)) {
-                        if engine.knows_host(&w.host) {
-                            let n = engine.catch_up(h);
-                            metrics.detect_hosts_caught_up.fetch_add(1, Relaxed);
-                            metrics.detect_warm_samples.fetch_add(w.samples as u64, Relaxed);
-                            tracing::debug!(host = %w.host, series = n, history_samples = w.samples, "the host's detectors caught up with its history");
-                        }
+                    if waiting.contains_key(&w.host) || !engine.knows_host(&w.host) {
+                        continue;
                     }
-                    continue;
-                }
-                let Some(wait) = waiting.remove(&w.host) else {
+                    if let Some(h) = w.warmed.take() {
+                        let n = engine.catch_up(h);
+                        metrics.detect_hosts_caught_up.fetch_add(1, Relaxed);
+                        metrics.detect_warm_samples.fetch_add(w.samples as u64, Relaxed);
+                        tracing::debug!(host = %w.host, series = n, history_samples = w.samples, "the host's detectors caught up with its history");
+                    }
+                    // After the swap: an alert taken over keeps a detector that replayed.
+                    adopt(&mut engine, &w, &mut out);
+                    None
+                } else if let Some(wait) = waiting.remove(&w.host) {
+                    held -= wait.batches.len();
+                    metrics.detect_hosts_waiting.store(waiting.len() as u64, Relaxed);
+                    if w.cold.is_some() {
+                        // Without its history, whatever the reason: it catches up later, and
+                        // takes over its firing alerts then if they could not be read now.
+                        catch_up(&w.host, &wait.batches, &rules_now, w.open.is_err());
+                    }
+                    take_over(&mut engine, w, &metrics, &mut out);
+                    release(&mut engine, wait, &mut out)
+                } else {
                     // Released before the answer came: its firing alerts are still taken over.
                     if early.remove(&w.host) {
-                        adopt(&mut engine, &w);
+                        adopt(&mut engine, &w, &mut out);
                     }
-                    continue;
-                };
-                held -= wait.batches.len();
-                metrics.detect_hosts_waiting.store(waiting.len() as u64, Relaxed);
-                if w.cold.is_some() {
-                    // Without its history, whatever the reason: it catches up later.
-                    catch_up(&w.host, &wait.batches, &rules_now);
+                    None
                 }
-                take_over(&mut engine, w, &metrics);
-                release(&mut engine, wait, &mut out)
             }
             _ = tick.tick() => {
                 ticks += 1;
@@ -164,7 +178,7 @@ pub async fn run(
                     let w = waiting.remove(&h).unwrap();
                     held -= w.batches.len();
                     early.insert(h.clone());
-                    catch_up(&h, &w.batches, &rules_now);
+                    catch_up(&h, &w.batches, &rules_now, false);
                     tracing::warn!(host = %h, "no answer about the host's alerts and history; its detectors start without them (a still-firing alert may be notified again)");
                     metrics.detect_hosts_cold.fetch_add(1, Relaxed);
                     first = first.or(release(&mut engine, w, &mut out));
@@ -248,6 +262,9 @@ struct WarmRequest {
     host: Arc<str>,
     /// The first sample of the batch that arrived: history is read before it.
     before_ms: u64,
+    /// A catch-up for a host whose firing alerts could not be read when it arrived: those
+    /// that began before this time (its first sample here) are taken over.
+    alerts_before_ms: Option<u64>,
     labels: Option<HostLabels>,
     rules: Arc<Vec<Rule>>,
     asked: Instant,
@@ -302,7 +319,7 @@ fn release(engine: &mut Engine, w: Waiting, out: &mut Vec<AlertEvent>) -> Option
 /// past instead of starting its warm-up again, and its firing alerts are taken over from
 /// the alerts table, so that a still-firing alert is not notified again and its resolution
 /// comes from here.
-fn take_over(engine: &mut Engine, mut w: Warmed, metrics: &Metrics) {
+fn take_over(engine: &mut Engine, mut w: Warmed, metrics: &Metrics, out: &mut Vec<AlertEvent>) {
     let series = w.warmed.take().map_or(0, |h| engine.absorb(h));
     let host = &*w.host;
     if w.samples > 0 {
@@ -319,18 +336,20 @@ fn take_over(engine: &mut Engine, mut w: Warmed, metrics: &Metrics) {
     } else {
         tracing::debug!(%host, series, history_samples = w.samples, "the host's detectors replayed its history");
     }
-    adopt(engine, &w);
+    adopt(engine, &w, out);
 }
 
 /// Takes over the host's firing alerts the loader found.
-fn adopt(engine: &mut Engine, w: &Warmed) {
+fn adopt(engine: &mut Engine, w: &Warmed, out: &mut Vec<AlertEvent>) {
     let host = &*w.host;
     match &w.open {
         Ok(open) if !open.is_empty() => {
-            let n = engine.adopt(host, open, now_ms());
+            let n = engine.adopt(host, open, now_ms(), out);
             tracing::info!(%host, alerts = n, history_samples = w.samples, "took over the host's firing alerts from the alerts table");
         }
         Ok(_) => {}
+        // Said once for all the hosts asked together.
+        Err(_) if w.told => {}
         Err(e) => {
             tracing::warn!(%host, error = %e, "cannot read the host's open alerts; a still-firing alert may be notified again")
         }
@@ -408,11 +427,12 @@ async fn loader(
         };
         let Some(st) = st else {
             // Still not open: nothing to take over or replay now. The hosts start without
-            // their history, and catch up with it once the store opens; a firing alert of
-            // theirs that still holds is notified again.
-            tracing::warn!(hosts = reqs.len(), "ClickHouse is not open yet: new hosts' detectors start without their history (statistical rules warm up) and catch up with it once it is");
+            // their history, and catch up with it and take over their firing alerts once
+            // the store opens; a firing alert of theirs that fires here first (its
+            // condition still holds) is notified again.
+            tracing::warn!(hosts = reqs.len(), "ClickHouse is not open yet: new hosts' detectors start without their history (statistical rules warm up) and their firing alerts (one that fires here first is notified again); both are taken over once it is");
             for r in reqs {
-                let mut w = Warmed::new(r.host, Ok(Vec::new()));
+                let mut w = Warmed::new(r.host, Err("ClickHouse is not open yet".to_string()));
                 w.cold = Some("ClickHouse is not open yet".to_string());
                 w.told = true;
                 if done.send(w).await.is_err() {
@@ -522,6 +542,24 @@ async fn catch_up_chunk(
     for r in &mut reqs {
         r.before_ms = now;
     }
+    // Hosts whose firing alerts could not be read when they arrived: those that began
+    // before the host arrived here are the previous aggregator's (or this one's before a
+    // restart), and are taken over now.
+    let unread: Vec<String> = reqs
+        .iter()
+        .filter(|r| r.alerts_before_ms.is_some())
+        .map(|r| r.host.to_string())
+        .collect();
+    let mut open = HashMap::new();
+    if !unread.is_empty() {
+        open = match tokio::time::timeout(Duration::from_secs(5), st.open_alerts(&unread)).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => return CatchUp::Failed(reqs, format!("{e:#}")),
+            Err(_) => {
+                return CatchUp::Failed(reqs, "reading the alerts table timed out (5 s)".into())
+            }
+        };
+    }
     let refs: Vec<&WarmRequest> = reqs.iter().collect();
     let read = read_history(&st, &refs).await;
     let mut got = match read {
@@ -535,7 +573,12 @@ async fn catch_up_chunk(
         Err(e) => return CatchUp::Failed(reqs, e),
     };
     for r in reqs {
-        let mut w = Warmed::new(r.host.clone(), Ok(Vec::new()));
+        let mut alerts = open.remove(&*r.host).unwrap_or_default();
+        alerts.retain(|a: &super::OpenAlert| {
+            r.alerts_before_ms
+                .is_some_and(|t| a.starts_at_ms < t / 1000 * 1000)
+        });
+        let mut w = Warmed::new(r.host.clone(), Ok(alerts));
         w.catch_up = true;
         if let Some((h, k)) = got.remove(&*r.host) {
             (w.warmed, w.samples) = (Some(h), k);

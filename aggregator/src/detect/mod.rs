@@ -799,8 +799,16 @@ impl Engine {
     /// starts sending here: each continues under its id without a new "firing"
     /// notification, and this engine sends its resolution when it clears (a `host_silent`
     /// one resolves at once: the host is sending). Alerts of rules this engine does not
-    /// have are left alone. Returns how many were taken over.
-    pub fn adopt(&mut self, host: &str, open: &[OpenAlert], now_ms: u64) -> usize {
+    /// have are left alone. A series already judged here is taken over only while it is not
+    /// firing: pending (its condition holds here too, not yet for its `for`) or inactive; one
+    /// firing here under its own id keeps it. Returns how many were taken over.
+    pub fn adopt(
+        &mut self,
+        host: &str,
+        open: &[OpenAlert],
+        now_ms: u64,
+        out: &mut Vec<AlertEvent>,
+    ) -> usize {
         let mut n = 0;
         for a in open {
             let Some(ri) = self.rules.iter().position(|r| r.name == a.rule) else {
@@ -837,14 +845,26 @@ impl Engine {
                 .map(|(k, v)| (k.as_str(), v.as_str()))
                 .collect();
             let key = series_key(rule, host, &series_labels);
-            match self.series.get_mut(&key) {
-                // Warmed from history (`warm`): the detector is kept, the alert taken over.
-                Some(s) if s.adopted.is_none() && matches!(s.phase, Phase::Inactive) => {
+            match self.series.remove(&key) {
+                // Warmed from history (`warm`), or judged here before the alert could be
+                // read (a catch-up): the detector is kept, the alert taken over. A pending
+                // one here never fired: it is cleared, and goes on as the alert taken over.
+                Some(mut s)
+                    if s.adopted.is_none()
+                        && matches!(s.phase, Phase::Inactive | Phase::Pending { .. }) =>
+                {
+                    if let Phase::Pending { since } = s.phase {
+                        out.push(self.event(&s, "cleared", since, Some(now_ms), now_ms, false));
+                    }
                     s.phase = phase;
                     s.severity = severity;
                     s.adopted = Some((a.starts_at_ms, a.id.clone()));
+                    self.series.insert(key, s);
                 }
-                Some(_) => continue,
+                Some(s) => {
+                    self.series.insert(key, s);
+                    continue;
+                }
                 None => {
                     let mut s = SeriesState::new(
                         ri,
@@ -1117,9 +1137,9 @@ mod tests {
         for (ts, v) in &history {
             b.warm(0, "h", &l, *ts, *v);
         }
-        assert_eq!(b.adopt("h", &[open.clone()], 640_000), 1);
+        assert_eq!(b.adopt("h", &[open.clone()], 640_000, &mut Vec::new()), 1);
         let mut c = Engine::new(rules(text));
-        assert_eq!(c.adopt("h", &[open], 640_000), 1);
+        assert_eq!(c.adopt("h", &[open], 640_000, &mut Vec::new()), 1);
         let resolved_at = |e: &mut Engine| -> Option<u64> {
             let mut out = Vec::new();
             for t in 640..900u64 {
@@ -1255,8 +1275,12 @@ mod tests {
             severity: "warning".into(),
             starts_at_ms: 1_000,
         };
-        assert_eq!(b.adopt("h", &[open.clone()], 20_000), 1);
-        assert_eq!(b.adopt("h", &[open], 20_000), 0, "taken over once");
+        assert_eq!(b.adopt("h", &[open.clone()], 20_000, &mut out), 1);
+        assert_eq!(
+            b.adopt("h", &[open], 20_000, &mut out),
+            0,
+            "taken over once"
+        );
         b.host_seen("h", 20_000, &mut out);
         b.observe(1, "h", &[("device", "sda")], 21_000, 95.0, &mut out);
         assert_eq!(out.len(), 1, "still firing: no new notification: {out:?}");
@@ -1273,10 +1297,70 @@ mod tests {
             severity: "warning".into(),
             starts_at_ms: 5_000,
         };
-        assert_eq!(c.adopt("h", &[silent], 50_000), 1);
+        assert_eq!(c.adopt("h", &[silent], 50_000, &mut out), 1);
         c.host_seen("h", 50_000, &mut out);
         assert_eq!(out.len(), 3);
         assert_eq!((out[2].state, out[2].id.as_str()), ("resolved", "abc"));
+    }
+
+    /// A host whose alerts could not be read when it arrived (ClickHouse down) is judged
+    /// here first; when they are read (its catch-up), an alert pending here is taken over
+    /// (cleared as pending, no new "firing" when its `for` elapses) and resolved under the
+    /// old id, and one already firing here under its own id keeps that id.
+    #[test]
+    fn an_alert_read_late_is_taken_over_from_a_pending_series_not_a_firing_one() {
+        let text = "[[rule]]\nname = \"slow\"\nkind = \"threshold\"\nseries = \"disk.util_pct\"\nwarning = 50\nfor = \"30s\"\n\
+                    [[rule]]\nname = \"hot\"\nkind = \"threshold\"\nseries = \"disk.util_pct\"\nwarning = 50\nfor = \"0s\"\n";
+        let mut b = Engine::new(rules(text));
+        let mut out = Vec::new();
+        b.host_seen("h", 100_000, &mut out);
+        for r in 0..2 {
+            b.observe(r, "h", &[("device", "sda")], 100_000, 90.0, &mut out);
+        }
+        let states: Vec<(&str, &str)> = out.iter().map(|e| (e.rule.as_str(), e.state)).collect();
+        assert_eq!(states, vec![("slow", "pending"), ("hot", "firing")]);
+        let (pending_id, own_id) = (out[0].id.clone(), out[1].id.clone());
+        let open = |rule: &str, id: &str| OpenAlert {
+            id: id.into(),
+            rule: rule.into(),
+            labels: vec![("host".into(), "h".into()), ("device".into(), "sda".into())],
+            severity: "warning".into(),
+            starts_at_ms: 40_000,
+        };
+        out.clear();
+        let n = b.adopt(
+            "h",
+            &[open("slow", "old-slow"), open("hot", "old-hot")],
+            110_000,
+            &mut out,
+        );
+        assert_eq!(n, 1, "only the pending one is taken over");
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(
+            (out[0].state, out[0].id.as_str()),
+            ("cleared", pending_id.as_str())
+        );
+        out.clear();
+        // Past the pending series' `for`: no new "firing" for either rule.
+        for r in 0..2 {
+            b.observe(r, "h", &[("device", "sda")], 140_000, 90.0, &mut out);
+        }
+        assert!(out.is_empty(), "notified again: {out:?}");
+        for r in 0..2 {
+            b.observe(r, "h", &[("device", "sda")], 141_000, 10.0, &mut out);
+        }
+        let mut got: Vec<(&str, &str, &str)> = out
+            .iter()
+            .map(|e| (e.rule.as_str(), e.state, e.id.as_str()))
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                ("hot", "resolved", own_id.as_str()),
+                ("slow", "resolved", "old-slow")
+            ]
+        );
     }
 
     #[test]
