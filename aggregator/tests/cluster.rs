@@ -138,7 +138,10 @@ fn seconds(url: &str, host: &str) -> u64 {
 fn cluster_two_shards_two_aggregators_failover_exactly_once() {
     let d = Dir::new("cluster");
     let hosts = ["n1", "n2", "n3", "n4", "n5", "n6"];
-    certs(&d.0.join("certs"), &hosts);
+    certs(
+        &d.0.join("certs"),
+        &["n1", "n2", "n3", "n4", "n5", "n6", "n7"],
+    );
     let t = Instant::now();
     let mut cl = LocalCluster::start(&d.0.join("ch"), 2, 2, "clickhouse-server")
         .unwrap_or_else(|e| panic!("{e}"));
@@ -459,6 +462,123 @@ fn cluster_two_shards_two_aggregators_failover_exactly_once() {
     }
     std::thread::sleep(Duration::from_secs(3));
     assert_exact("a shard added", &urls[0], &hosts, 180);
+
+    // 6. A batch whose insert runs on the cluster when its sensor leaves (the network
+    // between them cut, the aggregator and ClickHouse going on) is stored once: the
+    // aggregator the sensor resends it to finds the intent, sees through `remote()` the
+    // first one's insert running on a shard's server, waits for it to end, and finds the
+    // batch stored.
+    if unsafe { libc::geteuid() } == 0 {
+        running_insert_when_the_sensor_leaves(&d.0, &cl, &urls[0]);
+    } else {
+        eprintln!("[running insert] SKIP: network namespaces need root");
+    }
     drop(b);
     drop(a);
+}
+
+/// Scenario 6 of the test above: a sensor in a network namespace with two more
+/// aggregators on its link; every insert into `batch_intents_local` by the one it chose
+/// is made slow on every server (a view of sleeps), and its link to that one is cut while
+/// such an insert runs.
+fn running_insert_when_the_sensor_leaves(dir: &Path, cl: &LocalCluster, url: &str) {
+    let (ns, here) = Netns::new("cr", 236);
+    let (pa, pb) = (free_udp_port(), free_udp_port());
+    let (la, lb) = (format!("{here}:{pa}"), format!("{here}:{pb}"));
+    let x = start_agg(dir, &la, &cl.servers[1].url(), "ns-a", 1, true);
+    let y = start_agg(dir, &lb, &cl.servers[3].url(), "ns-b", 1, true);
+    let mut sensor = ns.start_sensor(dir, &format!("{la},{lb}"), "n7");
+    wait_until(
+        "batches of n7 stored through one aggregator",
+        Duration::from_secs(40),
+        || {
+            metric_at(&x.http, "sonde_batches_stored_total")
+                + metric_at(&y.http, "sonde_batches_stored_total")
+                >= 3
+        },
+    );
+    let ((cur, cur_port), other) = if metric_at(&x.http, "sonde_batches_stored_total") > 0 {
+        ((&x, pa), &y)
+    } else {
+        ((&y, pb), &x)
+    };
+    let urls: Vec<String> = cl.servers.iter().map(|s| s.url()).collect();
+    // Every insert of the chosen aggregator's intents takes 45 s, on every server.
+    for u in &urls {
+        q(
+            u,
+            &slow_intents_view("sonde.batch_intents_local", cur.p.child.id()),
+        );
+    }
+    let slow_from = Instant::now();
+    // An insert of its intents begun since, running on some server of the cluster.
+    let intents_running = |min_s: f64| {
+        urls.iter().any(|u| {
+            q(
+                u,
+                &format!(
+                    "SELECT count() FROM system.processes WHERE query LIKE 'INSERT INTO%batch_intents%' \
+                     AND elapsed > {min_s} AND elapsed < {}",
+                    slow_from.elapsed().as_secs_f64()
+                ),
+            )
+            .trim()
+                != "0"
+        })
+    };
+    wait_until(
+        "an insert round with its intents written and its rows not",
+        Duration::from_secs(30),
+        || intents_running(1.0),
+    );
+    let rule = format!("OUTPUT -p udp -d {here} --dport {cur_port} -j DROP");
+    assert!(
+        ns.iptables(&format!("-I {rule}")),
+        "iptables in the namespace failed"
+    );
+    let cut = Instant::now();
+    wait_until(
+        "the other aggregator waits for the running insert",
+        Duration::from_secs(60),
+        || metric_at(&other.http, "sonde_batches_awaited_total") >= 1,
+    );
+    let awaited_at = cut.elapsed();
+    assert!(
+        intents_running(0.0),
+        "the first aggregator's insert ended before the batch arrived at the other one: nothing was tested"
+    );
+    wait_until(
+        "the other aggregator finds the batch stored by the first",
+        Duration::from_secs(120),
+        || metric_at(&other.http, "sonde_batches_duplicate_total") >= 1,
+    );
+    let found_at = cut.elapsed();
+    // (A DROP waits for the running insert; the client may give up waiting first.)
+    for u in &urls {
+        wait_until("the slow view dropped", Duration::from_secs(60), || {
+            let _ = ch_query(
+                u.trim_start_matches("http://"),
+                "DROP TABLE IF EXISTS sonde.slow",
+            );
+            q(
+                u,
+                "SELECT count() FROM system.tables WHERE database = 'sonde' AND name = 'slow'",
+            )
+            .trim()
+                == "0"
+        });
+    }
+    eprintln!(
+        "[running insert] after the cut: the other aggregator waited from {awaited_at:?}, found the batch stored at {found_at:?}"
+    );
+    let stored = metric_at(&other.http, "sonde_batches_stored_total");
+    wait_until(
+        "the other aggregator stores n7's batches",
+        Duration::from_secs(60),
+        || metric_at(&other.http, "sonde_batches_stored_total") >= stored + 3,
+    );
+    assert!(sensor.stop().success());
+    std::thread::sleep(Duration::from_secs(3));
+    assert_exact("an insert running when the sensor left", url, &["n7"], 40);
+    drop((x, y));
 }

@@ -534,3 +534,74 @@ fn serve_hook(
         write!(w, "HTTP/1.1 {status} X\r\ncontent-length: 0\r\n\r\n")?;
     }
 }
+
+/// A network namespace for a sensor (root only), so that its link to one aggregator can
+/// be cut with iptables while the aggregator and its ClickHouse go on.
+pub struct Netns(pub String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        sh(&format!("ip netns del {}", self.0));
+        sh(&format!("ip link del {}h", self.0));
+    }
+}
+
+impl Netns {
+    /// A namespace for a sensor, linked to this one by a veth pair (a private link):
+    /// this side is `10.{net}.{o}.1`, the sensor's `.2`. Returns it and this side's
+    /// address. `prefix` and `net` keep tests that run at once apart.
+    pub fn new(prefix: &str, net: u8) -> (Netns, String) {
+        let ns = format!("{prefix}{}", std::process::id() % 100000);
+        let o = 100 + std::process::id() % 100;
+        let guard = Netns(ns.clone());
+        for c in [
+            format!("ip netns add {ns}"),
+            format!("ip link add {ns}h type veth peer name {ns}s"),
+            format!("ip link set {ns}s netns {ns}"),
+            format!("ip addr add 10.{net}.{o}.1/24 dev {ns}h"),
+            format!("ip link set {ns}h up"),
+            format!("ip netns exec {ns} ip addr add 10.{net}.{o}.2/24 dev {ns}s"),
+            format!("ip netns exec {ns} ip link set {ns}s up"),
+            format!("ip netns exec {ns} ip link set lo up"),
+        ] {
+            assert!(sh(&c), "network setup failed: {c}");
+        }
+        (guard, format!("10.{net}.{o}.1"))
+    }
+
+    /// Starts the sensor for `host` inside the namespace (logs to `sensor-{host}.log`).
+    pub fn start_sensor(&self, dir: &Path, aggregators: &str, host: &str) -> Proc {
+        start_sensor_under(
+            &["ip", "netns", "exec", &self.0],
+            dir,
+            aggregators,
+            host,
+            &[],
+        )
+    }
+
+    /// Runs `iptables ARGS` in the namespace.
+    pub fn iptables(&self, args: &str) -> bool {
+        sh(&format!("ip netns exec {} iptables {args}", self.0))
+    }
+}
+
+/// A view that makes every insert into `table` (`sonde.batch_intents` or, on a cluster,
+/// `sonde.batch_intents_local`) by the aggregator process `pid` take 45 s (its intents name
+/// its process); others' are not slowed: a real server made slow, as a loaded one is. Thirty
+/// distinct sleeps of 1.5 s (at most 3 s each per block) inside lambdas: a bare `sleep`
+/// would run when the view is created too.
+pub fn slow_intents_view(table: &str, pid: u32) -> String {
+    let sleeps: Vec<String> = (0..30)
+        .map(|i| {
+            format!(
+                "arrayMap(x -> sleepEachRow({}), [seq]) AS s{i}",
+                1.5 - i as f64 / 10000.0
+            )
+        })
+        .collect();
+    format!(
+        "CREATE MATERIALIZED VIEW sonde.slow ENGINE = Null AS SELECT {} FROM {table} WHERE writer LIKE '%-{pid}-%'",
+        sleeps.join(", ")
+    )
+}

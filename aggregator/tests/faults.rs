@@ -432,55 +432,6 @@ fn clickhouse_down_for_a_minute_nothing_missing_memory_bounded() {
     drop(agg);
 }
 
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        sh(&format!("ip netns del {}", self.0));
-        sh(&format!("ip link del {}h", self.0));
-    }
-}
-
-impl Netns {
-    /// A namespace for a sensor, linked to this one by a veth pair (a private link):
-    /// this side is `10.{net}.{o}.1`, the sensor's `.2`. Returns it and this side's
-    /// address. `prefix` and `net` keep tests that run at once apart.
-    fn new(prefix: &str, net: u8) -> (Netns, String) {
-        let ns = format!("{prefix}{}", std::process::id() % 100000);
-        let o = 100 + std::process::id() % 100;
-        let guard = Netns(ns.clone());
-        for c in [
-            format!("ip netns add {ns}"),
-            format!("ip link add {ns}h type veth peer name {ns}s"),
-            format!("ip link set {ns}s netns {ns}"),
-            format!("ip addr add 10.{net}.{o}.1/24 dev {ns}h"),
-            format!("ip link set {ns}h up"),
-            format!("ip netns exec {ns} ip addr add 10.{net}.{o}.2/24 dev {ns}s"),
-            format!("ip netns exec {ns} ip link set {ns}s up"),
-            format!("ip netns exec {ns} ip link set lo up"),
-        ] {
-            assert!(sh(&c), "network setup failed: {c}");
-        }
-        (guard, format!("10.{net}.{o}.1"))
-    }
-
-    /// Starts the sensor for `host` inside the namespace (logs to `sensor-{host}.log`).
-    fn start_sensor(&self, dir: &Path, aggregators: &str, host: &str) -> Proc {
-        start_sensor_under(
-            &["ip", "netns", "exec", &self.0],
-            dir,
-            aggregators,
-            host,
-            &[],
-        )
-    }
-
-    /// Runs `iptables ARGS` in the namespace.
-    fn iptables(&self, args: &str) -> bool {
-        sh(&format!("ip netns exec {} iptables {args}", self.0))
-    }
-}
-
 /// Two aggregators on this side of a namespace's link and, in it, a sensor listing both.
 /// Fields drop in order: the sensor first, the namespace last.
 struct Pair {
@@ -1002,24 +953,9 @@ fn a_batch_whose_insert_is_running_when_its_sensor_leaves_is_stored_once() {
     );
     let (ns, here) = (&p.ns, &p.here);
     let (cur, cur_port, other_http) = (&p.cur.0, p.cur.2, &p.other.1);
-    // Every insert into batch_intents by the sensor's aggregator now takes 45 s (its
-    // intents name its process); the other's are not slowed. One view of thirty distinct
-    // sleeps (at most 3 s each per block) inside lambdas: a bare `sleep` would run when
-    // the view is created too.
-    let sleeps: Vec<String> = (0..30)
-        .map(|i| {
-            format!(
-                "arrayMap(x -> sleepEachRow({}), [seq]) AS s{i}",
-                1.5 - i as f64 / 10000.0
-            )
-        })
-        .collect();
-    ch.q(&format!(
-        "CREATE MATERIALIZED VIEW sonde.slow ENGINE = Null AS SELECT {} \
-         FROM sonde.batch_intents WHERE writer LIKE '%-{}-%'",
-        sleeps.join(", "),
-        cur.child.id()
-    ));
+    // Every insert into batch_intents by the sensor's aggregator now takes 45 s; the
+    // other's are not slowed.
+    ch.q(&slow_intents_view("sonde.batch_intents", cur.child.id()));
     let slow_from = Instant::now();
     // A round of the sensor's aggregator begun since: its intents are written, its rows
     // not yet.
