@@ -49,16 +49,6 @@ struct Agg {
     http: String,
 }
 
-fn metric_at(http: &str, name: &str) -> u64 {
-    http_get(http, "/metrics")
-        .and_then(|(_, body)| {
-            body.lines()
-                .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .unwrap_or(0.0) as u64
-}
-
 fn q(url: &str, sql: &str) -> String {
     ch_query(url.trim_start_matches("http://"), sql).unwrap_or_else(|e| panic!("{e}\n{sql}"))
 }
@@ -512,47 +502,11 @@ fn running_insert_when_the_sensor_leaves(dir: &Path, cl: &LocalCluster, url: &st
     }
     let slow_from = Instant::now();
     // An insert of its intents begun since, running on some server of the cluster.
-    let intents_running = |min_s: f64| {
-        urls.iter().any(|u| {
-            q(
-                u,
-                &format!(
-                    "SELECT count() FROM system.processes WHERE query LIKE 'INSERT INTO%batch_intents%' \
-                     AND elapsed > {min_s} AND elapsed < {}",
-                    slow_from.elapsed().as_secs_f64()
-                ),
-            )
-            .trim()
-                != "0"
-        })
-    };
-    wait_until(
-        "an insert round with its intents written and its rows not",
-        Duration::from_secs(30),
-        || intents_running(1.0),
-    );
-    let rule = format!("OUTPUT -p udp -d {here} --dport {cur_port} -j DROP");
-    assert!(
-        ns.iptables(&format!("-I {rule}")),
-        "iptables in the namespace failed"
-    );
-    let cut = Instant::now();
-    wait_until(
-        "the other aggregator waits for the running insert",
-        Duration::from_secs(60),
-        || metric_at(&other.http, "sonde_batches_awaited_total") >= 1,
-    );
-    let awaited_at = cut.elapsed();
-    assert!(
-        intents_running(0.0),
-        "the first aggregator's insert ended before the batch arrived at the other one: nothing was tested"
-    );
-    wait_until(
-        "the other aggregator finds the batch stored by the first",
-        Duration::from_secs(120),
-        || metric_at(&other.http, "sonde_batches_duplicate_total") >= 1,
-    );
-    let found_at = cut.elapsed();
+    let (awaited_at, found_at) =
+        cut_while_its_insert_runs(&ns, &here, cur_port, &other.http, |s| {
+            urls.iter()
+                .any(|u| q(u, &intents_running_sql(s, slow_from)).trim() != "0")
+        });
     // (A DROP waits for the running insert; the client may give up waiting first.)
     for u in &urls {
         wait_until("the slow view dropped", Duration::from_secs(60), || {

@@ -605,3 +605,66 @@ pub fn slow_intents_view(table: &str, pid: u32) -> String {
         sleeps.join(", ")
     )
 }
+
+/// The value of metric `name` in the `/metrics` of the aggregator at `http` (0 when absent).
+pub fn metric_at(http: &str, name: &str) -> u64 {
+    http_get(http, "/metrics")
+        .and_then(|(_, body)| {
+            body.lines()
+                .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0) as u64
+}
+
+/// SQL counting inserts into `batch_intents` (or its local table) running longer than
+/// `min_s` and begun since `since` (the slow view's creation), from `system.processes`.
+pub fn intents_running_sql(min_s: f64, since: Instant) -> String {
+    format!(
+        "SELECT count() FROM system.processes WHERE query LIKE 'INSERT INTO%batch_intents%' \
+         AND elapsed > {min_s} AND elapsed < {}",
+        since.elapsed().as_secs_f64()
+    )
+}
+
+/// The sensor in `ns` loses its link to the aggregator at `here:cur_port` while one of
+/// that aggregator's slowed intent inserts runs (`running(s)`: one begun since the slow
+/// view and running for more than `s` seconds). The sensor resends to the other aggregator
+/// (`other_http`), which must find the first one's intent, wait while that one's insert
+/// runs, and when it ends find the batch stored. Returns when, after the cut, it waited
+/// and found the batch stored.
+pub fn cut_while_its_insert_runs(
+    ns: &Netns,
+    here: &str,
+    cur_port: u16,
+    other_http: &str,
+    running: impl Fn(f64) -> bool,
+) -> (Duration, Duration) {
+    wait_until(
+        "an insert round with its intents written and its rows not",
+        Duration::from_secs(30),
+        || running(1.0),
+    );
+    let rule = format!("OUTPUT -p udp -d {here} --dport {cur_port} -j DROP");
+    assert!(
+        ns.iptables(&format!("-I {rule}")),
+        "iptables in the namespace failed"
+    );
+    let cut = Instant::now();
+    wait_until(
+        "the other aggregator waits for the running insert",
+        Duration::from_secs(60),
+        || metric_at(other_http, "sonde_batches_awaited_total") >= 1,
+    );
+    let awaited_at = cut.elapsed();
+    assert!(
+        running(0.0),
+        "the first aggregator's insert ended before the batch arrived at the other one: nothing was tested"
+    );
+    wait_until(
+        "the other aggregator finds the batch stored by the first",
+        Duration::from_secs(120),
+        || metric_at(other_http, "sonde_batches_duplicate_total") >= 1,
+    );
+    (awaited_at, cut.elapsed())
+}

@@ -194,16 +194,6 @@ fn start_agg_with(
     (p, http)
 }
 
-fn metric_at(http: &str, name: &str) -> u64 {
-    http_get(http, "/metrics")
-        .and_then(|(_, body)| {
-            body.lines()
-                .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .unwrap_or(0.0) as u64
-}
-
 /// The per-second CPU series of `host`: (rows, holes as [from, to] seconds, duplicated seconds).
 fn series(ch: &Ch, host: &str) -> (u64, Vec<(u64, u64)>, u64) {
     let tsv = ch.q(&format!(
@@ -957,51 +947,14 @@ fn a_batch_whose_insert_is_running_when_its_sensor_leaves_is_stored_once() {
     // other's are not slowed.
     ch.q(&slow_intents_view("sonde.batch_intents", cur.child.id()));
     let slow_from = Instant::now();
-    // A round of the sensor's aggregator begun since: its intents are written, its rows
-    // not yet.
-    let intents_running = |min_s: f64| {
-        ch.q(&format!(
-            "SELECT count() FROM system.processes WHERE query LIKE 'INSERT INTO%batch_intents%' \
-             AND elapsed > {min_s} AND elapsed < {}",
-            slow_from.elapsed().as_secs_f64()
-        ))
-        .trim()
-            != "0"
-    };
-    wait_until(
-        "an insert round with its intents written and its rows not",
-        Duration::from_secs(30),
-        || intents_running(1.0),
-    );
-    // The sensor loses its aggregator while that insert runs.
-    let rule = format!("OUTPUT -p udp -d {here} --dport {cur_port} -j DROP");
-    assert!(
-        ns.iptables(&format!("-I {rule}")),
-        "iptables in the namespace failed"
-    );
-    let cut = Instant::now();
     eprintln!(
-        "[running insert] cut {:?} after the start",
+        "[running insert] slowed {:?} after the start",
         t_start.elapsed()
     );
-    // The sensor resends to the other aggregator, which finds the first one's intent and
-    // waits while that one's insert runs; when it ends, the batch is stored there.
-    wait_until(
-        "the other aggregator waits for the running insert",
-        Duration::from_secs(60),
-        || metric_at(other_http, "sonde_batches_awaited_total") >= 1,
-    );
-    let awaited_at = cut.elapsed();
-    assert!(
-        intents_running(0.0),
-        "the first aggregator's insert ended before the batch arrived at the other one: nothing was tested"
-    );
-    wait_until(
-        "the other aggregator finds the batch stored by the first",
-        Duration::from_secs(120),
-        || metric_at(other_http, "sonde_batches_duplicate_total") >= 1,
-    );
-    let t_found = cut.elapsed();
+    let (awaited_at, t_found) = cut_while_its_insert_runs(ns, here, cur_port, other_http, |s| {
+        ch.q(&intents_running_sql(s, slow_from)).trim() != "0"
+    });
+    let cut = Instant::now() - t_found;
     // (A DROP waits for the running insert; the client may give up waiting first.)
     wait_until("the slow view dropped", Duration::from_secs(60), || {
         let _ = ch_query(&ch.addr(), "DROP TABLE IF EXISTS sonde.slow");
