@@ -232,7 +232,8 @@ const WARM_HISTORY_S: u64 = 600;
 /// detectors caught up later, when the loader has no new host to answer: its history up to
 /// the time of reading is replayed into new detectors, which replace those still in their
 /// warm-up and not alerting. Not past this age: by then the live detectors have warmed up
-/// on their own (`anomaly` needs 300 samples at 1 s).
+/// on their own (`anomaly` needs 300 samples at 1 s). A host whose firing alerts could not
+/// be read when it arrived still has them taken over past it, once ClickHouse answers.
 const CATCH_UP_MAX: Duration = Duration::from_secs(240);
 /// After a catch-up chunk failed (ClickHouse not open, refusing or slow), the requests wait
 /// this long before the next is tried: one chunk per try while ClickHouse does not answer,
@@ -393,7 +394,8 @@ async fn loader(
                 while let Ok(r) = asked_late.try_recv() {
                     late.push_back(r);
                 }
-                late.retain(|r| r.asked.elapsed() < CATCH_UP_MAX);
+                // Past `CATCH_UP_MAX`, only the alerts are still worth reading.
+                late.retain(|r| r.asked.elapsed() < CATCH_UP_MAX || r.alerts_before_ms.is_some());
                 let n = late.len().min(WARM_CHUNK);
                 let chunk: Vec<WarmRequest> = late.drain(..n).collect();
                 match catch_up_chunk(&store, chunk, &done).await {
@@ -560,18 +562,24 @@ async fn catch_up_chunk(
             }
         };
     }
-    let refs: Vec<&WarmRequest> = reqs.iter().collect();
-    let read = read_history(&st, &refs).await;
-    let mut got = match read {
-        Ok(h) => match tokio::task::spawn_blocking(move || h.replay()).await {
-            Ok(got) => got,
-            Err(e) => {
-                tracing::error!(error = %e, "replaying hosts' history failed; their detectors do not catch up");
-                return CatchUp::Done;
-            }
-        },
-        Err(e) => return CatchUp::Failed(reqs, e),
-    };
+    // History for the hosts asked recently; later, their live detectors are nearly warm
+    // on their own (a host left waiting by a long outage still has its alerts taken over).
+    let young: Vec<&WarmRequest> = reqs
+        .iter()
+        .filter(|r| r.asked.elapsed() < CATCH_UP_MAX)
+        .collect();
+    let mut got = HashMap::new();
+    if !young.is_empty() {
+        match read_history(&st, &young).await {
+            Ok(h) => match tokio::task::spawn_blocking(move || h.replay()).await {
+                Ok(g) => got = g,
+                Err(e) => {
+                    tracing::error!(error = %e, "replaying hosts' history failed; their detectors do not catch up")
+                }
+            },
+            Err(e) => return CatchUp::Failed(reqs, e),
+        }
+    }
     for r in reqs {
         let mut alerts = open.remove(&*r.host).unwrap_or_default();
         alerts.retain(|a: &super::OpenAlert| {
