@@ -32,6 +32,7 @@ pub struct Metrics {
     pub clickhouse_down: AtomicU64,
     pub schema_change_hold: AtomicU64,
     pub gaps_reported: AtomicU64,
+    pub gaps_stored: AtomicU64,
     pub streams_waiting: AtomicU64,
     insert_buckets: [AtomicU64; 11],
     insert_count: AtomicU64,
@@ -232,6 +233,13 @@ impl Metrics {
             "Gaps (batches a sensor dropped because its spool was full) recorded.",
             "counter",
             self.gaps_reported.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "gaps_stored_total",
+            "Gaps a sensor reported whose batches were stored after all (sent, their ack lost, then dropped from its spool): not recorded.",
+            "counter",
+            self.gaps_stored.load(Relaxed),
         );
         c(
             &mut s,

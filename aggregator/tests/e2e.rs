@@ -396,7 +396,7 @@ async fn send_frame(ep: &quinn::Endpoint, addr: &str, frame: &[u8]) -> Result<Ve
 #[test]
 fn foreign_ca_and_missing_certificate_refused_malformed_frame_closes_only_that_connection() {
     let d = Dir::new("auth");
-    certs(&d.0.join("certs"), &["alpha", "mallory"]);
+    certs(&d.0.join("certs"), &["alpha", "mallory", "gappy"]);
     certs(&d.0.join("other"), &["intruder"]);
     let agg = start_aggregator(&d.0, free_udp_port(), "1");
     let _sensor = start_sensor(&d.0, &agg.quic, "alpha", &[]);
@@ -463,7 +463,46 @@ fn foreign_ca_and_missing_certificate_refused_malformed_frame_closes_only_that_c
             }
             other => panic!("expected an application close, got {other}"),
         }
+
+        // A sensor whose batch was stored but whose ack it never got, then dropped from
+        // its full spool, reports that batch as a gap of its own: found in `batches`, it
+        // is not recorded. A gap of a batch never stored is.
+        let ep = quic_client(&ca, Some((&m.join("gappy.pem"), &m.join("gappy-key.pem"))));
+        let r = send_frame(&ep, &agg.quic, &one_batch("gappy")).await;
+        assert!(r.is_ok(), "gappy's batch: {r:?}");
+        for seq in [1u64, 2] {
+            let gap = protocol::encode_gap(&protocol::Gap {
+                host: "gappy".into(),
+                boot_id: "test".into(),
+                first_seq: seq,
+                last_seq: seq,
+                from_ms: 1_000_000_000_000 + (seq - 1) * 5000,
+                to_ms: 1_000_000_000_000 + (seq - 1) * 5000 + 4000,
+                batches: 1,
+                samples: 10,
+            });
+            let r = send_frame(&ep, &agg.quic, &gap).await;
+            assert!(r.is_ok(), "gap of batch {seq}: {r:?}");
+        }
     });
+    assert_eq!(metric(&agg, "sonde_gaps_stored_total"), 1);
+    assert_eq!(metric(&agg, "sonde_gaps_reported_total"), 1);
+    assert_eq!(
+        count(
+            &agg,
+            "SELECT count() FROM sonde.gaps WHERE host = 'gappy' AND first_seq = 1"
+        ),
+        0,
+        "the gap of a stored batch was recorded"
+    );
+    assert_eq!(
+        count(
+            &agg,
+            "SELECT count() FROM sonde.gaps WHERE host = 'gappy' AND first_seq = 2"
+        ),
+        1,
+        "the gap of a batch never stored was not recorded"
+    );
     assert!(metric(&agg, "sonde_connections_rejected_total") >= 2);
     assert!(metric(&agg, "sonde_decode_errors_total") >= 1);
 

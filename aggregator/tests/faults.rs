@@ -595,21 +595,17 @@ fn spool_smaller_than_the_outage_records_the_gap_exactly() {
         }
     }
     assert!(!recorded.is_empty(), "no gap recorded");
-    // The missing seconds are the recorded gaps, except that a gap may begin with the
-    // batch in flight when the aggregator stopped: stored, its ack lost, then dropped from
-    // the full spool and reported (a known over-report, README "gaps"; one batch, 5 s).
-    let exact = holes.len() == recorded.len()
-        && holes
-            .iter()
-            .zip(&recorded)
-            .all(|(h, r)| h.1 == r.1 && r.0 <= h.0 && h.0 <= r.0 + 5);
-    assert!(
-        exact,
-        "the missing seconds {holes:?} are not the recorded gaps {recorded:?}"
+    // Exactly: a batch in flight when the aggregator stopped (stored, its ack lost) that
+    // the full spool then dropped is a gap of its own, which the aggregator finds stored
+    // and does not record (it happened in a CI dry run before: the gap began 5 s early).
+    eprintln!(
+        "[spool smaller than the outage] gaps found stored after all: {}",
+        metric_at(&http, "sonde_gaps_stored_total")
     );
-    if holes != recorded {
-        eprintln!("[spool smaller than the outage] the gap begins with the batch in flight at the stop (stored, its ack lost)");
-    }
+    assert_eq!(
+        holes, recorded,
+        "the missing seconds are exactly the recorded gaps"
+    );
     drop(agg2);
 }
 

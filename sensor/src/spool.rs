@@ -58,6 +58,10 @@ struct Item {
     frame: Option<Arc<Vec<u8>>>,
     in_flight: bool,
     retry_at: Option<Instant>,
+    /// A batch sent at least once by this process: the aggregator may have stored it
+    /// though its ack never came. A gap made of one such batch stays its own record, so
+    /// that the aggregator can tell it was stored after all.
+    sent: bool,
 }
 
 #[derive(Default)]
@@ -194,6 +198,7 @@ impl Spool {
                     frame: None,
                     in_flight: false,
                     retry_at: None,
+                    sent: false,
                 });
             }
             if !inner.items.is_empty() {
@@ -273,6 +278,7 @@ impl Spool {
             frame: keep.then(|| Arc::new(frame)),
             in_flight: false,
             retry_at: None,
+            sent: false,
         });
         self.enforce_bound(&mut g);
         drop(g);
@@ -311,15 +317,19 @@ impl Spool {
                 spool_max_bytes = self.max_bytes,
                 "spool full: dropped the oldest unacknowledged batch; the gap will be reported"
             );
-            self.record_gap(g, &it.meta);
+            self.record_gap(g, &it.meta, it.sent);
         }
     }
 
-    fn record_gap(&self, g: &mut Inner, m: &Meta) {
+    /// Records a dropped batch as a gap. `sent`: it was sent and may be stored (its ack
+    /// lost): it gets a record of its own, which no later drop extends.
+    fn record_gap(&self, g: &mut Inner, m: &Meta, sent: bool) {
         // Extend the newest unsent gap when this drop continues it.
         if let Some(gi) = g.items.iter_mut().rev().find(|i| {
-            i.meta.kind == Kind::Gap
+            !sent
+                && i.meta.kind == Kind::Gap
                 && !i.in_flight
+                && !i.sent
                 && i.meta.boot_id == m.boot_id
                 && i.meta.last_seq + 1 == m.first_seq
         }) {
@@ -351,6 +361,7 @@ impl Spool {
             frame: Some(Arc::new(frame)),
             in_flight: false,
             retry_at: None,
+            sent,
         });
     }
 
@@ -415,6 +426,8 @@ impl Spool {
                 }
             };
             it.in_flight = true;
+            // (A gap's `sent` says it holds a batch that was sent: it is not reset.)
+            it.sent |= it.meta.kind == Kind::Batch;
             it.retry_at = None;
             return Some((it.id, frame));
         }
@@ -524,6 +537,44 @@ mod tests {
         let (_, f) = s.next_to_send().unwrap();
         assert!(protocol::decode_gap(&f, &protocol::Limits::default()).is_ok());
         let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// A batch that was sent (its connection then failed: stored or not, the sensor cannot
+    /// tell) and is dropped gets a gap record of its own; the batches never sent that are
+    /// dropped after it merge into another, and none of them extends the first.
+    #[test]
+    fn a_dropped_batch_that_was_sent_is_a_gap_of_its_own() {
+        let s = Spool::open(None, "h", 1000).unwrap();
+        for seq in 1..=10 {
+            s.push(meta(seq), vec![0u8; 100]);
+        }
+        let (id, _) = s.next_to_send().unwrap();
+        s.unmark_all();
+        assert!(
+            s.next_to_send().is_some_and(|(i, _)| i == id),
+            "batch 1 is sent again first"
+        );
+        s.unmark_all();
+        for seq in 11..=13 {
+            s.push(meta(seq), vec![0u8; 100]);
+        }
+        assert_eq!(s.dropped_batches(), 3);
+        // Both gaps, then batch 4, are sent; the connection fails again; batch 4 is
+        // dropped: it does not extend the gap of 2 and 3 either.
+        for _ in 0..3 {
+            assert!(s.next_to_send().is_some());
+        }
+        s.unmark_all();
+        s.push(meta(14), vec![0u8; 100]);
+        assert_eq!(s.dropped_batches(), 4);
+        let mut gaps = Vec::new();
+        while let Some((_, f)) = s.next_to_send() {
+            if let Ok(g) = protocol::decode_gap(&f, &protocol::Limits::default()) {
+                gaps.push((g.first_seq, g.last_seq, g.batches));
+            }
+        }
+        gaps.sort();
+        assert_eq!(gaps, vec![(1, 1, 1), (2, 3, 2), (4, 4, 1)]);
     }
 
     #[test]

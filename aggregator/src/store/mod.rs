@@ -959,6 +959,24 @@ impl Store {
             .collect())
     }
 
+    /// How many of `host`'s batches `first..=last` of sensor boot `boot` are stored.
+    pub async fn stored_count(&self, host: &str, boot: &str, first: u64, last: u64) -> Result<u64> {
+        let q = format!(
+            "SELECT uniqExact(seq) FROM {db}.batches WHERE toString(host) = ? AND sensor_boot_id = ? \
+             AND seq >= ? AND seq <= ?",
+            db = self.db
+        );
+        let n: u64 = self
+            .dedup_query(&q)
+            .bind(host)
+            .bind(boot)
+            .bind(first)
+            .bind(last)
+            .fetch_one()
+            .await?;
+        Ok(n)
+    }
+
     /// Records gaps reported by sensors.
     pub async fn write_gaps(&self, gaps: &[rows::GapRow<'_>]) -> Result<()> {
         self.insert::<rows::GapRow>("gaps", gaps).await
