@@ -52,6 +52,7 @@ pub struct Metrics {
     pub detect_hosts_caught_up: AtomicU64,
     pub detect_hosts_cold: AtomicU64,
     pub detect_hosts_waiting: AtomicU64,
+    pub detect_alerts_held: AtomicU64,
     /// Batch arrival → notification POST answered, microseconds (recent samples for p50/p99).
     pub alert_latency_us: Mutex<std::collections::VecDeque<u64>>,
     /// Last time (Unix seconds) each host's batch was stored.
@@ -338,6 +339,12 @@ impl Metrics {
                 "Hosts whose first batches wait while their alerts and history are read.",
                 "gauge",
                 &self.detect_hosts_waiting,
+            ),
+            (
+                "detect_alerts_held",
+                "Alert events of hosts judged here before their firing alerts could be read, held (neither stored nor notified) until they are or for at most 60 s.",
+                "gauge",
+                &self.detect_alerts_held,
             ),
         ] {
             c(&mut s, name, help, kind, v.load(Relaxed));

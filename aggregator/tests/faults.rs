@@ -1128,11 +1128,24 @@ fn a_host_that_arrives_while_clickhouse_is_down_catches_up_with_its_history() {
     assert!(agg
         .log_text()
         .contains("took over the host's firing alerts from the alerts table"));
-    // "always" fired here before its alert could be read: notified twice, as documented.
+    // "always" fired here before its alert could be read: its events were held until the
+    // catch-up read it, and the alert taken over replaced it untold.
     eprintln!(
         "[catch-up] firing notifications: slow {}, always {}",
         firing("slow"),
         firing("always")
+    );
+    assert_eq!(
+        firing("always"),
+        1,
+        "an alert firing before the outage, whose condition held, was notified again"
+    );
+    assert!(agg.log_text().contains("read after it arrived"));
+    assert_eq!(
+        ch.q("SELECT uniqExact(alert_id) FROM sonde.alerts WHERE rule = 'always'")
+            .trim(),
+        "1",
+        "an alert of its own for \"always\" was stored beside the one taken over"
     );
     // The pending incarnation of "slow" here was closed ("cleared"): none is left pending.
     wait_until(

@@ -74,6 +74,8 @@ pub async fn run(
     // Batches held for waiting hosts, and hosts released before their answer came.
     let mut held = 0usize;
     let mut early: std::collections::HashSet<Arc<str>> = Default::default();
+    // Hosts judged here before their firing alerts could be read: their alert events.
+    let mut unread: HashMap<Arc<str>, Unread> = HashMap::new();
     loop {
         let arrived = tokio::select! {
             a = rx.recv() => {
@@ -96,10 +98,15 @@ pub async fn run(
                     metrics.detect_hosts_waiting.store(waiting.len() as u64, Relaxed);
                     metrics.detect_hosts_cold.fetch_add(1, Relaxed);
                     tracing::debug!(host = %w.batches[0].host, "too many batches held for new hosts: this one starts without its history");
-                    early.insert(w.batches[0].host.clone());
-                    catch_up(&w.batches[0].host, &w.batches, &rules_now, false);
+                    let host = w.batches[0].host.clone();
+                    early.insert(host.clone());
+                    catch_up(&host, &w.batches, &rules_now, true);
+                    hold(&mut unread, &host, &w);
                     release(&mut engine, w, &mut out)
                 } else if !engine.knows_host(&a.host) && loader_alive {
+                    if let Some(u) = unread.remove(&a.host) {
+                        u.release(&alerter);
+                    }
                     let first = a.batch.snapshots.iter().map(|s| s.ts_ms).min().unwrap_or_else(now_ms);
                     let labels = a.batch.snapshots.iter().find_map(super::host_labels_of);
                     let released = Arc::new(AtomicBool::new(false));
@@ -133,6 +140,9 @@ pub async fn run(
                     // A host released without its history: its detectors catch up, unless
                     // it left, or came back as new, meanwhile.
                     if waiting.contains_key(&w.host) || !engine.knows_host(&w.host) {
+                        if let Some(u) = unread.remove(&w.host) {
+                            u.release(&alerter);
+                        }
                         continue;
                     }
                     if let Some(h) = w.warmed.take() {
@@ -142,22 +152,27 @@ pub async fn run(
                         tracing::debug!(host = %w.host, series = n, history_samples = w.samples, "the host's detectors caught up with its history");
                     }
                     // After the swap: an alert taken over keeps a detector that replayed.
-                    adopt(&mut engine, &w, &mut out);
+                    adopt(&mut engine, &w, &mut unread, &alerter, &mut out);
                     None
                 } else if let Some(wait) = waiting.remove(&w.host) {
                     held -= wait.batches.len();
                     metrics.detect_hosts_waiting.store(waiting.len() as u64, Relaxed);
-                    if w.cold.is_some() {
+                    if w.cold.is_some() || w.open.is_err() {
                         // Without its history, whatever the reason: it catches up later, and
-                        // takes over its firing alerts then if they could not be read now.
+                        // takes over its firing alerts then if they could not be read now
+                        // (its alert events are held until then).
                         catch_up(&w.host, &wait.batches, &rules_now, w.open.is_err());
+                        if w.open.is_err() {
+                            hold(&mut unread, &w.host, &wait);
+                        }
                     }
-                    take_over(&mut engine, w, &metrics, &mut out);
+                    take_over(&mut engine, w, &metrics, &mut unread, &alerter, &mut out);
                     release(&mut engine, wait, &mut out)
                 } else {
-                    // Released before the answer came: its firing alerts are still taken over.
+                    // Released before the answer came: its firing alerts are still taken over
+                    // (or at its catch-up, if they could not be read).
                     if early.remove(&w.host) {
-                        adopt(&mut engine, &w, &mut out);
+                        adopt(&mut engine, &w, &mut unread, &alerter, &mut out);
                     }
                     None
                 }
@@ -178,12 +193,26 @@ pub async fn run(
                     let w = waiting.remove(&h).unwrap();
                     held -= w.batches.len();
                     early.insert(h.clone());
-                    catch_up(&h, &w.batches, &rules_now, false);
-                    tracing::warn!(host = %h, "no answer about the host's alerts and history; its detectors start without them (a still-firing alert may be notified again)");
+                    catch_up(&h, &w.batches, &rules_now, true);
+                    hold(&mut unread, &h, &w);
+                    tracing::warn!(host = %h, "no answer about the host's alerts and history; its detectors start without them (its alert notifications wait for its firing alerts to be read, up to {HOLD_MAX:?})");
                     metrics.detect_hosts_cold.fetch_add(1, Relaxed);
                     first = first.or(release(&mut engine, w, &mut out));
                 }
                 metrics.detect_hosts_waiting.store(waiting.len() as u64, Relaxed);
+                let stale: Vec<Arc<str>> = unread
+                    .iter()
+                    .filter(|(_, u)| u.since.elapsed() > HOLD_MAX)
+                    .map(|(h, _)| h.clone())
+                    .collect();
+                for h in stale {
+                    let u = unread.remove(&h).unwrap();
+                    if !u.events.is_empty() {
+                        tracing::warn!(host = %h, events = u.events.len(), held = ?HOLD_MAX, "the host's firing alerts still cannot be read: its held alert events are sent now (one still firing from before it arrived may be notified again)");
+                    }
+                    u.release(&alerter);
+                }
+                metrics.detect_alerts_held.store(unread.values().map(|u| u.events.len() as u64).sum(), Relaxed);
                 engine.tick(now_ms(), &mut out);
                 let (n, b) = engine.state_size();
                 metrics.detect_series.store(n as u64, Relaxed);
@@ -207,7 +236,10 @@ pub async fn run(
             .detect_replayed_skipped
             .store(engine.replayed_skipped, Relaxed);
         for e in out.drain(..) {
-            alerter.dispatch(e, arrived);
+            match unread.get_mut(e.host.as_str()) {
+                Some(u) if u.events.len() < HOLD_MAX_EVENTS => u.events.push((e, arrived)),
+                _ => alerter.dispatch(e, arrived),
+            }
         }
     }
 }
@@ -243,6 +275,55 @@ const CATCH_UP_RETRY: Duration = Duration::from_secs(10);
 /// ClickHouse is down or slow): long enough for a server starting beside it, short enough
 /// that the host's alerts are not held long in an outage.
 const NOT_OPEN_WAIT: Duration = Duration::from_secs(10);
+
+/// The longest a host's alert events wait for its firing alerts to be read (it arrived
+/// while ClickHouse was down, or was released before its answer came), and the most that
+/// wait per host: past either, they are sent, and an alert still firing from before the
+/// host arrived may be notified again.
+const HOLD_MAX: Duration = Duration::from_secs(60);
+const HOLD_MAX_EVENTS: usize = 256;
+
+/// The alert events of a host judged here before its firing alerts could be read, neither
+/// stored nor notified until they are: one that the alerts taken over replace (the host's
+/// alert fired before it arrived, and its condition still holds) is dropped, so that each
+/// transition is told once.
+struct Unread {
+    since: Instant,
+    /// The host's first sample here: an alert that fired here since is one of its own.
+    first_ms: u64,
+    events: Vec<(AlertEvent, Option<Instant>)>,
+}
+
+impl Unread {
+    /// Stores and notifies the held events but those of `replaced` alerts.
+    fn release_but(self, replaced: &[String], alerter: &Alerter) {
+        for (e, at) in self.events {
+            if !replaced.contains(&e.id) {
+                alerter.dispatch(e, at);
+            }
+        }
+    }
+
+    fn release(self, alerter: &Alerter) {
+        self.release_but(&[], alerter)
+    }
+}
+
+/// Holds the alert events of a host released with its firing alerts unread.
+fn hold(unread: &mut HashMap<Arc<str>, Unread>, host: &Arc<str>, w: &Waiting) {
+    let first_ms = w
+        .batches
+        .iter()
+        .flat_map(|a| a.batch.snapshots.iter())
+        .map(|s| s.ts_ms)
+        .min()
+        .unwrap_or_else(now_ms);
+    unread.entry(host.clone()).or_insert(Unread {
+        since: Instant::now(),
+        first_ms,
+        events: Vec::new(),
+    });
+}
 
 /// The most batches held for waiting hosts at once (a host's batch past it releases that
 /// host without its history): bounds the memory a restart with many hosts resending their
@@ -320,7 +401,14 @@ fn release(engine: &mut Engine, w: Waiting, out: &mut Vec<AlertEvent>) -> Option
 /// past instead of starting its warm-up again, and its firing alerts are taken over from
 /// the alerts table, so that a still-firing alert is not notified again and its resolution
 /// comes from here.
-fn take_over(engine: &mut Engine, mut w: Warmed, metrics: &Metrics, out: &mut Vec<AlertEvent>) {
+fn take_over(
+    engine: &mut Engine,
+    mut w: Warmed,
+    metrics: &Metrics,
+    unread: &mut HashMap<Arc<str>, Unread>,
+    alerter: &Alerter,
+    out: &mut Vec<AlertEvent>,
+) {
     let series = w.warmed.take().map_or(0, |h| engine.absorb(h));
     let host = &*w.host;
     if w.samples > 0 {
@@ -337,12 +425,32 @@ fn take_over(engine: &mut Engine, mut w: Warmed, metrics: &Metrics, out: &mut Ve
     } else {
         tracing::debug!(%host, series, history_samples = w.samples, "the host's detectors replayed its history");
     }
-    adopt(engine, &w, out);
+    adopt(engine, &w, unread, alerter, out);
 }
 
-/// Takes over the host's firing alerts the loader found.
-fn adopt(engine: &mut Engine, w: &Warmed, out: &mut Vec<AlertEvent>) {
+/// Takes over the host's firing alerts the loader found; once they are read, the host's
+/// held alert events are sent, but those of its alerts that fired here and were replaced.
+fn adopt(
+    engine: &mut Engine,
+    w: &Warmed,
+    unread: &mut HashMap<Arc<str>, Unread>,
+    alerter: &Alerter,
+    out: &mut Vec<AlertEvent>,
+) {
     let host = &*w.host;
+    if w.open.is_ok() {
+        if let Some(u) = unread.remove(host) {
+            let (n, replaced) = match &w.open {
+                Ok(open) if !open.is_empty() => {
+                    engine.adopt_held(host, open, now_ms(), Some(u.first_ms), out)
+                }
+                _ => (0, Vec::new()),
+            };
+            tracing::info!(%host, alerts = n, replaced = replaced.len(), held_events = u.events.len(), "took over the host's firing alerts from the alerts table, read after it arrived; its held alert events are sent but those of the alerts replaced");
+            u.release_but(&replaced, alerter);
+            return;
+        }
+    }
     match &w.open {
         Ok(open) if !open.is_empty() => {
             let n = engine.adopt(host, open, now_ms(), out);
@@ -352,7 +460,7 @@ fn adopt(engine: &mut Engine, w: &Warmed, out: &mut Vec<AlertEvent>) {
         // Said once for all the hosts asked together.
         Err(_) if w.told => {}
         Err(e) => {
-            tracing::warn!(%host, error = %e, "cannot read the host's open alerts; a still-firing alert may be notified again")
+            tracing::warn!(%host, error = %e, "cannot read the host's open alerts yet: they are taken over at its catch-up, and its alert events wait for them up to {HOLD_MAX:?}")
         }
     }
 }

@@ -809,7 +809,28 @@ impl Engine {
         now_ms: u64,
         out: &mut Vec<AlertEvent>,
     ) -> usize {
+        self.adopt_held(host, open, now_ms, None, out).0
+    }
+
+    /// `adopt`, for a host whose events since `held_since_ms` (its first sample here) are
+    /// still held, neither stored nor notified, because its alerts could not be read then:
+    /// a series that began firing here since then is taken over too, its own alert never
+    /// having been told. Returns how many were taken over, and the ids of the alerts that
+    /// fired here and were replaced (the caller drops their held events).
+    pub fn adopt_held(
+        &mut self,
+        host: &str,
+        open: &[OpenAlert],
+        now_ms: u64,
+        held_since_ms: Option<u64>,
+        out: &mut Vec<AlertEvent>,
+    ) -> (usize, Vec<String>) {
         let mut n = 0;
+        let mut replaced = Vec::new();
+        let held = |phase: &Phase| match (phase, held_since_ms) {
+            (Phase::Firing { since, .. }, Some(t)) => *since >= t,
+            _ => false,
+        };
         for a in open {
             let Some(ri) = self.rules.iter().position(|r| r.name == a.rule) else {
                 continue;
@@ -849,12 +870,20 @@ impl Engine {
                 // Warmed from history (`warm`), or judged here before the alert could be
                 // read (a catch-up): the detector is kept, the alert taken over. A pending
                 // one here never fired: it is cleared, and goes on as the alert taken over.
+                // One firing here whose events are all still held is replaced untold.
                 Some(mut s)
                     if s.adopted.is_none()
-                        && matches!(s.phase, Phase::Inactive | Phase::Pending { .. }) =>
+                        && (matches!(s.phase, Phase::Inactive | Phase::Pending { .. })
+                            || held(&s.phase)) =>
                 {
-                    if let Phase::Pending { since } = s.phase {
-                        out.push(self.event(&s, "cleared", since, Some(now_ms), now_ms, false));
+                    match s.phase {
+                        Phase::Pending { since } => {
+                            out.push(self.event(&s, "cleared", since, Some(now_ms), now_ms, false))
+                        }
+                        Phase::Firing { since, .. } => {
+                            replaced.push(alert_id(&rule.name, &s.labels, since))
+                        }
+                        Phase::Inactive => {}
                     }
                     s.phase = phase;
                     s.severity = severity;
@@ -881,7 +910,7 @@ impl Engine {
             }
             n += 1;
         }
-        n
+        (n, replaced)
     }
 
     /// A host was heard from (live: a batch arrived).
@@ -1361,6 +1390,45 @@ mod tests {
                 ("slow", "resolved", "old-slow")
             ]
         );
+    }
+
+    /// The same, for a host whose alert events were held until its alerts were read: an
+    /// alert that fired here since its first sample here is replaced by the one taken
+    /// over (its id returned, for its held events to be dropped), and resolves under the
+    /// old id; one that fired before the hold began keeps its own.
+    #[test]
+    fn an_alert_read_late_replaces_one_fired_here_while_its_events_were_held() {
+        let text = "[[rule]]\nname = \"hot\"\nkind = \"threshold\"\nseries = \"disk.util_pct\"\nwarning = 50\nfor = \"0s\"\n";
+        let open = OpenAlert {
+            id: "old-hot".into(),
+            rule: "hot".into(),
+            labels: vec![("host".into(), "h".into()), ("device".into(), "sda".into())],
+            severity: "warning".into(),
+            starts_at_ms: 40_000,
+        };
+        for (held_since, replaced) in [(100_000, true), (101_000, false)] {
+            let mut b = Engine::new(rules(text));
+            let mut out = Vec::new();
+            b.host_seen("h", 100_000, &mut out);
+            b.observe(0, "h", &[("device", "sda")], 100_000, 90.0, &mut out);
+            assert_eq!(out.len(), 1, "{out:?}");
+            let own_id = out[0].id.clone();
+            out.clear();
+            let (n, ids) = b.adopt_held("h", &[open.clone()], 110_000, Some(held_since), &mut out);
+            assert!(out.is_empty(), "{out:?}");
+            b.observe(0, "h", &[("device", "sda")], 120_000, 90.0, &mut out);
+            assert!(out.is_empty(), "notified again: {out:?}");
+            b.observe(0, "h", &[("device", "sda")], 121_000, 10.0, &mut out);
+            assert_eq!(out.len(), 1, "{out:?}");
+            assert_eq!(out[0].state, "resolved");
+            if replaced {
+                assert_eq!((n, ids), (1, vec![own_id]));
+                assert_eq!(out[0].id, "old-hot");
+            } else {
+                assert_eq!((n, ids.len()), (0, 0));
+                assert_eq!(out[0].id, own_id);
+            }
+        }
     }
 
     #[test]
