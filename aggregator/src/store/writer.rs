@@ -226,7 +226,10 @@ pub async fn run(
         }
         while rounds.try_join_next().is_some() {}
         if !gaps.is_empty() {
-            write_gaps(&store, gaps, &metrics).await;
+            // Off the writer's loop: checking a gap against `batches` is a query, and a
+            // slow ClickHouse would hold the next round behind it. (Gaps are rare.)
+            let (store, metrics) = (store.clone(), metrics.clone());
+            tokio::spawn(async move { write_gaps(&store, gaps, &metrics).await });
         }
         if !arrived.is_empty() {
             load_hosts(&store, &book, arrived, started).await;
