@@ -238,7 +238,14 @@ pub async fn run(
         for e in out.drain(..) {
             match unread.get_mut(e.host.as_str()) {
                 Some(u) if u.events.len() < HOLD_MAX_EVENTS => u.events.push((e, arrived)),
-                _ => alerter.dispatch(e, arrived),
+                Some(_) => {
+                    // Too many to hold: all are sent, in order, and the hold ends.
+                    let (h, u) = unread.remove_entry(e.host.as_str()).unwrap();
+                    tracing::warn!(host = %h, events = u.events.len(), "too many alert events held for a host whose firing alerts are not read yet: they are sent now (one still firing from before it arrived may be notified again)");
+                    u.release(&alerter);
+                    alerter.dispatch(e, arrived);
+                }
+                None => alerter.dispatch(e, arrived),
             }
         }
     }
@@ -446,7 +453,11 @@ fn adopt(
                 }
                 _ => (0, Vec::new()),
             };
-            tracing::info!(%host, alerts = n, replaced = replaced.len(), held_events = u.events.len(), "took over the host's firing alerts from the alerts table, read after it arrived; its held alert events are sent but those of the alerts replaced");
+            if n > 0 {
+                tracing::info!(%host, alerts = n, replaced = replaced.len(), held_events = u.events.len(), "took over the host's firing alerts from the alerts table, read after it arrived; its held alert events are sent but those of the alerts replaced");
+            } else {
+                tracing::debug!(%host, held_events = u.events.len(), "no firing alert of the host to take over; its held alert events are sent");
+            }
             u.release_but(&replaced, alerter);
             return;
         }
