@@ -50,6 +50,9 @@ impl Managed {
                 config_file.display()
             );
         }
+        if let Some(dev) = ext4_without_journal(&dir) {
+            tracing::warn!(data = %dir.display(), device = %dev, "the managed ClickHouse's data is on an ext4 filesystem without a journal: ext4 then avoids reusing recently deleted inodes, checking them one by one, which can take much of the CPU at high insert rates (docs/BENCHMARKS.md, section 3); an ext4 with a journal (mkfs.ext4's default) does not");
+        }
         let (http_port, tcp_port, inter_port) = (free_port()?, free_port()?, free_port()?);
         let d = dir.display();
         let mut cmd = Command::new(binary);
@@ -233,9 +236,136 @@ pub async fn ping(url: &str) -> bool {
     String::from_utf8_lossy(&buf).contains("Ok.")
 }
 
+/// The device (its name under /sys/block) when `path` is on an ext4 filesystem without a
+/// journal; None otherwise, or when it cannot tell. Without a journal ext4 avoids reusing an
+/// inode for up to 5 minutes after it was deleted, checking each free inode it tries, and a
+/// ClickHouse that creates and deletes part files quickly spends much of its CPU there (45 %
+/// of this test VM's in a `perf` profile at 3 M samples/s; docs/BENCHMARKS.md, section 3).
+pub fn ext4_without_journal(path: &Path) -> Option<String> {
+    let path = std::fs::canonicalize(path).ok()?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let (dev, fstype) = mount_of(&info, &path)?;
+    if fstype != "ext4" {
+        return None;
+    }
+    let link = std::fs::read_link(format!("/sys/dev/block/{dev}")).ok()?;
+    let name = link.file_name()?.to_str()?.to_string();
+    // Only when the name is the one ext4 lists its mounts under.
+    if !Path::new("/proc/fs/ext4").join(&name).exists() {
+        return None;
+    }
+    let journaled = std::fs::read_dir("/proc/fs/jbd2")
+        .map(|d| {
+            d.flatten().any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("{name}-"))
+            })
+        })
+        .unwrap_or(false);
+    (!journaled).then_some(name)
+}
+
+/// The `major:minor` and filesystem type of the mount `path` is on, from mountinfo text
+/// (the mount whose mount point is the longest prefix of `path`; the last such wins, as a
+/// later mount over the same point hides the earlier).
+fn mount_of(mountinfo: &str, path: &Path) -> Option<(String, String)> {
+    let mut best: Option<(usize, String, String)> = None;
+    for line in mountinfo.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        let Some(sep) = f.iter().position(|x| *x == "-") else {
+            continue;
+        };
+        let (Some(dev), Some(point), Some(fstype)) = (f.get(2), f.get(4), f.get(sep + 1)) else {
+            continue;
+        };
+        // Mount points escape spaces and the like as octal (\040).
+        let point = point.replace("\\040", " ");
+        if !path.starts_with(&point) {
+            continue;
+        }
+        let len = Path::new(&point).components().count();
+        if best.as_ref().is_none_or(|(l, _, _)| len >= *l) {
+            best = Some((len, dev.to_string(), fstype.to_string()));
+        }
+    }
+    best.map(|(_, d, t)| (d, t))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_mount_of_a_path_is_the_longest_matching_point() {
+        let info = "22 27 0:21 / /proc rw,relatime - proc proc rw\n\
+                    27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n\
+                    40 27 7:0 / /mnt/data rw,relatime - ext4 /dev/loop0 rw\n\
+                    41 27 0:50 / /mnt/data/tmp rw - tmpfs tmpfs rw\n\
+                    42 27 0:51 / /mnt/my\\040disk rw - xfs /dev/sdb rw\n";
+        let m = |p: &str| mount_of(info, Path::new(p)).map(|(d, t)| format!("{d} {t}"));
+        assert_eq!(m("/var/lib/x").as_deref(), Some("254:0 ext4"));
+        assert_eq!(m("/mnt/data/ch").as_deref(), Some("7:0 ext4"));
+        assert_eq!(m("/mnt/data/tmp/a").as_deref(), Some("0:50 tmpfs"));
+        assert_eq!(m("/mnt/database").as_deref(), Some("254:0 ext4"));
+        assert_eq!(m("/mnt/my disk/x").as_deref(), Some("0:51 xfs"));
+    }
+
+    /// On real ext4 filesystems (loop devices; root only): one made without a journal is
+    /// told, one with a journal (`mkfs.ext4`'s default) and a tmpfs are not.
+    #[test]
+    fn an_ext4_without_a_journal_is_told_apart() {
+        if unsafe { libc::geteuid() } != 0 || Command::new("mkfs.ext4").arg("-V").output().is_err()
+        {
+            eprintln!("SKIP: needs root and mkfs.ext4");
+            return;
+        }
+        let base = std::env::temp_dir().join(format!("sonde-ext4-{}", std::process::id()));
+        struct Unmount(Vec<PathBuf>, PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                for m in &self.0 {
+                    let _ = Command::new("umount").arg(m).status();
+                }
+                let _ = std::fs::remove_dir_all(&self.1);
+            }
+        }
+        let mut guard = Unmount(Vec::new(), base.clone());
+        let sh = |c: &str| {
+            let ok = Command::new("sh")
+                .args(["-c", c])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "{c}");
+        };
+        for (name, opts) in [("journal", ""), ("nojournal", "-O ^has_journal")] {
+            let (img, mnt) = (base.join(format!("{name}.img")), base.join(name));
+            std::fs::create_dir_all(&mnt).unwrap();
+            sh(&format!(
+                "truncate -s 64M {0} && mkfs.ext4 -q -F {opts} {0}",
+                img.display()
+            ));
+            sh(&format!(
+                "mount -o loop {} {}",
+                img.display(),
+                mnt.display()
+            ));
+            guard.0.push(mnt);
+        }
+        let tmpfs = base.join("tmpfs");
+        std::fs::create_dir_all(&tmpfs).unwrap();
+        sh(&format!("mount -t tmpfs tmpfs {}", tmpfs.display()));
+        guard.0.push(tmpfs.clone());
+        assert_eq!(ext4_without_journal(&base.join("journal")), None);
+        let told = ext4_without_journal(&base.join("nojournal"));
+        assert!(
+            told.as_deref().is_some_and(|d| d.starts_with("loop")),
+            "{told:?}"
+        );
+        assert_eq!(ext4_without_journal(&tmpfs), None);
+        drop(guard);
+    }
 
     fn nice_of(tid: u32) -> i64 {
         let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
