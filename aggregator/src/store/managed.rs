@@ -267,29 +267,23 @@ pub fn ext4_without_journal(path: &Path) -> Option<String> {
 }
 
 /// The `major:minor` and filesystem type of the mount `path` is on, from mountinfo text
-/// (the mount whose mount point is the longest prefix of `path`; the last such wins, as a
-/// later mount over the same point hides the earlier).
+/// (parsed as the sensor's filesystem collector does; the mount whose mount point is the
+/// longest prefix of `path`, the last such winning, as a later mount over the same point
+/// hides the earlier).
 fn mount_of(mountinfo: &str, path: &Path) -> Option<(String, String)> {
-    let mut best: Option<(usize, String, String)> = None;
-    for line in mountinfo.lines() {
-        let f: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = f.iter().position(|x| *x == "-") else {
-            continue;
-        };
-        let (Some(dev), Some(point), Some(fstype)) = (f.get(2), f.get(4), f.get(sep + 1)) else {
-            continue;
-        };
-        // Mount points escape spaces and the like as octal (\040).
-        let point = point.replace("\\040", " ");
-        if !path.starts_with(&point) {
-            continue;
-        }
-        let len = Path::new(&point).components().count();
-        if best.as_ref().is_none_or(|(l, _, _)| len >= *l) {
-            best = Some((len, dev.to_string(), fstype.to_string()));
-        }
-    }
-    best.map(|(_, d, t)| (d, t))
+    use procfs::FromRead;
+    let mounts = procfs::process::MountInfos::from_read(mountinfo.as_bytes()).ok()?;
+    mounts
+        .0
+        .into_iter()
+        .filter_map(|m| {
+            // Mount points escape a space as octal (\040).
+            let point = PathBuf::from(m.mount_point.to_string_lossy().replace("\\040", " "));
+            path.starts_with(&point)
+                .then(|| (point.components().count(), m.majmin, m.fs_type))
+        })
+        .max_by_key(|(len, _, _)| *len)
+        .map(|(_, d, t)| (d, t))
 }
 
 #[cfg(test)]
