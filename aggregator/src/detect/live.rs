@@ -49,12 +49,7 @@ pub async fn run(
     // `alerts`: the host's firing alerts were not read (ClickHouse down or too slow): the
     // catch-up takes over those that began before the host arrived here.
     let catch_up = |host: &Arc<str>, batches: &[Arrival], rules: &Arc<Vec<Rule>>, alerts: bool| {
-        let arrived_ms = batches
-            .iter()
-            .flat_map(|a| a.batch.snapshots.iter())
-            .map(|s| s.ts_ms)
-            .min()
-            .unwrap_or_else(now_ms);
+        let arrived_ms = first_sample_ms(batches);
         let _ = ask_late.send(WarmRequest {
             host: host.clone(),
             before_ms: 0,
@@ -316,15 +311,19 @@ impl Unread {
     }
 }
 
-/// Holds the alert events of a host released with its firing alerts unread.
-fn hold(unread: &mut HashMap<Arc<str>, Unread>, host: &Arc<str>, w: &Waiting) {
-    let first_ms = w
-        .batches
+/// The time of the first sample in `batches` (a host's first here), or now.
+fn first_sample_ms(batches: &[Arrival]) -> u64 {
+    batches
         .iter()
         .flat_map(|a| a.batch.snapshots.iter())
         .map(|s| s.ts_ms)
         .min()
-        .unwrap_or_else(now_ms);
+        .unwrap_or_else(now_ms)
+}
+
+/// Holds the alert events of a host released with its firing alerts unread.
+fn hold(unread: &mut HashMap<Arc<str>, Unread>, host: &Arc<str>, w: &Waiting) {
+    let first_ms = first_sample_ms(&w.batches);
     unread.entry(host.clone()).or_insert(Unread {
         since: Instant::now(),
         first_ms,
