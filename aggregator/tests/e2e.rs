@@ -944,15 +944,32 @@ fn host_labels_reach_clickhouse_the_api_and_rules() {
         ),
         "alpha\tenv\tprod\nbeta\tenv\tdev\n"
     );
-    // The API carries them.
-    let (_, body) = http_get(&agg.http, "/api/hosts").unwrap();
+    // The API carries them. A round's `hosts` rows are inserted beside its metric and
+    // label rows (concurrent inserts), so a host can be in `host_labels` a moment before
+    // `/api/hosts` (which lists the `hosts` table) has it: wait for both hosts there.
+    let mut body = String::new();
+    wait_until("both hosts in /api/hosts", Duration::from_secs(20), || {
+        body = http_get(&agg.http, "/api/hosts")
+            .map(|r| r.1)
+            .unwrap_or_default();
+        let listed: Vec<String> = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|h| h["host"].as_str().map(str::to_string))
+            .collect();
+        ["alpha", "beta"]
+            .iter()
+            .all(|h| listed.iter().any(|l| l == h))
+    });
     let hosts: serde_json::Value = serde_json::from_str(&body).unwrap();
     let alpha = hosts
         .as_array()
         .unwrap()
         .iter()
         .find(|h| h["host"] == "alpha")
-        .unwrap();
+        .unwrap_or_else(|| panic!("alpha not in {body}"));
     assert_eq!(alpha["labels"]["env"], "prod", "{body}");
     assert_eq!(alpha["labels"]["team"], "sre \"core\"", "{body}");
     // The rule selects the prod host only.
