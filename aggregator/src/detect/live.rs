@@ -448,7 +448,13 @@ fn adopt(
         if let Some(u) = unread.remove(host) {
             let (n, replaced) = match &w.open {
                 Ok(open) if !open.is_empty() => {
-                    engine.adopt_held(host, open, now_ms(), Some(u.first_ms), out)
+                    let resolved: Vec<&AlertEvent> = u
+                        .events
+                        .iter()
+                        .map(|(e, _)| e)
+                        .filter(|e| e.state == "resolved")
+                        .collect();
+                    engine.adopt_held(host, open, now_ms(), Some(u.first_ms), &resolved, out)
                 }
                 _ => (0, Vec::new()),
             };

@@ -809,13 +809,16 @@ impl Engine {
         now_ms: u64,
         out: &mut Vec<AlertEvent>,
     ) -> usize {
-        self.adopt_held(host, open, now_ms, None, out).0
+        self.adopt_held(host, open, now_ms, None, &[], out).0
     }
 
     /// `adopt`, for a host whose events since `held_since_ms` (its first sample here) are
     /// still held, neither stored nor notified, because its alerts could not be read then:
     /// a series that began firing here since then is taken over too, its own alert never
-    /// having been told. Returns how many were taken over, and the ids of the alerts that
+    /// having been told. One whose first alert here already resolved (`held_resolved`: the
+    /// "resolved" events held) had the alert taken over end then: that alert's resolution
+    /// is sent with the end seen here, in place of the local alert's, and the series goes
+    /// on as it is here. Returns how many were taken over, and the ids of the alerts that
     /// fired here and were replaced (the caller drops their held events).
     pub fn adopt_held(
         &mut self,
@@ -823,10 +826,38 @@ impl Engine {
         open: &[OpenAlert],
         now_ms: u64,
         held_since_ms: Option<u64>,
+        held_resolved: &[&AlertEvent],
         out: &mut Vec<AlertEvent>,
     ) -> (usize, Vec<String>) {
         let mut n = 0;
         let mut replaced = Vec::new();
+        // The first alert of each series that fired here since the hold began and resolved.
+        let mut ended: HashMap<u64, &AlertEvent> = HashMap::new();
+        if let Some(t) = held_since_ms {
+            for e in held_resolved {
+                let (Some(rule), Some(_)) =
+                    (self.rules.iter().find(|r| r.name == e.rule), e.ends_at_ms)
+                else {
+                    continue;
+                };
+                if e.host != host || e.starts_at_ms < t {
+                    continue;
+                }
+                let labels: Vec<(&str, &str)> = e
+                    .labels
+                    .iter()
+                    .filter(|(k, _)| k != "host" && k != "series")
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                let k = series_key(rule, host, &labels);
+                if ended
+                    .get(&k)
+                    .is_none_or(|f| e.starts_at_ms < f.starts_at_ms)
+                {
+                    ended.insert(k, e);
+                }
+            }
+        }
         let held = |phase: &Phase| match (phase, held_since_ms) {
             (Phase::Firing { since, .. }, Some(t)) => *since >= t,
             _ => false,
@@ -866,6 +897,19 @@ impl Engine {
                 .map(|(k, v)| (k.as_str(), v.as_str()))
                 .collect();
             let key = series_key(rule, host, &series_labels);
+            if let Some(e) = ended.get(&key) {
+                // It ended here: its resolution, under its id, with the end seen here.
+                if let Some(s) = self.series.get(&key) {
+                    let mut r =
+                        self.event(s, "resolved", a.starts_at_ms, e.ends_at_ms, e.at_ms, false);
+                    r.id = a.id.clone();
+                    r.severity = severity.as_str();
+                    out.push(r);
+                    replaced.push(e.id.clone());
+                    n += 1;
+                    continue;
+                }
+            }
             match self.series.remove(&key) {
                 // Warmed from history (`warm`), or judged here before the alert could be
                 // read (a catch-up): the detector is kept, the alert taken over. A pending
@@ -1414,7 +1458,14 @@ mod tests {
             assert_eq!(out.len(), 1, "{out:?}");
             let own_id = out[0].id.clone();
             out.clear();
-            let (n, ids) = b.adopt_held("h", &[open.clone()], 110_000, Some(held_since), &mut out);
+            let (n, ids) = b.adopt_held(
+                "h",
+                &[open.clone()],
+                110_000,
+                Some(held_since),
+                &[],
+                &mut out,
+            );
             assert!(out.is_empty(), "{out:?}");
             b.observe(0, "h", &[("device", "sda")], 120_000, 90.0, &mut out);
             assert!(out.is_empty(), "notified again: {out:?}");
@@ -1427,6 +1478,64 @@ mod tests {
             } else {
                 assert_eq!((n, ids.len()), (0, 0));
                 assert_eq!(out[0].id, own_id);
+            }
+        }
+    }
+
+    #[test]
+    fn an_alert_read_late_that_ended_while_held_resolves_once_under_its_id() {
+        let text = "[[rule]]\nname = \"hot\"\nkind = \"threshold\"\nseries = \"disk.util_pct\"\nwarning = 50\nfor = \"0s\"\n";
+        let open = OpenAlert {
+            id: "old-hot".into(),
+            rule: "hot".into(),
+            labels: vec![("host".into(), "h".into()), ("device".into(), "sda".into())],
+            severity: "warning".into(),
+            starts_at_ms: 40_000,
+        };
+        // Held: the condition still held at the host's first sample here (its own alert
+        // fired), ended a second later; in the second case a new one began after.
+        for again in [false, true] {
+            let mut b = Engine::new(rules(text));
+            let mut held = Vec::new();
+            b.host_seen("h", 100_000, &mut held);
+            b.observe(0, "h", &[("device", "sda")], 100_000, 90.0, &mut held);
+            b.observe(0, "h", &[("device", "sda")], 101_000, 10.0, &mut held);
+            if again {
+                b.observe(0, "h", &[("device", "sda")], 102_000, 95.0, &mut held);
+            }
+            let states: Vec<&str> = held.iter().map(|e| e.state).collect();
+            assert_eq!(states.len(), 2 + again as usize, "{held:?}");
+            let own_id = held[0].id.clone();
+            let resolved: Vec<&AlertEvent> =
+                held.iter().filter(|e| e.state == "resolved").collect();
+            let mut out = Vec::new();
+            let (n, ids) = b.adopt_held(
+                "h",
+                &[open.clone()],
+                110_000,
+                Some(100_000),
+                &resolved,
+                &mut out,
+            );
+            assert_eq!((n, ids), (1, vec![own_id.clone()]));
+            assert_eq!(out.len(), 1, "{out:?}");
+            let r = &out[0];
+            assert_eq!((r.state, r.id.as_str()), ("resolved", "old-hot"));
+            assert_eq!((r.starts_at_ms, r.ends_at_ms), (40_000, Some(101_000)));
+            out.clear();
+            if again {
+                // The alert that began after is its own, and resolves under its own id.
+                b.observe(0, "h", &[("device", "sda")], 120_000, 10.0, &mut out);
+                assert_eq!(out.len(), 1, "{out:?}");
+                assert_eq!((out[0].state, &out[0].id), ("resolved", &held[2].id));
+            } else {
+                // Nothing is left firing; a new breach is a new alert.
+                b.observe(0, "h", &[("device", "sda")], 120_000, 10.0, &mut out);
+                assert!(out.is_empty(), "{out:?}");
+                b.observe(0, "h", &[("device", "sda")], 121_000, 90.0, &mut out);
+                assert_eq!(out.len(), 1, "{out:?}");
+                assert_eq!(out[0].state, "firing");
+                assert_ne!(out[0].id, "old-hot");
             }
         }
     }
