@@ -175,6 +175,7 @@ pub fn test(args: &[String]) -> Result<()> {
     // same packages, so nothing is built twice. RUST_TEST_THREADS set by the caller wins;
     // with arguments (a filter, a target) the suite runs as one `cargo test --workspace`.
     let threads = std::env::var_os("RUST_TEST_THREADS").is_none();
+    let scratch = test_scratch();
     let runs: Vec<(Vec<&str>, bool)> = if args.is_empty() {
         vec![
             (vec!["--lib", "--bins"], false),
@@ -193,8 +194,55 @@ pub fn test(args: &[String]) -> Result<()> {
         if more {
             cmd.env("RUST_TEST_THREADS", INTEGRATION_TEST_THREADS);
         }
+        if let Some(dir) = &scratch {
+            cmd.env("TMPDIR", dir);
+        }
         run(&mut cmd)?;
     }
     step("all tests passed");
     Ok(())
+}
+
+/// Memory the tests' scratch directory may take on a tmpfs, at most (their ClickHouse
+/// servers, spools and sensors' files: a few hundred MB at once).
+const SCRATCH_MIN_FREE: u64 = 4 << 30;
+
+/// Where the tests keep their files (`TMPDIR`): `/dev/shm/sonde-tests` when `/dev/shm` is a
+/// tmpfs with room, unless the caller set `TMPDIR`. The tests start and delete dozens of
+/// ClickHouse servers; on an ext4 without a journal (this project's CI machines' root
+/// filesystem) creating files soon after many were deleted is slow (docs/BENCHMARKS.md,
+/// section 3), which made the cluster test about a minute slower. None = the default.
+fn test_scratch() -> Option<PathBuf> {
+    if std::env::var_os("TMPDIR").is_some() {
+        return None;
+    }
+    let shm = std::path::Path::new("/dev/shm");
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let tmpfs = mounts.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 2 && f[1] == "/dev/shm" && f[2] == "tmpfs"
+    });
+    let free = {
+        let c = std::ffi::CString::new("/dev/shm").unwrap();
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid C string and a zeroed statvfs the call fills in.
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0 {
+            st.f_bavail as u64 * st.f_frsize as u64
+        } else {
+            0
+        }
+    };
+    let dir = shm.join("sonde-tests");
+    if !tmpfs || free < SCRATCH_MIN_FREE || std::fs::create_dir_all(&dir).is_err() {
+        step(&format!(
+            "test files under the default temporary directory (/dev/shm is not a tmpfs with {} GiB free)",
+            SCRATCH_MIN_FREE >> 30
+        ));
+        return None;
+    }
+    step(&format!(
+        "test files under {} (a tmpfs; set TMPDIR to choose another place)",
+        dir.display()
+    ));
+    Some(dir)
 }
