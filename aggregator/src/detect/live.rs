@@ -195,18 +195,7 @@ pub async fn run(
                     first = first.or(release(&mut engine, w, &mut out));
                 }
                 metrics.detect_hosts_waiting.store(waiting.len() as u64, Relaxed);
-                let stale: Vec<Arc<str>> = unread
-                    .iter()
-                    .filter(|(_, u)| u.since.elapsed() > HOLD_MAX)
-                    .map(|(h, _)| h.clone())
-                    .collect();
-                for h in stale {
-                    let u = unread.remove(&h).unwrap();
-                    if !u.events.is_empty() {
-                        tracing::warn!(host = %h, events = u.events.len(), held = ?HOLD_MAX, "the host's firing alerts still cannot be read: its held alert events are sent now (one still firing from before it arrived may be notified again)");
-                    }
-                    u.release(&alerter);
-                }
+                expire(&mut unread, Instant::now(), &alerter);
                 metrics.detect_alerts_held.store(unread.values().map(|u| u.events.len() as u64).sum(), Relaxed);
                 engine.tick(now_ms(), &mut out);
                 let (n, b) = engine.state_size();
@@ -231,17 +220,7 @@ pub async fn run(
             .detect_replayed_skipped
             .store(engine.replayed_skipped, Relaxed);
         for e in out.drain(..) {
-            match unread.get_mut(e.host.as_str()) {
-                Some(u) if u.events.len() < HOLD_MAX_EVENTS => u.events.push((e, arrived)),
-                Some(_) => {
-                    // Too many to hold: all are sent, in order, and the hold ends.
-                    let (h, u) = unread.remove_entry(e.host.as_str()).unwrap();
-                    tracing::warn!(host = %h, events = u.events.len(), "too many alert events held for a host whose firing alerts are not read yet: they are sent now (one still firing from before it arrived may be notified again)");
-                    u.release(&alerter);
-                    alerter.dispatch(e, arrived);
-                }
-                None => alerter.dispatch(e, arrived),
-            }
+            route(&mut unread, e, arrived, &alerter);
         }
     }
 }
@@ -296,18 +275,66 @@ struct Unread {
     events: Vec<(AlertEvent, Option<Instant>)>,
 }
 
+/// Where alert events go to be stored and notified (the alerter; a list in the tests).
+trait Dispatch {
+    fn dispatch(&self, e: AlertEvent, arrived: Option<Instant>);
+}
+
+impl Dispatch for Alerter {
+    fn dispatch(&self, e: AlertEvent, arrived: Option<Instant>) {
+        Alerter::dispatch(self, e, arrived)
+    }
+}
+
 impl Unread {
     /// Stores and notifies the held events but those of `replaced` alerts.
-    fn release_but(self, replaced: &[String], alerter: &Alerter) {
+    fn release_but(self, replaced: &[String], to: &impl Dispatch) {
         for (e, at) in self.events {
             if !replaced.contains(&e.id) {
-                alerter.dispatch(e, at);
+                to.dispatch(e, at);
             }
         }
     }
 
-    fn release(self, alerter: &Alerter) {
-        self.release_but(&[], alerter)
+    fn release(self, to: &impl Dispatch) {
+        self.release_but(&[], to)
+    }
+}
+
+/// An alert event out of the engine: held when its host's firing alerts are not read yet,
+/// else sent. A host that has `HOLD_MAX_EVENTS` held has its hold ended: they are sent, in
+/// order, then this one.
+fn route(
+    unread: &mut HashMap<Arc<str>, Unread>,
+    e: AlertEvent,
+    arrived: Option<Instant>,
+    to: &impl Dispatch,
+) {
+    match unread.get_mut(e.host.as_str()) {
+        Some(u) if u.events.len() < HOLD_MAX_EVENTS => u.events.push((e, arrived)),
+        Some(_) => {
+            let (h, u) = unread.remove_entry(e.host.as_str()).unwrap();
+            tracing::warn!(host = %h, events = u.events.len(), "too many alert events held for a host whose firing alerts are not read yet: they are sent now (one still firing from before it arrived may be notified again)");
+            u.release(to);
+            to.dispatch(e, arrived);
+        }
+        None => to.dispatch(e, arrived),
+    }
+}
+
+/// Ends the holds begun more than `HOLD_MAX` before `now`: their events are sent.
+fn expire(unread: &mut HashMap<Arc<str>, Unread>, now: Instant, to: &impl Dispatch) {
+    let stale: Vec<Arc<str>> = unread
+        .iter()
+        .filter(|(_, u)| now.saturating_duration_since(u.since) > HOLD_MAX)
+        .map(|(h, _)| h.clone())
+        .collect();
+    for h in stale {
+        let u = unread.remove(&h).unwrap();
+        if !u.events.is_empty() {
+            tracing::warn!(host = %h, events = u.events.len(), held = ?HOLD_MAX, "the host's firing alerts still cannot be read: its held alert events are sent now (one still firing from before it arrived may be notified again)");
+        }
+        u.release(to);
     }
 }
 
@@ -1118,6 +1145,114 @@ pub async fn store_alerts(store: Store, mut rx: mpsc::Receiver<Arc<AlertEvent>>)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The events sent, in order: (host, id).
+    #[derive(Default)]
+    struct Sent(std::cell::RefCell<Vec<(String, String)>>);
+
+    impl Dispatch for Sent {
+        fn dispatch(&self, e: AlertEvent, _: Option<Instant>) {
+            self.0.borrow_mut().push((e.host, e.id));
+        }
+    }
+
+    impl Sent {
+        fn take(&self) -> Vec<(String, String)> {
+            std::mem::take(&mut *self.0.borrow_mut())
+        }
+    }
+
+    fn event(host: &str, id: &str) -> AlertEvent {
+        AlertEvent {
+            id: id.into(),
+            rule: "r".into(),
+            state: "firing",
+            severity: "warning",
+            host: host.into(),
+            labels: vec![("host".into(), host.into())],
+            value: 1.0,
+            threshold: None,
+            score: None,
+            starts_at_ms: 0,
+            ends_at_ms: None,
+            at_ms: 0,
+            repeat: false,
+            summary: String::new(),
+        }
+    }
+
+    fn held_host(unread: &mut HashMap<Arc<str>, Unread>, host: &str, since: Instant) {
+        unread.insert(
+            host.into(),
+            Unread {
+                since,
+                first_ms: 0,
+                events: Vec::new(),
+            },
+        );
+    }
+
+    #[test]
+    fn held_alert_events_are_sent_past_their_bounds_in_order_and_the_hold_ends() {
+        let t0 = Instant::now();
+        let sent = Sent::default();
+        let mut unread = HashMap::new();
+        held_host(&mut unread, "h", t0);
+        // A host not held: at once.
+        route(&mut unread, event("x", "x1"), None, &sent);
+        assert_eq!(sent.take(), [("x".to_string(), "x1".to_string())]);
+        // Held up to the bound...
+        for i in 0..HOLD_MAX_EVENTS {
+            route(&mut unread, event("h", &format!("e{i}")), None, &sent);
+        }
+        assert!(sent.take().is_empty());
+        assert_eq!(unread["h"].events.len(), HOLD_MAX_EVENTS);
+        // ...and one more sends them all, in order, then it; the host is held no more.
+        route(&mut unread, event("h", "last"), None, &sent);
+        let ids: Vec<String> = sent.take().into_iter().map(|(_, id)| id).collect();
+        let want: Vec<String> = (0..HOLD_MAX_EVENTS)
+            .map(|i| format!("e{i}"))
+            .chain(["last".to_string()])
+            .collect();
+        assert_eq!(ids, want);
+        assert!(!unread.contains_key("h"));
+        route(&mut unread, event("h", "after"), None, &sent);
+        assert_eq!(sent.take().len(), 1);
+
+        // In time: held until `HOLD_MAX` has passed, then sent and the hold ends.
+        held_host(&mut unread, "g", t0);
+        held_host(&mut unread, "k", t0 + Duration::from_secs(30));
+        route(&mut unread, event("g", "g1"), None, &sent);
+        route(&mut unread, event("g", "g2"), None, &sent);
+        route(&mut unread, event("k", "k1"), None, &sent);
+        expire(&mut unread, t0 + HOLD_MAX - Duration::from_secs(1), &sent);
+        assert!(sent.take().is_empty());
+        expire(&mut unread, t0 + HOLD_MAX + Duration::from_secs(1), &sent);
+        assert_eq!(
+            sent.take(),
+            [
+                ("g".to_string(), "g1".to_string()),
+                ("g".to_string(), "g2".to_string())
+            ]
+        );
+        assert!(!unread.contains_key("g"));
+        assert_eq!(unread["k"].events.len(), 1, "a later hold goes on");
+    }
+
+    #[test]
+    fn a_released_hold_drops_the_events_of_the_alerts_replaced() {
+        let sent = Sent::default();
+        let mut unread = HashMap::new();
+        held_host(&mut unread, "h", Instant::now());
+        for id in ["own", "other", "own"] {
+            route(&mut unread, event("h", id), None, &sent);
+        }
+        unread
+            .remove("h")
+            .unwrap()
+            .release_but(&["own".to_string()], &sent);
+        assert_eq!(sent.take(), [("h".to_string(), "other".to_string())]);
+    }
     use crate::detect::backtest::{self, history_queries_of, part_spec};
     use crate::detect::rules::parse_rules;
 
