@@ -245,6 +245,17 @@ pub fn vector_part_selects(rule: &Rule, spec: &SeriesSpec, labels: &[(&str, &str
     })
 }
 
+/// The key of the series an alert is of, from the alert's labels (which also name the
+/// host and the series).
+fn alert_series_key(rule: &Rule, host: &str, labels: &[(String, String)]) -> u64 {
+    let labels: Vec<(&str, &str)> = labels
+        .iter()
+        .filter(|(k, _)| k != "host" && k != "series")
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    series_key(rule, host, &labels)
+}
+
 fn series_key(rule: &Rule, host: &str, labels: &[(&str, &str)]) -> u64 {
     let mut h = fnv();
     h.write(rule.name.as_bytes());
@@ -843,13 +854,7 @@ impl Engine {
                 if e.host != host || e.starts_at_ms < t {
                     continue;
                 }
-                let labels: Vec<(&str, &str)> = e
-                    .labels
-                    .iter()
-                    .filter(|(k, _)| k != "host" && k != "series")
-                    .map(|(k, v)| (k.as_str(), v.as_str()))
-                    .collect();
-                let k = series_key(rule, host, &labels);
+                let k = alert_series_key(rule, host, &e.labels);
                 if ended
                     .get(&k)
                     .is_none_or(|f| e.starts_at_ms < f.starts_at_ms)
@@ -890,13 +895,7 @@ impl Engine {
                 n += 1;
                 continue;
             }
-            let series_labels: Vec<(&str, &str)> = a
-                .labels
-                .iter()
-                .filter(|(k, _)| k != "host" && k != "series")
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect();
-            let key = series_key(rule, host, &series_labels);
+            let key = alert_series_key(rule, host, &a.labels);
             if let Some(e) = ended.get(&key) {
                 // It ended here: its resolution, under its id, with the end seen here.
                 if let Some(s) = self.series.get(&key) {
