@@ -1435,20 +1435,26 @@ mod tests {
         );
     }
 
+    /// A threshold rule with no `for`, and an alert of it firing on h's sda since 40 s.
+    const HOT_NO_FOR: &str = "[[rule]]\nname = \"hot\"\nkind = \"threshold\"\nseries = \"disk.util_pct\"\nwarning = 50\nfor = \"0s\"\n";
+
+    fn old_hot() -> OpenAlert {
+        OpenAlert {
+            id: "old-hot".into(),
+            rule: "hot".into(),
+            labels: vec![("host".into(), "h".into()), ("device".into(), "sda".into())],
+            severity: "warning".into(),
+            starts_at_ms: 40_000,
+        }
+    }
+
     /// The same, for a host whose alert events were held until its alerts were read: an
     /// alert that fired here since its first sample here is replaced by the one taken
     /// over (its id returned, for its held events to be dropped), and resolves under the
     /// old id; one that fired before the hold began keeps its own.
     #[test]
     fn an_alert_read_late_replaces_one_fired_here_while_its_events_were_held() {
-        let text = "[[rule]]\nname = \"hot\"\nkind = \"threshold\"\nseries = \"disk.util_pct\"\nwarning = 50\nfor = \"0s\"\n";
-        let open = OpenAlert {
-            id: "old-hot".into(),
-            rule: "hot".into(),
-            labels: vec![("host".into(), "h".into()), ("device".into(), "sda".into())],
-            severity: "warning".into(),
-            starts_at_ms: 40_000,
-        };
+        let (text, open) = (HOT_NO_FOR, old_hot());
         for (held_since, replaced) in [(100_000, true), (101_000, false)] {
             let mut b = Engine::new(rules(text));
             let mut out = Vec::new();
@@ -1483,14 +1489,7 @@ mod tests {
 
     #[test]
     fn an_alert_read_late_that_ended_while_held_resolves_once_under_its_id() {
-        let text = "[[rule]]\nname = \"hot\"\nkind = \"threshold\"\nseries = \"disk.util_pct\"\nwarning = 50\nfor = \"0s\"\n";
-        let open = OpenAlert {
-            id: "old-hot".into(),
-            rule: "hot".into(),
-            labels: vec![("host".into(), "h".into()), ("device".into(), "sda".into())],
-            severity: "warning".into(),
-            starts_at_ms: 40_000,
-        };
+        let (text, open) = (HOT_NO_FOR, old_hot());
         // Held: the condition still held at the host's first sample here (its own alert
         // fired), ended a second later; in the second case a new one began after.
         for again in [false, true] {
