@@ -59,16 +59,28 @@ enum Cmd {
     BuildEbpf,
     /// Measure overhead, wire size, eBPF probe cost and detection speed on this machine, next
     /// to node_exporter and Netdata in the same run; writes docs/BENCHMARKS.md (with --quick:
-    /// target/bench/BENCHMARKS.md) and target/bench/results.json. Needs root.
+    /// BENCHMARKS.md in the benchmark's directory, target/bench unless --dir) and
+    /// results.json there. Needs root.
     Bench {
-        /// A short version of each benchmark (a few minutes: every section, shorter), as CI runs it.
+        /// A short version of each benchmark (a few minutes: every section, shorter; the
+        /// cluster left out), written to BENCHMARKS.md in the benchmark's directory (see
+        /// --dir) instead of docs/.
         #[arg(long)]
         quick: bool,
-        /// Run one section only and print it (target/bench/BENCHMARKS-<section>.md):
-        /// `containers` (section 8), `ebpf` (section 4) or `wire` (section 2's encodings, on
-        /// snapshots of this host recorded for the purpose).
+        /// Run one section only and print it (also written to BENCHMARKS-<section>.md in the
+        /// benchmark's directory): `containers` (section 8), `ebpf` (section 4), `wire`
+        /// (section 2's encodings, on snapshots of this host recorded for the purpose),
+        /// `ingest` (section 3's sustained rates, one and four insert rounds in flight) or
+        /// `cluster` (section 9: ZooKeeper, 2 shards × 2 replicas, 2 aggregators).
         #[arg(long, value_name = "SECTION")]
         only: Option<String>,
+        /// Where the benchmark keeps its servers' data, certificates and partial results:
+        /// DIR/sonde-bench (default: target/bench). ClickHouse's inserts are much slower on
+        /// an ext4 without a journal (docs/BENCHMARKS.md, section 3; the benchmark warns and
+        /// says so in its report): give a directory on a journaled filesystem or a tmpfs
+        /// there.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<std::path::PathBuf>,
     },
     /// Measure storage on real data: the detection corpus's recorded host stored through the
     /// live insert path, bytes per sample for raw rows and each rollup tier on ClickHouse
@@ -237,7 +249,7 @@ fn main() {
         Cmd::Undeploy { fleet } => fleet
             .targets()
             .and_then(|t| deploy::undeploy(t, fleet.identity, fleet.ssh_options, fleet.parallel)),
-        Cmd::Bench { quick, only } => bench::run_bench(quick, only.as_deref()),
+        Cmd::Bench { quick, only, dir } => bench::run_bench(quick, only.as_deref(), dir),
         Cmd::Storage => bench::run_storage(),
         Cmd::Docs { check } => docs::run(&setup::root(), check),
         Cmd::DetectEval {

@@ -259,7 +259,17 @@ struct Env {
     ch_http: String,
 }
 
-fn machine() -> Value {
+/// What the aggregator logs at start when its managed ClickHouse's data is on an ext4
+/// without a journal.
+const NO_JOURNAL: &str = "on an ext4 filesystem without a journal";
+
+/// True when the aggregator last started under `dir` warned that ClickHouse's data is on an
+/// ext4 without a journal.
+fn journal_less(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("aggregator.log")).is_ok_and(|l| l.contains(NO_JOURNAL))
+}
+
+fn machine(dir: &Path) -> Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -282,6 +292,8 @@ fn machine() -> Value {
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "memory": mem,
         "kernel": kernel,
+        "data_dir": dir.display().to_string(),
+        "data_journal_less": journal_less(dir),
     })
 }
 
@@ -323,6 +335,14 @@ fn start_env_with(dir: &Path, bin: PathBuf, extra: &[String]) -> Result<(Proc, E
             );
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+    if journal_less(dir) {
+        step(&format!(
+            "warning: ClickHouse's data ({}) is on an ext4 without a journal, where its inserts \
+             are much slower (docs/BENCHMARKS.md, section 3): the ingest figures may be low; \
+             --dir on a journaled filesystem or a tmpfs avoids it",
+            dir.join("agg").display()
+        ));
     }
     let ports = std::fs::read_to_string(dir.join("agg/clickhouse/ports"))?;
     let ch_port = ports
@@ -379,7 +399,7 @@ fn ingest_only(dir: &Path, bin: PathBuf, quick: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn run_bench(quick: bool, only: Option<&str>) -> Result<()> {
+pub fn run_bench(quick: bool, only: Option<&str>, dir: Option<PathBuf>) -> Result<()> {
     if let Some(o) =
         only.filter(|o| !["containers", "ebpf", "wire", "ingest", "cluster"].contains(o))
     {
@@ -403,9 +423,15 @@ pub fn run_bench(quick: bool, only: Option<&str>) -> Result<()> {
         "-p",
         "sonde-aggregator",
     ]))?;
-    let dir = root.join("target/bench");
+    let dir = match dir {
+        Some(d) => std::path::absolute(&d)
+            .with_context(|| format!("--dir {}", d.display()))?
+            .join("sonde-bench"),
+        None => root.join("target/bench"),
+    };
     let _ = std::fs::remove_dir_all(dir.join("agg"));
-    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    step(&format!("the benchmark's files under {}", dir.display()));
     if only == Some("wire") {
         // This host's own snapshots, then every encoding over them.
         let n = if quick { 30 } else { 120 };
@@ -520,7 +546,7 @@ pub fn run_bench(quick: bool, only: Option<&str>) -> Result<()> {
     let results = json!({
         "date": date,
         "quick": quick,
-        "machine": machine(),
+        "machine": machine(&dir),
         "overhead": overhead,
         "ebpf": ebpf,
         "storage": storage,

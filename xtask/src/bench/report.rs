@@ -29,6 +29,13 @@ pub(super) fn markdown(r: &Value, quick: bool) -> String {
         m["memory"].as_str().unwrap_or("").replace("MemTotal:", "MemTotal").trim(),
         m["kernel"].as_str().unwrap_or("")
     ));
+    if m["data_journal_less"] == true {
+        s.push_str(&format!(
+            "**ClickHouse's data was on an ext4 without a journal** (`{}`): ClickHouse's inserts are much slower there \
+             (section 3), so the ingest figures of this run may be low. `--dir` on a journaled filesystem or a tmpfs avoids it.\n\n",
+            m["data_dir"].as_str().unwrap_or("")
+        ));
+    }
     let o = &r["overhead"];
     s.push_str(&format!(
         "## 1. Collector overhead at a 1 s interval ({} s, side by side)\n\nMethod: all four run at once; CPU is the process's \
