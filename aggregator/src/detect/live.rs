@@ -8,7 +8,7 @@ use crate::alert::Alerter;
 use crate::metrics::Metrics;
 use crate::store::{Dedup, Store, StoreHandle};
 use protocol::Batch;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -40,37 +40,11 @@ pub async fn run(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut ticks = 0u64;
-    // Hosts new to this engine wait here, their batches queued in order, while the loader
-    // reads their firing alerts and history.
-    let mut waiting: HashMap<Arc<str>, Waiting> = HashMap::new();
-    let mut rules_now: Arc<Vec<Rule>> = Arc::new(engine.rules().to_vec());
     let (ask, asked) = mpsc::unbounded_channel::<WarmRequest>();
     let (ask_late, asked_late) = mpsc::unbounded_channel::<WarmRequest>();
-    // `alerts`: the host's firing alerts were not read (ClickHouse down or too slow): the
-    // catch-up takes over those that began before the host arrived here.
-    let catch_up = |host: &Arc<str>, batches: &[Arrival], rules: &Arc<Vec<Rule>>, alerts: bool| {
-        let arrived_ms = first_sample_ms(batches);
-        let _ = ask_late.send(WarmRequest {
-            host: host.clone(),
-            before_ms: 0,
-            alerts_before_ms: alerts.then_some(arrived_ms),
-            labels: batches
-                .iter()
-                .flat_map(|a| a.batch.snapshots.iter())
-                .find_map(super::host_labels_of),
-            rules: rules.clone(),
-            asked: Instant::now(),
-            released: Arc::new(AtomicBool::new(false)),
-        });
-    };
     let (done_tx, mut done) = mpsc::channel::<Warmed>(256);
     tokio::spawn(loader(store.clone(), asked, asked_late, done_tx));
-    let mut loader_alive = true;
-    // Batches held for waiting hosts, and hosts released before their answer came.
-    let mut held = 0usize;
-    let mut early: std::collections::HashSet<Arc<str>> = Default::default();
-    // Hosts judged here before their firing alerts could be read: their alert events.
-    let mut unread: HashMap<Arc<str>, Unread> = HashMap::new();
+    let mut news = Newcomers::new(Arc::new(engine.rules().to_vec()), ask, ask_late);
     loop {
         let arrived = tokio::select! {
             a = rx.recv() => {
@@ -79,124 +53,24 @@ pub async fn run(
                     continue;
                 }
                 dedup.insert(&a.host, &a.batch.boot_id, a.batch.seq);
-                if let Some(w) = waiting.get_mut(&a.host) {
-                    if held < MAX_HELD {
-                        w.batches.push(a);
-                        held += 1;
-                        continue;
-                    }
-                    // Too much held (a restart, sensors resending their spools): this host
-                    // goes on without its history; its alerts are still taken over.
-                    let mut w = waiting.remove(&a.host).unwrap();
-                    held -= w.batches.len();
-                    w.batches.push(a);
-                    metrics.detect_hosts_waiting.store(waiting.len() as u64, Relaxed);
-                    metrics.detect_hosts_cold.fetch_add(1, Relaxed);
-                    tracing::debug!(host = %w.batches[0].host, "too many batches held for new hosts: this one starts without its history");
-                    let host = w.batches[0].host.clone();
-                    early.insert(host.clone());
-                    catch_up(&host, &w.batches, &rules_now, true);
-                    hold(&mut unread, &host, &w);
-                    release(&mut engine, w, &mut out)
-                } else if !engine.knows_host(&a.host) && loader_alive {
-                    if let Some(u) = unread.remove(&a.host) {
-                        u.release(&alerter);
-                    }
-                    let first = a.batch.snapshots.iter().map(|s| s.ts_ms).min().unwrap_or_else(now_ms);
-                    let labels = a.batch.snapshots.iter().find_map(super::host_labels_of);
-                    let released = Arc::new(AtomicBool::new(false));
-                    let _ = ask.send(WarmRequest {
-                        host: a.host.clone(),
-                        before_ms: first,
-                        alerts_before_ms: None,
-                        labels,
-                        rules: rules_now.clone(),
-                        asked: Instant::now(),
-                        released: released.clone(),
-                    });
-                    waiting.insert(a.host.clone(), Waiting { since: Instant::now(), batches: vec![a], released });
-                    held += 1;
-                    metrics.detect_hosts_waiting.store(waiting.len() as u64, Relaxed);
-                    continue;
-                } else {
-                    engine.observe_batch(&a.host, &a.batch, now_ms(), &mut out);
-                    Some(a.at)
-                }
+                news.arrive(&mut engine, a, &metrics, &alerter, &mut out)
             }
-            w = done.recv(), if loader_alive => {
-                let Some(mut w) = w else {
+            w = done.recv(), if news.loader_alive => {
+                let Some(w) = w else {
                     // Cannot happen short of a bug: new hosts then start cold; `WAIT_MAX`
                     // releases those waiting.
                     tracing::error!("the detection loader stopped; new hosts' detectors start without history");
-                    loader_alive = false;
+                    news.loader_alive = false;
                     continue;
                 };
-                if w.catch_up {
-                    // A host released without its history: its detectors catch up, unless
-                    // it left, or came back as new, meanwhile.
-                    if waiting.contains_key(&w.host) || !engine.knows_host(&w.host) {
-                        if let Some(u) = unread.remove(&w.host) {
-                            u.release(&alerter);
-                        }
-                        continue;
-                    }
-                    if let Some(h) = w.warmed.take() {
-                        let n = engine.catch_up(h);
-                        metrics.detect_hosts_caught_up.fetch_add(1, Relaxed);
-                        metrics.detect_warm_samples.fetch_add(w.samples as u64, Relaxed);
-                        tracing::debug!(host = %w.host, series = n, history_samples = w.samples, "the host's detectors caught up with its history");
-                    }
-                    // After the swap: an alert taken over keeps a detector that replayed.
-                    adopt(&mut engine, &w, &mut unread, &alerter, &mut out);
-                    None
-                } else if let Some(wait) = waiting.remove(&w.host) {
-                    held -= wait.batches.len();
-                    metrics.detect_hosts_waiting.store(waiting.len() as u64, Relaxed);
-                    if w.cold.is_some() || w.open.is_err() {
-                        // Without its history, whatever the reason: it catches up later, and
-                        // takes over its firing alerts then if they could not be read now
-                        // (its alert events are held until then).
-                        catch_up(&w.host, &wait.batches, &rules_now, w.open.is_err());
-                        if w.open.is_err() {
-                            hold(&mut unread, &w.host, &wait);
-                        }
-                    }
-                    take_over(&mut engine, w, &metrics, &mut unread, &alerter, &mut out);
-                    release(&mut engine, wait, &mut out)
-                } else {
-                    // Released before the answer came: its firing alerts are still taken over
-                    // (or at its catch-up, if they could not be read).
-                    if early.remove(&w.host) {
-                        adopt(&mut engine, &w, &mut unread, &alerter, &mut out);
-                    }
-                    None
-                }
+                news.answered(&mut engine, w, &metrics, &alerter, &mut out)
             }
             _ = tick.tick() => {
                 ticks += 1;
                 if ticks.is_multiple_of(MOVED_CHECK_EVERY_S) {
                     drop_moved_hosts(&mut engine, &store).await;
                 }
-                // The loader answers within its budget; this only guards against it stalling.
-                let late: Vec<Arc<str>> = waiting
-                    .iter()
-                    .filter(|(_, w)| w.since.elapsed() > WAIT_MAX)
-                    .map(|(h, _)| h.clone())
-                    .collect();
-                let mut first = None;
-                for h in late {
-                    let w = waiting.remove(&h).unwrap();
-                    held -= w.batches.len();
-                    early.insert(h.clone());
-                    catch_up(&h, &w.batches, &rules_now, true);
-                    hold(&mut unread, &h, &w);
-                    tracing::warn!(host = %h, "no answer about the host's alerts and history; its detectors start without them (its alert notifications wait for its firing alerts to be read, up to {HOLD_MAX:?})");
-                    metrics.detect_hosts_cold.fetch_add(1, Relaxed);
-                    first = first.or(release(&mut engine, w, &mut out));
-                }
-                metrics.detect_hosts_waiting.store(waiting.len() as u64, Relaxed);
-                expire(&mut unread, Instant::now(), &alerter);
-                metrics.detect_alerts_held.store(unread.values().map(|u| u.events.len() as u64).sum(), Relaxed);
+                let first = news.tick(&mut engine, Instant::now(), &metrics, &alerter, &mut out);
                 engine.tick(now_ms(), &mut out);
                 let (n, b) = engine.state_size();
                 metrics.detect_series.store(n as u64, Relaxed);
@@ -207,7 +81,7 @@ pub async fn run(
             r = reload.recv() => {
                 if let Some(rules) = r {
                     tracing::info!(rules = rules.len(), "rules reloaded");
-                    rules_now = Arc::new(rules.clone());
+                    news.rules = Arc::new(rules.clone());
                     engine.reload(rules, now_ms(), &mut out);
                 }
                 None
@@ -220,8 +94,242 @@ pub async fn run(
             .detect_replayed_skipped
             .store(engine.replayed_skipped, Relaxed);
         for e in out.drain(..) {
-            route(&mut unread, e, arrived, &alerter);
+            route(&mut news.unread, e, arrived, &alerter);
         }
+    }
+}
+
+/// The live loop's hosts new to its engine: those whose batches wait while the loader
+/// reads their firing alerts and history, and those judged before their firing alerts
+/// could be read, whose alert events are held until they are.
+struct Newcomers {
+    /// Hosts waiting for the loader's answer, their batches queued in order.
+    waiting: HashMap<Arc<str>, Waiting>,
+    /// Batches queued for waiting hosts, at most `MAX_HELD`.
+    held: usize,
+    /// Hosts released before their answer came.
+    early: HashSet<Arc<str>>,
+    /// Hosts judged here before their firing alerts could be read: their alert events.
+    unread: HashMap<Arc<str>, Unread>,
+    /// The loader's queues: hosts that just arrived, and catch-ups.
+    ask: mpsc::UnboundedSender<WarmRequest>,
+    ask_late: mpsc::UnboundedSender<WarmRequest>,
+    rules: Arc<Vec<Rule>>,
+    loader_alive: bool,
+}
+
+impl Newcomers {
+    fn new(
+        rules: Arc<Vec<Rule>>,
+        ask: mpsc::UnboundedSender<WarmRequest>,
+        ask_late: mpsc::UnboundedSender<WarmRequest>,
+    ) -> Newcomers {
+        Newcomers {
+            waiting: HashMap::new(),
+            held: 0,
+            early: HashSet::new(),
+            unread: HashMap::new(),
+            ask,
+            ask_late,
+            rules,
+            loader_alive: true,
+        }
+    }
+
+    /// Asks for the history of a host released without it. `alerts`: its firing alerts
+    /// were not read (ClickHouse down or too slow): the catch-up takes over those that
+    /// began before the host arrived here.
+    fn catch_up(&self, host: &Arc<str>, batches: &[Arrival], alerts: bool) {
+        let arrived_ms = first_sample_ms(batches);
+        let _ = self.ask_late.send(WarmRequest {
+            host: host.clone(),
+            before_ms: 0,
+            alerts_before_ms: alerts.then_some(arrived_ms),
+            labels: batches
+                .iter()
+                .flat_map(|a| a.batch.snapshots.iter())
+                .find_map(super::host_labels_of),
+            rules: self.rules.clone(),
+            asked: Instant::now(),
+            released: Arc::new(AtomicBool::new(false)),
+        });
+    }
+
+    /// Releases a waiting host before its answer came: its batches are evaluated, its
+    /// history is asked for again as a catch-up, and its alert events are held until its
+    /// firing alerts are read. Returns when its first batch arrived.
+    fn release_early(
+        &mut self,
+        engine: &mut Engine,
+        w: Waiting,
+        now: Instant,
+        metrics: &Metrics,
+        out: &mut Vec<AlertEvent>,
+    ) -> Option<Instant> {
+        let host = w.batches[0].host.clone();
+        self.held -= w.batches.len();
+        self.early.insert(host.clone());
+        self.catch_up(&host, &w.batches, true);
+        hold(&mut self.unread, &host, &w, now);
+        metrics.detect_hosts_cold.fetch_add(1, Relaxed);
+        release(engine, w, out)
+    }
+
+    /// A batch not seen before: evaluated, or queued while its host waits for the
+    /// loader's answer. Returns when the first batch evaluated arrived.
+    fn arrive(
+        &mut self,
+        engine: &mut Engine,
+        a: Arrival,
+        metrics: &Metrics,
+        to: &impl Dispatch,
+        out: &mut Vec<AlertEvent>,
+    ) -> Option<Instant> {
+        if let Some(w) = self.waiting.get_mut(&a.host) {
+            if self.held < MAX_HELD {
+                w.batches.push(a);
+                self.held += 1;
+                return None;
+            }
+            // Too much queued (a restart, sensors resending their spools): this host goes
+            // on without its history; its alerts are still taken over.
+            let mut w = self.waiting.remove(&a.host).unwrap();
+            w.batches.push(a);
+            self.held += 1;
+            metrics
+                .detect_hosts_waiting
+                .store(self.waiting.len() as u64, Relaxed);
+            tracing::debug!(host = %w.batches[0].host, "too many batches held for new hosts: this one starts without its history");
+            self.release_early(engine, w, Instant::now(), metrics, out)
+        } else if !engine.knows_host(&a.host) && self.loader_alive {
+            if let Some(u) = self.unread.remove(&a.host) {
+                u.release(to);
+            }
+            let first = a
+                .batch
+                .snapshots
+                .iter()
+                .map(|s| s.ts_ms)
+                .min()
+                .unwrap_or_else(now_ms);
+            let labels = a.batch.snapshots.iter().find_map(super::host_labels_of);
+            let released = Arc::new(AtomicBool::new(false));
+            let _ = self.ask.send(WarmRequest {
+                host: a.host.clone(),
+                before_ms: first,
+                alerts_before_ms: None,
+                labels,
+                rules: self.rules.clone(),
+                asked: Instant::now(),
+                released: released.clone(),
+            });
+            self.waiting.insert(
+                a.host.clone(),
+                Waiting {
+                    since: Instant::now(),
+                    batches: vec![a],
+                    released,
+                },
+            );
+            self.held += 1;
+            metrics
+                .detect_hosts_waiting
+                .store(self.waiting.len() as u64, Relaxed);
+            None
+        } else {
+            engine.observe_batch(&a.host, &a.batch, now_ms(), out);
+            Some(a.at)
+        }
+    }
+
+    /// The loader's answer about a host. Returns when the first batch evaluated arrived.
+    fn answered(
+        &mut self,
+        engine: &mut Engine,
+        mut w: Warmed,
+        metrics: &Metrics,
+        to: &impl Dispatch,
+        out: &mut Vec<AlertEvent>,
+    ) -> Option<Instant> {
+        if w.catch_up {
+            // A host released without its history: its detectors catch up, unless it
+            // left, or came back as new, meanwhile.
+            if self.waiting.contains_key(&w.host) || !engine.knows_host(&w.host) {
+                if let Some(u) = self.unread.remove(&w.host) {
+                    u.release(to);
+                }
+                return None;
+            }
+            if let Some(h) = w.warmed.take() {
+                let n = engine.catch_up(h);
+                metrics.detect_hosts_caught_up.fetch_add(1, Relaxed);
+                metrics
+                    .detect_warm_samples
+                    .fetch_add(w.samples as u64, Relaxed);
+                tracing::debug!(host = %w.host, series = n, history_samples = w.samples, "the host's detectors caught up with its history");
+            }
+            // After the swap: an alert taken over keeps a detector that replayed.
+            adopt(engine, &w, &mut self.unread, to, out);
+            None
+        } else if let Some(wait) = self.waiting.remove(&w.host) {
+            self.held -= wait.batches.len();
+            metrics
+                .detect_hosts_waiting
+                .store(self.waiting.len() as u64, Relaxed);
+            if w.cold.is_some() || w.open.is_err() {
+                // Without its history, whatever the reason: it catches up later, and takes
+                // over its firing alerts then if they could not be read now (its alert
+                // events are held until then).
+                self.catch_up(&w.host, &wait.batches, w.open.is_err());
+                if w.open.is_err() {
+                    hold(&mut self.unread, &w.host, &wait, Instant::now());
+                }
+            }
+            take_over(engine, w, metrics, &mut self.unread, to, out);
+            release(engine, wait, out)
+        } else {
+            // Released before the answer came: its firing alerts are still taken over (or
+            // at its catch-up, if they could not be read).
+            if self.early.remove(&w.host) {
+                adopt(engine, &w, &mut self.unread, to, out);
+            }
+            None
+        }
+    }
+
+    /// Once a second: releases the hosts that have waited longer than `WAIT_MAX` (the
+    /// loader answers within its budget; this only guards against it stalling), and sends
+    /// the alert events held longer than `HOLD_MAX`. Returns when the first batch
+    /// evaluated arrived.
+    fn tick(
+        &mut self,
+        engine: &mut Engine,
+        now: Instant,
+        metrics: &Metrics,
+        to: &impl Dispatch,
+        out: &mut Vec<AlertEvent>,
+    ) -> Option<Instant> {
+        let late: Vec<Arc<str>> = self
+            .waiting
+            .iter()
+            .filter(|(_, w)| now.saturating_duration_since(w.since) > WAIT_MAX)
+            .map(|(h, _)| h.clone())
+            .collect();
+        let mut first = None;
+        for h in late {
+            let w = self.waiting.remove(&h).unwrap();
+            tracing::warn!(host = %h, "no answer about the host's alerts and history; its detectors start without them (its alert notifications wait for its firing alerts to be read, up to {HOLD_MAX:?})");
+            first = first.or(self.release_early(engine, w, now, metrics, out));
+        }
+        metrics
+            .detect_hosts_waiting
+            .store(self.waiting.len() as u64, Relaxed);
+        expire(&mut self.unread, now, to);
+        metrics.detect_alerts_held.store(
+            self.unread.values().map(|u| u.events.len() as u64).sum(),
+            Relaxed,
+        );
+        first
     }
 }
 
@@ -349,10 +457,10 @@ fn first_sample_ms(batches: &[Arrival]) -> u64 {
 }
 
 /// Holds the alert events of a host released with its firing alerts unread.
-fn hold(unread: &mut HashMap<Arc<str>, Unread>, host: &Arc<str>, w: &Waiting) {
+fn hold(unread: &mut HashMap<Arc<str>, Unread>, host: &Arc<str>, w: &Waiting, now: Instant) {
     let first_ms = first_sample_ms(&w.batches);
     unread.entry(host.clone()).or_insert(Unread {
-        since: Instant::now(),
+        since: now,
         first_ms,
         events: Vec::new(),
     });
@@ -439,7 +547,7 @@ fn take_over(
     mut w: Warmed,
     metrics: &Metrics,
     unread: &mut HashMap<Arc<str>, Unread>,
-    alerter: &Alerter,
+    to: &impl Dispatch,
     out: &mut Vec<AlertEvent>,
 ) {
     let series = w.warmed.take().map_or(0, |h| engine.absorb(h));
@@ -458,7 +566,7 @@ fn take_over(
     } else {
         tracing::debug!(%host, series, history_samples = w.samples, "the host's detectors replayed its history");
     }
-    adopt(engine, &w, unread, alerter, out);
+    adopt(engine, &w, unread, to, out);
 }
 
 /// Takes over the host's firing alerts the loader found; once they are read, the host's
@@ -467,7 +575,7 @@ fn adopt(
     engine: &mut Engine,
     w: &Warmed,
     unread: &mut HashMap<Arc<str>, Unread>,
-    alerter: &Alerter,
+    to: &impl Dispatch,
     out: &mut Vec<AlertEvent>,
 ) {
     let host = &*w.host;
@@ -490,7 +598,7 @@ fn adopt(
             } else {
                 tracing::debug!(%host, held_events = u.events.len(), "no firing alert of the host to take over; its held alert events are sent");
             }
-            u.release_but(&replaced, alerter);
+            u.release_but(&replaced, to);
             return;
         }
     }
@@ -1254,6 +1362,227 @@ mod tests {
         assert_eq!(sent.take(), [("h".to_string(), "other".to_string())]);
     }
     use crate::detect::backtest::{self, history_queries_of, part_spec};
+
+    const HOT: &str = "[[rule]]\nname = \"hot\"\nkind = \"threshold\"\nseries = \"cpu.busy\"\nlabels = { cpu = \"total\" }\nwarning = 1\nfor = \"0s\"\n";
+
+    /// Batch `seq` of `host`, one snapshot.
+    fn arrival(host: &str, seq: u64, s: protocol::Snapshot) -> Arrival {
+        Arrival {
+            host: host.into(),
+            batch: Arc::new(Batch {
+                host: host.into(),
+                boot_id: "b".into(),
+                seq,
+                info: None,
+                snapshots: vec![s],
+            }),
+            at: Instant::now(),
+        }
+    }
+
+    /// Second `i` with the CPUs idle (`HOT` not breached; `snap` breaches it).
+    fn calm(i: u64) -> protocol::Snapshot {
+        let mut s = snap(i);
+        s.cpu[0].idle = 100.0;
+        s.cpu[0].user = 0.0;
+        s
+    }
+
+    /// The loop's state for hosts new to `engine`, with the loader's queues.
+    type Asked = mpsc::UnboundedReceiver<WarmRequest>;
+    fn newcomers(rules: &[Rule]) -> (Newcomers, Asked, Asked) {
+        let (ask, asked) = mpsc::unbounded_channel();
+        let (ask_late, asked_late) = mpsc::unbounded_channel();
+        let news = Newcomers::new(Arc::new(rules.to_vec()), ask, ask_late);
+        (news, asked, asked_late)
+    }
+
+    fn old_hot(host: &str) -> super::super::OpenAlert {
+        super::super::OpenAlert {
+            id: "old-hot".into(),
+            rule: "hot".into(),
+            labels: vec![("host".into(), host.into()), ("cpu".into(), "total".into())],
+            severity: "warning".into(),
+            starts_at_ms: 1_600_000_000_000,
+        }
+    }
+
+    /// A waiting host whose batch would pass `MAX_HELD` queued is released at once: its
+    /// batches judged in order, its history and firing alerts asked for again as a
+    /// catch-up, and its alert events held meanwhile. Its first answer, come after the
+    /// release, could not read its alerts; the catch-up's did: the alert from before is
+    /// taken over and replaces the one that fired here, which is never sent; its
+    /// resolution comes under the old id.
+    #[test]
+    fn a_host_past_the_queue_bound_is_judged_at_once_and_takes_its_alerts_over_at_its_catch_up() {
+        let rules = parse_rules("t", HOT).unwrap();
+        let mut engine = Engine::new(rules.clone());
+        let (mut news, mut asked, mut asked_late) = newcomers(&rules);
+        let (metrics, sent, mut out) = (Metrics::default(), Sent::default(), Vec::new());
+        let n = MAX_HELD as u64;
+        for seq in 1..=n {
+            let first = news.arrive(
+                &mut engine,
+                arrival("q", seq, snap(seq)),
+                &metrics,
+                &sent,
+                &mut out,
+            );
+            assert_eq!(first, None, "batch {seq} not queued");
+        }
+        assert_eq!(&*asked.try_recv().unwrap().host, "q");
+        assert!(asked.try_recv().is_err(), "asked once");
+        assert_eq!(news.held, MAX_HELD);
+        assert!(out.is_empty() && !engine.knows_host("q"));
+
+        let first = news.arrive(
+            &mut engine,
+            arrival("q", n + 1, snap(n + 1)),
+            &metrics,
+            &sent,
+            &mut out,
+        );
+        assert!(first.is_some(), "not released past the bound");
+        assert_eq!((news.held, news.waiting.len()), (0, 0));
+        assert_eq!(metrics.detect_hosts_cold.load(Relaxed), 1);
+        let late = asked_late.try_recv().expect("no catch-up asked for");
+        assert_eq!(&*late.host, "q");
+        assert_eq!(
+            late.alerts_before_ms,
+            Some(snap(1).ts_ms),
+            "its alerts not asked for"
+        );
+        // Judged in order: `hot` fired at the first batch (and was repeated an hour on).
+        assert_eq!(
+            (out[0].state, out[0].at_ms),
+            ("firing", snap(1).ts_ms),
+            "{out:?}"
+        );
+        let own = out[0].id.clone();
+        assert!(
+            out.iter().all(|e| e.id == own && e.state == "firing"),
+            "{out:?}"
+        );
+        assert_eq!(out.iter().filter(|e| !e.repeat).count(), 1, "{out:?}");
+        for e in out.drain(..) {
+            route(&mut news.unread, e, None, &sent);
+        }
+        assert!(sent.take().is_empty(), "sent before its alerts were read");
+
+        // The first answer, after the release, without its alerts: still held.
+        let held = news.unread["q"].events.len();
+        let w = Warmed::new("q".into(), Err("timed out".into()));
+        assert_eq!(
+            news.answered(&mut engine, w, &metrics, &sent, &mut out),
+            None
+        );
+        assert!(out.is_empty() && sent.take().is_empty());
+        assert_eq!(news.unread["q"].events.len(), held);
+        // The catch-up's, with them.
+        let mut w = Warmed::new("q".into(), Ok(vec![old_hot("q")]));
+        w.catch_up = true;
+        news.answered(&mut engine, w, &metrics, &sent, &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        assert!(
+            sent.take().is_empty(),
+            "the replaced alert's events were sent"
+        );
+        assert!(!news.unread.contains_key("q"), "still held");
+        // Still breached: nothing; then calm: resolved under the old id, not under {own}.
+        news.arrive(
+            &mut engine,
+            arrival("q", n + 2, snap(n + 2)),
+            &metrics,
+            &sent,
+            &mut out,
+        );
+        assert!(out.is_empty(), "{out:?}");
+        news.arrive(
+            &mut engine,
+            arrival("q", n + 3, calm(n + 3)),
+            &metrics,
+            &sent,
+            &mut out,
+        );
+        let got: Vec<(&str, &str)> = out.iter().map(|e| (e.state, e.id.as_str())).collect();
+        assert_eq!(got, [("resolved", "old-hot")], "own alert was {own}");
+    }
+
+    /// A host whose answer does not come within `WAIT_MAX` (the loader stalled) is
+    /// released at the first tick past it: judged, asked for as a catch-up, its alert
+    /// events held; with its firing alerts still unread `HOLD_MAX` later, they are sent.
+    #[test]
+    fn a_host_without_an_answer_is_released_after_wait_max_and_its_events_sent_after_hold_max() {
+        let rules = parse_rules("t", HOT).unwrap();
+        let mut engine = Engine::new(rules.clone());
+        let (mut news, _asked, mut asked_late) = newcomers(&rules);
+        let (metrics, sent, mut out) = (Metrics::default(), Sent::default(), Vec::new());
+        let t0 = Instant::now();
+        for seq in 1..=2 {
+            news.arrive(
+                &mut engine,
+                arrival("s", seq, snap(seq)),
+                &metrics,
+                &sent,
+                &mut out,
+            );
+        }
+        let second = Duration::from_secs(1);
+        let before = news.tick(
+            &mut engine,
+            t0 + WAIT_MAX - second,
+            &metrics,
+            &sent,
+            &mut out,
+        );
+        assert_eq!((before, news.waiting.len(), out.len()), (None, 1, 0));
+        assert!(asked_late.try_recv().is_err());
+
+        let t1 = t0 + WAIT_MAX + second;
+        let first = news.tick(&mut engine, t1, &metrics, &sent, &mut out);
+        assert!(first.is_some(), "not released after WAIT_MAX");
+        assert_eq!((news.held, news.waiting.len()), (0, 0));
+        assert!(news.early.contains("s"));
+        assert_eq!(
+            asked_late.try_recv().unwrap().alerts_before_ms,
+            Some(snap(1).ts_ms)
+        );
+        assert_eq!(out.len(), 1, "{out:?}");
+        for e in out.drain(..) {
+            route(&mut news.unread, e, None, &sent);
+        }
+        news.arrive(
+            &mut engine,
+            arrival("s", 3, calm(3)),
+            &metrics,
+            &sent,
+            &mut out,
+        );
+        for e in out.drain(..) {
+            route(&mut news.unread, e, None, &sent);
+        }
+        news.tick(
+            &mut engine,
+            t1 + HOLD_MAX - second,
+            &metrics,
+            &sent,
+            &mut out,
+        );
+        assert!(sent.take().is_empty(), "sent before HOLD_MAX");
+        assert_eq!(metrics.detect_alerts_held.load(Relaxed), 2);
+        news.tick(
+            &mut engine,
+            t1 + HOLD_MAX + second,
+            &metrics,
+            &sent,
+            &mut out,
+        );
+        let ids: Vec<String> = sent.take().into_iter().map(|(_, id)| id).collect();
+        assert_eq!(ids.len(), 2, "not sent after HOLD_MAX: {ids:?}");
+        assert_eq!(ids[0], ids[1], "the firing and the resolution of one alert");
+        assert_eq!(metrics.detect_alerts_held.load(Relaxed), 0);
+    }
+
     use crate::detect::rules::parse_rules;
 
     const RULES: &str = r#"
