@@ -1365,21 +1365,6 @@ mod tests {
 
     const HOT: &str = "[[rule]]\nname = \"hot\"\nkind = \"threshold\"\nseries = \"cpu.busy\"\nlabels = { cpu = \"total\" }\nwarning = 1\nfor = \"0s\"\n";
 
-    /// Batch `seq` of `host`, one snapshot.
-    fn arrival(host: &str, seq: u64, s: protocol::Snapshot) -> Arrival {
-        Arrival {
-            host: host.into(),
-            batch: Arc::new(Batch {
-                host: host.into(),
-                boot_id: "b".into(),
-                seq,
-                info: None,
-                snapshots: vec![s],
-            }),
-            at: Instant::now(),
-        }
-    }
-
     /// Second `i` with the CPUs idle (`HOT` not breached; `snap` breaches it).
     fn calm(i: u64) -> protocol::Snapshot {
         let mut s = snap(i);
@@ -1388,13 +1373,69 @@ mod tests {
         s
     }
 
-    /// The loop's state for hosts new to `engine`, with the loader's queues.
-    type Asked = mpsc::UnboundedReceiver<WarmRequest>;
-    fn newcomers(rules: &[Rule]) -> (Newcomers, Asked, Asked) {
-        let (ask, asked) = mpsc::unbounded_channel();
-        let (ask_late, asked_late) = mpsc::unbounded_channel();
-        let news = Newcomers::new(Arc::new(rules.to_vec()), ask, ask_late);
-        (news, asked, asked_late)
+    /// The live loop's side for hosts new to its engine, driven by hand: the loader's
+    /// queues are read by the test, alert events are sent to `sent`.
+    struct Live {
+        engine: Engine,
+        news: Newcomers,
+        asked: mpsc::UnboundedReceiver<WarmRequest>,
+        asked_late: mpsc::UnboundedReceiver<WarmRequest>,
+        metrics: Metrics,
+        sent: Sent,
+        out: Vec<AlertEvent>,
+    }
+
+    impl Live {
+        fn new(rules: &str) -> Live {
+            let rules = parse_rules("t", rules).unwrap();
+            let (ask, asked) = mpsc::unbounded_channel();
+            let (ask_late, asked_late) = mpsc::unbounded_channel();
+            Live {
+                engine: Engine::new(rules.clone()),
+                news: Newcomers::new(Arc::new(rules), ask, ask_late),
+                asked,
+                asked_late,
+                metrics: Metrics::default(),
+                sent: Sent::default(),
+                out: Vec::new(),
+            }
+        }
+
+        /// Batch `seq` of `host`, one snapshot.
+        fn arrive(&mut self, host: &str, seq: u64, s: protocol::Snapshot) -> Option<Instant> {
+            let batch = Batch {
+                host: host.into(),
+                boot_id: "b".into(),
+                seq,
+                info: None,
+                snapshots: vec![s],
+            };
+            let a = Arrival {
+                host: host.into(),
+                batch: Arc::new(batch),
+                at: Instant::now(),
+            };
+            let (m, to) = (&self.metrics, &self.sent);
+            self.news.arrive(&mut self.engine, a, m, to, &mut self.out)
+        }
+
+        fn answered(&mut self, w: Warmed) -> Option<Instant> {
+            let (m, to) = (&self.metrics, &self.sent);
+            self.news
+                .answered(&mut self.engine, w, m, to, &mut self.out)
+        }
+
+        fn tick(&mut self, now: Instant) -> Option<Instant> {
+            let (m, to) = (&self.metrics, &self.sent);
+            self.news.tick(&mut self.engine, now, m, to, &mut self.out)
+        }
+
+        /// The engine's events, held or sent as the loop does.
+        fn route(&mut self) {
+            for e in self.out.drain(..) {
+                route(&mut self.news.unread, e, None, &self.sent);
+            }
+        }
     }
 
     fn old_hot(host: &str) -> super::super::OpenAlert {
@@ -1415,37 +1456,27 @@ mod tests {
     /// resolution comes under the old id.
     #[test]
     fn a_host_past_the_queue_bound_is_judged_at_once_and_takes_its_alerts_over_at_its_catch_up() {
-        let rules = parse_rules("t", HOT).unwrap();
-        let mut engine = Engine::new(rules.clone());
-        let (mut news, mut asked, mut asked_late) = newcomers(&rules);
-        let (metrics, sent, mut out) = (Metrics::default(), Sent::default(), Vec::new());
+        let mut l = Live::new(HOT);
         let n = MAX_HELD as u64;
         for seq in 1..=n {
-            let first = news.arrive(
-                &mut engine,
-                arrival("q", seq, snap(seq)),
-                &metrics,
-                &sent,
-                &mut out,
+            assert_eq!(
+                l.arrive("q", seq, snap(seq)),
+                None,
+                "batch {seq} not queued"
             );
-            assert_eq!(first, None, "batch {seq} not queued");
         }
-        assert_eq!(&*asked.try_recv().unwrap().host, "q");
-        assert!(asked.try_recv().is_err(), "asked once");
-        assert_eq!(news.held, MAX_HELD);
-        assert!(out.is_empty() && !engine.knows_host("q"));
+        assert_eq!(&*l.asked.try_recv().unwrap().host, "q");
+        assert!(l.asked.try_recv().is_err(), "asked once");
+        assert_eq!(l.news.held, MAX_HELD);
+        assert!(l.out.is_empty() && !l.engine.knows_host("q"));
 
-        let first = news.arrive(
-            &mut engine,
-            arrival("q", n + 1, snap(n + 1)),
-            &metrics,
-            &sent,
-            &mut out,
+        assert!(
+            l.arrive("q", n + 1, snap(n + 1)).is_some(),
+            "not released past the bound"
         );
-        assert!(first.is_some(), "not released past the bound");
-        assert_eq!((news.held, news.waiting.len()), (0, 0));
-        assert_eq!(metrics.detect_hosts_cold.load(Relaxed), 1);
-        let late = asked_late.try_recv().expect("no catch-up asked for");
+        assert_eq!((l.news.held, l.news.waiting.len()), (0, 0));
+        assert_eq!(l.metrics.detect_hosts_cold.load(Relaxed), 1);
+        let late = l.asked_late.try_recv().expect("no catch-up asked for");
         assert_eq!(&*late.host, "q");
         assert_eq!(
             late.alerts_before_ms,
@@ -1453,6 +1484,7 @@ mod tests {
             "its alerts not asked for"
         );
         // Judged in order: `hot` fired at the first batch (and was repeated an hour on).
+        let out = &l.out;
         assert_eq!(
             (out[0].state, out[0].at_ms),
             ("firing", snap(1).ts_ms),
@@ -1464,47 +1496,32 @@ mod tests {
             "{out:?}"
         );
         assert_eq!(out.iter().filter(|e| !e.repeat).count(), 1, "{out:?}");
-        for e in out.drain(..) {
-            route(&mut news.unread, e, None, &sent);
-        }
-        assert!(sent.take().is_empty(), "sent before its alerts were read");
+        l.route();
+        assert!(l.sent.take().is_empty(), "sent before its alerts were read");
 
         // The first answer, after the release, without its alerts: still held.
-        let held = news.unread["q"].events.len();
-        let w = Warmed::new("q".into(), Err("timed out".into()));
+        let held = l.news.unread["q"].events.len();
         assert_eq!(
-            news.answered(&mut engine, w, &metrics, &sent, &mut out),
+            l.answered(Warmed::new("q".into(), Err("timed out".into()))),
             None
         );
-        assert!(out.is_empty() && sent.take().is_empty());
-        assert_eq!(news.unread["q"].events.len(), held);
+        assert!(l.out.is_empty() && l.sent.take().is_empty());
+        assert_eq!(l.news.unread["q"].events.len(), held);
         // The catch-up's, with them.
         let mut w = Warmed::new("q".into(), Ok(vec![old_hot("q")]));
         w.catch_up = true;
-        news.answered(&mut engine, w, &metrics, &sent, &mut out);
-        assert!(out.is_empty(), "{out:?}");
+        l.answered(w);
+        assert!(l.out.is_empty(), "{:?}", l.out);
         assert!(
-            sent.take().is_empty(),
+            l.sent.take().is_empty(),
             "the replaced alert's events were sent"
         );
-        assert!(!news.unread.contains_key("q"), "still held");
+        assert!(!l.news.unread.contains_key("q"), "still held");
         // Still breached: nothing; then calm: resolved under the old id, not under {own}.
-        news.arrive(
-            &mut engine,
-            arrival("q", n + 2, snap(n + 2)),
-            &metrics,
-            &sent,
-            &mut out,
-        );
-        assert!(out.is_empty(), "{out:?}");
-        news.arrive(
-            &mut engine,
-            arrival("q", n + 3, calm(n + 3)),
-            &metrics,
-            &sent,
-            &mut out,
-        );
-        let got: Vec<(&str, &str)> = out.iter().map(|e| (e.state, e.id.as_str())).collect();
+        l.arrive("q", n + 2, snap(n + 2));
+        assert!(l.out.is_empty(), "{:?}", l.out);
+        l.arrive("q", n + 3, calm(n + 3));
+        let got: Vec<(&str, &str)> = l.out.iter().map(|e| (e.state, e.id.as_str())).collect();
         assert_eq!(got, [("resolved", "old-hot")], "own alert was {own}");
     }
 
@@ -1513,74 +1530,33 @@ mod tests {
     /// events held; with its firing alerts still unread `HOLD_MAX` later, they are sent.
     #[test]
     fn a_host_without_an_answer_is_released_after_wait_max_and_its_events_sent_after_hold_max() {
-        let rules = parse_rules("t", HOT).unwrap();
-        let mut engine = Engine::new(rules.clone());
-        let (mut news, _asked, mut asked_late) = newcomers(&rules);
-        let (metrics, sent, mut out) = (Metrics::default(), Sent::default(), Vec::new());
+        let mut l = Live::new(HOT);
         let t0 = Instant::now();
-        for seq in 1..=2 {
-            news.arrive(
-                &mut engine,
-                arrival("s", seq, snap(seq)),
-                &metrics,
-                &sent,
-                &mut out,
-            );
-        }
+        l.arrive("s", 1, snap(1));
+        l.arrive("s", 2, snap(2));
         let second = Duration::from_secs(1);
-        let before = news.tick(
-            &mut engine,
-            t0 + WAIT_MAX - second,
-            &metrics,
-            &sent,
-            &mut out,
-        );
-        assert_eq!((before, news.waiting.len(), out.len()), (None, 1, 0));
-        assert!(asked_late.try_recv().is_err());
+        assert_eq!(l.tick(t0 + WAIT_MAX - second), None);
+        assert_eq!((l.news.waiting.len(), l.out.len()), (1, 0));
+        assert!(l.asked_late.try_recv().is_err());
 
         let t1 = t0 + WAIT_MAX + second;
-        let first = news.tick(&mut engine, t1, &metrics, &sent, &mut out);
-        assert!(first.is_some(), "not released after WAIT_MAX");
-        assert_eq!((news.held, news.waiting.len()), (0, 0));
-        assert!(news.early.contains("s"));
-        assert_eq!(
-            asked_late.try_recv().unwrap().alerts_before_ms,
-            Some(snap(1).ts_ms)
-        );
-        assert_eq!(out.len(), 1, "{out:?}");
-        for e in out.drain(..) {
-            route(&mut news.unread, e, None, &sent);
-        }
-        news.arrive(
-            &mut engine,
-            arrival("s", 3, calm(3)),
-            &metrics,
-            &sent,
-            &mut out,
-        );
-        for e in out.drain(..) {
-            route(&mut news.unread, e, None, &sent);
-        }
-        news.tick(
-            &mut engine,
-            t1 + HOLD_MAX - second,
-            &metrics,
-            &sent,
-            &mut out,
-        );
-        assert!(sent.take().is_empty(), "sent before HOLD_MAX");
-        assert_eq!(metrics.detect_alerts_held.load(Relaxed), 2);
-        news.tick(
-            &mut engine,
-            t1 + HOLD_MAX + second,
-            &metrics,
-            &sent,
-            &mut out,
-        );
-        let ids: Vec<String> = sent.take().into_iter().map(|(_, id)| id).collect();
+        assert!(l.tick(t1).is_some(), "not released after WAIT_MAX");
+        assert_eq!((l.news.held, l.news.waiting.len()), (0, 0));
+        assert!(l.news.early.contains("s"));
+        let late = l.asked_late.try_recv().expect("no catch-up asked for");
+        assert_eq!(late.alerts_before_ms, Some(snap(1).ts_ms));
+        assert_eq!(l.out.len(), 1, "{:?}", l.out);
+        l.route();
+        l.arrive("s", 3, calm(3));
+        l.route();
+        l.tick(t1 + HOLD_MAX - second);
+        assert!(l.sent.take().is_empty(), "sent before HOLD_MAX");
+        assert_eq!(l.metrics.detect_alerts_held.load(Relaxed), 2);
+        l.tick(t1 + HOLD_MAX + second);
+        let ids: Vec<String> = l.sent.take().into_iter().map(|(_, id)| id).collect();
         assert_eq!(ids.len(), 2, "not sent after HOLD_MAX: {ids:?}");
         assert_eq!(ids[0], ids[1], "the firing and the resolution of one alert");
-        assert_eq!(metrics.detect_alerts_held.load(Relaxed), 0);
+        assert_eq!(l.metrics.detect_alerts_held.load(Relaxed), 0);
     }
 
     use crate::detect::rules::parse_rules;
