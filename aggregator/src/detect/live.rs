@@ -88,6 +88,9 @@ pub async fn run(
             }
         };
         metrics
+            .detect_hosts_waiting
+            .store(news.waiting.len() as u64, Relaxed);
+        metrics
             .detect_evaluations
             .store(engine.evaluations, Relaxed);
         metrics
@@ -196,9 +199,6 @@ impl Newcomers {
             let mut w = self.waiting.remove(&a.host).unwrap();
             w.batches.push(a);
             self.held += 1;
-            metrics
-                .detect_hosts_waiting
-                .store(self.waiting.len() as u64, Relaxed);
             tracing::debug!(host = %w.batches[0].host, "too many batches held for new hosts: this one starts without its history");
             self.release_early(engine, w, Instant::now(), metrics, out)
         } else if !engine.knows_host(&a.host) && self.loader_alive {
@@ -232,9 +232,6 @@ impl Newcomers {
                 },
             );
             self.held += 1;
-            metrics
-                .detect_hosts_waiting
-                .store(self.waiting.len() as u64, Relaxed);
             None
         } else {
             engine.observe_batch(&a.host, &a.batch, now_ms(), out);
@@ -273,9 +270,6 @@ impl Newcomers {
             None
         } else if let Some(wait) = self.waiting.remove(&w.host) {
             self.held -= wait.batches.len();
-            metrics
-                .detect_hosts_waiting
-                .store(self.waiting.len() as u64, Relaxed);
             if w.cold.is_some() || w.open.is_err() {
                 // Without its history, whatever the reason: it catches up later, and takes
                 // over its firing alerts then if they could not be read now (its alert
@@ -321,9 +315,6 @@ impl Newcomers {
             tracing::warn!(host = %h, "no answer about the host's alerts and history; its detectors start without them (its alert notifications wait for its firing alerts to be read, up to {HOLD_MAX:?})");
             first = first.or(self.release_early(engine, w, now, metrics, out));
         }
-        metrics
-            .detect_hosts_waiting
-            .store(self.waiting.len() as u64, Relaxed);
         expire(&mut self.unread, now, to);
         metrics.detect_alerts_held.store(
             self.unread.values().map(|u| u.events.len() as u64).sum(),
