@@ -228,7 +228,14 @@ fn busy_threads(pid: u32) -> String {
             let tid = t.file_name();
             if let Some((name, f)) = task_stat(pid, &tid.to_string_lossy()) {
                 let state = f.first().map_or("?", String::as_str);
-                *seen.entry(format!("{name} {state}")).or_default() += 1;
+                // The system call a sleeping thread waits in (x86-64 numbers; readable by
+                // the server's owner or root).
+                let call = std::fs::read_to_string(t.path().join("syscall")).unwrap_or_default();
+                let at = match call.split_whitespace().next() {
+                    Some(n) if n.parse::<u32>().is_ok() => format!(" in {}", syscall_name(n)),
+                    _ => String::new(),
+                };
+                *seen.entry(format!("{name} {state}{at}")).or_default() += 1;
             }
         }
     }
@@ -236,6 +243,25 @@ fn busy_threads(pid: u32) -> String {
     v.sort_by(|x, y| y.1.cmp(&x.1).then_with(|| x.0.cmp(&y.0)));
     let v: Vec<String> = v.into_iter().map(|(k, n)| format!("{k}×{n}")).collect();
     v.join(", ")
+}
+
+/// A few x86-64 system calls a server thread waits in, by number.
+fn syscall_name(n: &str) -> String {
+    let name = match (std::env::consts::ARCH, n) {
+        ("x86_64", "0") => "read",
+        ("x86_64", "7") => "poll",
+        ("x86_64", "23") => "select",
+        ("x86_64", "35") => "nanosleep",
+        ("x86_64", "45") => "recvfrom",
+        ("x86_64", "61") => "wait4",
+        ("x86_64", "202") => "futex",
+        ("x86_64", "230") => "clock_nanosleep",
+        ("x86_64", "232") => "epoll_wait",
+        ("x86_64", "271") => "ppoll",
+        ("x86_64", "281") => "epoll_pwait",
+        _ => return format!("syscall {n}"),
+    };
+    name.to_string()
 }
 
 /// Thread names of ClickHouse's background merge pools: `BackgrProcPool` up to 20.x
