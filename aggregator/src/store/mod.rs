@@ -1580,6 +1580,56 @@ mod tests {
 
     use super::*;
 
+    /// The client closes a connection left idle (an 18.16 server waits for a connection's
+    /// next request before it exits, so one kept open held a managed server's shutdown until
+    /// it was killed). A plain HTTP server on loopback answers one statement, then waits for
+    /// the client to hang up while the client is still alive.
+    #[test]
+    fn an_idle_connection_is_closed_by_the_client() {
+        use std::time::Duration;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            let server = tokio::spawn(async move {
+                let (mut sock, _) = listener.accept().await.unwrap();
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = sock.read(&mut buf).await.unwrap();
+                    assert!(n > 0, "the client hung up before its request was read");
+                    seen.extend_from_slice(&buf[..n]);
+                }
+                sock.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                    .await
+                    .unwrap();
+                let answered = tokio::time::Instant::now();
+                // Read until the client closes; a body or a second request is not expected.
+                loop {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return answered.elapsed(),
+                        Ok(_) => {}
+                    }
+                }
+            });
+            let c = client(&url, &ClickHouseConfig::default());
+            c.query("SELECT 1").execute().await.unwrap();
+            let idle = tokio::time::timeout(Duration::from_secs(10), server)
+                .await
+                .expect("the connection was still open 10 s after its last answer")
+                .unwrap();
+            assert!(
+                idle >= Duration::from_millis(1500),
+                "closed {idle:?} after its answer, before the 2 s idle timeout"
+            );
+            drop(c);
+        });
+    }
+
     #[test]
     fn ttl_days_read_from_engine_full() {
         // As ClickHouse 26.9 prints them (chdb), before and after ALTER … MODIFY/REMOVE TTL.
