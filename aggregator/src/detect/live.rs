@@ -486,6 +486,20 @@ struct WarmRequest {
     released: Arc<AtomicBool>,
 }
 
+impl WarmRequest {
+    /// Whether a catch-up still replays the host's history at `now`: not past
+    /// `CATCH_UP_MAX`, when its live detectors have nearly warmed up on their own.
+    fn history_wanted(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.asked) < CATCH_UP_MAX
+    }
+
+    /// Whether a catch-up is still worth a query at `now`: for its history, or, however
+    /// late, for the firing alerts that could not be read when the host arrived.
+    fn still_wanted(&self, now: Instant) -> bool {
+        self.history_wanted(now) || self.alerts_before_ms.is_some()
+    }
+}
+
 /// What the loader found about a new host.
 struct Warmed {
     host: Arc<str>,
@@ -645,7 +659,8 @@ async fn loader(
                     late.push_back(r);
                 }
                 // Past `CATCH_UP_MAX`, only the alerts are still worth reading.
-                late.retain(|r| r.asked.elapsed() < CATCH_UP_MAX || r.alerts_before_ms.is_some());
+                let now = Instant::now();
+                late.retain(|r| r.still_wanted(now));
                 let n = late.len().min(WARM_CHUNK);
                 let chunk: Vec<WarmRequest> = late.drain(..n).collect();
                 match catch_up_chunk(&store, chunk, &done).await {
@@ -816,7 +831,7 @@ async fn catch_up_chunk(
     // on their own (a host left waiting by a long outage still has its alerts taken over).
     let young: Vec<&WarmRequest> = reqs
         .iter()
-        .filter(|r| r.asked.elapsed() < CATCH_UP_MAX)
+        .filter(|r| r.history_wanted(Instant::now()))
         .collect();
     let mut got = HashMap::new();
     if !young.is_empty() {
@@ -1514,6 +1529,35 @@ mod tests {
         l.arrive("q", n + 3, calm(n + 3));
         let got: Vec<(&str, &str)> = l.out.iter().map(|e| (e.state, e.id.as_str())).collect();
         assert_eq!(got, [("resolved", "old-hot")], "own alert was {own}");
+    }
+
+    /// A catch-up replays history only within `CATCH_UP_MAX` of being asked for; past it,
+    /// one for a host whose firing alerts were never read is still made (for them alone),
+    /// and one for history alone is dropped.
+    #[test]
+    fn a_catch_up_past_its_age_still_takes_the_alerts_over_but_replays_no_history() {
+        let mut l = Live::new(HOT);
+        let (with, without): (Arc<str>, Arc<str>) = ("a".into(), "h".into());
+        l.news.catch_up(&with, &[], true);
+        l.news.catch_up(&without, &[], false);
+        let a = l.asked_late.try_recv().unwrap();
+        let h = l.asked_late.try_recv().unwrap();
+        assert!(a.alerts_before_ms.is_some() && h.alerts_before_ms.is_none());
+        let second = Duration::from_secs(1);
+        for r in [&a, &h] {
+            let soon = r.asked + CATCH_UP_MAX - second;
+            assert!(r.history_wanted(soon) && r.still_wanted(soon), "{}", r.host);
+            assert!(!r.history_wanted(r.asked + CATCH_UP_MAX), "{}", r.host);
+        }
+        let late = a.asked + CATCH_UP_MAX + 60 * second;
+        assert!(
+            a.still_wanted(late),
+            "alerts never read dropped past the age"
+        );
+        assert!(
+            !h.still_wanted(h.asked + CATCH_UP_MAX),
+            "history asked for too late"
+        );
     }
 
     /// A host whose answer does not come within `WAIT_MAX` (the loader stalled) is
